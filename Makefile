@@ -1,0 +1,46 @@
+# fpx — common entry points. Data and tools land in git-ignored, project-local paths:
+#   data/         models and text        (scripts/fetch.sh)
+#   .venv/        Python tools for tests (scripts/setup-tools.sh, scripts/requirements-test.txt)
+#   .venv-bench/  PyTorch baseline       (scripts/setup-bench.sh, scripts/requirements-bench.txt)
+
+SHELL := bash
+.SHELLFLAGS := -euo pipefail -c
+.DEFAULT_GOAL := run
+
+CARGO  ?= cargo
+MODEL  ?= data/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
+TEXT   ?= data/text/moby-dick.txt
+
+# PyTorch baseline parameters (make bench-torch SEQ_LEN=512 WINDOWS=4 THREADS=2)
+SEQ_LEN ?= 512
+WINDOWS ?= 4
+THREADS ?= 2
+
+.PHONY: help run test fetch tools bench-tools bench-torch
+
+help:
+	@echo "make run          fetch data, then fpx eval on the default model (release build)"
+	@echo "make test         fetch data + test tools, then cargo test --all-targets"
+	@echo "make fetch        download model and text into data/ (idempotent)"
+	@echo "make tools        create/update .venv (numpy, gguf) for the reference scripts"
+	@echo "make bench-tools  create/update .venv-bench (torch, transformers)"
+	@echo "make bench-torch  PyTorch CPU fp32 baseline (SEQ_LEN=$(SEQ_LEN) WINDOWS=$(WINDOWS) THREADS=$(THREADS))"
+
+fetch:
+	bash scripts/fetch.sh
+
+tools:
+	bash scripts/setup-tools.sh
+
+bench-tools:
+	bash scripts/setup-bench.sh
+
+run: fetch
+	$(CARGO) run --release -- eval --model $(MODEL) --text $(TEXT) --seq-len 512 --windows 8
+
+test: fetch tools
+	FPX_REQUIRE_DATA=1 FPX_PYTHON=$(CURDIR)/.venv/bin/python $(CARGO) test --all-targets
+
+bench-torch: fetch bench-tools
+	.venv-bench/bin/python scripts/bench_torch.py --gguf $(MODEL) --text $(TEXT) \
+		--seq-len $(SEQ_LEN) --windows $(WINDOWS) --threads $(THREADS)

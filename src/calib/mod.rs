@@ -1,0 +1,107 @@
+//! Calibration: how much each linear layer suffers in each format, measured on real text.
+//!
+//! Per linear layer `l` and format `f`, over the calibration windows:
+//! - `eps`: `||X W^T - X Q_f(W)^T||_F / ||X W^T||_F`, `X` the layer's inputs captured from the
+//!   full-precision forward pass (the FPX paper's metric);
+//! - `eps_wa`: the same with the activations quantized to `f` as well (W+A);
+//! - `weight_error`: `||W - Q_f(W)||_F / ||W||_F`, data-free;
+//! - `kl` (optional): mean KL divergence of the next-token distribution, on held-out windows,
+//!   when only layer `l` is in format `f`.
+//!
+//! The eps pass ([`capture`]) streams the model one decoder block at a time (only that block's
+//! weights and the residual stream of every calibration token are in memory); the KL pass
+//! ([`sensitivity`]) holds the whole model. [`file`] is the versioned calibration file.
+
+pub mod capture;
+pub mod file;
+pub mod sensitivity;
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::formats::Format;
+use crate::ir::LinearKind;
+
+pub use file::{Calibration, KlSetup, ModelRef, TextRef, SCHEMA_VERSION};
+
+/// Metrics of one layer in one format.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct LayerMetrics {
+    pub eps: f64,
+    pub eps_wa: f64,
+    pub weight_error: f64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kl: Option<f64>,
+}
+
+/// Calibration record of one linear layer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LayerCalibration {
+    /// Linear node name, e.g. `model.layers.3.mlp.down_proj`.
+    pub name: String,
+    pub layer: usize,
+    pub kind: LinearKind,
+    pub out_features: usize,
+    pub in_features: usize,
+    pub metrics: BTreeMap<Format, LayerMetrics>,
+}
+
+impl LayerCalibration {
+    /// How sensitive the layer is: its largest KL over the formats when measured, else its
+    /// largest eps. Reports sort worst-first by this.
+    pub fn sensitivity(&self) -> f64 {
+        self.metrics
+            .values()
+            .map(|m| m.kl.unwrap_or(m.eps))
+            .fold(0.0, f64::max)
+    }
+}
+
+/// Spearman rank correlation of two equally long samples (ties get their average rank).
+pub fn spearman(a: &[f64], b: &[f64]) -> Option<f64> {
+    if a.len() != b.len() || a.len() < 2 {
+        return None;
+    }
+    let (ra, rb) = (ranks(a), ranks(b));
+    let mean = (a.len() as f64 + 1.0) / 2.0;
+    let (mut num, mut da, mut db) = (0.0, 0.0, 0.0);
+    for (x, y) in ra.iter().zip(&rb) {
+        num += (x - mean) * (y - mean);
+        da += (x - mean).powi(2);
+        db += (y - mean).powi(2);
+    }
+    (da > 0.0 && db > 0.0).then(|| num / (da * db).sqrt())
+}
+
+fn ranks(v: &[f64]) -> Vec<f64> {
+    let mut idx: Vec<usize> = (0..v.len()).collect();
+    idx.sort_by(|&i, &j| v[i].total_cmp(&v[j]));
+    let mut r = vec![0.0; v.len()];
+    let mut i = 0;
+    while i < idx.len() {
+        let mut j = i;
+        while j + 1 < idx.len() && v[idx[j + 1]] == v[idx[i]] {
+            j += 1;
+        }
+        let avg = (i + j) as f64 / 2.0 + 1.0;
+        for &k in &idx[i..=j] {
+            r[k] = avg;
+        }
+        i = j + 1;
+    }
+    r
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn spearman_of_monotone_samples_is_one_and_ties_average() {
+        assert_eq!(spearman(&[1.0, 2.0, 3.0], &[10.0, 20.0, 90.0]), Some(1.0));
+        assert_eq!(spearman(&[1.0, 2.0, 3.0], &[3.0, 2.0, 1.0]), Some(-1.0));
+        assert_eq!(ranks(&[5.0, 1.0, 5.0]), vec![2.5, 1.0, 2.5]);
+        assert_eq!(spearman(&[1.0, 1.0], &[1.0, 2.0]), None);
+    }
+}

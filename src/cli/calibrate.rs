@@ -1,0 +1,212 @@
+//! `fpx calibrate`: runs the eps pass and the KL pass, writes the calibration file, and
+//! prints the per-layer table (worst layers first) or a JSON summary.
+
+use std::fmt::Write as _;
+use std::time::Instant;
+
+use anyhow::Result;
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+
+use fpx::calib::{self, Calibration, KlSetup, LayerCalibration, ModelRef, TextRef};
+use fpx::eval;
+use fpx::formats::Format;
+use fpx::ir::Graph;
+use fpx::runtime::cpu::CpuModel;
+use fpx::runtime::PrecisionMap;
+
+use crate::{emit, load, progress_bar, CalibrateArgs};
+
+#[derive(Serialize)]
+struct Summary<'a> {
+    output: String,
+    model: &'a ModelRef,
+    text: &'a TextRef,
+    seq_len: usize,
+    windows: usize,
+    formats: &'a [Format],
+    layers: usize,
+    eps_seconds: f64,
+    /// Calibration tokens x linear layers per second of the eps pass.
+    eps_token_layers_per_s: f64,
+    kl: Option<KlSetup>,
+    kl_seconds: Option<f64>,
+    /// Spearman rank correlation between eps and KL across layers, per format.
+    rank_correlation: std::collections::BTreeMap<Format, f64>,
+    /// The ten most sensitive layers, worst first.
+    worst: Vec<&'a LayerCalibration>,
+}
+
+pub fn run(args: CalibrateArgs) -> Result<()> {
+    let formats: Vec<Format> = args
+        .formats
+        .iter()
+        .map(|f| f.parse())
+        .collect::<Result<_, _>>()?;
+    if formats.is_empty() {
+        anyhow::bail!("--formats: give at least one format");
+    }
+    let model = load(&args.model)?;
+    let text = eval::load_text(&args.text)?;
+    let tokens = model.tokenizer.encode(&text)?;
+    let need = args.seq_len * args.windows + args.kl_seq_len * args.kl_windows;
+    if args.windows == 0 || tokens.len() < need {
+        anyhow::bail!(
+            "{}: the text has {} tokens; {} calibration windows of {} and {} KL windows of {} need {need}",
+            args.text.display(),
+            tokens.len(),
+            args.windows,
+            args.seq_len,
+            args.kl_windows,
+            args.kl_seq_len
+        );
+    }
+    let (calib_tokens, held_out) = tokens.split_at(args.seq_len * args.windows);
+    let windows = eval::windows(calib_tokens, args.seq_len, None)?;
+    let graph = Graph::build(&model.spec);
+
+    let bar = progress_bar(
+        model.spec.num_layers * windows.len(),
+        "eps (blocks x windows)",
+    );
+    let start = Instant::now();
+    let mut layers = calib::capture::measure_eps(
+        &graph,
+        model.weights.as_ref(),
+        &windows,
+        &formats,
+        &mut |d, _| bar.set_position(d as u64),
+    )?;
+    bar.finish_and_clear();
+    let eps_seconds = start.elapsed().as_secs_f64();
+
+    let (kl, kl_seconds) = if args.kl_windows > 0 {
+        let kl_windows = eval::windows(held_out, args.kl_seq_len, Some(args.kl_windows))?;
+        let full = CpuModel::load(&graph, model.weights.as_ref(), &PrecisionMap::new())?;
+        let bar = progress_bar(layers.len() * formats.len(), "kl (layers x formats)");
+        let start = Instant::now();
+        calib::sensitivity::measure_kl(&full, &kl_windows, &mut layers, &mut |d, _| {
+            bar.set_position(d as u64)
+        })?;
+        bar.finish_and_clear();
+        let setup = KlSetup {
+            seq_len: args.kl_seq_len,
+            windows: kl_windows.len(),
+            tokens: kl_windows.len() * (args.kl_seq_len - 1),
+        };
+        (Some(setup), Some(start.elapsed().as_secs_f64()))
+    } else {
+        (None, None)
+    };
+
+    let calibration = Calibration {
+        schema_version: calib::SCHEMA_VERSION,
+        fpx_version: env!("CARGO_PKG_VERSION").to_string(),
+        model: ModelRef {
+            identity: model.identity.clone(),
+            path: args.model.display().to_string(),
+        },
+        text: TextRef {
+            sha256: format!("{:x}", Sha256::digest(text.as_bytes())),
+            path: args.text.display().to_string(),
+            tokens: calib_tokens.len(),
+        },
+        seq_len: args.seq_len,
+        windows: windows.len(),
+        formats: formats.clone(),
+        kl,
+        layers,
+    };
+    calibration.write(&args.output)?;
+
+    let mut sorted: Vec<&LayerCalibration> = calibration.layers.iter().collect();
+    sorted.sort_by(|a, b| b.sensitivity().total_cmp(&a.sensitivity()));
+    let rank_correlation = formats
+        .iter()
+        .filter_map(|&f| {
+            let pairs: Vec<(f64, f64)> = calibration
+                .layers
+                .iter()
+                .filter_map(|l| l.metrics[&f].kl.map(|kl| (l.metrics[&f].eps, kl)))
+                .collect();
+            let (eps, kl): (Vec<f64>, Vec<f64>) = pairs.into_iter().unzip();
+            calib::spearman(&eps, &kl).map(|r| (f, r))
+        })
+        .collect();
+    let summary = Summary {
+        output: args.output.display().to_string(),
+        model: &calibration.model,
+        text: &calibration.text,
+        seq_len: calibration.seq_len,
+        windows: calibration.windows,
+        formats: &calibration.formats,
+        layers: calibration.layers.len(),
+        eps_seconds,
+        eps_token_layers_per_s: (calib_tokens.len() * calibration.layers.len()) as f64
+            / eps_seconds,
+        kl,
+        kl_seconds,
+        rank_correlation,
+        worst: sorted.iter().take(10).copied().collect(),
+    };
+    if args.json {
+        emit(&(serde_json::to_string_pretty(&summary)? + "\n"));
+    } else {
+        emit(&table(&summary, &sorted)?);
+    }
+    Ok(())
+}
+
+/// The readable report: every layer, worst first, then the summary lines.
+fn table(s: &Summary, sorted: &[&LayerCalibration]) -> Result<String> {
+    let mut t = String::new();
+    write!(
+        t,
+        "{:>4} {:<34} {:>5} {:>5} {:>10}",
+        "rank", "linear", "layer", "kind", "shape"
+    )?;
+    for f in s.formats {
+        write!(t, " {:>10} {:>10}", format!("eps {f}"), format!("W+A {f}"))?;
+        if s.kl.is_some() {
+            write!(t, " {:>10}", format!("KL {f}"))?;
+        }
+    }
+    writeln!(t)?;
+    for (rank, l) in sorted.iter().enumerate() {
+        let shape = format!("{}x{}", l.out_features, l.in_features);
+        write!(
+            t,
+            "{:>4} {:<34} {:>5} {:>5} {:>10}",
+            rank + 1,
+            l.name,
+            l.layer,
+            l.kind.name(),
+            shape
+        )?;
+        for f in s.formats {
+            let m = &l.metrics[f];
+            write!(t, " {:>10.5} {:>10.5}", m.eps, m.eps_wa)?;
+            if let Some(kl) = m.kl {
+                write!(t, " {kl:>10.6}")?;
+            }
+        }
+        writeln!(t)?;
+    }
+    writeln!(
+        t,
+        "\n{} layers, {} calibration tokens ({} x {}), eps pass {:.1} s ({:.0} token-layers/s)",
+        s.layers, s.text.tokens, s.windows, s.seq_len, s.eps_seconds, s.eps_token_layers_per_s
+    )?;
+    if let (Some(kl), Some(sec)) = (s.kl, s.kl_seconds) {
+        writeln!(
+            t,
+            "KL pass: {} held-out windows x {} tokens in {sec:.1} s",
+            kl.windows, kl.seq_len
+        )?;
+    }
+    for (f, r) in &s.rank_correlation {
+        writeln!(t, "Spearman rank correlation of eps vs KL, {f}: {r:.3}")?;
+    }
+    writeln!(t, "wrote {}", s.output)?;
+    Ok(t)
+}

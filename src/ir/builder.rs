@@ -1,0 +1,184 @@
+//! Builds the decoder graph of a [`ModelSpec`], node by node, in execution order.
+
+use petgraph::graph::{DiGraph, NodeIndex};
+
+use super::ops::{Linear, LinearKind, Node, Op};
+use crate::model::ModelSpec;
+
+struct Builder {
+    graph: DiGraph<Node, usize>,
+}
+
+impl Builder {
+    fn add(
+        &mut self,
+        name: String,
+        layer: Option<usize>,
+        op: Op,
+        inputs: &[NodeIndex],
+    ) -> NodeIndex {
+        let id = self.graph.add_node(Node { name, layer, op });
+        for (slot, &src) in inputs.iter().enumerate() {
+            self.graph.add_edge(src, id, slot);
+        }
+        id
+    }
+
+    fn rms_norm(
+        &mut self,
+        name: String,
+        layer: Option<usize>,
+        dim: usize,
+        eps: f32,
+        x: NodeIndex,
+    ) -> NodeIndex {
+        let tensor = format!("{name}.weight");
+        self.add(name, layer, Op::RmsNorm { tensor, dim, eps }, &[x])
+    }
+
+    fn linear(
+        &mut self,
+        name: String,
+        layer: Option<usize>,
+        kind: LinearKind,
+        (in_features, out_features): (usize, usize),
+        bias: bool,
+        x: NodeIndex,
+    ) -> NodeIndex {
+        let op = Op::Linear(Linear {
+            weight: format!("{name}.weight"),
+            bias: bias.then(|| format!("{name}.bias")),
+            in_features,
+            out_features,
+            kind,
+        });
+        self.add(name, layer, op, &[x])
+    }
+}
+
+pub(super) fn build(spec: &ModelSpec) -> DiGraph<Node, usize> {
+    let mut b = Builder {
+        graph: DiGraph::new(),
+    };
+    let (h, ffn, hd) = (spec.hidden_size, spec.intermediate_size, spec.head_dim);
+    let (q_dim, kv_dim) = (spec.num_heads * hd, spec.num_kv_heads * hd);
+    let eps = spec.rms_norm_eps;
+    let embed = "model.embed_tokens".to_string();
+    let mut x = b.add(
+        embed.clone(),
+        None,
+        Op::Embedding {
+            tensor: format!("{embed}.weight"),
+            vocab: spec.vocab_size,
+            hidden: h,
+        },
+        &[],
+    );
+    for i in 0..spec.num_layers {
+        let l = Some(i);
+        let p = format!("model.layers.{i}");
+        let xn = b.rms_norm(format!("{p}.input_layernorm"), l, h, eps, x);
+        let bias = spec.attention_bias;
+        let att = format!("{p}.self_attn");
+        let q = b.linear(
+            format!("{att}.q_proj"),
+            l,
+            LinearKind::Q,
+            (h, q_dim),
+            bias,
+            xn,
+        );
+        let k = b.linear(
+            format!("{att}.k_proj"),
+            l,
+            LinearKind::K,
+            (h, kv_dim),
+            bias,
+            xn,
+        );
+        let v = b.linear(
+            format!("{att}.v_proj"),
+            l,
+            LinearKind::V,
+            (h, kv_dim),
+            bias,
+            xn,
+        );
+        let rope = |heads| Op::Rope {
+            heads,
+            head_dim: hd,
+            theta: spec.rope_theta,
+        };
+        let q = b.add(format!("{att}.rope_q"), l, rope(spec.num_heads), &[q]);
+        let k = b.add(format!("{att}.rope_k"), l, rope(spec.num_kv_heads), &[k]);
+        let attention = Op::Attention {
+            heads: spec.num_heads,
+            kv_heads: spec.num_kv_heads,
+            head_dim: hd,
+        };
+        let a = b.add(format!("{att}.attention"), l, attention, &[q, k, v]);
+        let o = b.linear(
+            format!("{att}.o_proj"),
+            l,
+            LinearKind::O,
+            (q_dim, h),
+            false,
+            a,
+        );
+        x = b.add(format!("{p}.residual_attn"), l, Op::Add { dim: h }, &[x, o]);
+
+        let xn = b.rms_norm(format!("{p}.post_attention_layernorm"), l, h, eps, x);
+        let mlp = format!("{p}.mlp");
+        let gate = b.linear(
+            format!("{mlp}.gate_proj"),
+            l,
+            LinearKind::Gate,
+            (h, ffn),
+            false,
+            xn,
+        );
+        let up = b.linear(
+            format!("{mlp}.up_proj"),
+            l,
+            LinearKind::Up,
+            (h, ffn),
+            false,
+            xn,
+        );
+        let act = b.add(
+            format!("{mlp}.act"),
+            l,
+            Op::SiluMul { dim: ffn },
+            &[gate, up],
+        );
+        let down = b.linear(
+            format!("{mlp}.down_proj"),
+            l,
+            LinearKind::Down,
+            (ffn, h),
+            false,
+            act,
+        );
+        x = b.add(
+            format!("{p}.residual_mlp"),
+            l,
+            Op::Add { dim: h },
+            &[x, down],
+        );
+    }
+    let xn = b.rms_norm("model.norm".to_string(), None, h, eps, x);
+    let lm_weight = if spec.tie_word_embeddings {
+        "model.embed_tokens.weight".to_string()
+    } else {
+        "lm_head.weight".to_string()
+    };
+    let lm_head = Op::Linear(Linear {
+        weight: lm_weight,
+        bias: None,
+        in_features: h,
+        out_features: spec.vocab_size,
+        kind: LinearKind::LmHead,
+    });
+    b.add("lm_head".to_string(), None, lm_head, &[xn]);
+    b.graph
+}

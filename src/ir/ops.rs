@@ -1,0 +1,96 @@
+//! Node and op types of the graph IR: a closed set of ops as an enum.
+
+use serde::Serialize;
+
+/// One node: its Hugging Face module name and its op.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Node {
+    pub name: String,
+    /// Decoder block the node belongs to (`None` for embedding, final norm, lm_head).
+    pub layer: Option<usize>,
+    pub op: Op,
+}
+
+/// The ops of a decoder forward pass. Operand slots are listed per op.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum Op {
+    /// Gathers rows of `[vocab, hidden]` by token id. No operands (the token ids).
+    Embedding {
+        tensor: String,
+        vocab: usize,
+        hidden: usize,
+    },
+    /// `x * rsqrt(mean(x^2) + eps) * weight`. Operand 0: x.
+    RmsNorm {
+        tensor: String,
+        dim: usize,
+        eps: f32,
+    },
+    /// `y = x W^T (+ b)`. Operand 0: x.
+    Linear(Linear),
+    /// Rotary embedding (rotate-half convention) on `heads` heads of `head_dim`. Operand 0: q or k.
+    Rope {
+        heads: usize,
+        head_dim: usize,
+        theta: f32,
+    },
+    /// Causal grouped-query attention. Operands: 0 q, 1 k, 2 v (RoPE already applied).
+    Attention {
+        heads: usize,
+        kv_heads: usize,
+        head_dim: usize,
+    },
+    /// `silu(gate) * up`. Operands: 0 gate, 1 up.
+    SiluMul { dim: usize },
+    /// Residual add. Operands: 0 residual stream, 1 branch output.
+    Add { dim: usize },
+}
+
+/// What a linear layer is, by its role in the block.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, serde::Deserialize,
+)]
+#[serde(rename_all = "snake_case")]
+pub enum LinearKind {
+    Q,
+    K,
+    V,
+    O,
+    Gate,
+    Up,
+    Down,
+    LmHead,
+}
+
+impl LinearKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            LinearKind::Q => "q",
+            LinearKind::K => "k",
+            LinearKind::V => "v",
+            LinearKind::O => "o",
+            LinearKind::Gate => "gate",
+            LinearKind::Up => "up",
+            LinearKind::Down => "down",
+            LinearKind::LmHead => "lm_head",
+        }
+    }
+}
+
+/// A linear layer: names of its tensors and its shape.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Linear {
+    /// Weight tensor name, row-major `[out_features, in_features]`.
+    pub weight: String,
+    pub bias: Option<String>,
+    pub in_features: usize,
+    pub out_features: usize,
+    pub kind: LinearKind,
+}
+
+impl Linear {
+    pub fn params(&self) -> usize {
+        self.in_features * self.out_features
+    }
+}

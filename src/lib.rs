@@ -1,0 +1,18 @@
+//! fpx: a compiler for mixed-precision (FP8/FP4) inference plans of transformer LLMs.
+//!
+//! Pipeline (data flows one way): [`model`] ingests a checkpoint, [`ir`] builds an immutable
+//! graph of the decoder, [`runtime::cpu`] executes it in FP32 with any linear layer
+//! fake-quantized to a [`formats::Format`], and [`eval`] turns that into perplexity and KL
+//! divergence on real text.
+
+pub mod calib;
+pub mod error;
+pub mod eval;
+pub mod formats;
+pub mod fsutil;
+pub mod ir;
+pub mod model;
+pub mod plan;
+pub mod runtime;
+
+pub use error::{Error, Result};

@@ -1,0 +1,355 @@
+//! The `fpx` command line. This is the only place that uses anyhow, progress bars and the
+//! tracing subscriber; everything it does is a thin call into the library.
+
+use std::fmt::Write as _;
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use clap::{Args, Parser, Subcommand};
+use indicatif::{ProgressBar, ProgressStyle};
+use serde::Serialize;
+
+/// Subcommands too large to sit in this file.
+mod cli {
+    pub mod calibrate;
+}
+
+use fpx::eval::{self, EvalReport};
+use fpx::formats::Format;
+use fpx::ir::Graph;
+use fpx::model::{load_model, Model, ModelSpec};
+use fpx::plan::Plan;
+use fpx::runtime::cpu::CpuModel;
+use fpx::runtime::PrecisionMap;
+
+#[derive(Parser)]
+#[command(
+    name = "fpx",
+    version,
+    about = "Compile mixed-precision (FP8/FP4) inference plans for transformer LLMs"
+)]
+struct Cli {
+    /// Worker threads for the CPU backend (default: all cores).
+    #[arg(long, global = true)]
+    threads: Option<usize>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Show a model's architecture, its linear layers and their weight bytes per format.
+    Inspect(InspectArgs),
+    /// Perplexity on text with the CPU reference forward; with --plan, also KL from full precision.
+    Eval(EvalArgs),
+    /// Measure every linear layer's error in every format on calibration text.
+    Calibrate(CalibrateArgs),
+}
+
+#[derive(Args)]
+pub(crate) struct CalibrateArgs {
+    /// Hugging Face model directory or GGUF file.
+    #[arg(long)]
+    pub(crate) model: PathBuf,
+    /// UTF-8 text file, or a directory of them.
+    #[arg(long)]
+    pub(crate) text: PathBuf,
+    /// Tokens per calibration window.
+    #[arg(long, default_value_t = 512)]
+    pub(crate) seq_len: usize,
+    /// Calibration windows (from the start of the text).
+    #[arg(long, default_value_t = 32)]
+    pub(crate) windows: usize,
+    /// Formats to measure, comma-separated.
+    #[arg(long, value_delimiter = ',', default_values = ["fp8", "nvfp4", "mxfp4"])]
+    pub(crate) formats: Vec<String>,
+    /// Held-out windows (after the calibration windows) for the per-layer KL pass; 0 skips it.
+    #[arg(long, default_value_t = 1)]
+    pub(crate) kl_windows: usize,
+    /// Tokens per KL window.
+    #[arg(long, default_value_t = 256)]
+    pub(crate) kl_seq_len: usize,
+    /// Calibration file to write.
+    #[arg(short, long)]
+    pub(crate) output: PathBuf,
+    /// Print a JSON summary instead of the table.
+    #[arg(long)]
+    pub(crate) json: bool,
+}
+
+#[derive(Args)]
+struct InspectArgs {
+    /// Hugging Face model directory or GGUF file.
+    model: PathBuf,
+    /// Print one JSON object instead of tables.
+    #[arg(long)]
+    json: bool,
+    /// Print the graph IR, one node per line.
+    #[arg(long, conflicts_with = "json")]
+    graph: bool,
+}
+
+#[derive(Args)]
+struct EvalArgs {
+    /// Hugging Face model directory or GGUF file.
+    #[arg(long)]
+    model: PathBuf,
+    /// UTF-8 text file, or a directory of them.
+    #[arg(long)]
+    text: PathBuf,
+    /// Tokens per window.
+    #[arg(long, default_value_t = 512)]
+    seq_len: usize,
+    /// At most this many windows (default: all whole windows of the text).
+    #[arg(long)]
+    windows: Option<usize>,
+    /// Precision plan to evaluate against the full-precision model.
+    #[arg(long)]
+    plan: Option<PathBuf>,
+    /// Print one JSON object.
+    #[arg(long)]
+    json: bool,
+    /// Also write the evaluated token ids (JSON array) to this file.
+    #[arg(long)]
+    save_tokens: Option<PathBuf>,
+}
+
+fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_env("FPX_LOG"))
+        .with_writer(std::io::stderr)
+        .init();
+    if let Err(e) = run(Cli::parse()) {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    if let Some(n) = cli.threads {
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(n)
+            .build_global()
+            .context("configuring the thread pool")?;
+    }
+    match cli.command {
+        Command::Inspect(args) => inspect(args),
+        Command::Eval(args) => eval_cmd(args),
+        Command::Calibrate(args) => cli::calibrate::run(args),
+    }
+}
+
+/// Writes command output to stdout. A closed pipe (`fpx inspect M | head`) ends the output
+/// quietly instead of panicking the way `println!` does.
+pub(crate) fn emit(text: &str) {
+    let _ = std::io::stdout().lock().write_all(text.as_bytes());
+}
+
+pub(crate) fn load(path: &Path) -> Result<Model> {
+    let start = Instant::now();
+    let model = load_model(path)?;
+    tracing::info!(path = %path.display(), seconds = start.elapsed().as_secs_f64(), "model loaded");
+    Ok(model)
+}
+
+#[derive(Serialize)]
+struct LinearRow {
+    name: String,
+    layer: Option<usize>,
+    kind: &'static str,
+    out_features: usize,
+    in_features: usize,
+    params: usize,
+    bytes: std::collections::BTreeMap<Format, u64>,
+}
+
+#[derive(Serialize)]
+struct InspectReport<'a> {
+    path: String,
+    identity: &'a str,
+    spec: &'a ModelSpec,
+    graph_nodes: usize,
+    linears: Vec<LinearRow>,
+    total_bytes: std::collections::BTreeMap<Format, u64>,
+}
+
+fn inspect(args: InspectArgs) -> Result<()> {
+    let model = load(&args.model)?;
+    let graph = Graph::build(&model.spec);
+    if args.graph {
+        emit(&graph.dump());
+        return Ok(());
+    }
+    let linears: Vec<LinearRow> = graph
+        .linears()
+        .map(|(id, l)| {
+            let node = graph.node(id);
+            LinearRow {
+                name: node.name.clone(),
+                layer: node.layer,
+                kind: l.kind.name(),
+                out_features: l.out_features,
+                in_features: l.in_features,
+                params: l.params(),
+                bytes: Format::ALL
+                    .iter()
+                    .map(|&f| (f, f.weight_bytes(l.out_features, l.in_features)))
+                    .collect(),
+            }
+        })
+        .collect();
+    let total_bytes = Format::ALL
+        .iter()
+        .map(|&f| (f, linears.iter().map(|l| l.bytes[&f]).sum()))
+        .collect();
+    let report = InspectReport {
+        path: args.model.display().to_string(),
+        identity: &model.identity,
+        spec: &model.spec,
+        graph_nodes: graph.node_count(),
+        linears,
+        total_bytes,
+    };
+    if args.json {
+        emit(&(serde_json::to_string_pretty(&report)? + "\n"));
+        return Ok(());
+    }
+    let mut text = String::new();
+    let s = report.spec;
+    writeln!(text, "{}  ({:?})", report.path, s.architecture)?;
+    writeln!(
+        text,
+        "layers {}  hidden {}  ffn {}  heads {} / kv {}  head_dim {}  vocab {}  tied embeddings {}",
+        s.num_layers,
+        s.hidden_size,
+        s.intermediate_size,
+        s.num_heads,
+        s.num_kv_heads,
+        s.head_dim,
+        s.vocab_size,
+        s.tie_word_embeddings
+    )?;
+    writeln!(text, "identity {}", report.identity)?;
+    writeln!(
+        text,
+        "graph: {} nodes, {} linear layers\n",
+        report.graph_nodes,
+        report.linears.len()
+    )?;
+    writeln!(
+        text,
+        "{:<42} {:>5} {:>7} {:>13} {:>10} {:>10} {:>10} {:>10} {:>10}",
+        "linear", "layer", "kind", "shape", "params", "fp16", "fp8", "nvfp4", "mxfp4"
+    )?;
+    for l in &report.linears {
+        let layer = l.layer.map_or("-".to_string(), |v| v.to_string());
+        let shape = format!("{}x{}", l.out_features, l.in_features);
+        write!(
+            text,
+            "{:<42} {:>5} {:>7} {:>13} {:>10}",
+            l.name, layer, l.kind, shape, l.params
+        )?;
+        for f in Format::ALL {
+            write!(text, " {:>10}", l.bytes[&f])?;
+        }
+        writeln!(text)?;
+    }
+    write!(
+        text,
+        "{:<42} {:>5} {:>7} {:>13} {:>10}",
+        "total",
+        "",
+        "",
+        "",
+        report.linears.iter().map(|l| l.params).sum::<usize>()
+    )?;
+    for f in Format::ALL {
+        write!(text, " {:>10}", report.total_bytes[&f])?;
+    }
+    writeln!(text)?;
+    emit(&text);
+    Ok(())
+}
+
+pub(crate) fn progress_bar(len: usize, what: &str) -> ProgressBar {
+    let bar = ProgressBar::new(len as u64);
+    bar.set_style(
+        ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} {elapsed_precise} eta {eta}")
+            .expect("static template")
+            .progress_chars("=> "),
+    );
+    bar.set_message(what.to_string());
+    bar
+}
+
+#[derive(Serialize)]
+struct EvalOutput<'a> {
+    model: String,
+    text: String,
+    plan: Option<String>,
+    seconds: f64,
+    tokens_per_s: f64,
+    #[serde(flatten)]
+    report: &'a EvalReport,
+}
+
+fn eval_cmd(args: EvalArgs) -> Result<()> {
+    let model = load(&args.model)?;
+    let text = eval::load_text(&args.text)?;
+    let tokens = model.tokenizer.encode(&text)?;
+    let windows = eval::windows(&tokens, args.seq_len, args.windows)?;
+    if let Some(path) = &args.save_tokens {
+        let used: Vec<u32> = windows.iter().flat_map(|w| w.iter().copied()).collect();
+        fpx::fsutil::write_json_atomic(path, &used)?;
+    }
+    let graph = Graph::build(&model.spec);
+    let reference = CpuModel::load(&graph, model.weights.as_ref(), &PrecisionMap::new())?;
+    let planned = match &args.plan {
+        Some(path) => {
+            let plan = Plan::read(path)?;
+            plan.check_model(path, &model.identity)?;
+            Some(CpuModel::load(
+                &graph,
+                model.weights.as_ref(),
+                &plan.precision_map(),
+            )?)
+        }
+        None => None,
+    };
+    let bar = progress_bar(windows.len(), "eval");
+    let start = Instant::now();
+    let report = match &planned {
+        Some(p) => eval::evaluate(p, Some(&reference), &windows, &mut || bar.inc(1))?,
+        None => eval::evaluate(&reference, None, &windows, &mut || bar.inc(1))?,
+    };
+    bar.finish_and_clear();
+    let seconds = start.elapsed().as_secs_f64();
+    let forwards = if planned.is_some() { 2 } else { 1 };
+    let out = EvalOutput {
+        model: args.model.display().to_string(),
+        text: args.text.display().to_string(),
+        plan: args.plan.as_ref().map(|p| p.display().to_string()),
+        seconds,
+        tokens_per_s: (report.windows * report.seq_len * forwards) as f64 / seconds,
+        report: &report,
+    };
+    if args.json {
+        emit(&(serde_json::to_string_pretty(&out)? + "\n"));
+        return Ok(());
+    }
+    let mut text = String::new();
+    writeln!(
+        text,
+        "{} windows x {} tokens ({} predictions) in {:.1} s ({:.0} tokens/s)",
+        report.windows, report.seq_len, report.tokens, seconds, out.tokens_per_s
+    )?;
+    writeln!(text, "perplexity {:.4}", report.perplexity)?;
+    if let (Some(r), Some(kl)) = (report.reference_perplexity, report.kl) {
+        writeln!(text, "full-precision perplexity {r:.4}")?;
+        writeln!(text, "mean KL(full || plan) {kl:.6}")?;
+    }
+    emit(&text);
+    Ok(())
+}

@@ -1,0 +1,354 @@
+//! Hugging Face `config.json`: a raw serde struct that mirrors the file field for field
+//! ([`HfConfig`]), then a `TryFrom` into the validated [`ModelSpec`].
+//!
+//! Parsing and validation are separate steps: serde only checks types, and every rule about
+//! the numbers (positive sizes, heads that divide, a supported architecture) lives in
+//! [`validate_spec`], which the GGUF reader shares. Defaults follow `transformers`
+//! (`num_key_value_heads` = heads, `head_dim` = hidden / heads, `rope_theta` = 10000).
+
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+use super::{Architecture, ModelSpec};
+use crate::error::{Error, Result};
+
+/// The `architectures` entries fpx accepts, as a message for errors.
+pub const SUPPORTED_HF: &str = "LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM";
+
+/// `eos_token_id` is an integer in most configs and a list in some (Llama 3).
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(untagged)]
+pub enum TokenIds {
+    One(u32),
+    Many(Vec<u32>),
+}
+
+impl TokenIds {
+    /// The first id (the one generation stops on by default).
+    pub fn first(&self) -> Option<u32> {
+        match self {
+            TokenIds::One(id) => Some(*id),
+            TokenIds::Many(ids) => ids.first().copied(),
+        }
+    }
+}
+
+/// `config.json` as Hugging Face writes it (only the fields fpx reads; others are ignored).
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+pub struct HfConfig {
+    #[serde(default)]
+    pub architectures: Vec<String>,
+    #[serde(default)]
+    pub model_type: Option<String>,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    #[serde(default)]
+    pub num_key_value_heads: Option<usize>,
+    #[serde(default)]
+    pub head_dim: Option<usize>,
+    pub vocab_size: usize,
+    #[serde(default)]
+    pub rope_theta: Option<f64>,
+    #[serde(default)]
+    pub rms_norm_eps: Option<f64>,
+    #[serde(default)]
+    pub tie_word_embeddings: Option<bool>,
+    #[serde(default)]
+    pub max_position_embeddings: Option<usize>,
+    #[serde(default)]
+    pub bos_token_id: Option<TokenIds>,
+    #[serde(default)]
+    pub eos_token_id: Option<TokenIds>,
+    #[serde(default)]
+    pub attention_bias: Option<bool>,
+}
+
+/// Why a config could not become a [`ModelSpec`]; the caller adds the path.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ConfigError {
+    UnsupportedArchitecture(String),
+    Invalid(String),
+}
+
+impl ConfigError {
+    /// Attach the file the config came from.
+    pub fn at(self, path: &Path) -> Error {
+        match self {
+            ConfigError::UnsupportedArchitecture(arch) => Error::UnsupportedArchitecture {
+                path: path.to_path_buf(),
+                arch,
+                supported: SUPPORTED_HF,
+            },
+            ConfigError::Invalid(reason) => Error::Config {
+                path: path.to_path_buf(),
+                reason,
+            },
+        }
+    }
+}
+
+impl HfConfig {
+    /// Read and parse `config.json` (no validation beyond types).
+    pub fn read(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        serde_json::from_str(&text).map_err(|e| Error::Config {
+            path: path.to_path_buf(),
+            reason: e.to_string(),
+        })
+    }
+
+    fn architecture(&self) -> Result<Architecture, ConfigError> {
+        let name = match (self.architectures.first(), &self.model_type) {
+            (Some(a), _) => a.as_str(),
+            (None, Some(t)) => t.as_str(),
+            (None, None) => {
+                return Err(ConfigError::Invalid(
+                    "neither `architectures` nor `model_type` is set".into(),
+                ))
+            }
+        };
+        match name {
+            "LlamaForCausalLM" | "llama" => Ok(Architecture::Llama),
+            "MistralForCausalLM" | "mistral" => Ok(Architecture::Mistral),
+            "Qwen2ForCausalLM" | "qwen2" => Ok(Architecture::Qwen2),
+            other => Err(ConfigError::UnsupportedArchitecture(other.to_string())),
+        }
+    }
+}
+
+/// The `architectures` entry Hugging Face uses for an [`Architecture`].
+pub fn hf_architecture_name(arch: Architecture) -> &'static str {
+    match arch {
+        Architecture::Llama => "LlamaForCausalLM",
+        Architecture::Mistral => "MistralForCausalLM",
+        Architecture::Qwen2 => "Qwen2ForCausalLM",
+    }
+}
+
+/// The `model_type` Hugging Face uses for an [`Architecture`].
+pub fn hf_model_type(arch: Architecture) -> &'static str {
+    match arch {
+        Architecture::Llama => "llama",
+        Architecture::Mistral => "mistral",
+        Architecture::Qwen2 => "qwen2",
+    }
+}
+
+impl TryFrom<HfConfig> for ModelSpec {
+    type Error = ConfigError;
+
+    fn try_from(c: HfConfig) -> Result<Self, ConfigError> {
+        let architecture = c.architecture()?;
+        if c.num_attention_heads == 0 {
+            return Err(ConfigError::Invalid(
+                "num_attention_heads must be > 0".into(),
+            ));
+        }
+        let head_dim = match c.head_dim {
+            Some(d) => d,
+            None => {
+                if c.hidden_size % c.num_attention_heads != 0 {
+                    return Err(ConfigError::Invalid(format!(
+                        "hidden_size {} is not divisible by num_attention_heads {}",
+                        c.hidden_size, c.num_attention_heads
+                    )));
+                }
+                c.hidden_size / c.num_attention_heads
+            }
+        };
+        let default_ctx = match architecture {
+            Architecture::Llama => 2048,
+            Architecture::Mistral => 32768,
+            Architecture::Qwen2 => 32768,
+        };
+        let spec = ModelSpec {
+            architecture,
+            hidden_size: c.hidden_size,
+            intermediate_size: c.intermediate_size,
+            num_layers: c.num_hidden_layers,
+            num_heads: c.num_attention_heads,
+            num_kv_heads: c.num_key_value_heads.unwrap_or(c.num_attention_heads),
+            head_dim,
+            vocab_size: c.vocab_size,
+            rope_theta: c.rope_theta.unwrap_or(10_000.0) as f32,
+            rms_norm_eps: c.rms_norm_eps.unwrap_or(1e-6) as f32,
+            tie_word_embeddings: c.tie_word_embeddings.unwrap_or(false),
+            // Qwen2 always has q/k/v biases and its config has no field for them.
+            attention_bias: architecture == Architecture::Qwen2
+                || c.attention_bias.unwrap_or(false),
+            max_position_embeddings: c.max_position_embeddings.unwrap_or(default_ctx),
+            bos_token_id: c.bos_token_id.as_ref().and_then(TokenIds::first),
+            eos_token_id: c.eos_token_id.as_ref().and_then(TokenIds::first),
+        };
+        validate_spec(&spec).map_err(ConfigError::Invalid)?;
+        Ok(spec)
+    }
+}
+
+impl From<&ModelSpec> for HfConfig {
+    /// The config a Hugging Face checkpoint of this spec would carry.
+    fn from(s: &ModelSpec) -> Self {
+        HfConfig {
+            architectures: vec![hf_architecture_name(s.architecture).to_string()],
+            model_type: Some(hf_model_type(s.architecture).to_string()),
+            hidden_size: s.hidden_size,
+            intermediate_size: s.intermediate_size,
+            num_hidden_layers: s.num_layers,
+            num_attention_heads: s.num_heads,
+            num_key_value_heads: Some(s.num_kv_heads),
+            head_dim: Some(s.head_dim),
+            vocab_size: s.vocab_size,
+            rope_theta: Some(s.rope_theta as f64),
+            rms_norm_eps: Some(s.rms_norm_eps as f64),
+            tie_word_embeddings: Some(s.tie_word_embeddings),
+            max_position_embeddings: Some(s.max_position_embeddings),
+            bos_token_id: s.bos_token_id.map(TokenIds::One),
+            eos_token_id: s.eos_token_id.map(TokenIds::One),
+            attention_bias: Some(s.attention_bias),
+        }
+    }
+}
+
+/// Read `config.json` and validate it into a [`ModelSpec`].
+pub fn load_config(path: &Path) -> Result<ModelSpec> {
+    let raw = HfConfig::read(path)?;
+    ModelSpec::try_from(raw).map_err(|e| e.at(path))
+}
+
+/// Rules every [`ModelSpec`] obeys, whatever file it came from.
+pub fn validate_spec(s: &ModelSpec) -> Result<(), String> {
+    let positive = [
+        ("hidden_size", s.hidden_size),
+        ("intermediate_size", s.intermediate_size),
+        ("num_layers", s.num_layers),
+        ("num_heads", s.num_heads),
+        ("num_kv_heads", s.num_kv_heads),
+        ("head_dim", s.head_dim),
+        ("vocab_size", s.vocab_size),
+        ("max_position_embeddings", s.max_position_embeddings),
+    ];
+    for (name, v) in positive {
+        if v == 0 {
+            return Err(format!("{name} must be > 0"));
+        }
+    }
+    if s.num_heads % s.num_kv_heads != 0 {
+        return Err(format!(
+            "num_attention_heads {} is not a multiple of num_key_value_heads {}",
+            s.num_heads, s.num_kv_heads
+        ));
+    }
+    if s.head_dim % 2 != 0 {
+        return Err(format!("head_dim {} must be even for RoPE", s.head_dim));
+    }
+    if !(s.rope_theta.is_finite() && s.rope_theta > 0.0) {
+        return Err(format!("rope_theta {} must be positive", s.rope_theta));
+    }
+    if !(s.rms_norm_eps.is_finite() && s.rms_norm_eps > 0.0) {
+        return Err(format!("rms_norm_eps {} must be positive", s.rms_norm_eps));
+    }
+    for (name, id) in [
+        ("bos_token_id", s.bos_token_id),
+        ("eos_token_id", s.eos_token_id),
+    ] {
+        if let Some(id) = id {
+            if id as usize >= s.vocab_size {
+                return Err(format!(
+                    "{name} {id} is outside the vocabulary ({})",
+                    s.vocab_size
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn smollm_like() -> serde_json::Value {
+        serde_json::json!({
+            "architectures": ["LlamaForCausalLM"],
+            "model_type": "llama",
+            "hidden_size": 576,
+            "intermediate_size": 1536,
+            "num_hidden_layers": 30,
+            "num_attention_heads": 9,
+            "num_key_value_heads": 3,
+            "vocab_size": 49152,
+            "rope_theta": 100000.0,
+            "rms_norm_eps": 1e-5,
+            "tie_word_embeddings": true,
+            "max_position_embeddings": 8192,
+            "bos_token_id": 1,
+            "eos_token_id": 2,
+            "torch_dtype": "bfloat16"
+        })
+    }
+
+    fn parse(v: serde_json::Value) -> Result<ModelSpec, ConfigError> {
+        let raw: HfConfig = serde_json::from_value(v).unwrap();
+        ModelSpec::try_from(raw)
+    }
+
+    #[test]
+    fn parses_llama_config_with_defaults() {
+        let s = parse(smollm_like()).unwrap();
+        assert_eq!(s.architecture, Architecture::Llama);
+        assert_eq!(s.head_dim, 64);
+        assert_eq!(s.num_kv_heads, 3);
+        assert!(s.tie_word_embeddings);
+        assert!(!s.attention_bias);
+        assert_eq!(s.eos_token_id, Some(2));
+        let mut v = smollm_like();
+        v.as_object_mut().unwrap().remove("num_key_value_heads");
+        v.as_object_mut().unwrap().remove("rope_theta");
+        let s = parse(v).unwrap();
+        assert_eq!(s.num_kv_heads, 9);
+        assert_eq!(s.rope_theta, 10_000.0);
+    }
+
+    #[test]
+    fn eos_list_takes_first_and_qwen2_has_bias() {
+        let mut v = smollm_like();
+        v["architectures"] = serde_json::json!(["Qwen2ForCausalLM"]);
+        v["eos_token_id"] = serde_json::json!([2, 0]);
+        let s = parse(v).unwrap();
+        assert_eq!(s.architecture, Architecture::Qwen2);
+        assert!(s.attention_bias);
+        assert_eq!(s.eos_token_id, Some(2));
+    }
+
+    #[test]
+    fn rejects_bad_numbers_and_architectures() {
+        let mut v = smollm_like();
+        v["num_key_value_heads"] = serde_json::json!(4);
+        assert!(matches!(parse(v), Err(ConfigError::Invalid(r)) if r.contains("multiple")));
+        let mut v = smollm_like();
+        v["num_attention_heads"] = serde_json::json!(7);
+        v["num_key_value_heads"] = serde_json::json!(7);
+        assert!(matches!(parse(v), Err(ConfigError::Invalid(r)) if r.contains("divisible")));
+        let mut v = smollm_like();
+        v["intermediate_size"] = serde_json::json!(0);
+        assert!(matches!(parse(v), Err(ConfigError::Invalid(_))));
+        let mut v = smollm_like();
+        v["architectures"] = serde_json::json!(["GPT2LMHeadModel"]);
+        assert_eq!(
+            parse(v),
+            Err(ConfigError::UnsupportedArchitecture(
+                "GPT2LMHeadModel".into()
+            ))
+        );
+    }
+
+    #[test]
+    fn spec_round_trips_through_config() {
+        let s = parse(smollm_like()).unwrap();
+        let back = ModelSpec::try_from(HfConfig::from(&s)).unwrap();
+        assert_eq!(s, back);
+    }
+}

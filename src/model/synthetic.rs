@@ -1,0 +1,406 @@
+//! Tiny synthetic checkpoints for tests across the crate: random but deterministic weights
+//! written as a Hugging Face directory ([`write_hf_checkpoint`]) or as a llama.cpp-style GGUF
+//! ([`write_gguf`]), both with a small byte-level BPE tokenizer.
+//!
+//! The same `(spec, seed)` gives the same weights in both formats ([`random_weights`]), so
+//! tests can compare the two loaders. The GGUF writer follows `convert_hf_to_gguf.py`: names
+//! in llama.cpp's scheme, q/k rows permuted for llama, linear weights (embedding and lm_head
+//! included) quantized with candle to the requested type, norms and biases F32. Weights have
+//! a standard deviation of 0.02..0.1 and norms sit near 1, so a forward pass stays tame.
+//! Mistral specs are written to GGUF as `llama`, as llama.cpp does.
+
+use std::fs::File;
+use std::io::BufWriter;
+use std::path::Path;
+
+use candle_core::quantized::gguf_file::{self, Value};
+pub use candle_core::quantized::GgmlDType;
+use candle_core::quantized::QTensor;
+use safetensors::tensor::TensorView;
+use safetensors::Dtype;
+
+use super::config::HfConfig;
+use super::gguf::{gguf_name, permute_rows};
+use super::tokenizer::{bpe_tokenizer_json, byte_to_unicode, TOKEN_CONTROL, TOKEN_NORMAL};
+use super::{expected_tensors, Architecture, ModelSpec, Tensor};
+use crate::error::{Error, Result};
+
+/// Storage type of a synthetic Hugging Face checkpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HfDtype {
+    F32,
+    F16,
+    BF16,
+}
+
+/// Merges of the synthetic vocabulary (byte-level alphabet, `Ġ` = space).
+const MERGES: [(&str, &str); 20] = [
+    ("Ġ", "t"),
+    ("h", "e"),
+    ("Ġt", "he"),
+    ("i", "n"),
+    ("Ġ", "a"),
+    ("e", "r"),
+    ("o", "n"),
+    ("Ġ", "s"),
+    ("r", "e"),
+    ("a", "t"),
+    ("e", "n"),
+    ("Ġ", "o"),
+    ("Ġ", "w"),
+    ("n", "d"),
+    ("Ġa", "nd"),
+    ("i", "s"),
+    ("o", "u"),
+    ("Ġ", "c"),
+    ("e", "s"),
+    ("i", "t"),
+];
+
+/// The smallest vocabulary [`synthetic_vocab`] can build: one special token, 256 bytes and
+/// the merges.
+pub const MIN_SYNTHETIC_VOCAB: usize = 1 + 256 + MERGES.len();
+
+/// A small spec: hidden 64, 2 layers, 4 heads / 2 KV heads of dim 16, FFN 128, vocab 300.
+/// Qwen2 gets q/k/v biases and an untied lm_head; Llama and Mistral tie embeddings.
+pub fn tiny_spec(arch: Architecture) -> ModelSpec {
+    ModelSpec {
+        architecture: arch,
+        hidden_size: 64,
+        intermediate_size: 128,
+        num_layers: 2,
+        num_heads: 4,
+        num_kv_heads: 2,
+        head_dim: 16,
+        vocab_size: 300,
+        rope_theta: 10_000.0,
+        rms_norm_eps: 1e-5,
+        tie_word_embeddings: arch != Architecture::Qwen2,
+        attention_bias: arch == Architecture::Qwen2,
+        max_position_embeddings: 256,
+        bos_token_id: Some(0),
+        eos_token_id: Some(0),
+    }
+}
+
+/// Tokens, llama.cpp token types and merges of a byte-level BPE vocabulary of exactly
+/// `vocab_size` ids: `<|endoftext|>` (id 0, control), the 256 byte tokens, one token per
+/// merge, then control padding tokens `<|pad_N|>`.
+pub fn synthetic_vocab(vocab_size: usize) -> Result<(Vec<String>, Vec<i32>, Vec<String>)> {
+    if vocab_size < MIN_SYNTHETIC_VOCAB {
+        return Err(Error::invalid(
+            "vocab_size",
+            format!(
+                "synthetic vocabularies need at least {MIN_SYNTHETIC_VOCAB} ids, got {vocab_size}"
+            ),
+        ));
+    }
+    let mut tokens = vec!["<|endoftext|>".to_string()];
+    let mut types = vec![TOKEN_CONTROL];
+    for c in byte_to_unicode() {
+        tokens.push(c.to_string());
+        types.push(TOKEN_NORMAL);
+    }
+    let mut merges = Vec::new();
+    for (a, b) in MERGES {
+        tokens.push(format!("{a}{b}"));
+        types.push(TOKEN_NORMAL);
+        merges.push(format!("{a} {b}"));
+    }
+    let mut pad = 0;
+    while tokens.len() < vocab_size {
+        tokens.push(format!("<|pad_{pad}|>"));
+        types.push(TOKEN_CONTROL);
+        pad += 1;
+    }
+    Ok((tokens, types, merges))
+}
+
+/// The `tokenizer.ggml.pre` (and matching tokenizer.json pre-tokenizer) used for an
+/// architecture's synthetic checkpoints.
+pub fn synthetic_pre(arch: Architecture) -> &'static str {
+    match arch {
+        Architecture::Qwen2 => "qwen2",
+        Architecture::Llama | Architecture::Mistral => "smollm",
+    }
+}
+
+/// SplitMix64: tiny, deterministic, good enough for test weights.
+struct SplitMix(u64);
+
+impl SplitMix {
+    fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+    /// Uniform in (0, 1].
+    fn uniform(&mut self) -> f64 {
+        ((self.next_u64() >> 11) + 1) as f64 / (1u64 << 53) as f64
+    }
+    /// Standard normal (Box-Muller).
+    fn normal(&mut self) -> f32 {
+        let (u, v) = (self.uniform(), self.uniform());
+        ((-2.0 * u.ln()).sqrt() * (std::f64::consts::TAU * v).cos()) as f32
+    }
+}
+
+fn name_seed(seed: u64, name: &str) -> u64 {
+    // FNV-1a over the name, mixed with the seed: each tensor's values depend only on
+    // (seed, name), not on the order tensors are generated in.
+    let mut h = 0xcbf2_9ce4_8422_2325u64 ^ seed.wrapping_mul(0x1000_0000_01b3);
+    for b in name.bytes() {
+        h = (h ^ b as u64).wrapping_mul(0x1000_0000_01b3);
+    }
+    h
+}
+
+/// The weights of a synthetic checkpoint, in [`expected_tensors`] order (HF names and
+/// layout). Same `(spec, seed)`, same weights.
+pub fn random_weights(spec: &ModelSpec, seed: u64) -> Vec<(String, Tensor)> {
+    expected_tensors(spec)
+        .into_iter()
+        .map(|(name, shape)| {
+            let mut rng = SplitMix(name_seed(seed, &name));
+            let n: usize = shape.iter().product();
+            let data: Vec<f32> = if name.ends_with("norm.weight") {
+                (0..n).map(|_| 1.0 + 0.1 * rng.normal()).collect()
+            } else if name.ends_with(".bias") {
+                (0..n).map(|_| 0.02 * rng.normal()).collect()
+            } else {
+                let fan_in = *shape.last().unwrap_or(&1) as f32;
+                let std = (0.5 / fan_in.sqrt()).clamp(0.02, 0.1);
+                (0..n).map(|_| std * rng.normal()).collect()
+            };
+            (name, Tensor { shape, data })
+        })
+        .collect()
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
+    move |e| Error::io(path, e)
+}
+
+fn write_json(path: &Path, value: &serde_json::Value) -> Result<()> {
+    let text = serde_json::to_string_pretty(value).expect("JSON values serialize");
+    std::fs::write(path, text).map_err(io(path))
+}
+
+fn to_bytes(data: &[f32], dtype: HfDtype) -> (Dtype, Vec<u8>) {
+    match dtype {
+        HfDtype::F32 => (
+            Dtype::F32,
+            data.iter().flat_map(|x| x.to_le_bytes()).collect(),
+        ),
+        HfDtype::F16 => (
+            Dtype::F16,
+            data.iter()
+                .flat_map(|&x| half::f16::from_f32(x).to_le_bytes())
+                .collect(),
+        ),
+        HfDtype::BF16 => (
+            Dtype::BF16,
+            data.iter()
+                .flat_map(|&x| half::bf16::from_f32(x).to_le_bytes())
+                .collect(),
+        ),
+    }
+}
+
+/// Write a Hugging Face checkpoint of `spec` into `dir` (created if needed): `config.json`,
+/// `tokenizer.json`, and the weights in `shards` safetensors files (with
+/// `model.safetensors.index.json` when `shards > 1`).
+pub fn write_hf_checkpoint(
+    dir: &Path,
+    spec: &ModelSpec,
+    seed: u64,
+    dtype: HfDtype,
+    shards: usize,
+) -> Result<()> {
+    let weights = random_weights(spec, seed);
+    if shards == 0 || shards > weights.len() {
+        return Err(Error::invalid(
+            "shards",
+            format!("need 1..={} shards, got {shards}", weights.len()),
+        ));
+    }
+    std::fs::create_dir_all(dir).map_err(io(dir))?;
+
+    let mut config = serde_json::to_value(HfConfig::from(spec)).expect("config serializes");
+    let torch_dtype = match dtype {
+        HfDtype::F32 => "float32",
+        HfDtype::F16 => "float16",
+        HfDtype::BF16 => "bfloat16",
+    };
+    config["torch_dtype"] = torch_dtype.into();
+    write_json(&dir.join("config.json"), &config)?;
+
+    let (tokens, types, merges) = synthetic_vocab(spec.vocab_size)?;
+    let tok = bpe_tokenizer_json(&tokens, &types, &merges, synthetic_pre(spec.architecture));
+    write_json(&dir.join("tokenizer.json"), &tok)?;
+
+    let encoded: Vec<(String, Vec<usize>, Dtype, Vec<u8>)> = weights
+        .into_iter()
+        .map(|(name, t)| {
+            let (dt, bytes) = to_bytes(&t.data, dtype);
+            (name, t.shape, dt, bytes)
+        })
+        .collect();
+    let per_shard = encoded.len().div_ceil(shards);
+    let mut weight_map = serde_json::Map::new();
+    let mut total = 0usize;
+    for (i, chunk) in encoded.chunks(per_shard).enumerate() {
+        let file = if shards == 1 {
+            super::safetensors::SINGLE_FILE.to_string()
+        } else {
+            format!("model-{:05}-of-{:05}.safetensors", i + 1, shards)
+        };
+        let path = dir.join(&file);
+        let mut views = Vec::with_capacity(chunk.len());
+        for (name, shape, dt, bytes) in chunk {
+            let view = TensorView::new(*dt, shape.clone(), bytes).map_err(|e| Error::Tensor {
+                path: path.clone(),
+                tensor: name.clone(),
+                reason: e.to_string(),
+            })?;
+            views.push((name.clone(), view));
+            weight_map.insert(name.clone(), file.clone().into());
+            total += bytes.len();
+        }
+        safetensors::serialize_to_file(views, None, &path).map_err(|e| Error::File {
+            path: path.clone(),
+            what: "safetensors",
+            reason: e.to_string(),
+        })?;
+    }
+    if shards > 1 {
+        let index =
+            serde_json::json!({"metadata": {"total_size": total}, "weight_map": weight_map});
+        write_json(&dir.join(super::safetensors::INDEX_FILE), &index)?;
+    }
+    Ok(())
+}
+
+fn candle_err(path: &Path, what: &str) -> impl FnOnce(candle_core::Error) -> Error {
+    let path = path.to_path_buf();
+    let what = what.to_string();
+    move |e| Error::Tensor {
+        path,
+        tensor: what,
+        reason: e.to_string(),
+    }
+}
+
+/// Write a GGUF of `spec` to `path` the way llama.cpp's converter would (see the module
+/// docs). `linear_type` must divide the input dimension of every linear weight into whole
+/// blocks (32 for Q4_0..Q8_0, 256 for K-quants).
+pub fn write_gguf(path: &Path, spec: &ModelSpec, seed: u64, linear_type: GgmlDType) -> Result<()> {
+    let arch = match spec.architecture {
+        Architecture::Llama | Architecture::Mistral => "llama",
+        Architecture::Qwen2 => "qwen2",
+    };
+    let (tokens, types, merges) = synthetic_vocab(spec.vocab_size)?;
+    let u32v = |v: usize| Value::U32(v as u32);
+    let strings = |v: Vec<String>| Value::Array(v.into_iter().map(Value::String).collect());
+    let mut meta: Vec<(String, Value)> = vec![
+        ("general.architecture".into(), Value::String(arch.into())),
+        ("general.name".into(), Value::String("fpx synthetic".into())),
+        (format!("{arch}.block_count"), u32v(spec.num_layers)),
+        (
+            format!("{arch}.context_length"),
+            u32v(spec.max_position_embeddings),
+        ),
+        (format!("{arch}.embedding_length"), u32v(spec.hidden_size)),
+        (
+            format!("{arch}.feed_forward_length"),
+            u32v(spec.intermediate_size),
+        ),
+        (format!("{arch}.attention.head_count"), u32v(spec.num_heads)),
+        (
+            format!("{arch}.attention.head_count_kv"),
+            u32v(spec.num_kv_heads),
+        ),
+        (format!("{arch}.attention.key_length"), u32v(spec.head_dim)),
+        (
+            format!("{arch}.attention.value_length"),
+            u32v(spec.head_dim),
+        ),
+        (format!("{arch}.rope.dimension_count"), u32v(spec.head_dim)),
+        (
+            format!("{arch}.rope.freq_base"),
+            Value::F32(spec.rope_theta),
+        ),
+        (
+            format!("{arch}.attention.layer_norm_rms_epsilon"),
+            Value::F32(spec.rms_norm_eps),
+        ),
+        (format!("{arch}.vocab_size"), u32v(spec.vocab_size)),
+        ("tokenizer.ggml.model".into(), Value::String("gpt2".into())),
+        (
+            "tokenizer.ggml.pre".into(),
+            Value::String(synthetic_pre(spec.architecture).into()),
+        ),
+        ("tokenizer.ggml.tokens".into(), strings(tokens)),
+        (
+            "tokenizer.ggml.token_type".into(),
+            Value::Array(types.into_iter().map(Value::I32).collect()),
+        ),
+        ("tokenizer.ggml.merges".into(), strings(merges)),
+        ("tokenizer.ggml.add_bos_token".into(), Value::Bool(false)),
+    ];
+    for (key, id) in [
+        ("tokenizer.ggml.bos_token_id", spec.bos_token_id),
+        ("tokenizer.ggml.eos_token_id", spec.eos_token_id),
+    ] {
+        if let Some(id) = id {
+            meta.push((key.into(), Value::U32(id)));
+        }
+    }
+
+    let permute = arch == "llama";
+    let mut tensors: Vec<(String, QTensor)> = Vec::new();
+    for (name, t) in random_weights(spec, seed) {
+        let gname = gguf_name(&name).expect("expected tensors all have llama.cpp names");
+        let mut data = t.data;
+        if permute && (name.contains(".q_proj.") || name.contains(".k_proj.")) {
+            let heads = if name.contains(".q_proj.") {
+                spec.num_heads
+            } else {
+                spec.num_kv_heads
+            };
+            data = permute_rows(&data, t.shape[0], heads);
+        }
+        let dtype = if t.shape.len() == 2 {
+            linear_type
+        } else {
+            GgmlDType::F32
+        };
+        let block = dtype.block_size();
+        if t.shape[t.shape.len() - 1] % block != 0 {
+            return Err(Error::invalid(
+                "gguf linear type",
+                format!(
+                    "{name} has rows of {} values, not a multiple of the {dtype:?} block ({block})",
+                    t.shape[t.shape.len() - 1]
+                ),
+            ));
+        }
+        let ct = candle_core::Tensor::from_vec(data, t.shape.as_slice(), &candle_core::Device::Cpu)
+            .map_err(candle_err(path, &name))?;
+        let q = QTensor::quantize(&ct, dtype).map_err(candle_err(path, &name))?;
+        tensors.push((gname, q));
+    }
+
+    let file = File::create(path).map_err(io(path))?;
+    let mut w = BufWriter::new(file);
+    let meta_refs: Vec<(&str, &Value)> = meta.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    let tensor_refs: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    gguf_file::write(&mut w, &meta_refs, &tensor_refs).map_err(|e| Error::File {
+        path: path.to_path_buf(),
+        what: "gguf",
+        reason: e.to_string(),
+    })?;
+    std::io::Write::flush(&mut w).map_err(io(path))
+}

@@ -1,0 +1,156 @@
+//! The non-linear ops of a decoder on FP32 row-major matrices `[tokens, features]`:
+//! RMSNorm, rotary embedding, causal grouped-query attention, SiLU-gate multiply, residual add.
+//! Rows (tokens) or heads run in parallel with rayon; products use [`super::mat`].
+
+use rayon::prelude::*;
+
+use super::mat::{matmul_into, Mat, Threads, View};
+
+/// `x * rsqrt(mean(x^2) + eps) * weight`, per row.
+pub fn rms_norm(x: &Mat, weight: &[f32], eps: f32) -> Mat {
+    let mut y = Mat::zeros(x.rows, x.cols);
+    y.data
+        .par_chunks_mut(x.cols)
+        .zip(x.data.par_chunks(x.cols))
+        .for_each(|(out, row)| {
+            let ms = row.iter().map(|&v| (v as f64) * (v as f64)).sum::<f64>() / row.len() as f64;
+            let inv = (1.0 / (ms + eps as f64).sqrt()) as f32;
+            for ((o, &v), &w) in out.iter_mut().zip(row).zip(weight) {
+                *o = v * inv * w;
+            }
+        });
+    y
+}
+
+/// Rotary embedding in the rotate-half convention (Hugging Face Llama): within each head,
+/// element `i` pairs with `i + head_dim/2`; token `t` is at position `t`.
+pub fn rope(x: &mut Mat, heads: usize, head_dim: usize, theta: f32) {
+    let half = head_dim / 2;
+    let inv_freq: Vec<f32> = (0..half)
+        .map(|i| 1.0 / theta.powf((2 * i) as f32 / head_dim as f32))
+        .collect();
+    x.data
+        .par_chunks_mut(heads * head_dim)
+        .enumerate()
+        .for_each(|(pos, row)| {
+            let (sin, cos): (Vec<f32>, Vec<f32>) =
+                inv_freq.iter().map(|&f| (pos as f32 * f).sin_cos()).unzip();
+            for head in row.chunks_mut(head_dim) {
+                let (lo, hi) = head.split_at_mut(half);
+                for i in 0..half {
+                    let (a, b) = (lo[i], hi[i]);
+                    lo[i] = a * cos[i] - b * sin[i];
+                    hi[i] = b * cos[i] + a * sin[i];
+                }
+            }
+        });
+}
+
+/// Causal attention with grouped KV heads: query head `h` reads KV head
+/// `h / (heads / kv_heads)`. `q: [t, heads*head_dim]`, `k, v: [t, kv_heads*head_dim]`.
+pub fn causal_attention(
+    q: &Mat,
+    k: &Mat,
+    v: &Mat,
+    heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+) -> Mat {
+    let t = q.rows;
+    let group = heads / kv_heads;
+    let scale = 1.0 / (head_dim as f32).sqrt();
+    let per_head: Vec<Vec<f32>> = (0..heads)
+        .into_par_iter()
+        .map(|h| {
+            let kvh = h / group;
+            let qh = View::cols_of(&q.data, t, q.cols, h * head_dim, head_dim);
+            let kh = View::cols_of(&k.data, t, k.cols, kvh * head_dim, head_dim);
+            let vh = View::cols_of(&v.data, t, v.cols, kvh * head_dim, head_dim);
+            let mut scores = vec![0.0f32; t * t];
+            matmul_into(&mut scores, t, qh, kh.t(), Threads::Single);
+            for (i, row) in scores.chunks_mut(t).enumerate() {
+                let live = &mut row[..=i];
+                let max = live
+                    .iter()
+                    .fold(f32::NEG_INFINITY, |m, &s| m.max(s * scale));
+                let mut sum = 0.0f32;
+                for s in live.iter_mut() {
+                    *s = (*s * scale - max).exp();
+                    sum += *s;
+                }
+                let inv = 1.0 / sum;
+                live.iter_mut().for_each(|s| *s *= inv);
+                row[i + 1..].fill(0.0);
+            }
+            let mut out = vec![0.0f32; t * head_dim];
+            let p = View::cols_of(&scores, t, t, 0, t);
+            matmul_into(&mut out, head_dim, p, vh, Threads::Single);
+            out
+        })
+        .collect();
+    let mut y = Mat::zeros(t, heads * head_dim);
+    for (h, out) in per_head.iter().enumerate() {
+        for (r, src) in out.chunks(head_dim).enumerate() {
+            let dst = r * y.cols + h * head_dim;
+            y.data[dst..dst + head_dim].copy_from_slice(src);
+        }
+    }
+    y
+}
+
+/// `silu(gate) * up`, elementwise; consumes `gate`.
+pub fn silu_mul(mut gate: Mat, up: &Mat) -> Mat {
+    gate.data
+        .par_iter_mut()
+        .zip(up.data.par_iter())
+        .for_each(|(g, &u)| *g = *g / (1.0 + (-*g).exp()) * u);
+    gate
+}
+
+/// `a + b`, elementwise; consumes `a`.
+pub fn add(mut a: Mat, b: &Mat) -> Mat {
+    a.data
+        .par_iter_mut()
+        .zip(b.data.par_iter())
+        .for_each(|(x, &y)| *x += y);
+    a
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn attention_of_first_token_returns_its_value() {
+        let (heads, kv, hd, t) = (4, 2, 4, 3);
+        let q = Mat::from_vec(
+            t,
+            heads * hd,
+            (0..t * heads * hd).map(|i| (i % 5) as f32 * 0.3).collect(),
+        );
+        let k = Mat::from_vec(
+            t,
+            kv * hd,
+            (0..t * kv * hd).map(|i| (i % 3) as f32 * 0.2).collect(),
+        );
+        let v = Mat::from_vec(t, kv * hd, (0..t * kv * hd).map(|i| i as f32).collect());
+        let y = causal_attention(&q, &k, &v, heads, kv, hd);
+        for h in 0..heads {
+            let kvh = h / 2;
+            assert_eq!(
+                &y.row(0)[h * hd..(h + 1) * hd],
+                &v.row(0)[kvh * hd..(kvh + 1) * hd]
+            );
+        }
+    }
+
+    #[test]
+    fn rope_at_position_zero_is_identity_and_preserves_norm() {
+        let mut x = Mat::from_vec(2, 8, (0..16).map(|i| i as f32 - 7.5).collect());
+        let orig = x.clone();
+        rope(&mut x, 2, 4, 10000.0);
+        assert_eq!(x.row(0), orig.row(0));
+        let n = |r: &[f32]| r.iter().map(|v| v * v).sum::<f32>();
+        assert!((n(x.row(1)) - n(orig.row(1))).abs() < 1e-3);
+    }
+}

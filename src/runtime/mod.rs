@@ -1,0 +1,31 @@
+//! Execution backends. `cpu` is the FP32 reference: it runs the IR with each linear layer's
+//! weights (and optionally activations) fake-quantized to the format a precision map assigns.
+
+pub mod cpu;
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::formats::Format;
+
+/// Precision of one linear layer: weight format, and the format activations are quantized to
+/// on the fly (`None`: activations stay FP32).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LinearPrecision {
+    pub weights: Format,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub activations: Option<Format>,
+}
+
+impl LinearPrecision {
+    pub fn weight_only(weights: Format) -> Self {
+        LinearPrecision {
+            weights,
+            activations: None,
+        }
+    }
+}
+
+/// Linear node name -> precision. Layers absent from the map run in full FP32 precision.
+pub type PrecisionMap = BTreeMap<String, LinearPrecision>;
