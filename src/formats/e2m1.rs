@@ -12,7 +12,7 @@
 //! midpoints between adjacent values, which is branch-free and vectorizes.
 //!
 //! Packing: two codes per byte, the even element in the LOW nibble, the odd element in the
-//! high nibble. [`pack_block`] writes one scale block, padding with zero codes.
+//! high nibble. `pack_block` writes one scale block, padding with zero codes.
 
 /// Largest finite E2M1 magnitude.
 pub const E2M1_MAX: f32 = 6.0;
