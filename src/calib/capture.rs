@@ -149,7 +149,7 @@ pub fn measure_eps(
             let mut metrics = BTreeMap::new();
             for &f in formats {
                 let s = sums.get(&(*id, f)).copied().unwrap_or_default();
-                if !(s.reference > 0.0) {
+                if s.reference.is_nan() || s.reference <= 0.0 {
                     return Err(Error::Layer {
                         layer: node.name.clone(),
                         reason: "its full-precision output is zero on the calibration text; eps is undefined".into(),
