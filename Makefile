@@ -35,11 +35,22 @@ tools:
 bench-tools:
 	bash scripts/setup-bench.sh
 
-run: fetch
-	$(CARGO) run --release -- eval --model $(MODEL) --text $(TEXT) --seq-len 512 --windows 8
+# good_lp's HiGHS build needs cmake and libclang: from the wheels `make tools` installs
+# (the same paths .cargo/config.toml gives plain cargo, so neither triggers a rebuild).
+BUILD_ENV = eval "$$(bash scripts/setup-tools.sh --print-build-env)";
+
+run: fetch tools
+	$(BUILD_ENV) $(CARGO) run --release -- eval --model $(MODEL) --text $(TEXT) --seq-len 512 --windows 8
+
+# NVRTC for the codegen tests (PyPI wheels installed by `make tools`): the wheels' lib dirs on
+# LD_LIBRARY_PATH and the CUDA include dir as FPX_CUDA_INCLUDE, each only when non-empty.
+CUDA_ENV = ld="$$(bash scripts/setup-tools.sh --print-ld-path)"; \
+	inc="$$(bash scripts/setup-tools.sh --print-cuda-include)"; \
+	if [[ -n "$$ld" ]]; then export LD_LIBRARY_PATH="$$ld$${LD_LIBRARY_PATH:+:$$LD_LIBRARY_PATH}"; fi; \
+	if [[ -n "$$inc" ]]; then export FPX_CUDA_INCLUDE="$$inc"; fi;
 
 test: fetch tools
-	FPX_REQUIRE_DATA=1 FPX_PYTHON=$(CURDIR)/.venv/bin/python $(CARGO) test --all-targets
+	$(BUILD_ENV) $(CUDA_ENV) FPX_REQUIRE_DATA=1 FPX_PYTHON=$(CURDIR)/.venv/bin/python $(CARGO) test --all-targets
 
 bench-torch: fetch bench-tools
 	.venv-bench/bin/python scripts/bench_torch.py --gguf $(MODEL) --text $(TEXT) \

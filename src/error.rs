@@ -77,6 +77,38 @@ pub enum Error {
 
     #[error("invalid {what}: {reason}")]
     InvalidArgument { what: &'static str, reason: String },
+
+    #[error("codegen of kernel `{kernel}`: {reason}")]
+    Codegen { kernel: String, reason: String },
+
+    #[error("NVRTC could not compile kernel `{kernel}` for {arch} (source dumped to {source_path}; options: {options})\n{log}")]
+    Nvrtc {
+        kernel: String,
+        arch: String,
+        options: String,
+        source_path: PathBuf,
+        log: String,
+    },
+
+    /// A CUDA library (NVRTC, the driver) cannot be loaded on this machine.
+    #[error("{what}: {hint}")]
+    CudaUnavailable { what: &'static str, hint: String },
+
+    #[error("CUDA {call} failed: {reason}")]
+    Cuda { call: String, reason: String },
+
+    /// The CUDA emulator (host C++ build of the generated kernels) failed at `stage`.
+    #[error("CUDA emulator ({stage}): {reason}")]
+    Emu { stage: String, reason: String },
+
+    /// A planning problem with no assignment meeting its constraints; `reason` says which
+    /// constraint binds and what is achievable.
+    #[error("infeasible: {reason}")]
+    Infeasible { reason: String },
+
+    /// The MIP solver failed for a reason other than infeasibility.
+    #[error("solver: {reason}")]
+    Solver { reason: String },
 }
 
 impl Error {

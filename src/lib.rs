@@ -6,13 +6,16 @@
 //! divergence on real text.
 
 pub mod calib;
+pub mod codegen;
 pub mod error;
 pub mod eval;
 pub mod formats;
 pub mod fsutil;
 pub mod ir;
+pub mod latency;
 pub mod model;
 pub mod plan;
 pub mod runtime;
+pub mod solve;
 
 pub use error::{Error, Result};

@@ -13,7 +13,14 @@ use serde::Serialize;
 
 /// Subcommands too large to sit in this file.
 mod cli {
+    pub mod bench;
     pub mod calibrate;
+    pub mod codegen;
+    pub mod compare;
+    pub mod plan;
+    pub mod profile;
+    pub mod run;
+    pub mod sweep;
 }
 
 use fpx::eval::{self, EvalReport};
@@ -46,6 +53,20 @@ enum Command {
     Eval(EvalArgs),
     /// Measure every linear layer's error in every format on calibration text.
     Calibrate(CalibrateArgs),
+    /// Time the CPU reference forward (tokens/s) on windows of real text.
+    Bench(cli::bench::BenchArgs),
+    /// Solve a per-layer format plan (greedy-gamma or ILP) from a calibration and a latency source.
+    Plan(cli::plan::PlanArgs),
+    /// Greedy-gamma across gamma and the ILP at the same latencies: CSV, JSON, SVG, plans.
+    Sweep(cli::sweep::SweepArgs),
+    /// Compare two plans: totals side by side and the layers that differ.
+    Compare(cli::compare::CompareArgs),
+    /// Generate a plan's CUDA kernels for a GPU target; compile them with NVRTC (CUBIN, PTX).
+    Codegen(cli::codegen::CodegenArgs),
+    /// Generate text greedily with a plan's executable plan on the cpu or cuda backend.
+    Run(cli::run::RunArgs),
+    /// Measure per-layer, per-format kernel times on a GPU; write a latency profile.
+    Profile(cli::profile::ProfileArgs),
 }
 
 #[derive(Args)]
@@ -138,6 +159,13 @@ fn run(cli: Cli) -> Result<()> {
         Command::Inspect(args) => inspect(args),
         Command::Eval(args) => eval_cmd(args),
         Command::Calibrate(args) => cli::calibrate::run(args),
+        Command::Plan(args) => cli::plan::run(args),
+        Command::Sweep(args) => cli::sweep::run(args),
+        Command::Compare(args) => cli::compare::run(args),
+        Command::Codegen(args) => cli::codegen::run(args),
+        Command::Run(args) => cli::run::run(args),
+        Command::Profile(args) => cli::profile::run(args),
+        Command::Bench(args) => cli::bench::run(args),
     }
 }
 

@@ -1,16 +1,33 @@
-//! Precision plans: which format each linear layer uses. A plan is a versioned JSON file;
-//! readers refuse other schema versions and plans made for another model.
+//! Precision plans: which format each linear layer uses, and where that came from.
+//!
+//! A plan is a versioned JSON file (schema in `docs/planner.md`). Version 2, written by
+//! `fpx plan`, records per layer its format, eps, objective error, latency and weight bytes;
+//! totals (`total_latency` and `step_latency` in seconds, `total_error`, `weight_bytes`);
+//! and its [`Provenance`]: solver and settings, budget, latency source, menu, groups, pins,
+//! and the hashes of the model and calibration it came from. Version 1 (layers and model
+//! only) is still read. Readers refuse other versions, duplicate layers and plans made for
+//! another model. [`compare`] diffs two plans; [`make`] turns a solver's solution into one.
 
+pub mod compare;
+pub mod make;
+
+use std::collections::BTreeMap;
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 use crate::formats::Format;
+use crate::latency::LatencySource;
 use crate::runtime::{LinearPrecision, PrecisionMap};
+use crate::solve::ilp::{IlpOptions, IlpStatus};
+use crate::solve::pins::PinsRef;
+use crate::solve::{GreedyOptions, GroupKind, Objective};
 
-/// The plan schema version this build reads and writes.
-pub const SCHEMA_VERSION: u32 = 1;
+/// The plan schema version this build writes.
+pub const SCHEMA_VERSION: u32 = 2;
+/// Versions this build reads.
+pub const READS: [u32; 2] = [1, 2];
 
 /// One linear layer's assignment.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -21,6 +38,106 @@ pub struct PlanLayer {
     /// Dynamic activation format, when activations are quantized too.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub activations: Option<Format>,
+    /// Calibrated eps of the layer in `format`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub eps: Option<f64>,
+    /// The objective's error of the layer in `format` (eps or KL).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<f64>,
+    /// Seconds per step in `format`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub latency: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub weight_bytes: Option<u64>,
+}
+
+/// Sums over the plan's layers.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PlanTotals {
+    /// Seconds per step of the planned layers.
+    pub total_latency: f64,
+    /// Seconds per step of everything else (attention, norms), from the latency source.
+    pub fixed_latency: f64,
+    /// `total_latency + fixed_latency`.
+    pub step_latency: f64,
+    /// Sum of the objective's error.
+    pub total_error: f64,
+    /// Sum of eps (equal to `total_error` for the eps objective).
+    pub total_eps: f64,
+    pub weight_bytes: u64,
+    /// Number of layers per format.
+    pub layers_per_format: BTreeMap<Format, usize>,
+}
+
+/// Which solver made the plan, with its settings and outcome.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum SolverRecord {
+    Greedy {
+        #[serde(flatten)]
+        options: GreedyOptions,
+        /// Fraction of the free layers (or bytes) greedy put in the low format.
+        achieved_gamma: f64,
+    },
+    Ilp {
+        #[serde(flatten)]
+        options: IlpOptions,
+        status: IlpStatus,
+        /// The LP relaxation's optimum of the objective: no assignment does better.
+        lower_bound: f64,
+        /// `(objective - lower_bound) / objective`: how far from optimal the plan can be.
+        gap: f64,
+    },
+}
+
+/// The constraint the plan was solved under.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum BudgetRecord {
+    /// The paper's fraction of layers in FP4.
+    Gamma { gamma: f64 },
+    /// Seconds per step of the planned layers.
+    Latency { seconds: f64 },
+    /// The latency (seconds per step) greedy-gamma reaches at `gamma`: an ILP plan at the
+    /// same latency as a greedy one.
+    MatchGreedy { gamma: f64, seconds: f64 },
+    /// Whole-step speedup over every layer in `baseline`, and the latency budget it implies.
+    Speedup {
+        speedup: f64,
+        baseline: Format,
+        seconds: f64,
+    },
+    /// Total objective error.
+    Error { error: f64 },
+}
+
+/// The calibration a plan came from.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CalibrationRef {
+    pub path: String,
+    /// SHA-256 of the calibration file's bytes.
+    pub sha256: String,
+    /// SHA-256 of the calibration text.
+    pub text_sha256: String,
+}
+
+/// Everything needed to reproduce a plan.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Provenance {
+    pub fpx_version: String,
+    pub calibration: CalibrationRef,
+    pub objective: Objective,
+    pub solver: SolverRecord,
+    pub budget: BudgetRecord,
+    /// Weight-memory budget in bytes, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_budget: Option<u64>,
+    pub latency: LatencySource,
+    pub menu: Vec<Format>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub groups: Vec<GroupKind>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pins: Option<PinsRef>,
 }
 
 /// A per-layer precision assignment.
@@ -30,6 +147,10 @@ pub struct Plan {
     /// Identity hash of the model the plan was made for (`None`: any model with these layers).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub model: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub provenance: Option<Provenance>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub totals: Option<PlanTotals>,
     pub layers: Vec<PlanLayer>,
 }
 
@@ -37,17 +158,22 @@ impl Plan {
     /// Reads and validates a plan file.
     pub fn read(path: &Path) -> Result<Plan> {
         let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+        Plan::parse(&bytes, path)
+    }
+
+    /// Validates the bytes of a plan file; `path` is for messages.
+    pub fn parse(bytes: &[u8], path: &Path) -> Result<Plan> {
         let err = |reason: String| Error::File {
             path: path.to_path_buf(),
             what: "plan",
             reason,
         };
         let raw: serde_json::Value =
-            serde_json::from_slice(&bytes).map_err(|e| err(e.to_string()))?;
+            serde_json::from_slice(bytes).map_err(|e| err(e.to_string()))?;
         let version = raw.get("schema_version").and_then(|v| v.as_u64());
-        if version != Some(SCHEMA_VERSION as u64) {
+        if !version.is_some_and(|v| READS.iter().any(|&r| r as u64 == v)) {
             return Err(err(format!(
-                "schema_version is {}, this fpx reads version {SCHEMA_VERSION}",
+                "schema_version is {}, this fpx reads versions {READS:?}",
                 version.map_or("missing".to_string(), |v| v.to_string())
             )));
         }
@@ -59,6 +185,11 @@ impl Plan {
             }
         }
         Ok(plan)
+    }
+
+    /// Writes the plan atomically as pretty JSON.
+    pub fn write(&self, path: &Path) -> Result<()> {
+        crate::fsutil::write_json_atomic(path, self)
     }
 
     /// Checks the plan against a model's identity hash.
@@ -85,5 +216,52 @@ impl Plan {
                 (l.name.clone(), p)
             })
             .collect()
+    }
+
+    /// The plan's layer -> format map.
+    pub fn formats(&self) -> BTreeMap<&str, Format> {
+        self.layers
+            .iter()
+            .map(|l| (l.name.as_str(), l.format))
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn version_1_plans_still_read_and_map() {
+        let v1 = br#"{"schema_version": 1, "model": "abc",
+            "layers": [{"name": "model.layers.0.mlp.up_proj", "format": "nvfp4"}]}"#;
+        let p = Plan::parse(v1, Path::new("old.plan.json")).unwrap();
+        assert!(p.provenance.is_none() && p.totals.is_none());
+        let m = p.precision_map();
+        assert_eq!(m["model.layers.0.mlp.up_proj"].weights, Format::Nvfp4);
+        assert!(p.check_model(Path::new("x"), "abc").is_ok());
+        let e = p
+            .check_model(Path::new("x"), "def")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("made for model abc"), "{e}");
+    }
+
+    #[test]
+    fn bad_plans_are_refused_with_the_path() {
+        let dup = br#"{"schema_version": 2, "layers": [{"name": "a", "format": "fp8"},
+            {"name": "a", "format": "fp8"}]}"#;
+        let e = Plan::parse(dup, Path::new("d.json"))
+            .unwrap_err()
+            .to_string();
+        assert_eq!(e, "d.json: plan: layer `a` is assigned twice");
+        let v9 = br#"{"schema_version": 9, "layers": []}"#;
+        let e = Plan::parse(v9, Path::new("v.json"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("schema_version is 9, this fpx reads versions [1, 2]"),
+            "{e}"
+        );
     }
 }

@@ -2,6 +2,9 @@
 //! weights (and optionally activations) fake-quantized to the format a precision map assigns.
 
 pub mod cpu;
+pub mod cuda;
+pub mod emu;
+pub mod exec;
 
 use std::collections::BTreeMap;
 

@@ -1,0 +1,108 @@
+//! `fpx bench`: throughput of the CPU reference forward (prefill of whole windows, FP32 or a
+//! plan's formats), timed without tokenization, loading or loss computation, after one
+//! untimed warm-up window. Compare with `make bench-torch` (PyTorch eager, same windows and
+//! threads).
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::Result;
+use clap::Args;
+use serde::Serialize;
+
+use fpx::eval;
+use fpx::ir::Graph;
+use fpx::plan::Plan;
+use fpx::runtime::cpu::CpuModel;
+use fpx::runtime::PrecisionMap;
+
+use crate::{emit, load, progress_bar};
+
+#[derive(Args)]
+pub struct BenchArgs {
+    /// Hugging Face model directory or GGUF file.
+    #[arg(long)]
+    model: PathBuf,
+    /// UTF-8 text file, or a directory of them.
+    #[arg(long)]
+    text: PathBuf,
+    /// Tokens per window.
+    #[arg(long, default_value_t = 512)]
+    seq_len: usize,
+    /// Timed windows.
+    #[arg(long, default_value_t = 4)]
+    windows: usize,
+    /// Run the plan's formats instead of FP32.
+    #[arg(long)]
+    plan: Option<PathBuf>,
+    /// Print one JSON object.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Serialize)]
+struct BenchReport {
+    model: String,
+    plan: Option<String>,
+    threads: usize,
+    seq_len: usize,
+    windows: usize,
+    tokens: usize,
+    seconds: f64,
+    tokens_per_s: f64,
+    /// Seconds per window, in order.
+    window_seconds: Vec<f64>,
+}
+
+pub fn run(args: BenchArgs) -> Result<()> {
+    let model = load(&args.model)?;
+    let text = eval::load_text(&args.text)?;
+    let tokens = model.tokenizer.encode(&text)?;
+    let windows = eval::windows(&tokens, args.seq_len, Some(args.windows + 1))?;
+    if windows.len() < 2 {
+        anyhow::bail!("{}: the text holds fewer than 2 windows of {} tokens (1 warm-up + 1 timed)", args.text.display(), args.seq_len);
+    }
+    let graph = Graph::build(&model.spec);
+    let precision = match &args.plan {
+        Some(path) => {
+            let plan = Plan::read(path)?;
+            plan.check_model(path, &model.identity)?;
+            plan.precision_map()
+        }
+        None => PrecisionMap::new(),
+    };
+    let cpu = CpuModel::load(&graph, model.weights.as_ref(), &precision)?;
+    cpu.forward(windows[0])?;
+    let bar = progress_bar(windows.len() - 1, "bench");
+    let mut window_seconds = Vec::new();
+    let start = Instant::now();
+    for w in &windows[1..] {
+        let t = Instant::now();
+        cpu.forward(w)?;
+        window_seconds.push(t.elapsed().as_secs_f64());
+        bar.inc(1);
+    }
+    bar.finish_and_clear();
+    let seconds = start.elapsed().as_secs_f64();
+    let timed = windows.len() - 1;
+    let report = BenchReport {
+        model: args.model.display().to_string(),
+        plan: args.plan.as_ref().map(|p| p.display().to_string()),
+        threads: rayon::current_num_threads(),
+        seq_len: args.seq_len,
+        windows: timed,
+        tokens: timed * args.seq_len,
+        seconds,
+        tokens_per_s: (timed * args.seq_len) as f64 / seconds,
+        window_seconds,
+    };
+    if args.json {
+        emit(&(serde_json::to_string_pretty(&report)? + "\n"));
+    } else {
+        emit(&format!(
+            "{} windows x {} tokens on {} threads: {:.2} s, {:.1} tokens/s\n",
+            report.windows, report.seq_len, report.threads, report.seconds, report.tokens_per_s
+        ));
+    }
+    Ok(())
+}

@@ -1,0 +1,134 @@
+//! `fpx codegen`: renders a plan's kernels for one GPU target, compiles them with NVRTC to
+//! CUBIN (through the disk cache) and writes, into the output directory, every `.cu` source,
+//! its `.cubin` and `.ptx`, the helper headers under `include/`, and `manifest.json`.
+
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use clap::Args;
+
+use fpx::codegen::{self, Arch, Manifest, Schedule, HEADERS};
+use fpx::fsutil::{write_atomic, write_json_atomic};
+use fpx::ir::Graph;
+use fpx::plan::Plan;
+use fpx::runtime::cuda::{Compiler, CompilerOptions, KernelCache};
+use fpx::runtime::PrecisionMap;
+
+use crate::{emit, load};
+
+#[derive(Args)]
+pub(crate) struct CodegenArgs {
+    /// Precision plan (JSON); without one every linear layer stays FP32.
+    #[arg(long)]
+    plan: Option<PathBuf>,
+    /// Hugging Face model directory or GGUF file (only its shapes are read).
+    #[arg(long)]
+    model: PathBuf,
+    /// Target: sm_89, sm_90, sm_100a or sm_120a.
+    #[arg(long, default_value = "sm_90")]
+    arch: String,
+    /// Output directory.
+    #[arg(short, long)]
+    output: PathBuf,
+    /// Write the sources only (no NVRTC).
+    #[arg(long)]
+    no_compile: bool,
+    /// Kernel cache directory (default: FPX_CACHE_DIR, else ~/.cache/fpx/kernels).
+    #[arg(long, conflicts_with = "no_cache")]
+    cache_dir: Option<PathBuf>,
+    /// Compile everything, neither reading nor writing the cache.
+    #[arg(long)]
+    no_cache: bool,
+    /// Print the manifest as JSON instead of the summary.
+    #[arg(long)]
+    json: bool,
+}
+
+/// The precision map of `--plan` (checked against the model), or an empty one.
+pub(crate) fn precision_of(plan: Option<&Path>, identity: &str) -> Result<PrecisionMap> {
+    Ok(match plan {
+        Some(path) => {
+            let plan = Plan::read(path)?;
+            plan.check_model(path, identity)?;
+            plan.precision_map()
+        }
+        None => PrecisionMap::new(),
+    })
+}
+
+pub(crate) fn run(args: CodegenArgs) -> Result<()> {
+    let arch: Arch = args.arch.parse()?;
+    let model = load(&args.model)?;
+    let precision = precision_of(args.plan.as_deref(), &model.identity)?;
+    let graph = Graph::build(&model.spec);
+    let schedule = Schedule::build(&graph, &precision)?;
+    let start = Instant::now();
+    let kernels = codegen::generate(&schedule, arch)?;
+    let render_seconds = start.elapsed().as_secs_f64();
+    let out = &args.output;
+    for k in &kernels {
+        write_atomic(&out.join(&k.file_name), k.source.as_bytes())?;
+    }
+    for (name, text) in HEADERS {
+        write_atomic(&out.join("include").join(name), text.as_bytes())?;
+    }
+    let mut manifest = Manifest::new(arch, &schedule, &kernels);
+    let mut summary = format!(
+        "{} kernels for {} linear layers rendered for {arch} in {:.3} s\n",
+        kernels.len(),
+        schedule.linears.len(),
+        render_seconds
+    );
+    if !args.no_compile {
+        let cache_dir = if args.no_cache {
+            None
+        } else {
+            Some(
+                args.cache_dir
+                    .clone()
+                    .unwrap_or_else(KernelCache::default_dir),
+            )
+        };
+        let compiler = Compiler::new(CompilerOptions {
+            cache_dir: cache_dir.clone(),
+            dump_dir: Some(out.join("failed")),
+            cuda_include: None,
+        })?;
+        let start = Instant::now();
+        let compiled = compiler
+            .compile_all(&kernels)
+            .context("compiling the kernels with NVRTC")?;
+        let seconds = start.elapsed().as_secs_f64();
+        for (c, entry) in compiled.iter().zip(manifest.kernels.iter_mut()) {
+            let cubin = format!("{}.cubin", c.name);
+            let ptx = format!("{}.ptx", c.name);
+            write_atomic(&out.join(&cubin), &c.cubin)?;
+            write_atomic(&out.join(&ptx), c.ptx.as_bytes())?;
+            entry.cubin = Some(cubin);
+            entry.ptx = Some(ptx);
+            entry.cached = Some(c.cached);
+            if !c.log.trim().is_empty() {
+                tracing::warn!(kernel = %c.name, log = %c.log, "NVRTC diagnostics");
+            }
+        }
+        manifest.compiler = Some(compiler.version_string());
+        manifest.options = Compiler::options(arch);
+        let (fresh, hits) = compiler.stats();
+        writeln!(
+            summary,
+            "{} to CUBIN in {seconds:.2} s: {fresh} compiled, {hits} from the cache{}",
+            compiler.version_string(),
+            cache_dir.map_or(" (disabled)".to_string(), |d| format!(" ({})", d.display()))
+        )?;
+    }
+    write_json_atomic(&out.join("manifest.json"), &manifest)?;
+    if args.json {
+        emit(&(serde_json::to_string_pretty(&manifest)? + "\n"));
+    } else {
+        writeln!(summary, "wrote {}", out.join("manifest.json").display())?;
+        emit(&summary);
+    }
+    Ok(())
+}

@@ -1,0 +1,426 @@
+//! `fpx plan`: solve one plan from a calibration and a latency source, write it, and print
+//! its per-layer table and totals (or the plan as JSON). Also the setup shared with
+//! `fpx sweep` ([`PlanSetup`]: device, menu, groups, pins, objective, solver settings).
+
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, ValueEnum};
+
+use fpx::calib::Calibration;
+use fpx::formats::Format;
+use fpx::latency::{Gpu, LatencyModel, Profile, Roofline};
+use fpx::plan::{BudgetRecord, CalibrationRef, Plan, Provenance, SolverRecord};
+use fpx::solve::pins::{Pins, PinsRef};
+use fpx::solve::{
+    build_problem, greedy, ilp, BuildOptions, BuildReport, Constraints, GreedyOptions, GreedyRule,
+    GroupKind, IlpOptions, Objective, Problem, Solution, Target,
+};
+
+use crate::emit;
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum SolverArg {
+    /// The FPX paper's rule: the fraction gamma of layers with the lowest eps in FP4.
+    Greedy,
+    /// 0-1 integer program (HiGHS): least error under a latency budget, or the reverse.
+    Ilp,
+}
+
+/// Inputs and settings shared by `fpx plan` and `fpx sweep`.
+#[derive(Args, Clone)]
+pub struct PlanSetup {
+    /// Calibration file (`fpx calibrate`).
+    #[arg(long)]
+    pub calib: PathBuf,
+    /// GPU roofline (h100, h200, b200, rtx5090, l40s, rtx4090) or a measured profile JSON.
+    #[arg(long, default_value = "h100")]
+    pub device: String,
+    /// Tokens per step for the roofline (sequences decoding one token each).
+    #[arg(long, default_value_t = 1)]
+    pub batch: usize,
+    /// Context length for the roofline's attention cost.
+    #[arg(long, default_value_t = 512)]
+    pub context: usize,
+    /// Roofline per-kernel launch overhead, microseconds.
+    #[arg(long, default_value_t = 2.0)]
+    pub launch_overhead_us: f64,
+    /// Formats unpinned layers may take, comma-separated.
+    #[arg(long, value_delimiter = ',', default_values = ["fp8", "nvfp4"])]
+    pub menu: Vec<String>,
+    /// Layers that must share a format: qkv, gate_up (comma-separated).
+    #[arg(long, value_delimiter = ',')]
+    pub group: Vec<String>,
+    /// TOML file of pin rules (regex or block range -> format).
+    #[arg(long)]
+    pub pins: Option<PathBuf>,
+    /// Error to minimise: eps (the paper) or kl (needs a calibration with KL).
+    #[arg(long, default_value = "eps")]
+    pub objective: String,
+    /// Greedy's low-precision format.
+    #[arg(long, default_value = "nvfp4")]
+    pub low: String,
+    /// Greedy's high-precision format.
+    #[arg(long, default_value = "fp8")]
+    pub high: String,
+    /// Greedy counts gamma by weight bytes instead of layers.
+    #[arg(long)]
+    pub by_bytes: bool,
+    /// Weight-memory budget, MiB.
+    #[arg(long)]
+    pub memory_budget_mib: Option<f64>,
+    /// ILP relative optimality gap (HiGHS stops within it; 0 = prove optimality).
+    #[arg(long, default_value_t = 1e-4)]
+    pub mip_gap: f64,
+    /// ILP time limit, seconds.
+    #[arg(long)]
+    pub time_limit: Option<f64>,
+}
+
+/// The budget of `fpx plan`: exactly one.
+#[derive(Args, Clone)]
+#[group(required = true, multiple = false)]
+pub struct BudgetArgs {
+    /// Greedy: fraction of layers in FP4. ILP: the latency greedy reaches at this gamma.
+    #[arg(long)]
+    pub gamma: Option<f64>,
+    /// Latency budget of the planned layers, milliseconds per step.
+    #[arg(long)]
+    pub latency_budget: Option<f64>,
+    /// Whole-step speedup over every layer in the menu's most precise format.
+    #[arg(long)]
+    pub speedup: Option<f64>,
+    /// Budget on the total objective error.
+    #[arg(long)]
+    pub error_budget: Option<f64>,
+}
+
+#[derive(Args)]
+pub struct PlanArgs {
+    #[command(flatten)]
+    pub setup: PlanSetup,
+    #[arg(long, value_enum)]
+    pub solver: SolverArg,
+    #[command(flatten)]
+    pub budget: BudgetArgs,
+    /// Plan file to write.
+    #[arg(short, long)]
+    pub output: PathBuf,
+    /// Print the plan as JSON instead of the table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Everything a solver call needs, prepared once.
+pub struct Prepared {
+    pub calib: Calibration,
+    pub calib_ref: CalibrationRef,
+    pub latency: Box<dyn LatencyModel>,
+    pub options: BuildOptions,
+    pub problem: Problem,
+    pub report: BuildReport,
+    pub greedy: GreedyOptions,
+    pub ilp: IlpOptions,
+    pub memory: Option<u64>,
+    pub pins: Option<PinsRef>,
+}
+
+fn latency_model(s: &PlanSetup, calib: &Calibration) -> Result<Box<dyn LatencyModel>> {
+    let path = Path::new(&s.device);
+    if path.is_file() || s.device.ends_with(".json") {
+        let profile = Profile::read(path)?;
+        profile.check_model(&calib.model.identity)?;
+        return Ok(Box::new(profile));
+    }
+    let roofline = Roofline::new(Gpu::parse(&s.device)?, s.batch, s.context)?
+        .with_launch_overhead(s.launch_overhead_us * 1e-6)?;
+    Ok(Box::new(roofline))
+}
+
+impl PlanSetup {
+    /// Reads the inputs and builds the problem. Warns about pin rules that matched nothing.
+    pub fn prepare(&self) -> Result<Prepared> {
+        let calib = Calibration::read(&self.calib)?;
+        let calib_ref = CalibrationRef::from_file(&self.calib, &calib)?;
+        let latency = latency_model(self, &calib)?;
+        let menu = self
+            .menu
+            .iter()
+            .map(|f| f.parse::<Format>())
+            .collect::<Result<Vec<_>, _>>()
+            .context("--menu")?;
+        let groups = self
+            .group
+            .iter()
+            .map(|g| g.parse::<GroupKind>())
+            .collect::<Result<Vec<_>, _>>()?;
+        let pins = self.pins.as_deref().map(Pins::read).transpose()?;
+        let pins_ref = pins.as_ref().map(PinsRef::from);
+        let options = BuildOptions {
+            menu,
+            objective: self.objective.parse::<Objective>()?,
+            groups,
+            pins,
+        };
+        let (problem, report) = build_problem(&calib, latency.as_ref(), &options)?;
+        for rule in &report.unmatched_pins {
+            eprintln!("warning: pin {rule} matches no planned layer");
+        }
+        let memory = match self.memory_budget_mib {
+            Some(m) if !(m.is_finite() && m > 0.0) => {
+                bail!("--memory-budget-mib: {m} is not positive")
+            }
+            Some(m) => Some((m * 1024.0 * 1024.0) as u64),
+            None => None,
+        };
+        Ok(Prepared {
+            calib,
+            calib_ref,
+            latency,
+            problem,
+            report,
+            greedy: GreedyOptions {
+                low: self.low.parse().context("--low")?,
+                high: self.high.parse().context("--high")?,
+                by_bytes: self.by_bytes,
+            },
+            ilp: IlpOptions {
+                mip_rel_gap: self.mip_gap,
+                time_limit: self.time_limit,
+            },
+            memory,
+            pins: pins_ref,
+            options,
+        })
+    }
+}
+
+impl Prepared {
+    /// The provenance of a plan solved with `solver` under `budget`.
+    pub fn provenance(&self, solver: SolverRecord, budget: BudgetRecord) -> Provenance {
+        Provenance {
+            fpx_version: env!("CARGO_PKG_VERSION").to_string(),
+            calibration: self.calib_ref.clone(),
+            objective: self.options.objective,
+            solver,
+            budget,
+            memory_budget: self.memory,
+            latency: self.latency.source(),
+            menu: self.options.menu.clone(),
+            groups: self.options.groups.clone(),
+            pins: self.pins.clone(),
+        }
+    }
+
+    /// Greedy under `rule`, as a plan.
+    pub fn greedy_plan(&self, rule: GreedyRule, budget: BudgetRecord) -> Result<(Solution, Plan)> {
+        let g = greedy(&self.problem, &self.greedy, rule, self.memory)?;
+        let record = SolverRecord::Greedy {
+            options: self.greedy,
+            achieved_gamma: g.gamma,
+        };
+        let plan = self.plan(&g.solution, record, budget);
+        Ok((g.solution, plan))
+    }
+
+    /// The ILP for `target`, as a plan.
+    pub fn ilp_plan(&self, target: Target, budget: BudgetRecord) -> Result<(Solution, Plan)> {
+        let c = Constraints {
+            target,
+            memory: self.memory,
+        };
+        let s = ilp(&self.problem, &c, &self.ilp)?;
+        let record = SolverRecord::Ilp {
+            options: self.ilp,
+            status: s.status,
+            lower_bound: s.lower_bound,
+            gap: s.gap(target),
+        };
+        let plan = self.plan(&s.solution, record, budget);
+        Ok((s.solution, plan))
+    }
+
+    fn plan(&self, s: &Solution, solver: SolverRecord, budget: BudgetRecord) -> Plan {
+        let prov = self.provenance(solver, budget);
+        Plan::from_solution(&self.problem, s, &self.calib.model.identity, prov)
+    }
+
+    /// The most precise format of the menu (fp16 > fp8 > fp4): the speedup baseline.
+    pub fn baseline(&self) -> Format {
+        self.options
+            .menu
+            .iter()
+            .copied()
+            .min()
+            .unwrap_or(Format::Fp8)
+    }
+}
+
+pub fn run(args: PlanArgs) -> Result<()> {
+    let prep = args.setup.prepare()?;
+    let b = &args.budget;
+    let p = &prep.problem;
+    let (_, plan) = match (
+        args.solver,
+        b.gamma,
+        b.latency_budget,
+        b.speedup,
+        b.error_budget,
+    ) {
+        (SolverArg::Greedy, Some(gamma), ..) => {
+            prep.greedy_plan(GreedyRule::Gamma(gamma), BudgetRecord::Gamma { gamma })?
+        }
+        (SolverArg::Ilp, Some(gamma), ..) => {
+            let g = greedy(p, &prep.greedy, GreedyRule::Gamma(gamma), prep.memory)?;
+            let seconds = g.solution.totals.latency;
+            prep.ilp_plan(
+                Target::Latency { seconds },
+                BudgetRecord::MatchGreedy { gamma, seconds },
+            )?
+        }
+        (solver, None, Some(ms), ..) => {
+            let seconds = ms * 1e-3;
+            let budget = BudgetRecord::Latency { seconds };
+            match solver {
+                SolverArg::Greedy => prep.greedy_plan(GreedyRule::Latency(seconds), budget)?,
+                SolverArg::Ilp => prep.ilp_plan(Target::Latency { seconds }, budget)?,
+            }
+        }
+        (solver, None, None, Some(speedup), _) => {
+            let baseline = prep.baseline();
+            let seconds = p.speedup_budget(speedup, baseline)?;
+            let budget = BudgetRecord::Speedup {
+                speedup,
+                baseline,
+                seconds,
+            };
+            match solver {
+                SolverArg::Greedy => prep.greedy_plan(GreedyRule::Latency(seconds), budget)?,
+                SolverArg::Ilp => prep.ilp_plan(Target::Latency { seconds }, budget)?,
+            }
+        }
+        (solver, None, None, None, Some(error)) => {
+            let budget = BudgetRecord::Error { error };
+            match solver {
+                SolverArg::Greedy => prep.greedy_plan(GreedyRule::Error(error), budget)?,
+                SolverArg::Ilp => prep.ilp_plan(Target::Error { error }, budget)?,
+            }
+        }
+        _ => bail!("give one of --gamma, --latency-budget, --speedup, --error-budget"),
+    };
+    plan.write(&args.output)?;
+    if args.json {
+        emit(&(serde_json::to_string_pretty(&plan)? + "\n"));
+    } else {
+        emit(&table(&plan, &prep, &args.output)?);
+    }
+    Ok(())
+}
+
+/// A one-line description of how a plan was made.
+pub fn describe(plan: &Plan) -> String {
+    let Some(p) = &plan.provenance else {
+        return "no provenance (schema version 1)".into();
+    };
+    let solver = match &p.solver {
+        SolverRecord::Greedy {
+            options,
+            achieved_gamma,
+        } => format!(
+            "greedy {}/{} (gamma {achieved_gamma:.3}{})",
+            options.low,
+            options.high,
+            if options.by_bytes { " by bytes" } else { "" }
+        ),
+        SolverRecord::Ilp {
+            options,
+            status,
+            gap,
+            ..
+        } => format!(
+            "ilp ({status:?} at mip gap {:e}; within {:.4}% of the LP bound)",
+            options.mip_rel_gap,
+            gap * 100.0
+        ),
+    };
+    let budget = match &p.budget {
+        BudgetRecord::Gamma { gamma } => format!("gamma {gamma}"),
+        BudgetRecord::MatchGreedy { gamma, seconds } => format!(
+            "latency {:.2} us (greedy's at gamma {gamma})",
+            seconds * 1e6
+        ),
+        BudgetRecord::Latency { seconds } => format!("latency {:.2} us", seconds * 1e6),
+        BudgetRecord::Speedup {
+            speedup, baseline, ..
+        } => format!("{speedup}x over all-{baseline}"),
+        BudgetRecord::Error { error } => format!("error {error}"),
+    };
+    format!(
+        "{solver}, {budget}, objective {:?}; {}",
+        p.objective, p.latency
+    )
+}
+
+fn table(plan: &Plan, prep: &Prepared, out: &Path) -> Result<String> {
+    let mut t = String::new();
+    writeln!(t, "{}", describe(plan))?;
+    writeln!(
+        t,
+        "{:<42} {:>6} {:>10} {:>10} {:>12} {:>10}",
+        "layer", "format", "eps", "error", "latency us", "bytes"
+    )?;
+    for l in &plan.layers {
+        writeln!(
+            t,
+            "{:<42} {:>6} {:>10.5} {:>10.3e} {:>12.3} {:>10}",
+            l.name,
+            l.format.name(),
+            l.eps.unwrap_or(f64::NAN),
+            l.error.unwrap_or(f64::NAN),
+            l.latency.unwrap_or(f64::NAN) * 1e6,
+            l.weight_bytes.unwrap_or(0)
+        )?;
+    }
+    if let Some(tot) = &plan.totals {
+        let counts: Vec<String> = tot
+            .layers_per_format
+            .iter()
+            .map(|(f, n)| format!("{f} {n}"))
+            .collect();
+        writeln!(
+            t,
+            "\n{} layers ({}); {} pinned",
+            plan.layers.len(),
+            counts.join(", "),
+            prep.report.pinned
+        )?;
+        writeln!(
+            t,
+            "latency {:.3} us per step for the planned layers (+ {:.3} us fixed = {:.3} us)",
+            tot.total_latency * 1e6,
+            tot.fixed_latency * 1e6,
+            tot.step_latency * 1e6
+        )?;
+        writeln!(
+            t,
+            "total error {:.6}   total eps {:.6}   weights {:.3} MiB",
+            tot.total_error,
+            tot.total_eps,
+            tot.weight_bytes as f64 / 1048576.0
+        )?;
+        for f in [prep.baseline(), prep.greedy.low] {
+            if let Some(u) = prep.problem.uniform(f) {
+                let step = u.totals.latency + prep.problem.fixed_latency;
+                writeln!(
+                    t,
+                    "vs all-{f}: step speedup {:.4}x, error {:.6}",
+                    step / tot.step_latency,
+                    u.totals.error
+                )?;
+            }
+        }
+    }
+    writeln!(t, "wrote {}", out.display())?;
+    Ok(t)
+}

@@ -1,0 +1,156 @@
+//! `fpx run`: builds a plan's executable plan (weights packed in their formats) and generates
+//! text greedily on the cpu backend or on the GPU with the generated kernels; prints the text,
+//! tokens/s and per-token latency.
+
+use std::fmt::Write as _;
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::Result;
+use clap::{Args, ValueEnum};
+use serde::Serialize;
+
+use fpx::ir::Graph;
+use fpx::runtime::exec::{generate, Backend, CpuBackend, ExecutablePlan, Generation};
+
+use crate::cli::codegen::precision_of;
+use crate::{emit, load};
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub(crate) enum BackendKind {
+    Cpu,
+    Cuda,
+}
+
+#[derive(Args)]
+pub(crate) struct RunArgs {
+    /// Precision plan (JSON); without one every linear layer runs in FP32.
+    #[arg(long)]
+    plan: Option<PathBuf>,
+    /// Hugging Face model directory or GGUF file.
+    #[arg(long)]
+    model: PathBuf,
+    /// Prompt text.
+    #[arg(long)]
+    prompt: String,
+    /// New tokens to generate (fewer when the model emits its end-of-sequence token).
+    #[arg(long, default_value_t = 32)]
+    max_tokens: usize,
+    #[arg(long, value_enum, default_value_t = BackendKind::Cpu)]
+    backend: BackendKind,
+    /// CUDA device ordinal (cuda backend).
+    #[arg(long, default_value_t = 0)]
+    device: usize,
+    /// KV-cache positions (default: prompt + max tokens).
+    #[arg(long)]
+    max_seq: Option<usize>,
+    /// Print one JSON object.
+    #[arg(long)]
+    json: bool,
+}
+
+fn plan_of(
+    graph: &Graph,
+    model: &fpx::model::Model,
+    precision: &fpx::runtime::PrecisionMap,
+    max_seq: usize,
+) -> Result<ExecutablePlan> {
+    Ok(ExecutablePlan::build(
+        graph,
+        model.weights.as_ref(),
+        precision,
+        max_seq,
+    )?)
+}
+
+#[derive(Serialize)]
+struct RunOutput<'a> {
+    backend: &'static str,
+    prompt_tokens: usize,
+    tokens: &'a [u32],
+    text: String,
+    build_seconds: f64,
+    prefill_seconds: f64,
+    decode_tokens_per_s: Option<f64>,
+    median_token_ms: Option<f64>,
+    linear_weight_bytes: usize,
+}
+
+pub(crate) fn run(args: RunArgs) -> Result<()> {
+    let model = load(&args.model)?;
+    let precision = precision_of(args.plan.as_deref(), &model.identity)?;
+    let prompt = model.tokenizer.encode(&args.prompt)?;
+    let max_seq = args.max_seq.unwrap_or(prompt.len() + args.max_tokens);
+    let graph = Graph::build(&model.spec);
+    let start = Instant::now();
+    let eos = model.spec.eos_token_id;
+    let (generation, backend_name, build_seconds): (Generation, &'static str, f64) =
+        match args.backend {
+            BackendKind::Cpu => {
+                let plan = &plan_of(&graph, &model, &precision, max_seq)?;
+                let mut b = CpuBackend::new(plan);
+                let build = start.elapsed().as_secs_f64();
+                (
+                    generate(&mut b, &prompt, args.max_tokens, eos)?,
+                    b.name(),
+                    build,
+                )
+            }
+            BackendKind::Cuda => {
+                // Probe the driver before the (slow) packing of the weights.
+                fpx::runtime::cuda::probe_driver()?;
+                let plan = &plan_of(&graph, &model, &precision, max_seq)?;
+                let mut b = fpx::runtime::cuda::CudaBackend::new(plan, args.device, None)?;
+                let build = start.elapsed().as_secs_f64();
+                (
+                    generate(&mut b, &prompt, args.max_tokens, eos)?,
+                    b.name(),
+                    build,
+                )
+            }
+        };
+    let out = RunOutput {
+        backend: backend_name,
+        prompt_tokens: generation.prompt_tokens,
+        tokens: &generation.tokens,
+        text: model.tokenizer.decode(&generation.tokens)?,
+        build_seconds,
+        prefill_seconds: generation.prefill_seconds,
+        decode_tokens_per_s: generation.decode_tokens_per_s(),
+        median_token_ms: generation.median_step_seconds().map(|s| s * 1e3),
+        linear_weight_bytes: fpx::codegen::Schedule::build(&graph, &precision)?
+            .linears
+            .iter()
+            .map(|l| match l.shape.format.format() {
+                Some(f) => f.weight_bytes(l.shape.n, l.shape.k) as usize,
+                None => 4 * l.shape.n * l.shape.k,
+            })
+            .sum(),
+    };
+    if args.json {
+        emit(&(serde_json::to_string_pretty(&out)? + "\n"));
+        return Ok(());
+    }
+    let mut t = String::new();
+    writeln!(t, "{}{}", args.prompt, out.text)?;
+    writeln!(
+        t,
+        "\n[{} backend] prompt {} tokens, prefill {:.1} ms ({:.0} tokens/s); {} new tokens",
+        out.backend,
+        out.prompt_tokens,
+        out.prefill_seconds * 1e3,
+        out.prompt_tokens as f64 / out.prefill_seconds.max(1e-12),
+        out.tokens.len()
+    )?;
+    match (out.decode_tokens_per_s, out.median_token_ms) {
+        (Some(tps), Some(ms)) => writeln!(
+            t,
+            "decode {tps:.1} tokens/s, median {ms:.2} ms per token; linear weights {:.1} MB; plan built in {:.2} s",
+            out.linear_weight_bytes as f64 / 1e6,
+            out.build_seconds
+        )?,
+        _ => writeln!(t, "no decode steps (one new token comes from the prefill)")?,
+    }
+    emit(&t);
+    Ok(())
+}

@@ -1,0 +1,104 @@
+//! Target GPU architectures, as data: the NVRTC target name and which conversion instructions
+//! the chip has. Kernels are compiled to CUBIN for these real targets (only a real target runs
+//! ptxas, which rejects instructions the chip lacks).
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+
+/// A real GPU target the generated kernels are compiled for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum Arch {
+    /// Ada (L4, L40S, RTX 40xx): FP8 conversions, no FP4.
+    #[serde(rename = "sm_89")]
+    Sm89,
+    /// Hopper (H100, H200): FP8 conversions, no FP4.
+    #[serde(rename = "sm_90")]
+    Sm90,
+    /// Blackwell data-center (B200), arch-specific features: native E2M1 conversion.
+    #[serde(rename = "sm_100a")]
+    Sm100a,
+    /// Blackwell consumer (RTX 50xx), arch-specific features: native E2M1 conversion.
+    #[serde(rename = "sm_120a")]
+    Sm120a,
+}
+
+impl Arch {
+    pub const ALL: [Arch; 4] = [Arch::Sm89, Arch::Sm90, Arch::Sm100a, Arch::Sm120a];
+
+    /// The NVRTC `--gpu-architecture` value.
+    pub fn name(self) -> &'static str {
+        match self {
+            Arch::Sm89 => "sm_89",
+            Arch::Sm90 => "sm_90",
+            Arch::Sm100a => "sm_100a",
+            Arch::Sm120a => "sm_120a",
+        }
+    }
+
+    /// Compute capability (major, minor) of the chips this target runs on.
+    pub fn compute_capability(self) -> (u32, u32) {
+        match self {
+            Arch::Sm89 => (8, 9),
+            Arch::Sm90 => (9, 0),
+            Arch::Sm100a => (10, 0),
+            Arch::Sm120a => (12, 0),
+        }
+    }
+
+    /// The target for a device of this compute capability, if fpx supports it.
+    pub fn from_compute_capability(major: u32, minor: u32) -> Option<Arch> {
+        Arch::ALL
+            .into_iter()
+            .find(|a| a.compute_capability() == (major, minor))
+    }
+
+    /// `cvt.rn.f16x2.e4m3x2` exists (sm_89 and newer).
+    pub fn has_fp8_cvt(self) -> bool {
+        true
+    }
+
+    /// `cvt.rn.f16x2.e2m1x2` exists (the arch-specific Blackwell targets only).
+    pub fn has_fp4_cvt(self) -> bool {
+        matches!(self, Arch::Sm100a | Arch::Sm120a)
+    }
+}
+
+impl std::fmt::Display for Arch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl std::str::FromStr for Arch {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        Arch::ALL
+            .into_iter()
+            .find(|a| a.name().eq_ignore_ascii_case(s.trim()))
+            .ok_or_else(|| {
+                Error::invalid(
+                    "GPU architecture",
+                    format!("`{s}` (supported: sm_89, sm_90, sm_100a, sm_120a)"),
+                )
+            })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_round_trip_and_capabilities() {
+        for a in Arch::ALL {
+            assert_eq!(a.name().parse::<Arch>().unwrap(), a);
+            let (major, minor) = a.compute_capability();
+            assert_eq!(Arch::from_compute_capability(major, minor), Some(a));
+            let json = serde_json::to_string(&a).unwrap();
+            assert_eq!(json, format!("\"{}\"", a.name()));
+        }
+        assert!("sm_80".parse::<Arch>().is_err());
+        assert!(Arch::Sm120a.has_fp4_cvt() && !Arch::Sm90.has_fp4_cvt());
+    }
+}

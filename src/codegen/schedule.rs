@@ -1,0 +1,289 @@
+//! The kernel schedule of a plan: the ordered steps of one forward pass over `m` new tokens
+//! (prefill: the prompt; decode: one token), each bound to the kernel specialisation(s) it
+//! launches and to named activation buffers. Built from the IR graph and a precision map; it
+//! holds no weights, so codegen needs only this, while the executable plan (runtime::exec)
+//! pairs it with packed weights and runs it on a backend.
+//!
+//! Fusions relative to the graph: RoPE of q and k plus the KV-cache store are one step, each
+//! residual add is the epilogue of the o_proj / down_proj linear (`accumulate`), and the final
+//! norm, lm_head and argmax run on the last token only (generation needs no other logits).
+
+use serde::Serialize;
+
+use super::spec::{KernelSpec, LinearShape, WeightFormat};
+use crate::error::{Error, Result};
+use crate::ir::{Graph, LinearKind, Op};
+use crate::runtime::PrecisionMap;
+
+/// The shapes of the decoder the steps run.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Dims {
+    pub hidden: usize,
+    pub ffn: usize,
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+    pub q_dim: usize,
+    pub kv_dim: usize,
+    pub vocab: usize,
+    pub layers: usize,
+    pub eps: f32,
+    pub rope_theta: f32,
+}
+
+/// Activation buffers (FP32, row-major, one row per token of the pass).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Act {
+    /// Residual stream `[m, hidden]`.
+    X,
+    /// Normalized residual `[m, hidden]`.
+    Xn,
+    Q,
+    K,
+    V,
+    /// Attention output `[m, q_dim]`.
+    Att,
+    Gate,
+    Up,
+    /// `[1, vocab]`.
+    Logits,
+}
+
+/// One linear layer of the schedule.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct LinearSlot {
+    /// Graph node name (`model.layers.0.self_attn.q_proj`, `lm_head`).
+    pub name: String,
+    pub weight_tensor: String,
+    pub bias_tensor: Option<String>,
+    pub kind: LinearKind,
+    pub shape: LinearShape,
+}
+
+/// One step of a forward pass.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum Step {
+    /// Token ids -> `X`.
+    Embed,
+    /// `dst = rmsnorm(src) * norms[norm]`; `last_row`: only the pass's last row, into row 0.
+    RmsNorm {
+        norm: usize,
+        src: Act,
+        dst: Act,
+        last_row: bool,
+    },
+    /// `dst (+)= src W^T (+ b)` with `linears[linear]` (GEMV for <= 8 rows, else GEMM).
+    Linear { linear: usize, src: Act, dst: Act },
+    /// RoPE of `Q` in place; RoPE of `K` and a copy of `V` into layer `layer`'s KV cache.
+    RopeKv { layer: usize },
+    /// `Att` = attention of `Q` over layer `layer`'s KV cache.
+    Attention { layer: usize },
+    /// `Gate = silu(Gate) * Up`.
+    SiluMul,
+    /// Next token = argmax of `Logits`.
+    Argmax,
+}
+
+/// The schedule of a model under a precision map.
+#[derive(Debug, Clone, Serialize)]
+pub struct Schedule {
+    pub dims: Dims,
+    pub embedding_tensor: String,
+    /// RMSNorm weight tensors, indexed by [`Step::RmsNorm::norm`].
+    pub norms: Vec<String>,
+    pub linears: Vec<LinearSlot>,
+    pub steps: Vec<Step>,
+}
+
+impl Schedule {
+    /// The steps of `graph` with each linear layer in the format `precision` assigns (FP32
+    /// where it assigns none). Activation quantization is not supported by the kernels yet.
+    pub fn build(graph: &Graph, precision: &PrecisionMap) -> Result<Schedule> {
+        let spec = graph.spec();
+        let dims = Dims {
+            hidden: spec.hidden_size,
+            ffn: spec.intermediate_size,
+            heads: spec.num_heads,
+            kv_heads: spec.num_kv_heads,
+            head_dim: spec.head_dim,
+            q_dim: spec.num_heads * spec.head_dim,
+            kv_dim: spec.num_kv_heads * spec.head_dim,
+            vocab: spec.vocab_size,
+            layers: spec.num_layers,
+            eps: spec.rms_norm_eps,
+            rope_theta: spec.rope_theta,
+        };
+        if dims.head_dim % 2 != 0 || dims.kv_heads == 0 || dims.heads % dims.kv_heads != 0 {
+            return Err(Error::invalid(
+                "model for codegen",
+                format!(
+                    "head_dim {} must be even and heads {} a multiple of kv_heads {}",
+                    dims.head_dim, dims.heads, dims.kv_heads
+                ),
+            ));
+        }
+        for name in precision.keys() {
+            if !matches!(
+                graph.find(name).map(|id| &graph.node(id).op),
+                Some(Op::Linear(_))
+            ) {
+                return Err(Error::Layer {
+                    layer: name.clone(),
+                    reason: "the plan names a layer that is not a linear layer of this model"
+                        .into(),
+                });
+            }
+        }
+        let mut s = Schedule {
+            dims,
+            embedding_tensor: String::new(),
+            norms: Vec::new(),
+            linears: Vec::new(),
+            steps: Vec::new(),
+        };
+        for &id in graph.topo_order() {
+            let node = graph.node(id);
+            match &node.op {
+                Op::Embedding { tensor, .. } => {
+                    s.embedding_tensor = tensor.clone();
+                    s.steps.push(Step::Embed);
+                }
+                Op::RmsNorm { tensor, .. } => {
+                    let last_row = node.layer.is_none();
+                    s.norms.push(tensor.clone());
+                    s.steps.push(Step::RmsNorm {
+                        norm: s.norms.len() - 1,
+                        src: Act::X,
+                        dst: Act::Xn,
+                        last_row,
+                    });
+                }
+                Op::Linear(l) => {
+                    let p = precision.get(&node.name);
+                    if let Some(a) = p.and_then(|p| p.activations) {
+                        return Err(Error::Layer {
+                            layer: node.name.clone(),
+                            reason: format!(
+                                "activation quantization ({a}) is not supported by the generated kernels"
+                            ),
+                        });
+                    }
+                    let (src, dst, accumulate) = match l.kind {
+                        LinearKind::Q => (Act::Xn, Act::Q, false),
+                        LinearKind::K => (Act::Xn, Act::K, false),
+                        LinearKind::V => (Act::Xn, Act::V, false),
+                        LinearKind::O => (Act::Att, Act::X, true),
+                        LinearKind::Gate => (Act::Xn, Act::Gate, false),
+                        LinearKind::Up => (Act::Xn, Act::Up, false),
+                        LinearKind::Down => (Act::Gate, Act::X, true),
+                        LinearKind::LmHead => (Act::Xn, Act::Logits, false),
+                    };
+                    s.linears.push(LinearSlot {
+                        name: node.name.clone(),
+                        weight_tensor: l.weight.clone(),
+                        bias_tensor: l.bias.clone(),
+                        kind: l.kind,
+                        shape: LinearShape {
+                            format: WeightFormat::of(p.map(|p| p.weights)),
+                            n: l.out_features,
+                            k: l.in_features,
+                            bias: l.bias.is_some(),
+                            accumulate,
+                        },
+                    });
+                    s.steps.push(Step::Linear {
+                        linear: s.linears.len() - 1,
+                        src,
+                        dst,
+                    });
+                }
+                // q's rotation waits for k's: both run in one step after the v projection.
+                Op::Rope { .. } if node.name.ends_with("rope_q") => {}
+                Op::Rope { .. } => s.steps.push(Step::RopeKv {
+                    layer: layer_of(node.layer, &node.name)?,
+                }),
+                Op::Attention { .. } => s.steps.push(Step::Attention {
+                    layer: layer_of(node.layer, &node.name)?,
+                }),
+                Op::SiluMul { .. } => s.steps.push(Step::SiluMul),
+                Op::Add { .. } => check_fused_add(graph, id)?,
+            }
+        }
+        s.steps.push(Step::Argmax);
+        Ok(s)
+    }
+
+    /// The kernels `step` launches (a linear step: its GEMV and its GEMM).
+    pub fn kernels_of(&self, step: &Step) -> Vec<KernelSpec> {
+        let d = &self.dims;
+        match *step {
+            Step::Embed => vec![KernelSpec::Embedding {
+                vocab: d.vocab,
+                hidden: d.hidden,
+            }],
+            Step::RmsNorm { .. } => vec![KernelSpec::RmsNorm { dim: d.hidden }],
+            Step::Linear { linear, .. } => {
+                let shape = self.linears[linear].shape;
+                vec![KernelSpec::Gemv(shape), KernelSpec::Gemm(shape)]
+            }
+            Step::RopeKv { .. } => vec![KernelSpec::RopeKv {
+                heads: d.heads,
+                kv_heads: d.kv_heads,
+                head_dim: d.head_dim,
+            }],
+            Step::Attention { .. } => vec![KernelSpec::Attention {
+                heads: d.heads,
+                kv_heads: d.kv_heads,
+                head_dim: d.head_dim,
+            }],
+            Step::SiluMul => vec![KernelSpec::SiluMul { dim: d.ffn }],
+            Step::Argmax => vec![KernelSpec::Argmax { vocab: d.vocab }],
+        }
+    }
+
+    /// Every kernel of the schedule, deduplicated and sorted.
+    pub fn kernels(&self) -> Vec<KernelSpec> {
+        let set: std::collections::BTreeSet<KernelSpec> =
+            self.steps.iter().flat_map(|s| self.kernels_of(s)).collect();
+        set.into_iter().collect()
+    }
+
+    /// Elements of an activation buffer per row.
+    pub fn act_cols(&self, act: Act) -> usize {
+        let d = &self.dims;
+        match act {
+            Act::X | Act::Xn => d.hidden,
+            Act::Q | Act::Att => d.q_dim,
+            Act::K | Act::V => d.kv_dim,
+            Act::Gate | Act::Up => d.ffn,
+            Act::Logits => d.vocab,
+        }
+    }
+}
+
+fn layer_of(layer: Option<usize>, name: &str) -> Result<usize> {
+    layer.ok_or_else(|| Error::Layer {
+        layer: name.to_string(),
+        reason: "attention outside a decoder block".into(),
+    })
+}
+
+/// A residual add must add an o_proj / down_proj output to the residual stream: that is the
+/// add the schedule fuses into the linear's epilogue.
+fn check_fused_add(graph: &Graph, id: crate::ir::NodeId) -> Result<()> {
+    let inputs = graph.inputs(id);
+    let fused = inputs.get(1).is_some_and(|&b| {
+        matches!(&graph.node(b).op, Op::Linear(l) if matches!(l.kind, LinearKind::O | LinearKind::Down))
+    });
+    if fused && graph.consumer_count(inputs[1]) == 1 {
+        Ok(())
+    } else {
+        Err(Error::Layer {
+            layer: graph.node(id).name.clone(),
+            reason: "residual add does not follow an o_proj/down_proj; codegen cannot fuse it"
+                .into(),
+        })
+    }
+}

@@ -1,0 +1,248 @@
+//! Kernel specialisations: the closed set of kernels fpx generates, each identified by the
+//! values that change its source (op family, shapes, weight format, epilogue flags). Two plan
+//! steps with equal specs share one kernel; the spec's [`KernelSpec::name`] is stable and
+//! unique per spec, so it names the `.cu` file, the entry points and the cache entry.
+
+use serde::{Deserialize, Serialize};
+
+use crate::formats::Format;
+
+/// How a linear layer's weights are stored on the device: one of the plan formats, or FP32
+/// for layers the plan leaves in full precision (the CPU reference runs those in FP32 too).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum WeightFormat {
+    F32,
+    Fp16,
+    Fp8,
+    Nvfp4,
+    Mxfp4,
+}
+
+impl WeightFormat {
+    pub const ALL: [WeightFormat; 5] = [
+        WeightFormat::F32,
+        WeightFormat::Fp16,
+        WeightFormat::Fp8,
+        WeightFormat::Nvfp4,
+        WeightFormat::Mxfp4,
+    ];
+
+    /// The storage of a layer with this plan format (`None`: not in the plan, FP32).
+    pub fn of(format: Option<Format>) -> WeightFormat {
+        match format {
+            None => WeightFormat::F32,
+            Some(Format::Fp16) => WeightFormat::Fp16,
+            Some(Format::Fp8) => WeightFormat::Fp8,
+            Some(Format::Nvfp4) => WeightFormat::Nvfp4,
+            Some(Format::Mxfp4) => WeightFormat::Mxfp4,
+        }
+    }
+
+    /// The quantized format, or `None` for FP32.
+    pub fn format(self) -> Option<Format> {
+        match self {
+            WeightFormat::F32 => None,
+            WeightFormat::Fp16 => Some(Format::Fp16),
+            WeightFormat::Fp8 => Some(Format::Fp8),
+            WeightFormat::Nvfp4 => Some(Format::Nvfp4),
+            WeightFormat::Mxfp4 => Some(Format::Mxfp4),
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            WeightFormat::F32 => "f32",
+            WeightFormat::Fp16 => "fp16",
+            WeightFormat::Fp8 => "fp8",
+            WeightFormat::Nvfp4 => "nvfp4",
+            WeightFormat::Mxfp4 => "mxfp4",
+        }
+    }
+
+    /// Bytes of codes per row of `cols` elements (FP4 rows padded to whole blocks).
+    pub fn row_stride_bytes(self, cols: usize) -> usize {
+        match self.format() {
+            None => 4 * cols,
+            Some(f) => f.row_stride_bytes(cols),
+        }
+    }
+
+    /// Elements per scale block along K (FP4 only).
+    pub fn block_size(self) -> Option<usize> {
+        self.format().and_then(Format::block_size)
+    }
+
+    /// Scale entries per row: fp8 one FP32, FP4 one byte per block, none otherwise.
+    pub fn blocks_per_row(self, cols: usize) -> usize {
+        self.format().map_or(0, |f| f.blocks_per_row(cols))
+    }
+
+    /// Weight elements per code byte, as (numerator, denominator).
+    pub fn elements_per_byte(self) -> (usize, usize) {
+        match self {
+            WeightFormat::F32 => (1, 4),
+            WeightFormat::Fp16 => (1, 2),
+            WeightFormat::Fp8 => (1, 1),
+            WeightFormat::Nvfp4 | WeightFormat::Mxfp4 => (2, 1),
+        }
+    }
+}
+
+impl std::fmt::Display for WeightFormat {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// The specialisation of a linear kernel: `y[m, n] (+)= x[m, k] W[n, k]^T (+ b)`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct LinearShape {
+    pub format: WeightFormat,
+    /// Output features (rows of W).
+    pub n: usize,
+    /// Input features (columns of W).
+    pub k: usize,
+    pub bias: bool,
+    /// The epilogue adds into `y` (fused residual add) instead of overwriting it.
+    pub accumulate: bool,
+}
+
+impl LinearShape {
+    fn suffix(&self) -> String {
+        let mut s = format!("{}_{}x{}", self.format, self.n, self.k);
+        if self.bias {
+            s.push_str("_bias");
+        }
+        if self.accumulate {
+            s.push_str("_acc");
+        }
+        s
+    }
+}
+
+/// One kernel specialisation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(tag = "family", rename_all = "snake_case")]
+pub enum KernelSpec {
+    /// Decode linear (GEMV) for 1..=8 activation rows; entry points `<name>_m1`, `<name>_m8`.
+    Gemv(LinearShape),
+    /// Tiled linear (GEMM) for prefill, any number of rows.
+    Gemm(LinearShape),
+    /// Gathers rows of the FP32 embedding table by token id.
+    Embedding { vocab: usize, hidden: usize },
+    /// `x * rsqrt(mean(x^2) + eps) * w` per row.
+    RmsNorm { dim: usize },
+    /// Rotary embedding of q in place, and of k into the KV cache (v copied alongside).
+    RopeKv {
+        heads: usize,
+        kv_heads: usize,
+        head_dim: usize,
+    },
+    /// Causal grouped-query attention of new query rows over the KV cache.
+    Attention {
+        heads: usize,
+        kv_heads: usize,
+        head_dim: usize,
+    },
+    /// `gate = silu(gate) * up`, elementwise over rows of `dim`.
+    SiluMul { dim: usize },
+    /// Index of the largest logit (the first one on ties).
+    Argmax { vocab: usize },
+}
+
+impl KernelSpec {
+    /// Stable, unique name: the `.cu` file stem and the entry-point prefix.
+    pub fn name(&self) -> String {
+        match self {
+            KernelSpec::Gemv(s) => format!("gemv_{}", s.suffix()),
+            KernelSpec::Gemm(s) => format!("gemm_{}", s.suffix()),
+            KernelSpec::Embedding { vocab, hidden } => format!("embedding_{vocab}x{hidden}"),
+            KernelSpec::RmsNorm { dim } => format!("rmsnorm_{dim}"),
+            KernelSpec::RopeKv {
+                heads,
+                kv_heads,
+                head_dim,
+            } => format!("rope_kv_h{heads}_kv{kv_heads}_d{head_dim}"),
+            KernelSpec::Attention {
+                heads,
+                kv_heads,
+                head_dim,
+            } => format!("attention_h{heads}_kv{kv_heads}_d{head_dim}"),
+            KernelSpec::SiluMul { dim } => format!("silu_mul_{dim}"),
+            KernelSpec::Argmax { vocab } => format!("argmax_{vocab}"),
+        }
+    }
+
+    /// The op family: also the template file `templates/<family>.cu.tera`.
+    pub fn family(&self) -> &'static str {
+        match self {
+            KernelSpec::Gemv(_) => "gemv",
+            KernelSpec::Gemm(_) => "gemm",
+            KernelSpec::Embedding { .. } => "embedding",
+            KernelSpec::RmsNorm { .. } => "rmsnorm",
+            KernelSpec::RopeKv { .. } => "rope_kv",
+            KernelSpec::Attention { .. } => "attention",
+            KernelSpec::SiluMul { .. } => "silu_mul",
+            KernelSpec::Argmax { .. } => "argmax",
+        }
+    }
+
+    /// The `extern "C"` entry points of the kernel's module.
+    pub fn entry_points(&self) -> Vec<String> {
+        let name = self.name();
+        match self {
+            KernelSpec::Gemv(_) => GEMV_ROW_TILES
+                .iter()
+                .map(|m| format!("{name}_m{m}"))
+                .collect(),
+            _ => vec![name],
+        }
+    }
+}
+
+/// Activation rows the GEMV entry points are compiled for: `_m1` (decode) and `_m8` (any
+/// 1..=8 rows; prefill of short prompts). More rows use the GEMM.
+pub const GEMV_ROW_TILES: [usize; 2] = [1, 8];
+
+/// The largest number of activation rows a GEMV handles.
+pub const GEMV_MAX_ROWS: usize = 8;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_unique_per_spec() {
+        let mut specs = Vec::new();
+        for format in WeightFormat::ALL {
+            for (bias, accumulate) in [(false, false), (true, false), (false, true)] {
+                let s = LinearShape {
+                    format,
+                    n: 64,
+                    k: 96,
+                    bias,
+                    accumulate,
+                };
+                specs.push(KernelSpec::Gemv(s));
+                specs.push(KernelSpec::Gemm(s));
+            }
+        }
+        specs.push(KernelSpec::SiluMul { dim: 64 });
+        specs.push(KernelSpec::RmsNorm { dim: 64 });
+        let names: std::collections::BTreeSet<String> = specs.iter().map(|s| s.name()).collect();
+        assert_eq!(names.len(), specs.len());
+        assert_eq!(specs[2].name(), "gemv_f32_64x96_bias");
+    }
+
+    #[test]
+    fn weight_format_layout_matches_formats() {
+        for f in Format::ALL {
+            let w = WeightFormat::of(Some(f));
+            assert_eq!(w.format(), Some(f));
+            assert_eq!(w.row_stride_bytes(100), f.row_stride_bytes(100));
+        }
+        assert_eq!(WeightFormat::F32.row_stride_bytes(10), 40);
+        assert_eq!(WeightFormat::of(None), WeightFormat::F32);
+    }
+}

@@ -1,0 +1,160 @@
+//! Latency: what one decode (or batched) step of each linear layer costs in each format.
+//!
+//! A [`LatencyModel`] answers "how many seconds does layer `l` take in format `f`" for one
+//! step of `batch` tokens. Two sources implement it, and every plan and report records which
+//! one it used as a [`LatencySource`]:
+//! - [`Profile`]: a measured profile file (`fpx profile` writes it on a GPU; schema in
+//!   `docs/planner.md` and [`profile`]), per layer name and format, in seconds;
+//! - [`Roofline`]: an analytic roofline of a named GPU ([`Gpu`]): per layer
+//!   `max(bytes / bandwidth, flops / peak(format)) + launch overhead`, where bytes are the
+//!   exact weight bytes of the format ([`Format::weight_bytes`]: codes, block scales and tensor
+//!   scale) plus the FP16 activations read and written.
+//!
+//! Both also give the latency of the rest of the step that no plan changes (attention over
+//! the context, from the roofline; a measured figure from the profile), so speedups can be
+//! stated end to end.
+
+pub mod profile;
+pub mod roofline;
+
+use serde::{Deserialize, Serialize};
+
+use crate::calib::Calibration;
+use crate::error::Result;
+use crate::formats::Format;
+use crate::ir::LinearKind;
+
+pub use profile::Profile;
+pub use roofline::{Gpu, GpuSpec, Roofline};
+
+/// The shape of one planned linear layer, as the latency models need it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LayerShape {
+    /// Linear node name, e.g. `model.layers.3.mlp.down_proj`.
+    pub name: String,
+    /// Decoder block index.
+    pub layer: usize,
+    pub kind: LinearKind,
+    pub out_features: usize,
+    pub in_features: usize,
+}
+
+impl LayerShape {
+    /// The shapes of every layer a calibration file measured, in its order.
+    pub fn from_calibration(calib: &Calibration) -> Vec<LayerShape> {
+        calib
+            .layers
+            .iter()
+            .map(|l| LayerShape {
+                name: l.name.clone(),
+                layer: l.layer,
+                kind: l.kind,
+                out_features: l.out_features,
+                in_features: l.in_features,
+            })
+            .collect()
+    }
+}
+
+/// Where latencies came from. Recorded in every plan and sweep report.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum LatencySource {
+    /// Analytic roofline of a named GPU.
+    Roofline {
+        /// The GPU's short name (`h100`, `b200`, ...).
+        device: String,
+        /// Its full name and memory, e.g. `NVIDIA H100 SXM5 80GB`.
+        device_name: String,
+        /// Tokens per step (sequences decoding one token each; 1 = single-stream decode).
+        batch: usize,
+        /// Tokens of context each sequence attends to.
+        context: usize,
+    },
+    /// A measured profile file.
+    Profile {
+        /// Device the profile was measured on, as the file says.
+        device: String,
+        /// Path of the profile file, as given.
+        path: String,
+        /// SHA-256 of the profile file's bytes.
+        sha256: String,
+        batch: usize,
+        context: usize,
+    },
+}
+
+impl std::fmt::Display for LatencySource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            LatencySource::Roofline {
+                device_name,
+                batch,
+                context,
+                ..
+            } => write!(
+                f,
+                "roofline model of {device_name} (batch {batch}, context {context})"
+            ),
+            LatencySource::Profile {
+                device,
+                path,
+                batch,
+                context,
+                ..
+            } => write!(
+                f,
+                "measured profile {path} on {device} (batch {batch}, context {context})"
+            ),
+        }
+    }
+}
+
+/// Per-layer latency of each format. Open behaviour: a trait, so other sources (a
+/// simulator, a remote profiler) can plug in.
+pub trait LatencyModel {
+    /// Which source this is, for plans and reports.
+    fn source(&self) -> LatencySource;
+
+    /// Seconds one step of `layer` takes with its weights in `format`. Errors name the layer
+    /// and format when the source does not cover them.
+    fn latency(&self, layer: &LayerShape, format: Format) -> Result<f64>;
+
+    /// Seconds of the step spent outside the planned layers (attention over the context,
+    /// norms, ...), which no plan changes. `layers` are all planned layers of the model.
+    fn fixed_latency(&self, layers: &[LayerShape]) -> f64;
+
+    /// Checks that every (layer, format) pair can be answered, naming the first few that
+    /// cannot.
+    fn check_covers(&self, layers: &[LayerShape], formats: &[Format]) -> Result<()> {
+        for l in layers {
+            for &f in formats {
+                self.latency(l, f)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sources_say_what_they_are() {
+        let r = LatencySource::Roofline {
+            device: "h100".into(),
+            device_name: "NVIDIA H100 SXM5 80GB".into(),
+            batch: 1,
+            context: 512,
+        };
+        assert_eq!(
+            r.to_string(),
+            "roofline model of NVIDIA H100 SXM5 80GB (batch 1, context 512)"
+        );
+        let json = serde_json::to_value(&r).unwrap();
+        assert_eq!(json["kind"], "roofline");
+        let back: LatencySource = serde_json::from_value(json).unwrap();
+        assert_eq!(back, r);
+    }
+}

@@ -1,0 +1,372 @@
+//! Analytic roofline latency of named GPUs.
+//!
+//! A linear layer `y = x W^T` with `W` of `N x K` run for `M` tokens (the batch) moves
+//! `Format::weight_bytes(N, K)` bytes of weights (codes + scales, exactly as stored) plus
+//! `2 (M K + M N)` bytes of FP16 activations, and performs `2 M N K` flops. Its roofline time
+//! is `max(bytes / HBM bandwidth, flops / peak(format)) + launch overhead`.
+//!
+//! `peak(format)`: FP16 weights run at the FP16 tensor rate; FP8 at the FP8 rate; NVFP4 and
+//! MXFP4 at the FP4 rate on architectures with FP4 tensor cores (Blackwell: sm_100, sm_120),
+//! and at the FP16 rate elsewhere, where the kernels decode FP4 in registers (DESIGN.md).
+//! All peaks are dense (no 2:4 sparsity). The model is optimistic (peak bandwidth, no cache
+//! effects, no dequantisation cost) and ranks formats by the bytes they move, which is what
+//! decode at small batch is bound by; a measured profile replaces it when one exists.
+//!
+//! The fixed part of a step, which no plan changes: per decoder block, attention reading an
+//! FP16 KV cache of `context` tokens for each of the `batch` sequences
+//! (`4 * batch * context * kv_dim` bytes, `4 * batch * context * q_dim` flops) plus six more
+//! kernel launches (two RMSNorms, RoPE, SiLU-multiply, two residual adds). The embedding
+//! gather and lm_head are not counted (lm_head is not in the calibration's layers).
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+use crate::formats::Format;
+use crate::ir::LinearKind;
+
+use super::{LatencyModel, LatencySource, LayerShape};
+
+/// GPUs with a built-in roofline. A closed set: an enum.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Gpu {
+    H100,
+    H200,
+    B200,
+    Rtx5090,
+    L40s,
+    Rtx4090,
+}
+
+/// Hardware figures of one GPU. FLOP/s are dense tensor-core peaks.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct GpuSpec {
+    /// Short name, as `--device` takes it.
+    pub name: &'static str,
+    /// Full name.
+    pub full_name: &'static str,
+    /// CUDA architecture (`sm_90`, ...).
+    pub arch: &'static str,
+    /// Peak DRAM bandwidth, bytes/s.
+    pub bandwidth: f64,
+    /// Dense FP16 tensor FLOP/s (FP32 accumulate).
+    pub fp16_flops: f64,
+    /// Dense FP8 tensor FLOP/s (FP32 accumulate).
+    pub fp8_flops: f64,
+    /// Dense FP4 tensor FLOP/s, where the architecture has FP4 tensor cores.
+    pub fp4_flops: Option<f64>,
+    /// Seconds added per kernel launch.
+    pub launch_overhead: f64,
+}
+
+const TB: f64 = 1e12;
+const TFLOPS: f64 = 1e12;
+/// Per-kernel launch overhead: a typical gap between consecutive kernels of a decode step
+/// replayed from a CUDA graph (not a datasheet figure; override with
+/// [`Roofline::with_launch_overhead`]).
+const LAUNCH: f64 = 2e-6;
+
+impl Gpu {
+    pub const ALL: [Gpu; 6] = [
+        Gpu::H100,
+        Gpu::H200,
+        Gpu::B200,
+        Gpu::Rtx5090,
+        Gpu::L40s,
+        Gpu::Rtx4090,
+    ];
+
+    /// The GPU's figures, with their sources.
+    pub fn spec(self) -> GpuSpec {
+        match self {
+            // NVIDIA H100 Tensor Core GPU datasheet, SXM5 column: 3.35 TB/s HBM3;
+            // FP16 tensor 1,979 TFLOPS and FP8 3,958 TFLOPS "with sparsity" -> half dense.
+            Gpu::H100 => GpuSpec {
+                name: "h100",
+                full_name: "NVIDIA H100 SXM5 80GB",
+                arch: "sm_90",
+                bandwidth: 3.35 * TB,
+                fp16_flops: 989.5 * TFLOPS,
+                fp8_flops: 1979.0 * TFLOPS,
+                fp4_flops: None,
+                launch_overhead: LAUNCH,
+            },
+            // NVIDIA H200 Tensor Core GPU datasheet, SXM column: 4.8 TB/s HBM3e; same tensor
+            // cores as H100 SXM (FP16 1,979 / FP8 3,958 TFLOPS with sparsity).
+            Gpu::H200 => GpuSpec {
+                name: "h200",
+                full_name: "NVIDIA H200 SXM 141GB",
+                arch: "sm_90",
+                bandwidth: 4.8 * TB,
+                fp16_flops: 989.5 * TFLOPS,
+                fp8_flops: 1979.0 * TFLOPS,
+                fp4_flops: None,
+                launch_overhead: LAUNCH,
+            },
+            // NVIDIA HGX B200 datasheet (8 GPUs): 64 TB/s HBM3e, FP4 144 PFLOPS, FP8 72
+            // PFLOPS, FP16 36 PFLOPS, all with sparsity -> per GPU dense: 8 TB/s, 9 / 4.5 /
+            // 2.25 PFLOPS.
+            Gpu::B200 => GpuSpec {
+                name: "b200",
+                full_name: "NVIDIA B200 180GB (HGX)",
+                arch: "sm_100a",
+                bandwidth: 8.0 * TB,
+                fp16_flops: 2250.0 * TFLOPS,
+                fp8_flops: 4500.0 * TFLOPS,
+                fp4_flops: Some(9000.0 * TFLOPS),
+                launch_overhead: LAUNCH,
+            },
+            // NVIDIA RTX Blackwell GPU architecture whitepaper, GeForce RTX 5090: 1,792 GB/s
+            // GDDR7; 3,352 "AI TOPS" = FP4 with sparsity -> 1,676 dense; FP8 838 dense, FP16
+            // 419 dense (FP16 accumulate); GeForce halves FP32-accumulate FP16/FP8 -> 209.5
+            // and 419 (FP4 taken at its dense figure).
+            Gpu::Rtx5090 => GpuSpec {
+                name: "rtx5090",
+                full_name: "NVIDIA GeForce RTX 5090 32GB",
+                arch: "sm_120a",
+                bandwidth: 1.792 * TB,
+                fp16_flops: 209.5 * TFLOPS,
+                fp8_flops: 419.0 * TFLOPS,
+                fp4_flops: Some(1676.0 * TFLOPS),
+                launch_overhead: LAUNCH,
+            },
+            // NVIDIA L40S datasheet: 864 GB/s GDDR6; FP16 tensor 362.05 TFLOPS dense (733
+            // with sparsity); FP8 733 TFLOPS dense (1,466 with sparsity).
+            Gpu::L40s => GpuSpec {
+                name: "l40s",
+                full_name: "NVIDIA L40S 48GB",
+                arch: "sm_89",
+                bandwidth: 0.864 * TB,
+                fp16_flops: 362.05 * TFLOPS,
+                fp8_flops: 733.0 * TFLOPS,
+                fp4_flops: None,
+                launch_overhead: LAUNCH,
+            },
+            // NVIDIA Ada Lovelace architecture whitepaper, appendix, GeForce RTX 4090:
+            // 1,008 GB/s GDDR6X; FP16 tensor with FP32 accumulate 165.2 TFLOPS dense; FP8
+            // with FP32 accumulate 330.3 TFLOPS dense.
+            Gpu::Rtx4090 => GpuSpec {
+                name: "rtx4090",
+                full_name: "NVIDIA GeForce RTX 4090 24GB",
+                arch: "sm_89",
+                bandwidth: 1.008 * TB,
+                fp16_flops: 165.2 * TFLOPS,
+                fp8_flops: 330.3 * TFLOPS,
+                fp4_flops: None,
+                launch_overhead: LAUNCH,
+            },
+        }
+    }
+
+    /// Parses a device name (`h100`, `H100-SXM`, `rtx4090`, `4090`, ...).
+    pub fn parse(name: &str) -> Result<Gpu> {
+        let n: String = name
+            .to_ascii_lowercase()
+            .chars()
+            .filter(|c| c.is_ascii_alphanumeric())
+            .collect();
+        let n = n.strip_prefix("nvidia").unwrap_or(&n);
+        let n = n.strip_prefix("geforce").unwrap_or(n);
+        let gpu = match n {
+            "h100" | "h100sxm" | "h100sxm5" => Gpu::H100,
+            "h200" | "h200sxm" => Gpu::H200,
+            "b200" => Gpu::B200,
+            "rtx5090" | "5090" => Gpu::Rtx5090,
+            "l40s" => Gpu::L40s,
+            "rtx4090" | "4090" => Gpu::Rtx4090,
+            _ => {
+                let known: Vec<&str> = Gpu::ALL.iter().map(|g| g.spec().name).collect();
+                return Err(Error::invalid(
+                    "--device",
+                    format!(
+                        "`{name}` is neither a known GPU ({}) nor a profile file",
+                        known.join(", ")
+                    ),
+                ));
+            }
+        };
+        Ok(gpu)
+    }
+}
+
+impl GpuSpec {
+    /// The tensor-core rate a layer with weights in `format` computes at.
+    pub fn peak_flops(&self, format: Format) -> f64 {
+        match format {
+            Format::Fp16 => self.fp16_flops,
+            Format::Fp8 => self.fp8_flops,
+            Format::Nvfp4 | Format::Mxfp4 => self.fp4_flops.unwrap_or(self.fp16_flops),
+        }
+    }
+}
+
+/// The roofline latency model of one GPU at one batch size and context length.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Roofline {
+    pub gpu: Gpu,
+    pub spec: GpuSpec,
+    /// Tokens per step (sequences decoding one token each).
+    pub batch: usize,
+    /// Context length each sequence attends to.
+    pub context: usize,
+}
+
+impl Roofline {
+    /// The roofline of `gpu` for steps of `batch` tokens over `context` tokens of context.
+    pub fn new(gpu: Gpu, batch: usize, context: usize) -> Result<Roofline> {
+        if batch == 0 {
+            return Err(Error::invalid(
+                "--batch",
+                "0: a step has at least one token",
+            ));
+        }
+        Ok(Roofline {
+            gpu,
+            spec: gpu.spec(),
+            batch,
+            context,
+        })
+    }
+
+    /// Replaces the per-kernel launch overhead (seconds).
+    pub fn with_launch_overhead(mut self, seconds: f64) -> Result<Roofline> {
+        if !(seconds.is_finite() && seconds >= 0.0) {
+            return Err(Error::invalid(
+                "launch overhead",
+                format!("{seconds}: must be a finite number of seconds >= 0"),
+            ));
+        }
+        self.spec.launch_overhead = seconds;
+        Ok(self)
+    }
+
+    /// Bytes one step of `layer` moves with weights in `format`.
+    pub fn bytes(&self, layer: &LayerShape, format: Format) -> f64 {
+        let (m, n, k) = (
+            self.batch as f64,
+            layer.out_features as f64,
+            layer.in_features as f64,
+        );
+        format.weight_bytes(layer.out_features, layer.in_features) as f64 + 2.0 * m * (k + n)
+    }
+
+    /// Flops of one step of `layer`.
+    pub fn flops(&self, layer: &LayerShape) -> f64 {
+        2.0 * self.batch as f64 * layer.out_features as f64 * layer.in_features as f64
+    }
+}
+
+impl LatencyModel for Roofline {
+    fn source(&self) -> LatencySource {
+        LatencySource::Roofline {
+            device: self.spec.name.to_string(),
+            device_name: self.spec.full_name.to_string(),
+            batch: self.batch,
+            context: self.context,
+        }
+    }
+
+    fn latency(&self, layer: &LayerShape, format: Format) -> Result<f64> {
+        let memory = self.bytes(layer, format) / self.spec.bandwidth;
+        let compute = self.flops(layer) / self.spec.peak_flops(format);
+        Ok(memory.max(compute) + self.spec.launch_overhead)
+    }
+
+    fn fixed_latency(&self, layers: &[LayerShape]) -> f64 {
+        let mut blocks = std::collections::BTreeMap::<usize, (usize, usize)>::new();
+        for l in layers {
+            let e = blocks.entry(l.layer).or_default();
+            match l.kind {
+                LinearKind::Q => e.0 = l.out_features,
+                LinearKind::K => e.1 = l.out_features,
+                _ => {}
+            }
+        }
+        let (b, c) = (self.batch as f64, self.context as f64);
+        blocks
+            .values()
+            .map(|&(q_dim, kv_dim)| {
+                let bytes = 4.0 * b * c * kv_dim as f64 + 4.0 * b * q_dim as f64;
+                let flops = 4.0 * b * c * q_dim as f64;
+                let attention = (bytes / self.spec.bandwidth).max(flops / self.spec.fp16_flops);
+                attention + 7.0 * self.spec.launch_overhead
+            })
+            .sum()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn shape(out: usize, inp: usize) -> LayerShape {
+        LayerShape {
+            name: "model.layers.0.mlp.down_proj".into(),
+            layer: 0,
+            kind: LinearKind::Down,
+            out_features: out,
+            in_features: inp,
+        }
+    }
+
+    #[test]
+    fn decode_is_bandwidth_bound_and_counts_exact_bytes() {
+        let r = Roofline::new(Gpu::H100, 1, 0).unwrap();
+        let l = shape(576, 1536);
+        for f in Format::ALL {
+            let want =
+                (f.weight_bytes(576, 1536) as f64 + 2.0 * (576.0 + 1536.0)) / 3.35e12 + LAUNCH;
+            let got = r.latency(&l, f).unwrap();
+            assert!((got - want).abs() < 1e-15, "{f}: {got} vs {want}");
+        }
+        let t = |f| r.latency(&l, f).unwrap();
+        assert!(t(Format::Nvfp4) < t(Format::Fp8) && t(Format::Fp8) < t(Format::Fp16));
+        // MXFP4 stores fewer scale bytes than NVFP4.
+        assert!(t(Format::Mxfp4) < t(Format::Nvfp4));
+    }
+
+    #[test]
+    fn large_batches_are_compute_bound_at_the_format_rate() {
+        let l = shape(4096, 4096);
+        let h100 = Roofline::new(Gpu::H100, 8192, 0).unwrap();
+        let b200 = Roofline::new(Gpu::B200, 8192, 0).unwrap();
+        let flops = 2.0 * 8192.0 * 4096.0 * 4096.0;
+        // Hopper has no FP4 tensor cores: FP4 runs at the FP16 rate, slower than FP8.
+        let h = |f| h100.latency(&l, f).unwrap() - LAUNCH;
+        assert!((h(Format::Nvfp4) - flops / 989.5e12).abs() < 1e-12);
+        assert!(h(Format::Nvfp4) > h(Format::Fp8));
+        // Blackwell computes FP4 natively at twice its FP8 rate.
+        let b = |f| b200.latency(&l, f).unwrap() - LAUNCH;
+        assert!((b(Format::Nvfp4) - flops / 9000e12).abs() < 1e-12);
+        assert!((b(Format::Fp8) / b(Format::Nvfp4) - 2.0).abs() < 1e-9);
+    }
+
+    #[test]
+    fn fixed_latency_grows_with_context() {
+        let mut q = shape(576, 576);
+        q.kind = LinearKind::Q;
+        let mut k = shape(192, 576);
+        k.kind = LinearKind::K;
+        let layers = [q, k];
+        let short = Roofline::new(Gpu::H100, 1, 0).unwrap();
+        let long = Roofline::new(Gpu::H100, 1, 4096).unwrap();
+        assert!(long.fixed_latency(&layers) > short.fixed_latency(&layers));
+        let want = 4.0 * 4096.0 * 192.0 / 3.35e12 + 4.0 * 576.0 / 3.35e12 + 7.0 * LAUNCH;
+        assert!((long.fixed_latency(&layers) - want).abs() < 1e-15);
+    }
+
+    #[test]
+    fn device_names_parse_and_unknown_ones_are_listed() {
+        assert_eq!(Gpu::parse("H100-SXM").unwrap(), Gpu::H100);
+        assert_eq!(Gpu::parse("NVIDIA GeForce RTX 4090").unwrap(), Gpu::Rtx4090);
+        for g in Gpu::ALL {
+            assert_eq!(Gpu::parse(g.spec().name).unwrap(), g);
+        }
+        let e = Gpu::parse("a100").unwrap_err().to_string();
+        assert!(
+            e.contains("a100") && e.contains("h100") && e.contains("rtx4090"),
+            "{e}"
+        );
+        assert!(Roofline::new(Gpu::H100, 0, 0).is_err());
+    }
+}

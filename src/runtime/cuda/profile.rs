@@ -1,0 +1,141 @@
+//! Latency profiling on the GPU (`fpx profile`): the time of each linear layer's decode
+//! kernel in each format, and of the rest of a decode step.
+//!
+//! Each distinct (shape, format) is timed once and reported for every layer of that shape.
+//! Weights are random values packed in the format; enough copies are uploaded to exceed the
+//! L2 cache several times over, and consecutive launches rotate through them, so no launch
+//! finds its weights in cache (a decode step streams every layer from HBM once). After
+//! `warmup` launches, each of `repeats` launches is bracketed by CUDA events; the median is
+//! reported. The rest of the step (embedding, norms, RoPE, attention over `context` cached
+//! positions, SiLU, argmax) is timed the same way inside a real decode step of the model.
+
+use std::collections::BTreeMap;
+
+use super::backend::{
+    driver_err, launch_linear, timing_event as event, upload_linear, CudaBackend, Device,
+};
+use super::compile::CompilerOptions;
+use crate::codegen::{KernelSpec, LinearShape, Schedule, WeightFormat};
+use crate::error::{Error, Result};
+use crate::runtime::exec::{Backend, ExecutablePlan, PackedLinear};
+
+/// What to measure.
+#[derive(Debug, Clone)]
+pub struct ProfileOptions {
+    pub formats: Vec<WeightFormat>,
+    /// Activation rows per launch (1..=8: the decode GEMV).
+    pub batch: usize,
+    pub warmup: usize,
+    pub repeats: usize,
+    /// Bytes of weight copies to rotate through (several times the L2 size).
+    pub rotate_bytes: usize,
+    pub compiler: CompilerOptions,
+}
+
+/// Median seconds of one launch per (shape, format).
+pub type ShapeTimes = BTreeMap<(LinearShape, WeightFormat), f64>;
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v.get(v.len() / 2).copied().unwrap_or(0.0)
+}
+
+/// Times the decode linear of every distinct shape of `schedule` in every format.
+pub fn profile_linears(
+    dev: &mut Device,
+    schedule: &Schedule,
+    opts: &ProfileOptions,
+) -> Result<ShapeTimes> {
+    if opts.batch == 0 || opts.batch > crate::codegen::GEMV_MAX_ROWS {
+        return Err(Error::invalid(
+            "batch",
+            format!("{} (the decode GEMV takes 1..=8 rows)", opts.batch),
+        ));
+    }
+    let mut shapes: Vec<(LinearShape, WeightFormat)> = Vec::new();
+    for l in &schedule.linears {
+        for &f in &opts.formats {
+            let s = LinearShape {
+                format: f,
+                ..l.shape
+            };
+            if !shapes.contains(&(s, f)) {
+                shapes.push((s, f));
+            }
+        }
+    }
+    shapes.sort();
+    let specs: Vec<KernelSpec> = shapes.iter().map(|(s, _)| KernelSpec::Gemv(*s)).collect();
+    dev.load_kernels(&specs, opts.compiler.clone())?;
+    let mut out = ShapeTimes::new();
+    for (shape, format) in shapes {
+        let (n, k) = (shape.n, shape.k);
+        let mut state = 0x2545_f491_4f6c_dd1du64;
+        let w: Vec<f32> = (0..n * k)
+            .map(|_| {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                ((state >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 0.1
+            })
+            .collect();
+        let bias = shape.bias.then(|| vec![0.01f32; n]);
+        let packed = PackedLinear::pack(format, &w, n, k, bias);
+        let copies = opts
+            .rotate_bytes
+            .div_ceil(packed.weight_bytes().max(1))
+            .clamp(1, 64);
+        let dev_copies = (0..copies)
+            .map(|_| upload_linear(dev, &packed))
+            .collect::<Result<Vec<_>>>()?;
+        let x = dev.upload(&vec![0.5f32; opts.batch * k])?;
+        let mut y = dev.zeros::<f32>(opts.batch * n)?;
+        for i in 0..opts.warmup {
+            launch_linear(dev, shape, &dev_copies[i % copies], &x, &mut y, opts.batch)?;
+        }
+        let mut times = Vec::with_capacity(opts.repeats);
+        for i in 0..opts.repeats {
+            let (start, end) = (event(dev)?, event(dev)?);
+            start
+                .record(&dev.stream)
+                .map_err(driver_err("cuEventRecord"))?;
+            launch_linear(dev, shape, &dev_copies[i % copies], &x, &mut y, opts.batch)?;
+            end.record(&dev.stream)
+                .map_err(driver_err("cuEventRecord"))?;
+            let ms = start
+                .elapsed_ms(&end)
+                .map_err(driver_err("cuEventElapsedTime"))?;
+            times.push(ms as f64 * 1e-3);
+        }
+        out.insert((shape, format), median(times));
+    }
+    Ok(out)
+}
+
+/// Median seconds of the non-linear part of a decode step at `context` cached positions:
+/// the whole step timed with CUDA events minus its linear layers, each timed in place.
+pub fn profile_rest(
+    plan: &ExecutablePlan,
+    ordinal: usize,
+    context: usize,
+    opts: &ProfileOptions,
+) -> Result<f64> {
+    if context + 1 > plan.max_seq {
+        return Err(Error::invalid(
+            "context",
+            format!("{context} exceeds the plan's {} positions", plan.max_seq),
+        ));
+    }
+    let mut backend = CudaBackend::new(plan, ordinal, Some(opts.compiler.clone()))?;
+    backend.use_graph = false;
+    let prompt = vec![0u32; context.max(1)];
+    backend.forward(&prompt, 0)?;
+    let mut rest = Vec::with_capacity(opts.repeats);
+    for i in 0..opts.warmup + opts.repeats {
+        let (whole, linears) = backend.timed_decode_step(context.max(1))?;
+        if i >= opts.warmup {
+            rest.push((whole - linears).max(0.0));
+        }
+    }
+    Ok(median(rest))
+}

@@ -1,0 +1,95 @@
+//! Greedy generation on any backend of an executable plan, timed: the prefill pass over the
+//! prompt gives the first token, then one decode step per further token. Also the reference
+//! the backends are checked against: greedy tokens from the CPU reference forward
+//! ([`CpuModel`], fake-quantized FP32 weights, the whole window recomputed per token).
+
+use std::time::Instant;
+
+use serde::Serialize;
+
+use crate::error::{Error, Result};
+use crate::runtime::cpu::CpuModel;
+
+/// A backend that runs an executable plan's steps.
+pub trait Backend {
+    fn name(&self) -> &'static str;
+    /// Runs the steps over `tokens` at positions `pos..pos + tokens.len()` (appending their
+    /// keys and values to the KV cache) and returns the greedy next token.
+    fn forward(&mut self, tokens: &[u32], pos: usize) -> Result<u32>;
+    /// The logits of the last token of the last pass (`vocab` values).
+    fn logits(&mut self) -> Result<Vec<f32>>;
+}
+
+/// The result of [`generate`].
+#[derive(Debug, Clone, Serialize)]
+pub struct Generation {
+    /// New tokens (the prompt excluded).
+    pub tokens: Vec<u32>,
+    pub prompt_tokens: usize,
+    /// Seconds of the prefill pass (which yields the first new token).
+    pub prefill_seconds: f64,
+    /// Seconds of each decode step (one per new token after the first).
+    pub step_seconds: Vec<f64>,
+}
+
+impl Generation {
+    /// Decode throughput: new tokens after the first per second of decode steps.
+    pub fn decode_tokens_per_s(&self) -> Option<f64> {
+        let total: f64 = self.step_seconds.iter().sum();
+        (total > 0.0).then(|| self.step_seconds.len() as f64 / total)
+    }
+
+    /// Median seconds per decode step.
+    pub fn median_step_seconds(&self) -> Option<f64> {
+        let mut s = self.step_seconds.clone();
+        s.sort_by(f64::total_cmp);
+        (!s.is_empty()).then(|| s[s.len() / 2])
+    }
+}
+
+/// Greedy decoding of up to `max_new` tokens after `prompt`, stopping after `eos`.
+pub fn generate(
+    backend: &mut dyn Backend,
+    prompt: &[u32],
+    max_new: usize,
+    eos: Option<u32>,
+) -> Result<Generation> {
+    if prompt.is_empty() {
+        return Err(Error::invalid("prompt", "it encodes to no tokens"));
+    }
+    let mut out = Generation {
+        tokens: Vec::new(),
+        prompt_tokens: prompt.len(),
+        prefill_seconds: 0.0,
+        step_seconds: Vec::new(),
+    };
+    if max_new == 0 {
+        return Ok(out);
+    }
+    let start = Instant::now();
+    let mut next = backend.forward(prompt, 0)?;
+    out.prefill_seconds = start.elapsed().as_secs_f64();
+    out.tokens.push(next);
+    while out.tokens.len() < max_new && Some(next) != eos {
+        let pos = prompt.len() + out.tokens.len() - 1;
+        let start = Instant::now();
+        next = backend.forward(&[next], pos)?;
+        out.step_seconds.push(start.elapsed().as_secs_f64());
+        out.tokens.push(next);
+    }
+    Ok(out)
+}
+
+/// Greedy tokens of the CPU reference forward: the logits of the last position of the whole
+/// window, recomputed for every new token.
+pub fn greedy_reference(model: &CpuModel, prompt: &[u32], max_new: usize) -> Result<Vec<u32>> {
+    let mut window = prompt.to_vec();
+    let mut out = Vec::with_capacity(max_new);
+    for _ in 0..max_new {
+        let logits = model.forward(&window)?;
+        let next = super::linear::argmax(logits.row(logits.rows - 1));
+        out.push(next);
+        window.push(next);
+    }
+    Ok(out)
+}

@@ -1,0 +1,200 @@
+//! Executable plans: a [`Schedule`] (the ordered steps of a forward pass, bound to kernels)
+//! together with the buffers it runs on, the weights packed in each layer's format byte layout
+//! (the layout the kernels read), the RoPE tables, and the KV-cache size.
+//!
+//! The same steps run on every backend ([`Backend`]): `cpu` (this module, in Rust, on the
+//! packed bytes, decoding FP8/FP4 exactly as the kernels do) and `cuda` (the generated
+//! kernels). Prefill runs the steps over the prompt's `m` tokens; one decode step runs them
+//! over one token; both leave the greedy next token. [`generate`] drives a backend and times
+//! it.
+
+mod cpu;
+mod generate;
+mod linear;
+
+pub(crate) use cpu::check_pass;
+pub use cpu::CpuBackend;
+pub use generate::{generate, greedy_reference, Backend, Generation};
+pub use linear::{argmax, linear_forward};
+
+use std::sync::Arc;
+
+use crate::codegen::{Schedule, WeightFormat};
+use crate::error::{Error, Result};
+use crate::formats::Scales;
+use crate::ir::Graph;
+use crate::model::{Tensor, WeightSource};
+use crate::runtime::PrecisionMap;
+
+/// Scales of a packed linear layer, as the kernels read them.
+#[derive(Debug, Clone, PartialEq)]
+pub enum PackedScales {
+    /// f32, fp16: none.
+    None,
+    /// fp8: one FP32 per output row.
+    Row(Vec<f32>),
+    /// nvfp4 (E4M3) / mxfp4 (E8M0): one byte per (row, block), row-major.
+    Block(Vec<u8>),
+}
+
+/// A linear layer's parameters in its format's byte layout.
+#[derive(Debug, Clone)]
+pub struct PackedLinear {
+    pub format: WeightFormat,
+    /// Row-major codes, `n` rows of `format.row_stride_bytes(k)` bytes.
+    pub codes: Vec<u8>,
+    pub scales: PackedScales,
+    /// NVFP4 tensor scale (1 for other formats).
+    pub global: f32,
+    pub bias: Option<Vec<f32>>,
+}
+
+impl PackedLinear {
+    /// Packs a row-major `[n, k]` FP32 matrix.
+    pub fn pack(
+        format: WeightFormat,
+        w: &[f32],
+        n: usize,
+        k: usize,
+        bias: Option<Vec<f32>>,
+    ) -> Self {
+        let Some(f) = format.format() else {
+            return PackedLinear {
+                format,
+                codes: w.iter().flat_map(|v| v.to_le_bytes()).collect(),
+                scales: PackedScales::None,
+                global: 1.0,
+                bias,
+            };
+        };
+        let q = f.quantize(w, n, k);
+        let (scales, global) = match q.scales {
+            Scales::None => (PackedScales::None, 1.0),
+            Scales::Row(s) => (PackedScales::Row(s), 1.0),
+            Scales::Nvfp4 { block, global } => (PackedScales::Block(block), global),
+            Scales::Mxfp4 { block } => (PackedScales::Block(block), 1.0),
+        };
+        PackedLinear {
+            format,
+            codes: q.codes,
+            scales,
+            global,
+            bias,
+        }
+    }
+
+    /// Bytes of codes and scales (what a decode step streams from memory).
+    pub fn weight_bytes(&self) -> usize {
+        self.codes.len()
+            + match &self.scales {
+                PackedScales::None => 0,
+                PackedScales::Row(s) => 4 * s.len(),
+                PackedScales::Block(b) => b.len(),
+            }
+    }
+}
+
+/// A plan ready to run: schedule, packed weights and tables.
+pub struct ExecutablePlan {
+    pub schedule: Schedule,
+    /// Positions the KV cache holds (prompt + generated tokens).
+    pub max_seq: usize,
+    /// FP32 embedding table `[vocab, hidden]`.
+    pub embedding: Arc<Vec<f32>>,
+    /// RMSNorm weights, by [`crate::codegen::Step::RmsNorm`]'s `norm`.
+    pub norms: Vec<Vec<f32>>,
+    /// One per [`Schedule::linears`] entry.
+    pub linears: Vec<PackedLinear>,
+    /// RoPE tables `[max_seq, head_dim / 2]`, the CPU reference's values.
+    pub rope_cos: Vec<f32>,
+    pub rope_sin: Vec<f32>,
+}
+
+impl ExecutablePlan {
+    /// Loads and packs every parameter `graph` needs, in the formats `precision` assigns.
+    pub fn build(
+        graph: &Graph,
+        weights: &dyn WeightSource,
+        precision: &PrecisionMap,
+        max_seq: usize,
+    ) -> Result<ExecutablePlan> {
+        let schedule = Schedule::build(graph, precision)?;
+        let d = schedule.dims.clone();
+        if max_seq == 0 || max_seq > graph.spec().max_position_embeddings.max(1) {
+            return Err(Error::invalid(
+                "max_seq",
+                format!(
+                    "{max_seq} positions; the model supports 1..={}",
+                    graph.spec().max_position_embeddings
+                ),
+            ));
+        }
+        let load = |name: &str, shape: &[usize]| -> Result<Vec<f32>> {
+            let t: Tensor = weights.tensor(name)?;
+            if t.shape != shape {
+                return Err(Error::Layer {
+                    layer: name.to_string(),
+                    reason: format!("tensor has shape {:?}, expected {shape:?}", t.shape),
+                });
+            }
+            Ok(t.data)
+        };
+        let embedding = Arc::new(load(&schedule.embedding_tensor, &[d.vocab, d.hidden])?);
+        let norms = schedule
+            .norms
+            .iter()
+            .map(|n| load(n, &[d.hidden]))
+            .collect::<Result<Vec<_>>>()?;
+        let linears = schedule
+            .linears
+            .iter()
+            .map(|l| {
+                let (n, k) = (l.shape.n, l.shape.k);
+                let w = if l.weight_tensor == schedule.embedding_tensor {
+                    embedding.as_ref().clone()
+                } else {
+                    load(&l.weight_tensor, &[n, k])?
+                };
+                let bias = match &l.bias_tensor {
+                    Some(b) => Some(load(b, &[n])?),
+                    None => None,
+                };
+                Ok(PackedLinear::pack(l.shape.format, &w, n, k, bias))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let (rope_cos, rope_sin) = rope_tables(max_seq, d.head_dim, d.rope_theta);
+        Ok(ExecutablePlan {
+            schedule,
+            max_seq,
+            embedding,
+            norms,
+            linears,
+            rope_cos,
+            rope_sin,
+        })
+    }
+
+    /// Bytes of linear-layer weights a decode step reads.
+    pub fn linear_weight_bytes(&self) -> usize {
+        self.linears.iter().map(PackedLinear::weight_bytes).sum()
+    }
+}
+
+/// cos and sin of `pos * theta^(-2i/head_dim)` for every position and `i < head_dim / 2`,
+/// computed exactly as the CPU reference's RoPE (f32, `sin_cos`).
+pub fn rope_tables(positions: usize, head_dim: usize, theta: f32) -> (Vec<f32>, Vec<f32>) {
+    let half = head_dim / 2;
+    let inv_freq: Vec<f32> = (0..half)
+        .map(|i| 1.0 / theta.powf((2 * i) as f32 / head_dim as f32))
+        .collect();
+    let mut cos = Vec::with_capacity(positions * half);
+    let mut sin = Vec::with_capacity(positions * half);
+    for pos in 0..positions {
+        for &f in &inv_freq {
+            let (s, c) = (pos as f32 * f).sin_cos();
+            sin.push(s);
+            cos.push(c);
+        }
+    }
+    (cos, sin)
+}

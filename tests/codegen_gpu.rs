@@ -1,0 +1,151 @@
+//! GPU tests: every linear kernel (GEMV for 1 and 2..=8 rows, GEMM beyond) in every format
+//! against the cpu backend on the same packed bytes, and whole plans (logits and greedy
+//! tokens) against the cpu backend. They need a CUDA driver and a GPU: without one they are
+//! skipped with a printed reason, and they fail when FPX_REQUIRE_GPU=1.
+
+mod common;
+
+use common::smollm2;
+use fpx::codegen::{LinearShape, WeightFormat};
+use fpx::formats::Format;
+use fpx::ir::{Graph, LinearKind};
+use fpx::model::synthetic::{tiny_spec, write_gguf, GgmlDType};
+use fpx::model::{load_model, Architecture};
+use fpx::runtime::cuda::{probe_driver, CudaBackend, Device};
+use fpx::runtime::exec::{
+    generate, linear_forward, Backend, CpuBackend, ExecutablePlan, PackedLinear,
+};
+use fpx::runtime::{LinearPrecision, PrecisionMap};
+
+/// Whether a GPU is usable; prints why not, or panics under FPX_REQUIRE_GPU=1.
+fn gpu() -> bool {
+    match probe_driver() {
+        Ok(_) => true,
+        Err(e) => {
+            if std::env::var("FPX_REQUIRE_GPU").is_ok_and(|v| v == "1") {
+                panic!("FPX_REQUIRE_GPU=1 but no GPU is usable: {e}");
+            }
+            eprintln!("skipped: {e} (set FPX_REQUIRE_GPU=1 to fail instead)");
+            false
+        }
+    }
+}
+
+fn close(what: &str, got: &[f32], want: &[f32], rel: f32) {
+    assert_eq!(got.len(), want.len(), "{what}: lengths");
+    let scale = want.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-6);
+    for (i, (g, w)) in got.iter().zip(want).enumerate() {
+        assert!(
+            (g - w).abs() <= rel * scale,
+            "{what}[{i}]: gpu {g} vs cpu {w} (scale {scale})"
+        );
+    }
+}
+
+#[test]
+fn gpu_linear_kernels_match_the_cpu_backend() {
+    if !gpu() {
+        return;
+    }
+    let mut dev = Device::open(0).unwrap();
+    for format in WeightFormat::ALL {
+        for (n, k, bias, accumulate) in [
+            (192, 576, true, false),
+            (40, 100, false, true),
+            (4096, 4096, false, false),
+        ] {
+            let w: Vec<f32> = (0..n * k)
+                .map(|i| ((i * 7919 % 1013) as f32 / 1013.0 - 0.5) * 0.2)
+                .collect();
+            let b = bias.then(|| (0..n).map(|i| i as f32 * 0.01).collect::<Vec<f32>>());
+            let packed = PackedLinear::pack(format, &w, n, k, b);
+            let shape = LinearShape {
+                format,
+                n,
+                k,
+                bias,
+                accumulate,
+            };
+            for rows in [1, 5, 8, 20] {
+                let x: Vec<f32> = (0..rows * k)
+                    .map(|i| (i * 104729 % 997) as f32 / 997.0 - 0.5)
+                    .collect();
+                let y0: Vec<f32> = (0..rows * n).map(|i| (i % 3) as f32).collect();
+                let got = dev.run_linear(shape, &packed, &x, rows, &y0).unwrap();
+                let mut want = y0.clone();
+                linear_forward(&packed, &shape, &x, rows, &mut want);
+                close(&format!("{format} {n}x{k} rows {rows}"), &got, &want, 1e-4);
+            }
+        }
+    }
+}
+
+fn mixed(graph: &Graph) -> PrecisionMap {
+    let mut map = PrecisionMap::new();
+    for (id, l) in graph.linears() {
+        let f = match l.kind {
+            LinearKind::Gate | LinearKind::Up => Format::Nvfp4,
+            LinearKind::Down => Format::Mxfp4,
+            LinearKind::O => Format::Fp16,
+            _ => Format::Fp8,
+        };
+        map.insert(graph.node(id).name.clone(), LinearPrecision::weight_only(f));
+    }
+    map
+}
+
+fn compare_plans(model_path: &std::path::Path, prompt_text: Option<&str>, n: usize) {
+    let model = load_model(model_path).unwrap();
+    let graph = Graph::build(&model.spec);
+    let prompt: Vec<u32> = match prompt_text {
+        Some(t) => model.tokenizer.encode(t).unwrap(),
+        None => (0..11u32)
+            .map(|i| (i * 31 + 7) % model.spec.vocab_size as u32)
+            .collect(),
+    };
+    let plan = ExecutablePlan::build(
+        &graph,
+        model.weights.as_ref(),
+        &mixed(&graph),
+        prompt.len() + n,
+    )
+    .unwrap();
+    let mut cpu = CpuBackend::new(&plan);
+    let mut gpu = CudaBackend::new(&plan, 0, None).unwrap();
+    // Prefill logits (GEMM path for > 8 prompt tokens), then greedy tokens with decode steps.
+    cpu.forward(&prompt, 0).unwrap();
+    gpu.forward(&prompt, 0).unwrap();
+    close(
+        "prefill logits",
+        &gpu.logits().unwrap(),
+        &cpu.logits().unwrap(),
+        1e-3,
+    );
+    let mut cpu = CpuBackend::new(&plan);
+    let mut gpu = CudaBackend::new(&plan, 0, None).unwrap();
+    let a = generate(&mut cpu, &prompt, n, None).unwrap();
+    let b = generate(&mut gpu, &prompt, n, None).unwrap();
+    assert_eq!(a.tokens, b.tokens);
+}
+
+#[test]
+fn gpu_whole_plan_matches_the_cpu_backend() {
+    if !gpu() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    for arch in [Architecture::Llama, Architecture::Qwen2] {
+        let path = dir.path().join(format!("tiny-{arch:?}.gguf"));
+        write_gguf(&path, &tiny_spec(arch), 11, GgmlDType::F32).unwrap();
+        compare_plans(&path, None, 12);
+    }
+    if smollm2().exists() {
+        compare_plans(
+            &smollm2(),
+            Some("The sea was calm and the ship sailed on towards the"),
+            16,
+        );
+    } else {
+        eprintln!("skipped the SmolLM2 part: data/ is missing");
+    }
+}
