@@ -16,13 +16,14 @@ SEQ_LEN ?= 512
 WINDOWS ?= 4
 THREADS ?= 2
 
-.PHONY: help run test fetch tools bench-tools bench-torch
+.PHONY: help run test fetch tools bench bench-tools bench-torch
 
 help:
-	@echo "make run          fetch data, then fpx eval on the default model (release build)"
+	@echo "make run          fetch data + tools, then the main job on the default model (scripts/main-job.sh)"
 	@echo "make test         fetch data + test tools, then cargo test --all-targets"
 	@echo "make fetch        download model and text into data/ (idempotent)"
 	@echo "make tools        create/update .venv (numpy, gguf) for the reference scripts"
+	@echo "make bench        fpx CPU forward tokens/s (SEQ_LEN=$(SEQ_LEN) WINDOWS=$(WINDOWS) THREADS=$(THREADS))"
 	@echo "make bench-tools  create/update .venv-bench (torch, transformers)"
 	@echo "make bench-torch  PyTorch CPU fp32 baseline (SEQ_LEN=$(SEQ_LEN) WINDOWS=$(WINDOWS) THREADS=$(THREADS))"
 
@@ -39,8 +40,16 @@ bench-tools:
 # (the same paths .cargo/config.toml gives plain cargo, so neither triggers a rebuild).
 BUILD_ENV = eval "$$(bash scripts/setup-tools.sh --print-build-env)";
 
+# The main job: scripts/main-job.sh (calibrate -> plan -> compare -> eval -> codegen -> run).
+# It uses the dev profile, which Cargo.toml optimizes, so `make run` and `make test` share one
+# build (a release build would compile HiGHS a second time).
 run: fetch tools
-	$(BUILD_ENV) $(CARGO) run --release -- eval --model $(MODEL) --text $(TEXT) --seq-len 512 --windows 8
+	$(BUILD_ENV) $(CUDA_ENV) $(CARGO) build --bin fpx && FPX=target/debug/fpx MODEL=$(MODEL) TEXT=$(TEXT) bash scripts/main-job.sh
+
+# CPU forward throughput (compare with bench-torch at the same SEQ_LEN/WINDOWS/THREADS).
+bench: fetch tools
+	$(BUILD_ENV) $(CARGO) run --release -- bench --model $(MODEL) --text $(TEXT) \
+		--seq-len $(SEQ_LEN) --windows $(WINDOWS) --threads $(THREADS)
 
 # NVRTC for the codegen tests (PyPI wheels installed by `make tools`): the wheels' lib dirs on
 # LD_LIBRARY_PATH and the CUDA include dir as FPX_CUDA_INCLUDE, each only when non-empty.
