@@ -52,7 +52,7 @@ enum Command {
     /// Perplexity on text with the CPU reference forward; with --plan, also KL from full precision.
     Eval(EvalArgs),
     /// Measure every linear layer's error in every format on calibration text.
-    Calibrate(CalibrateArgs),
+    Calibrate(cli::calibrate::CalibrateArgs),
     /// Time the CPU reference forward (tokens/s) on windows of real text.
     Bench(cli::bench::BenchArgs),
     /// Solve a per-layer format plan (greedy-gamma or ILP) from a calibration and a latency source.
@@ -69,35 +69,25 @@ enum Command {
     Profile(cli::profile::ProfileArgs),
 }
 
+/// The model and the text a command runs on.
 #[derive(Args)]
-pub(crate) struct CalibrateArgs {
+pub(crate) struct ModelText {
     /// Hugging Face model directory or GGUF file.
     #[arg(long)]
     pub(crate) model: PathBuf,
     /// UTF-8 text file, or a directory of them.
     #[arg(long)]
     pub(crate) text: PathBuf,
-    /// Tokens per calibration window.
-    #[arg(long, default_value_t = 512)]
-    pub(crate) seq_len: usize,
-    /// Calibration windows (from the start of the text).
-    #[arg(long, default_value_t = 32)]
-    pub(crate) windows: usize,
-    /// Formats to measure, comma-separated.
-    #[arg(long, value_delimiter = ',', default_values = ["fp8", "nvfp4", "mxfp4"])]
-    pub(crate) formats: Vec<String>,
-    /// Held-out windows (after the calibration windows) for the per-layer KL pass; 0 skips it.
-    #[arg(long, default_value_t = 1)]
-    pub(crate) kl_windows: usize,
-    /// Tokens per KL window.
-    #[arg(long, default_value_t = 256)]
-    pub(crate) kl_seq_len: usize,
-    /// Calibration file to write.
-    #[arg(short, long)]
-    pub(crate) output: PathBuf,
-    /// Print a JSON summary instead of the table.
-    #[arg(long)]
-    pub(crate) json: bool,
+}
+
+impl ModelText {
+    /// Loads the model and the text, and tokenizes the text.
+    pub(crate) fn load(&self) -> Result<(Model, String, Vec<u32>)> {
+        let model = load(&self.model)?;
+        let text = eval::load_text(&self.text)?;
+        let tokens = model.tokenizer.encode(&text)?;
+        Ok((model, text, tokens))
+    }
 }
 
 #[derive(Args)]
@@ -114,12 +104,8 @@ struct InspectArgs {
 
 #[derive(Args)]
 struct EvalArgs {
-    /// Hugging Face model directory or GGUF file.
-    #[arg(long)]
-    model: PathBuf,
-    /// UTF-8 text file, or a directory of them.
-    #[arg(long)]
-    text: PathBuf,
+    #[command(flatten)]
+    input: ModelText,
     /// Tokens per window.
     #[arg(long, default_value_t = 512)]
     seq_len: usize,
@@ -324,9 +310,7 @@ struct EvalOutput<'a> {
 }
 
 fn eval_cmd(args: EvalArgs) -> Result<()> {
-    let model = load(&args.model)?;
-    let text = eval::load_text(&args.text)?;
-    let tokens = model.tokenizer.encode(&text)?;
+    let (model, _, tokens) = args.input.load()?;
     let windows = eval::windows(&tokens, args.seq_len, args.windows)?;
     if let Some(path) = &args.save_tokens {
         let used: Vec<u32> = windows.iter().flat_map(|w| w.iter().copied()).collect();
@@ -356,8 +340,8 @@ fn eval_cmd(args: EvalArgs) -> Result<()> {
     let seconds = start.elapsed().as_secs_f64();
     let forwards = if planned.is_some() { 2 } else { 1 };
     let out = EvalOutput {
-        model: args.model.display().to_string(),
-        text: args.text.display().to_string(),
+        model: args.input.model.display().to_string(),
+        text: args.input.text.display().to_string(),
         plan: args.plan.as_ref().map(|p| p.display().to_string()),
         seconds,
         tokens_per_s: (report.windows * report.seq_len * forwards) as f64 / seconds,

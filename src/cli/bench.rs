@@ -16,16 +16,12 @@ use fpx::plan::Plan;
 use fpx::runtime::cpu::CpuModel;
 use fpx::runtime::PrecisionMap;
 
-use crate::{emit, load, progress_bar};
+use crate::{emit, progress_bar, ModelText};
 
 #[derive(Args)]
 pub struct BenchArgs {
-    /// Hugging Face model directory or GGUF file.
-    #[arg(long)]
-    model: PathBuf,
-    /// UTF-8 text file, or a directory of them.
-    #[arg(long)]
-    text: PathBuf,
+    #[command(flatten)]
+    input: ModelText,
     /// Tokens per window.
     #[arg(long, default_value_t = 512)]
     seq_len: usize,
@@ -55,12 +51,14 @@ struct BenchReport {
 }
 
 pub fn run(args: BenchArgs) -> Result<()> {
-    let model = load(&args.model)?;
-    let text = eval::load_text(&args.text)?;
-    let tokens = model.tokenizer.encode(&text)?;
+    let (model, _, tokens) = args.input.load()?;
     let windows = eval::windows(&tokens, args.seq_len, Some(args.windows + 1))?;
     if windows.len() < 2 {
-        anyhow::bail!("{}: the text holds fewer than 2 windows of {} tokens (1 warm-up + 1 timed)", args.text.display(), args.seq_len);
+        anyhow::bail!(
+            "{}: the text holds fewer than 2 windows of {} tokens (1 warm-up + 1 timed)",
+            args.input.text.display(),
+            args.seq_len
+        );
     }
     let graph = Graph::build(&model.spec);
     let precision = match &args.plan {
@@ -86,7 +84,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
     let seconds = start.elapsed().as_secs_f64();
     let timed = windows.len() - 1;
     let report = BenchReport {
-        model: args.model.display().to_string(),
+        model: args.input.model.display().to_string(),
         plan: args.plan.as_ref().map(|p| p.display().to_string()),
         threads: rayon::current_num_threads(),
         seq_len: args.seq_len,

@@ -15,7 +15,38 @@ use fpx::ir::Graph;
 use fpx::runtime::cpu::CpuModel;
 use fpx::runtime::PrecisionMap;
 
-use crate::{emit, load, progress_bar, CalibrateArgs};
+use std::path::PathBuf;
+
+use clap::Args;
+
+use crate::{emit, progress_bar, ModelText};
+
+#[derive(Args)]
+pub struct CalibrateArgs {
+    #[command(flatten)]
+    pub(crate) input: ModelText,
+    /// Tokens per calibration window.
+    #[arg(long, default_value_t = 512)]
+    pub(crate) seq_len: usize,
+    /// Calibration windows (from the start of the text).
+    #[arg(long, default_value_t = 32)]
+    pub(crate) windows: usize,
+    /// Formats to measure, comma-separated.
+    #[arg(long, value_delimiter = ',', default_values = ["fp8", "nvfp4", "mxfp4"])]
+    pub(crate) formats: Vec<String>,
+    /// Held-out windows (after the calibration windows) for the per-layer KL pass; 0 skips it.
+    #[arg(long, default_value_t = 1)]
+    pub(crate) kl_windows: usize,
+    /// Tokens per KL window.
+    #[arg(long, default_value_t = 256)]
+    pub(crate) kl_seq_len: usize,
+    /// Calibration file to write.
+    #[arg(short, long)]
+    pub(crate) output: PathBuf,
+    /// Print a JSON summary instead of the table.
+    #[arg(long)]
+    pub(crate) json: bool,
+}
 
 #[derive(Serialize)]
 struct Summary<'a> {
@@ -46,14 +77,12 @@ pub fn run(args: CalibrateArgs) -> Result<()> {
     if formats.is_empty() {
         anyhow::bail!("--formats: give at least one format");
     }
-    let model = load(&args.model)?;
-    let text = eval::load_text(&args.text)?;
-    let tokens = model.tokenizer.encode(&text)?;
+    let (model, text, tokens) = args.input.load()?;
     let need = args.seq_len * args.windows + args.kl_seq_len * args.kl_windows;
     if args.windows == 0 || tokens.len() < need {
         anyhow::bail!(
             "{}: the text has {} tokens; {} calibration windows of {} and {} KL windows of {} need {need}",
-            args.text.display(),
+            args.input.text.display(),
             tokens.len(),
             args.windows,
             args.seq_len,
@@ -104,11 +133,11 @@ pub fn run(args: CalibrateArgs) -> Result<()> {
         fpx_version: env!("CARGO_PKG_VERSION").to_string(),
         model: ModelRef {
             identity: model.identity.clone(),
-            path: args.model.display().to_string(),
+            path: args.input.model.display().to_string(),
         },
         text: TextRef {
             sha256: format!("{:x}", Sha256::digest(text.as_bytes())),
-            path: args.text.display().to_string(),
+            path: args.input.text.display().to_string(),
             tokens: calib_tokens.len(),
         },
         seq_len: args.seq_len,
