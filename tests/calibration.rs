@@ -33,7 +33,9 @@ fn product(x: &[f32], rows: usize, k: usize, w: &[f32], n: usize) -> Vec<f64> {
     let mut y = vec![0.0f64; rows * n];
     for r in 0..rows {
         for o in 0..n {
-            y[r * n + o] = (0..k).map(|c| x[r * k + c] as f64 * w[o * k + c] as f64).sum();
+            y[r * n + o] = (0..k)
+                .map(|c| x[r * k + c] as f64 * w[o * k + c] as f64)
+                .sum();
         }
     }
     y
@@ -52,19 +54,30 @@ fn eps_matches_a_plain_loop_computation() {
         let toks = tokens(48, model.spec.vocab_size);
         let windows = eval::windows(&toks, 16, None).unwrap();
         let formats = [Format::Fp8, Format::Nvfp4, Format::Mxfp4];
-        let records = measure_eps(&graph, model.weights.as_ref(), &windows, &formats, &mut |_, _| {}).unwrap();
+        let records = measure_eps(
+            &graph,
+            model.weights.as_ref(),
+            &windows,
+            &formats,
+            &mut |_, _| {},
+        )
+        .unwrap();
         assert_eq!(records.len(), model.spec.num_layers * 7);
 
         // Capture every linear layer's input with an ordinary full-model forward.
         let full = CpuModel::load(&graph, model.weights.as_ref(), &PrecisionMap::new()).unwrap();
         let mut inputs: BTreeMap<NodeId, Vec<Mat>> = BTreeMap::new();
         for w in &windows {
-            full.execute(w, Run::default(), &mut |id, x, _| inputs.entry(id).or_default().push(x.clone()))
-                .unwrap();
+            full.execute(w, Run::default(), &mut |id, x, _| {
+                inputs.entry(id).or_default().push(x.clone())
+            })
+            .unwrap();
         }
         for record in &records {
             let id = graph.find(&record.name).unwrap();
-            let Op::Linear(l) = &graph.node(id).op else { panic!("not linear") };
+            let Op::Linear(l) = &graph.node(id).op else {
+                panic!("not linear")
+            };
             let (n, k) = (l.out_features, l.in_features);
             let w = model.weights.tensor(&l.weight).unwrap().data;
             for f in formats {
@@ -78,7 +91,11 @@ fn eps_matches_a_plain_loop_computation() {
                     wo += sq_diff(&y, &product(&x.data, x.rows, k, &q, n));
                     wa += sq_diff(&y, &product(&xq, x.rows, k, &q, n));
                 }
-                let werr = (w.iter().zip(&q).map(|(a, b)| ((a - b) as f64).powi(2)).sum::<f64>()
+                let werr = (w
+                    .iter()
+                    .zip(&q)
+                    .map(|(a, b)| ((a - b) as f64).powi(2))
+                    .sum::<f64>()
                     / w.iter().map(|a| (*a as f64).powi(2)).sum::<f64>())
                 .sqrt();
                 let m = record.metrics[&f];
@@ -106,17 +123,32 @@ fn kl_pass_equals_eval_of_a_single_layer_plan() {
     let toks = tokens(64, model.spec.vocab_size);
     let windows = eval::windows(&toks, 32, None).unwrap();
     let formats = [Format::Nvfp4, Format::Mxfp4];
-    let mut records = measure_eps(&graph, model.weights.as_ref(), &windows, &formats, &mut |_, _| {}).unwrap();
+    let mut records = measure_eps(
+        &graph,
+        model.weights.as_ref(),
+        &windows,
+        &formats,
+        &mut |_, _| {},
+    )
+    .unwrap();
     let full = CpuModel::load(&graph, model.weights.as_ref(), &PrecisionMap::new()).unwrap();
     measure_kl(&full, &windows, &mut records, &mut |_, _| {}).unwrap();
     for record in [&records[0], &records[5], &records[13]] {
         for f in formats {
-            let only_this: PrecisionMap = [(record.name.clone(), LinearPrecision::weight_only(f))].into();
+            let only_this: PrecisionMap =
+                [(record.name.clone(), LinearPrecision::weight_only(f))].into();
             let planned = CpuModel::load(&graph, model.weights.as_ref(), &only_this).unwrap();
-            let expect = eval::evaluate(&planned, Some(&full), &windows, &mut || {}).unwrap().kl.unwrap();
+            let expect = eval::evaluate(&planned, Some(&full), &windows, &mut || {})
+                .unwrap()
+                .kl
+                .unwrap();
             let ours = record.metrics[&f].kl.unwrap();
             assert!(expect > 0.0);
-            assert!((ours - expect).abs() <= 1e-3 * expect, "{} {f}: KL {ours} vs {expect}", record.name);
+            assert!(
+                (ours - expect).abs() <= 1e-3 * expect,
+                "{} {f}: KL {ours} vs {expect}",
+                record.name
+            );
         }
     }
 }
@@ -134,34 +166,87 @@ fn cli_rejects_bad_input_and_writes_nothing() {
     tiny(Architecture::Llama, &model_dir);
     let model = model_dir.to_str().unwrap();
     let out = dir.path().join("calib.json");
-    let text = write(dir.path(), "text.txt", "the quick brown fox jumps over the lazy dog. ".repeat(40).as_bytes());
+    let text = write(
+        dir.path(),
+        "text.txt",
+        "the quick brown fox jumps over the lazy dog. "
+            .repeat(40)
+            .as_bytes(),
+    );
     let calibrate = |text: &str, extra: &[&str]| {
-        let mut args = vec!["calibrate", "--model", model, "--text", text, "-o", out.to_str().unwrap()];
+        let mut args = vec![
+            "calibrate",
+            "--model",
+            model,
+            "--text",
+            text,
+            "-o",
+            out.to_str().unwrap(),
+        ];
         args.extend_from_slice(extra);
         fpx(&args)
     };
     let cases: Vec<(String, Vec<&str>, &str)> = vec![
-        (text.clone(), vec!["--formats", "fp8,fp5"], "unknown format `fp5`"),
-        (write(dir.path(), "empty.txt", b" \n"), vec![], "the text is empty"),
-        (write(dir.path(), "bin.txt", b"abc\xff"), vec![], "not UTF-8"),
-        (text.clone(), vec!["--seq-len", "100000", "--windows", "1"], "tokens;"),
+        (
+            text.clone(),
+            vec!["--formats", "fp8,fp5"],
+            "unknown format `fp5`",
+        ),
+        (
+            write(dir.path(), "empty.txt", b" \n"),
+            vec![],
+            "the text is empty",
+        ),
+        (
+            write(dir.path(), "bin.txt", b"abc\xff"),
+            vec![],
+            "not UTF-8",
+        ),
+        (
+            text.clone(),
+            vec!["--seq-len", "100000", "--windows", "1"],
+            "tokens;",
+        ),
         (text.clone(), vec!["--windows", "0"], "calibration windows"),
-        (dir.path().join("missing.txt").to_str().unwrap().to_string(), vec![], "missing.txt"),
+        (
+            dir.path().join("missing.txt").to_str().unwrap().to_string(),
+            vec![],
+            "missing.txt",
+        ),
     ];
     for (text, extra, expected) in cases {
         let (code, _, stderr) = calibrate(&text, &extra);
         assert_eq!(code, 1, "{extra:?}: {stderr}");
-        assert!(stderr.contains(expected), "{extra:?}: expected `{expected}` in: {stderr}");
+        assert!(
+            stderr.contains(expected),
+            "{extra:?}: expected `{expected}` in: {stderr}"
+        );
         assert!(!out.exists(), "{extra:?}: an output file was left behind");
     }
     // And a good run writes a file that reads back.
-    let (code, stdout, stderr) = calibrate(&text, &["--seq-len", "32", "--windows", "2", "--kl-windows", "1", "--kl-seq-len", "16", "--json"]);
+    let (code, stdout, stderr) = calibrate(
+        &text,
+        &[
+            "--seq-len",
+            "32",
+            "--windows",
+            "2",
+            "--kl-windows",
+            "1",
+            "--kl-seq-len",
+            "16",
+            "--json",
+        ],
+    );
     assert_eq!(code, 0, "{stderr}");
     let summary: serde_json::Value = serde_json::from_str(&stdout).unwrap();
     assert_eq!(summary["layers"], 14);
     let calib = Calibration::read(&out).unwrap();
     assert_eq!(calib.layers.len(), 14);
-    assert!(calib.layers.iter().all(|l| l.metrics.len() == 3 && l.metrics.values().all(|m| m.kl.is_some())));
+    assert!(calib
+        .layers
+        .iter()
+        .all(|l| l.metrics.len() == 3 && l.metrics.values().all(|m| m.kl.is_some())));
 }
 
 #[test]
@@ -169,38 +254,79 @@ fn calibration_files_of_other_schemas_or_models_are_refused() {
     let dir = tempfile::tempdir().unwrap();
     let model_dir = dir.path().join("model");
     let model = tiny(Architecture::Llama, &model_dir);
-    let text = write(dir.path(), "text.txt", "a b c d e f g h i j k l m n o p ".repeat(30).as_bytes());
+    let text = write(
+        dir.path(),
+        "text.txt",
+        "a b c d e f g h i j k l m n o p ".repeat(30).as_bytes(),
+    );
     let out = dir.path().join("calib.json");
     let (code, _, stderr) = fpx(&[
-        "calibrate", "--model", model_dir.to_str().unwrap(), "--text", &text, "--seq-len", "32", "--windows", "1",
-        "--kl-windows", "0", "-o", out.to_str().unwrap(),
+        "calibrate",
+        "--model",
+        model_dir.to_str().unwrap(),
+        "--text",
+        &text,
+        "--seq-len",
+        "32",
+        "--windows",
+        "1",
+        "--kl-windows",
+        "0",
+        "-o",
+        out.to_str().unwrap(),
     ]);
     assert_eq!(code, 0, "{stderr}");
     let calib = Calibration::read(&out).unwrap();
     calib.check_model(&out, &model.identity).unwrap();
-    let err = calib.check_model(&out, "another-model").unwrap_err().to_string();
-    assert!(err.contains("calib.json: calibration: made for model"), "{err}");
+    let err = calib
+        .check_model(&out, "another-model")
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("calib.json: calibration: made for model"),
+        "{err}"
+    );
 
     let mut raw: serde_json::Value = serde_json::from_slice(&std::fs::read(&out).unwrap()).unwrap();
     raw["schema_version"] = 99.into();
     std::fs::write(&out, serde_json::to_vec(&raw).unwrap()).unwrap();
     let err = Calibration::read(&out).unwrap_err().to_string();
-    assert!(err.contains("schema_version is 99, this fpx reads version 1"), "{err}");
+    assert!(
+        err.contains("schema_version is 99, this fpx reads version 1"),
+        "{err}"
+    );
     std::fs::write(&out, b"{ not json").unwrap();
     assert!(Calibration::read(&out).is_err());
 }
 
 #[test]
 fn smollm2_calibrates_all_210_linear_layers() {
-    if !have("SmolLM2 and Moby Dick (data/)", smollm2().exists() && moby_dick().exists()) {
+    if !have(
+        "SmolLM2 and Moby Dick (data/)",
+        smollm2().exists() && moby_dick().exists(),
+    ) {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("smollm2.calib.json");
     let (code, stdout, stderr) = fpx(&[
-        "calibrate", "--model", smollm2().to_str().unwrap(), "--text", moby_dick().to_str().unwrap(),
-        "--seq-len", "64", "--windows", "2", "--formats", "fp8,nvfp4", "--kl-windows", "1", "--kl-seq-len", "16",
-        "-o", out.to_str().unwrap(),
+        "calibrate",
+        "--model",
+        smollm2().to_str().unwrap(),
+        "--text",
+        moby_dick().to_str().unwrap(),
+        "--seq-len",
+        "64",
+        "--windows",
+        "2",
+        "--formats",
+        "fp8,nvfp4",
+        "--kl-windows",
+        "1",
+        "--kl-seq-len",
+        "16",
+        "-o",
+        out.to_str().unwrap(),
     ]);
     assert_eq!(code, 0, "{stderr}");
     assert!(stdout.contains("model.layers.29.mlp.down_proj"), "{stdout}");
@@ -210,7 +336,13 @@ fn smollm2_calibrates_all_210_linear_layers() {
     for l in &calib.layers {
         let (fp8, fp4) = (l.metrics[&Format::Fp8], l.metrics[&Format::Nvfp4]);
         // FP8 has 3 mantissa bits against E2M1's 1: it must be the more accurate on every layer.
-        assert!(fp8.eps < fp4.eps, "{}: fp8 eps {} vs nvfp4 {}", l.name, fp8.eps, fp4.eps);
+        assert!(
+            fp8.eps < fp4.eps,
+            "{}: fp8 eps {} vs nvfp4 {}",
+            l.name,
+            fp8.eps,
+            fp4.eps
+        );
         assert!(fp8.weight_error < fp4.weight_error, "{}", l.name);
         assert!(fp4.kl.unwrap() >= 0.0);
     }

@@ -14,21 +14,44 @@ fn decoder_graph_has_every_op_of_every_block() {
     assert_eq!(g.linears().count(), 7 * spec.num_layers + 1);
     assert_eq!(g.block_linears().count(), 7 * spec.num_layers);
     let q = g.find("model.layers.1.self_attn.q_proj").unwrap();
-    let Op::Linear(l) = &g.node(q).op else { panic!("q_proj is a linear") };
-    assert_eq!((l.kind, l.out_features, l.in_features), (LinearKind::Q, 64, 64));
-    assert_eq!(l.bias.as_deref(), Some("model.layers.1.self_attn.q_proj.bias"));
+    let Op::Linear(l) = &g.node(q).op else {
+        panic!("q_proj is a linear")
+    };
+    assert_eq!(
+        (l.kind, l.out_features, l.in_features),
+        (LinearKind::Q, 64, 64)
+    );
+    assert_eq!(
+        l.bias.as_deref(),
+        Some("model.layers.1.self_attn.q_proj.bias")
+    );
     assert_eq!(g.node(q).layer, Some(1));
     // Attention reads q and k through RoPE and v directly, in slot order.
     let att = g.find("model.layers.0.self_attn.attention").unwrap();
-    let names: Vec<&str> = g.inputs(att).into_iter().map(|i| g.node(i).name.as_str()).collect();
-    assert_eq!(names, ["model.layers.0.self_attn.rope_q", "model.layers.0.self_attn.rope_k", "model.layers.0.self_attn.v_proj"]);
+    let names: Vec<&str> = g
+        .inputs(att)
+        .into_iter()
+        .map(|i| g.node(i).name.as_str())
+        .collect();
+    assert_eq!(
+        names,
+        [
+            "model.layers.0.self_attn.rope_q",
+            "model.layers.0.self_attn.rope_k",
+            "model.layers.0.self_attn.v_proj"
+        ]
+    );
     assert_eq!(g.block_input(1), g.block_output(0));
     assert_eq!(g.node(g.output()).name, "lm_head");
     // Untied lm_head reads its own tensor; a tied one reads the embedding.
-    let Op::Linear(head) = &g.node(g.output()).op else { panic!() };
+    let Op::Linear(head) = &g.node(g.output()).op else {
+        panic!()
+    };
     assert_eq!(head.weight, "lm_head.weight");
     let tied = Graph::build(&tiny_spec(Architecture::Llama));
-    let Op::Linear(head) = &tied.node(tied.output()).op else { panic!() };
+    let Op::Linear(head) = &tied.node(tied.output()).op else {
+        panic!()
+    };
     assert_eq!(head.weight, "model.embed_tokens.weight");
 }
 

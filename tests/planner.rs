@@ -71,7 +71,11 @@ fn instance() -> impl Strategy<Value = (Problem, Constraints)> {
                 // aggregated formulation).
                 let menus: Vec<Vec<(Format, f64, f64, u64)>> = (0..layers.len())
                     .map(|i| {
-                        let shape = if shapes { &layers[i % 2.min(layers.len())] } else { &layers[i] };
+                        let shape = if shapes {
+                            &layers[i % 2.min(layers.len())]
+                        } else {
+                            &layers[i]
+                        };
                         (0..shape.len())
                             .map(|k| {
                                 let (_, t, b) = shape[k];

@@ -44,6 +44,10 @@ pub(crate) struct CodegenArgs {
     /// Print the manifest as JSON instead of the summary.
     #[arg(long)]
     json: bool,
+    /// Print, per kernel, registers, spills, shared memory and global load widths (ptxas and
+    /// cuobjdump from the wheels) and the GPU-only paths the emulator cannot execute.
+    #[arg(long, conflicts_with = "no_compile")]
+    report: bool,
 }
 
 /// The precision map of `--plan` (checked against the model), or an empty one.
@@ -112,6 +116,14 @@ pub(crate) fn run(args: CodegenArgs) -> Result<()> {
             if !c.log.trim().is_empty() {
                 tracing::warn!(kernel = %c.name, log = %c.log, "NVRTC diagnostics");
             }
+        }
+        if args.report {
+            let tools = codegen::report::SassTools::find()?;
+            let mut rows = Vec::new();
+            for c in &compiled {
+                rows.extend(codegen::report::analyze(&tools, arch, &c.ptx, &c.cubin)?);
+            }
+            summary.push_str(&codegen::report::table(&rows));
         }
         manifest.compiler = Some(compiler.version_string());
         manifest.options = Compiler::options(arch);

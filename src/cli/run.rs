@@ -20,6 +20,8 @@ use crate::{emit, load};
 pub(crate) enum BackendKind {
     Cpu,
     Cuda,
+    /// The generated CUDA kernels run on the CPU by the emulator (g++ + CUDA header wheels).
+    Emu,
 }
 
 #[derive(Args)]
@@ -101,6 +103,19 @@ pub(crate) fn run(args: RunArgs) -> Result<()> {
                 fpx::runtime::cuda::probe_driver()?;
                 let plan = &plan_of(&graph, &model, &precision, max_seq)?;
                 let mut b = fpx::runtime::cuda::CudaBackend::new(plan, args.device, None)?;
+                let build = start.elapsed().as_secs_f64();
+                (
+                    generate(&mut b, &prompt, args.max_tokens, eos)?,
+                    b.name(),
+                    build,
+                )
+            }
+            BackendKind::Emu => {
+                // Find the host headers before the (slow) packing of the weights.
+                fpx::runtime::emu::Toolchain::find()?;
+                let plan = &plan_of(&graph, &model, &precision, max_seq)?;
+                let opts = fpx::runtime::emu::EmuOptions::default();
+                let mut b = fpx::runtime::emu::EmuBackend::new(plan, &opts)?;
                 let build = start.elapsed().as_secs_f64();
                 (
                     generate(&mut b, &prompt, args.max_tokens, eos)?,

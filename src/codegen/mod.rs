@@ -14,6 +14,7 @@ pub mod arch;
 pub mod context;
 pub mod manifest;
 mod render;
+pub mod report;
 pub mod schedule;
 pub mod spec;
 

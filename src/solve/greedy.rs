@@ -242,7 +242,8 @@ pub fn greedy(
         }
     };
     let total: f64 = ord.weight.iter().sum();
-    let low: f64 = ord.weight[..k].iter().sum();
+    // fold from +0.0: an empty f64 `sum()` is -0.0, which would print as "-0".
+    let low: f64 = ord.weight[..k].iter().fold(0.0, |a, w| a + w);
     let low_layers = ord.free[..k]
         .iter()
         .map(|&(u, _)| ord.units[u].members.len())

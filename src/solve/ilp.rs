@@ -94,7 +94,10 @@ fn spec<'u>(units: &'u [Unit], c: &Constraints) -> Spec<'u> {
 /// binaries if HiGHS returns a fractional `x` there.
 fn solve_mip(s: &Spec, o: &IlpOptions) -> Result<Option<formulation::Outcome>> {
     if !s.budget.is_some_and(|(k, _)| k == Key::Error) {
-        if let Some(out) = formulation::solve(s, Mode::Aggregated, o)? {
+        let start = std::time::Instant::now();
+        let solved = formulation::solve(s, Mode::Aggregated, o)?;
+        tracing::debug!(seconds = start.elapsed().as_secs_f64(), "aggregated MIP");
+        if let Some(out) = solved {
             if out.integral {
                 return Ok(Some(out));
             }
@@ -116,7 +119,10 @@ pub fn ilp(p: &Problem, c: &Constraints, o: &IlpOptions) -> Result<IlpSolution> 
         ));
     }
     if o.time_limit.is_some_and(|t| !(t.is_finite() && t > 0.0)) {
-        return Err(Error::invalid("--time-limit", "must be a positive number of seconds"));
+        return Err(Error::invalid(
+            "--time-limit",
+            "must be a positive number of seconds",
+        ));
     }
     let units = units::units(p)?;
     check_bounds(&units, c)?;
@@ -141,8 +147,10 @@ pub fn ilp(p: &Problem, c: &Constraints, o: &IlpOptions) -> Result<IlpSolution> 
             ),
         });
     }
-    let lower_bound = formulation::solve(&s, Mode::Relaxed, o)?
-        .map_or(f64::NEG_INFINITY, |r| r.objective);
+    let start = std::time::Instant::now();
+    let lower_bound =
+        formulation::solve(&s, Mode::Relaxed, o)?.map_or(f64::NEG_INFINITY, |r| r.objective);
+    tracing::debug!(seconds = start.elapsed().as_secs_f64(), "LP bound");
     Ok(IlpSolution {
         solution,
         status: out.status,
@@ -238,8 +246,10 @@ mod tests {
         // Ten layers of one shape (a class): the aggregated model must pick the four with
         // the smallest fp4 penalty for a budget of four savings; pin one of them to fp8.
         let penalties = [0.09, 0.02, 0.07, 0.01, 0.05, 0.03, 0.08, 0.04, 0.06, 0.10];
-        let layers: Vec<(f64, f64, f64, f64)> =
-            penalties.iter().map(|&d| (0.01, 0.01 + d, 2e-6, 1e-6)).collect();
+        let layers: Vec<(f64, f64, f64, f64)> = penalties
+            .iter()
+            .map(|&d| (0.01, 0.01 + d, 2e-6, 1e-6))
+            .collect();
         let p = two_format(&layers);
         let c = Constraints {
             target: Target::Latency { seconds: 16e-6 },

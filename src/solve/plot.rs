@@ -165,10 +165,10 @@ fn panel(
         }
     }
     // Legend, top right inside the panel.
-    let lx = x0 + LEFT + pw - 150.0;
+    let lx = x0 + LEFT + pw - 170.0;
     let _ = writeln!(
         out,
-        r##"<rect x="{lx:.1}" y="{:.1}" width="142" height="44" fill="white" stroke="#aaa"/><circle cx="{:.1}" cy="{:.1}" r="4" fill="#1f77b4"/><text x="{:.1}" y="{:.1}" font-size="12">greedy-gamma (paper)</text><rect x="{:.1}" y="{:.1}" width="7" height="7" fill="#d62728"/><text x="{:.1}" y="{:.1}" font-size="12">ILP, same latency</text>"##,
+        r##"<rect x="{lx:.1}" y="{:.1}" width="162" height="44" fill="white" stroke="#aaa"/><circle cx="{:.1}" cy="{:.1}" r="4" fill="#1f77b4"/><text x="{:.1}" y="{:.1}" font-size="12">greedy-gamma (paper)</text><rect x="{:.1}" y="{:.1}" width="7" height="7" fill="#d62728"/><text x="{:.1}" y="{:.1}" font-size="12">ILP, same latency</text>"##,
         TOP + 6.0,
         lx + 12.0,
         TOP + 20.0,

@@ -1,0 +1,244 @@
+//! `fpx codegen --report`: what the GPU compiler made of each generated kernel, checked
+//! without a GPU. For every entry point: registers, spill bytes, stack and static shared memory
+//! from `ptxas -v` (the ptxas of the nvcc wheel, run on NVRTC's PTX for the same real target),
+//! the widths of its global loads from the SASS of NVRTC's CUBIN (`cuobjdump -sass` of the
+//! cuobjdump wheel), and the GPU-only paths the CUDA emulator cannot execute (native FP8/FP4
+//! `cvt` instructions from inline PTX behind `__CUDA_ARCH__` guards; the emulator runs the
+//! portable register decode instead). This module only runs those tools on bytes it is given.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use serde::Serialize;
+
+use super::arch::Arch;
+use crate::error::{Error, Result};
+
+/// Inline-PTX instructions that only the GPU runs, and what they stand for.
+pub const GPU_ONLY: [(&str, &str); 2] = [
+    ("cvt.rn.f16x2.e4m3x2", "native FP8 cvt"),
+    ("cvt.rn.f16x2.e2m1x2", "native FP4 cvt"),
+];
+
+/// Paths of ptxas and cuobjdump.
+#[derive(Debug, Clone)]
+pub struct SassTools {
+    pub ptxas: PathBuf,
+    pub cuobjdump: PathBuf,
+}
+
+impl SassTools {
+    /// `FPX_CUDA_BIN` (a directory with both), else the `.venv` wheels (nvidia/cuda_nvcc/bin,
+    /// nvidia/cu13/bin or nvidia/cuda_cuobjdump/bin) of the current directory or this checkout.
+    pub fn find() -> Result<SassTools> {
+        let mut dirs: Vec<PathBuf> = Vec::new();
+        if let Some(d) = std::env::var_os("FPX_CUDA_BIN").filter(|v| !v.is_empty()) {
+            dirs.push(PathBuf::from(d));
+        }
+        let roots = [
+            std::env::current_dir().ok(),
+            Some(PathBuf::from(env!("CARGO_MANIFEST_DIR"))),
+        ];
+        for root in roots.into_iter().flatten() {
+            let Ok(entries) = std::fs::read_dir(root.join(".venv/lib")) else {
+                continue;
+            };
+            for e in entries.flatten() {
+                let nv = e.path().join("site-packages/nvidia");
+                for sub in ["cuda_nvcc/bin", "cu13/bin", "cuda_cuobjdump/bin"] {
+                    dirs.push(nv.join(sub));
+                }
+            }
+        }
+        let find = |tool: &'static str| {
+            dirs.iter()
+                .map(|d| d.join(tool))
+                .find(|p| p.is_file())
+                .ok_or_else(|| Error::CudaUnavailable {
+                    what: "CUDA binary tools",
+                    hint: format!(
+                        "{tool} not found (wheels nvidia-cuda-nvcc-cu12, nvidia-cuda-cuobjdump); \
+                         run `make tools` or set FPX_CUDA_BIN"
+                    ),
+                })
+        };
+        Ok(SassTools {
+            ptxas: find("ptxas")?,
+            cuobjdump: find("cuobjdump")?,
+        })
+    }
+}
+
+/// Resources and load widths of one entry point.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct KernelReport {
+    pub entry: String,
+    pub arch: String,
+    pub registers: u32,
+    pub spill_store_bytes: u32,
+    pub spill_load_bytes: u32,
+    pub stack_bytes: u32,
+    /// Static shared memory (dynamic shared memory is set at launch).
+    pub shared_bytes: u32,
+    /// Global loads by width in bits (128, 64, 32; 16 and 8 for sub-word loads).
+    pub global_loads: BTreeMap<u32, u32>,
+    /// GPU-only paths of this kernel that the emulator replaces by its portable fallback.
+    pub emulator_cannot_run: Vec<String>,
+}
+
+impl KernelReport {
+    pub fn loads(&self, bits: u32) -> u32 {
+        self.global_loads.get(&bits).copied().unwrap_or(0)
+    }
+    pub fn spills(&self) -> u32 {
+        self.spill_store_bytes + self.spill_load_bytes
+    }
+}
+
+fn tool_err(tool: &Path, reason: String) -> Error {
+    Error::Codegen {
+        kernel: "(report)".into(),
+        reason: format!("{}: {reason}", tool.display()),
+    }
+}
+
+fn number_before(line: &str, unit: &str) -> Option<u32> {
+    let i = line.find(unit)?;
+    line[..i].split_whitespace().last()?.parse().ok()
+}
+
+/// Analyses one compiled kernel module (`ptx` and `cubin` of the same source and arch).
+pub fn analyze(
+    tools: &SassTools,
+    arch: Arch,
+    ptx: &str,
+    cubin: &[u8],
+) -> Result<Vec<KernelReport>> {
+    let dir = tempfile::tempdir().map_err(|e| tool_err(&tools.ptxas, e.to_string()))?;
+    let (ptx_path, cubin_path) = (dir.path().join("k.ptx"), dir.path().join("k.cubin"));
+    std::fs::write(&ptx_path, ptx).map_err(|e| Error::io(&ptx_path, e))?;
+    std::fs::write(&cubin_path, cubin).map_err(|e| Error::io(&cubin_path, e))?;
+    let run = |tool: &Path, args: &[&std::ffi::OsStr]| -> Result<String> {
+        let out = Command::new(tool)
+            .args(args)
+            .output()
+            .map_err(|e| tool_err(tool, e.to_string()))?;
+        let text = String::from_utf8_lossy(&out.stdout).into_owned()
+            + &String::from_utf8_lossy(&out.stderr);
+        if !out.status.success() {
+            return Err(tool_err(tool, text));
+        }
+        Ok(text)
+    };
+    let gpu = format!("-arch={}", arch.name());
+    let out = dir.path().join("ptxas.cubin");
+    let info = run(
+        &tools.ptxas,
+        &[
+            "-v".as_ref(),
+            gpu.as_ref(),
+            ptx_path.as_os_str(),
+            "-o".as_ref(),
+            out.as_os_str(),
+        ],
+    )?;
+    let mut reports: Vec<KernelReport> = Vec::new();
+    for line in info.lines() {
+        if let Some(rest) = line.split("Compiling entry function '").nth(1) {
+            let entry = rest.split('\'').next().unwrap_or_default().to_string();
+            reports.push(KernelReport {
+                entry,
+                arch: arch.name().to_string(),
+                ..KernelReport::default()
+            });
+        } else if let Some(r) = reports.last_mut() {
+            if line.contains("spill stores") {
+                r.stack_bytes = number_before(line, "bytes stack frame").unwrap_or(0);
+                r.spill_store_bytes = number_before(line, "bytes spill stores").unwrap_or(0);
+                r.spill_load_bytes = number_before(line, "bytes spill loads").unwrap_or(0);
+            } else if line.contains("registers") {
+                r.registers = number_before(line, "registers").unwrap_or(0);
+                r.shared_bytes = number_before(line, "bytes smem").unwrap_or(0);
+            }
+        }
+    }
+    let sass = run(
+        &tools.cuobjdump,
+        &["-sass".as_ref(), cubin_path.as_os_str()],
+    )?;
+    let mut current: Option<usize> = None;
+    for line in sass.lines() {
+        if let Some(name) = line.split("Function : ").nth(1) {
+            current = reports.iter().position(|r| r.entry == name.trim());
+            continue;
+        }
+        let (Some(i), Some(op)) = (
+            current,
+            line.split_whitespace().find(|t| t.starts_with("LDG")),
+        ) else {
+            continue;
+        };
+        let bits = if op.contains(".128") {
+            128
+        } else if op.contains(".64") {
+            64
+        } else if op.contains("8") {
+            8
+        } else if op.contains("16") {
+            16
+        } else {
+            32
+        };
+        *reports[i].global_loads.entry(bits).or_insert(0) += 1;
+    }
+    let gaps: Vec<String> = GPU_ONLY
+        .iter()
+        .filter(|(ins, _)| ptx.contains(ins))
+        .map(|(ins, what)| format!("{what} ({ins})"))
+        .collect();
+    for r in &mut reports {
+        r.emulator_cannot_run = gaps.clone();
+    }
+    Ok(reports)
+}
+
+/// The report as a text table.
+pub fn table(reports: &[KernelReport]) -> String {
+    let mut s = format!(
+        "{:<44} {:<8} {:>4} {:>6} {:>6} {:>7} {:>6} {:>5} {:>5} {:>5}  {}\n",
+        "kernel",
+        "arch",
+        "regs",
+        "spill",
+        "stack",
+        "smem",
+        "ldg128",
+        "ldg64",
+        "ldg32",
+        "ldg<32",
+        "emulator cannot run"
+    );
+    for r in reports {
+        let small = r.loads(16) + r.loads(8);
+        s.push_str(&format!(
+            "{:<44} {:<8} {:>4} {:>6} {:>6} {:>7} {:>6} {:>5} {:>5} {:>5}  {}\n",
+            r.entry,
+            r.arch,
+            r.registers,
+            r.spills(),
+            r.stack_bytes,
+            r.shared_bytes,
+            r.loads(128),
+            r.loads(64),
+            r.loads(32),
+            small,
+            if r.emulator_cannot_run.is_empty() {
+                "-".to_string()
+            } else {
+                r.emulator_cannot_run.join(", ")
+            }
+        ));
+    }
+    s
+}

@@ -1,0 +1,238 @@
+//! Host build of generated kernels: each [`KernelSource`] (the exact text NVRTC receives) is
+//! prefixed with `#include "fpx_emu.h"`, its `extern __shared__` declarations are spelled
+//! `FPX_EMU_EXTERN_SHARED` (the emulator's dynamic shared memory), and one C entry point per
+//! kernel is appended (`fpx_emu_run_<entry>`: launch dimensions + cuLaunchKernel-style argument
+//! pointers). Every kernel is its own translation unit (the templates' constants live in
+//! anonymous namespaces), compiled by the host C++ compiler against CUDA's host headers from
+//! the PyPI wheels; objects and the linked shared library are cached on disk under names that
+//! hash the translated source, the headers, the compiler and its flags.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use sha2::{Digest, Sha256};
+
+use crate::codegen::{KernelSource, HEADERS};
+use crate::error::{Error, Result};
+
+/// The emulation header (kernels/emu/fpx_emu.h), embedded.
+pub const EMU_HEADER: &str = include_str!("../../../kernels/emu/fpx_emu.h");
+
+/// Flags of every host build (one optimisation level keeps tests short and results stable).
+/// `-fno-gnu-unique`: the emulator's state (the running block, its fibers) lives in statics of
+/// inline functions, which g++ otherwise makes process-wide unique symbols shared by every
+/// loaded kernel library; two libraries would then corrupt each other's state.
+pub const CXX_FLAGS: [&str; 6] = [
+    "-std=c++20",
+    "-O1",
+    "-fPIC",
+    "-w",
+    "-fno-fast-math",
+    "-fno-gnu-unique",
+];
+
+fn emu_err(stage: &str, reason: impl Into<String>) -> Error {
+    Error::Emu {
+        stage: stage.to_string(),
+        reason: reason.into(),
+    }
+}
+
+/// Where the host compiler and CUDA's host headers are.
+#[derive(Debug, Clone)]
+pub struct Toolchain {
+    /// `$CXX`, else `g++`.
+    pub cxx: PathBuf,
+    /// Include dirs of the runtime (cuda_fp16.h...), nvcc (crt/host_defines.h) and cccl
+    /// (nv/target) wheels.
+    pub includes: Vec<PathBuf>,
+}
+
+impl Toolchain {
+    /// Finds the headers in `FPX_EMU_INCLUDE` (colon-separated) or in the project `.venv`
+    /// (current directory, then this checkout); errors name what is missing.
+    pub fn find() -> Result<Toolchain> {
+        let cxx = std::env::var_os("CXX")
+            .filter(|v| !v.is_empty())
+            .map_or_else(|| PathBuf::from("g++"), PathBuf::from);
+        let needed = [
+            ("cuda_runtime", "cuda_fp16.h"),
+            ("cuda_nvcc", "crt/host_defines.h"),
+            ("cuda_cccl", "nv/target"),
+        ];
+        let includes: Vec<PathBuf> = match std::env::var_os("FPX_EMU_INCLUDE") {
+            Some(v) if !v.is_empty() => std::env::split_paths(&v).collect(),
+            _ => {
+                let mut found = Vec::new();
+                for (wheel, file) in needed {
+                    let dir = site_packages()
+                        .into_iter()
+                        .map(|s| s.join("nvidia").join(wheel).join("include"))
+                        .find(|d| d.join(file).exists());
+                    match dir {
+                        Some(d) => found.push(d),
+                        None => {
+                            return Err(Error::CudaUnavailable {
+                                what: "CUDA host headers for the emulator",
+                                hint: format!(
+                                    "{file} (wheel nvidia-{}-cu12) not found in .venv; run `make tools` \
+                                     (scripts/setup-tools.sh) or set FPX_EMU_INCLUDE",
+                                    wheel.replace('_', "-")
+                                ),
+                            })
+                        }
+                    }
+                }
+                found
+            }
+        };
+        Ok(Toolchain { cxx, includes })
+    }
+}
+
+/// `site-packages` of `.venv` in the current directory and in this checkout.
+fn site_packages() -> Vec<PathBuf> {
+    let roots = [
+        std::env::current_dir().ok(),
+        Some(PathBuf::from(env!("CARGO_MANIFEST_DIR"))),
+    ];
+    let mut out = Vec::new();
+    for root in roots.into_iter().flatten() {
+        let Ok(entries) = std::fs::read_dir(root.join(".venv/lib")) else {
+            continue;
+        };
+        let mut dirs: Vec<PathBuf> = entries
+            .flatten()
+            .map(|e| e.path().join("site-packages"))
+            .filter(|p| p.is_dir())
+            .collect();
+        dirs.sort();
+        out.extend(dirs);
+    }
+    out
+}
+
+/// The translation unit the host compiler gets for `src`.
+pub fn translate(src: &KernelSource) -> String {
+    let mut out = String::with_capacity(src.source.len() + 512);
+    out.push_str("#include \"fpx_emu.h\"\n");
+    out.push_str(
+        &src.source
+            .replace("extern __shared__", "FPX_EMU_EXTERN_SHARED"),
+    );
+    out.push_str("\n// fpx emulator entry points\n");
+    for e in &src.entry_points {
+        out.push_str(&format!(
+            "extern \"C\" int fpx_emu_run_{e}(const unsigned* d, void** a, char* err, size_t n) \
+             {{ return fpx_emu::run(&{e}, d, a, err, n); }}\n"
+        ));
+    }
+    out
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Compiles `sources` (cached) and links them into one shared library; returns its path.
+pub fn build(tc: &Toolchain, sources: &[KernelSource], cache: &Path) -> Result<PathBuf> {
+    let io =
+        |what: &str, p: &Path, e: std::io::Error| emu_err(what, format!("{}: {e}", p.display()));
+    let mut inc = Sha256::new();
+    inc.update(EMU_HEADER);
+    for (name, text) in HEADERS {
+        inc.update(name);
+        inc.update(text);
+    }
+    let inc_hash = hex(&inc.finalize())[..16].to_string();
+    let include_dir = cache.join(format!("include-{inc_hash}"));
+    if !include_dir.join("fpx_emu.h").exists() {
+        std::fs::create_dir_all(&include_dir).map_err(|e| io("cache", &include_dir, e))?;
+        for (name, text) in HEADERS.iter().chain([("fpx_emu.h", EMU_HEADER)].iter()) {
+            let p = include_dir.join(name);
+            std::fs::write(&p, text).map_err(|e| io("cache", &p, e))?;
+        }
+    }
+    let obj_dir = cache.join("obj");
+    std::fs::create_dir_all(&obj_dir).map_err(|e| io("cache", &obj_dir, e))?;
+    let mut jobs = Vec::new();
+    let mut objects = Vec::new();
+    for src in sources {
+        let tu = translate(src);
+        let mut h = Sha256::new();
+        h.update(&tu);
+        h.update(&inc_hash);
+        h.update(tc.cxx.as_os_str().as_encoded_bytes());
+        for f in CXX_FLAGS {
+            h.update(f);
+        }
+        let key = hex(&h.finalize())[..24].to_string();
+        let obj = obj_dir.join(format!("{}-{key}.o", src.name));
+        if !obj.exists() {
+            let cpp = obj_dir.join(format!("{}-{key}.cpp", src.name));
+            std::fs::write(&cpp, &tu).map_err(|e| io("cache", &cpp, e))?;
+            jobs.push((src.name.clone(), cpp, obj.clone()));
+        }
+        objects.push(obj);
+    }
+    let par = std::thread::available_parallelism().map_or(2, |n| n.get().min(4));
+    for chunk in jobs.chunks(par) {
+        let children = chunk
+            .iter()
+            .map(|(name, cpp, obj)| {
+                let tmp = obj.with_extension(format!("o.{}", std::process::id()));
+                let mut c = Command::new(&tc.cxx);
+                c.args(CXX_FLAGS).arg("-I").arg(&include_dir);
+                for i in &tc.includes {
+                    c.arg("-I").arg(i);
+                }
+                c.arg("-c").arg(cpp).arg("-o").arg(&tmp);
+                let child = c
+                    .stderr(std::process::Stdio::piped())
+                    .spawn()
+                    .map_err(|e| {
+                        emu_err("compile", format!("cannot run {}: {e}", tc.cxx.display()))
+                    })?;
+                Ok((name, cpp, obj, tmp, child))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        for (name, cpp, obj, tmp, child) in children {
+            let out = child
+                .wait_with_output()
+                .map_err(|e| emu_err("compile", e.to_string()))?;
+            if !out.status.success() {
+                return Err(emu_err(
+                    "compile",
+                    format!(
+                        "kernel `{name}` ({}):\n{}",
+                        cpp.display(),
+                        String::from_utf8_lossy(&out.stderr)
+                    ),
+                ));
+            }
+            std::fs::rename(&tmp, obj).map_err(|e| io("cache", obj, e))?;
+        }
+    }
+    let mut h = Sha256::new();
+    for o in &objects {
+        h.update(o.as_os_str().as_encoded_bytes());
+    }
+    let lib = cache.join(format!("lib/fpx-emu-{}.so", &hex(&h.finalize())[..24]));
+    if !lib.exists() {
+        let dir = cache.join("lib");
+        std::fs::create_dir_all(&dir).map_err(|e| io("cache", &dir, e))?;
+        let tmp = lib.with_extension(format!("so.{}", std::process::id()));
+        let out = Command::new(&tc.cxx)
+            .arg("-shared")
+            .args(&objects)
+            .arg("-o")
+            .arg(&tmp)
+            .output()
+            .map_err(|e| emu_err("link", format!("cannot run {}: {e}", tc.cxx.display())))?;
+        if !out.status.success() {
+            return Err(emu_err("link", String::from_utf8_lossy(&out.stderr)));
+        }
+        std::fs::rename(&tmp, &lib).map_err(|e| io("cache", &lib, e))?;
+    }
+    Ok(lib)
+}

@@ -1,0 +1,263 @@
+//! The emu backend: runs the generated CUDA kernels on the CPU. It renders the same sources the
+//! cuda backend hands to NVRTC, builds them with the host C++ compiler and the emulation header
+//! `kernels/emu/fpx_emu.h` (fibers per thread, barriers, warp shuffles, shared memory) into a
+//! shared library ([`build`]), loads it with libloading and launches every step of an
+//! [`ExecutablePlan`] with the launch dimensions of [`KernelContext::launch`], the ones the cuda
+//! backend uses. Inline PTX sits behind `__CUDA_ARCH__` guards, so the portable paths run.
+//!
+//! Launches are serialised process-wide: the emulator keeps the running block in globals.
+
+mod backend;
+pub mod build;
+
+pub use backend::EmuBackend;
+pub use build::{translate, Toolchain, EMU_HEADER};
+
+use std::collections::BTreeMap;
+use std::ffi::{c_char, c_void};
+use std::path::PathBuf;
+use std::sync::Mutex;
+
+use libloading::Library;
+
+use crate::codegen::GEMV_MAX_ROWS;
+use crate::codegen::{Arch, KernelContext, KernelSource, KernelSpec, LinearShape, Renderer};
+use crate::error::{Error, Result};
+use crate::runtime::exec::{PackedLinear, PackedScales};
+
+/// `fpx_emu_run_<entry>(dims, args, err, err_len)`: dims = grid xyz, block xyz, shared bytes.
+type RunFn = unsafe extern "C" fn(*const u32, *mut *mut c_void, *mut c_char, usize) -> i32;
+
+static LAUNCH: Mutex<()> = Mutex::new(());
+
+/// Options of the emulator build.
+#[derive(Debug, Clone)]
+pub struct EmuOptions {
+    /// Target the sources are rendered for (the code paths a template picks by arch).
+    pub arch: Arch,
+    /// Build cache (default: the kernel cache directory + `/emu`).
+    pub cache_dir: Option<PathBuf>,
+}
+
+impl Default for EmuOptions {
+    fn default() -> Self {
+        EmuOptions {
+            arch: Arch::Sm90,
+            cache_dir: None,
+        }
+    }
+}
+
+impl EmuOptions {
+    fn cache(&self) -> PathBuf {
+        self.cache_dir
+            .clone()
+            .unwrap_or_else(|| crate::runtime::cuda::KernelCache::default_dir().join("emu"))
+    }
+}
+
+/// Argument pointer for a launch: the address of the value (cuLaunchKernel's convention).
+pub fn arg<T>(v: &T) -> *mut c_void {
+    v as *const T as *mut c_void
+}
+
+/// Kernels built for the emulator and loaded.
+pub struct EmuKernels {
+    functions: BTreeMap<String, RunFn>,
+    contexts: BTreeMap<String, KernelContext>,
+    /// Keeps the functions valid; unloaded under the launch lock.
+    lib: Option<Library>,
+}
+
+impl Drop for EmuKernels {
+    fn drop(&mut self) {
+        self.functions.clear();
+        let _guard = LAUNCH.lock().unwrap_or_else(|p| p.into_inner());
+        drop(self.lib.take());
+    }
+}
+
+impl EmuKernels {
+    /// Renders `specs` with the embedded templates, builds and loads them.
+    pub fn load(specs: &[KernelSpec], opts: &EmuOptions) -> Result<EmuKernels> {
+        let renderer = Renderer::new()?;
+        let sources = specs
+            .iter()
+            .map(|s| renderer.render(s, opts.arch))
+            .collect::<Result<Vec<_>>>()?;
+        EmuKernels::from_sources(&sources, opts)
+    }
+
+    /// Builds and loads already rendered sources (e.g. from a renderer with overrides).
+    pub fn from_sources(sources: &[KernelSource], opts: &EmuOptions) -> Result<EmuKernels> {
+        let tc = Toolchain::find()?;
+        let path = build::build(&tc, sources, &opts.cache())?;
+        let err = |reason: String| Error::Emu {
+            stage: "load".into(),
+            reason,
+        };
+        // SAFETY: the library is ours (built above); its initialisers only define globals.
+        let lib =
+            unsafe { Library::new(&path) }.map_err(|e| err(format!("{}: {e}", path.display())))?;
+        let mut functions = BTreeMap::new();
+        let mut contexts = BTreeMap::new();
+        for src in sources {
+            for entry in &src.entry_points {
+                let sym = format!("fpx_emu_run_{entry}");
+                // SAFETY: `translate` defines this symbol with exactly the RunFn signature.
+                let f: RunFn = unsafe { lib.get::<RunFn>(sym.as_bytes()) }
+                    .map(|s| *s)
+                    .map_err(|e| err(format!("{sym}: {e}")))?;
+                functions.insert(entry.clone(), f);
+            }
+            contexts.insert(src.name.clone(), src.context.clone());
+        }
+        Ok(EmuKernels {
+            functions,
+            contexts,
+            lib: Some(lib),
+        })
+    }
+
+    /// Launches entry `entry` of `spec` for `rows` rows (and `context` KV positions) with the
+    /// cuda backend's launch dimensions.
+    ///
+    /// # Safety
+    /// `args` must point to values matching the kernel's parameters, and every pointer among
+    /// them must be valid for what the kernel reads and writes.
+    pub unsafe fn launch(
+        &self,
+        spec: &KernelSpec,
+        entry: &str,
+        rows: usize,
+        context: usize,
+        args: &mut [*mut c_void],
+    ) -> Result<()> {
+        let missing = || Error::Codegen {
+            kernel: entry.to_string(),
+            reason: "kernel not loaded in the emulator".into(),
+        };
+        let f = self.functions.get(entry).ok_or_else(missing)?;
+        let l = self
+            .contexts
+            .get(&spec.name())
+            .ok_or_else(missing)?
+            .launch(rows, context);
+        let dims = [
+            l.grid.0,
+            l.grid.1,
+            l.grid.2,
+            l.block.0,
+            l.block.1,
+            l.block.2,
+            l.shared_bytes,
+        ];
+        let mut msg = [0 as c_char; 256];
+        let rc = {
+            let _guard = LAUNCH.lock().unwrap_or_else(|p| p.into_inner());
+            f(
+                dims.as_ptr(),
+                args.as_mut_ptr(),
+                msg.as_mut_ptr(),
+                msg.len(),
+            )
+        };
+        if rc != 0 {
+            let text = std::ffi::CStr::from_ptr(msg.as_ptr()).to_string_lossy();
+            return Err(Error::Emu {
+                stage: format!("launch of {entry}"),
+                reason: text.into_owned(),
+            });
+        }
+        Ok(())
+    }
+
+    /// Runs one linear layer (the `_m1` GEMV for one row, `_m8` up to eight, else the GEMM;
+    /// both kernels of `shape` must be loaded): `y_init` is the `[rows, n]` output before the
+    /// kernel; returns it after.
+    pub fn run_linear(
+        &self,
+        shape: LinearShape,
+        packed: &PackedLinear,
+        x: &[f32],
+        rows: usize,
+        y_init: &[f32],
+    ) -> Result<Vec<f32>> {
+        if x.len() < rows * shape.k || y_init.len() < rows * shape.n {
+            return Err(Error::invalid(
+                "linear input",
+                format!(
+                    "{rows} rows need {} x and {} y values",
+                    rows * shape.k,
+                    rows * shape.n
+                ),
+            ));
+        }
+        let l = HostLinear::new(packed);
+        let mut y = y_init.to_vec();
+        // SAFETY: the buffers hold rows x k and rows x n floats and the packed layer.
+        unsafe { launch_linear(self, shape, &l, x.as_ptr(), y.as_mut_ptr(), rows)? };
+        Ok(y)
+    }
+}
+
+/// A linear layer's buffers as the kernels read them (never empty).
+pub(crate) struct HostLinear {
+    codes: Vec<u8>,
+    scales: Vec<u8>,
+    global: f32,
+    bias: Vec<f32>,
+}
+
+impl HostLinear {
+    pub(crate) fn new(l: &PackedLinear) -> HostLinear {
+        let mut scales: Vec<u8> = match &l.scales {
+            PackedScales::None => Vec::new(),
+            PackedScales::Row(s) => s.iter().flat_map(|v| v.to_le_bytes()).collect(),
+            PackedScales::Block(b) => b.clone(),
+        };
+        scales.resize(scales.len().max(4), 0);
+        let mut codes = l.codes.clone();
+        codes.resize(codes.len().max(16), 0);
+        HostLinear {
+            codes,
+            scales,
+            global: l.global,
+            bias: l.bias.clone().unwrap_or_else(|| vec![0.0]),
+        }
+    }
+}
+
+/// Launches one linear step (same kernel choice as the cuda backend).
+///
+/// # Safety
+/// `x` and `y` must hold `rows` rows of `shape.k` and `shape.n` floats.
+pub(crate) unsafe fn launch_linear(
+    k: &EmuKernels,
+    shape: LinearShape,
+    l: &HostLinear,
+    x: *const f32,
+    y: *mut f32,
+    rows: usize,
+) -> Result<()> {
+    let (spec, entry) = if rows <= GEMV_MAX_ROWS {
+        let spec = KernelSpec::Gemv(shape);
+        let tile = if rows == 1 { 1 } else { GEMV_MAX_ROWS };
+        (spec, format!("{}_m{tile}", spec.name()))
+    } else {
+        let spec = KernelSpec::Gemm(shape);
+        (spec, spec.name())
+    };
+    let (w, s, b) = (l.codes.as_ptr(), l.scales.as_ptr(), l.bias.as_ptr());
+    let m = rows as i32;
+    let mut args = [
+        arg(&w),
+        arg(&s),
+        arg(&l.global),
+        arg(&b),
+        arg(&x),
+        arg(&y),
+        arg(&m),
+    ];
+    k.launch(&spec, &entry, rows, 0, &mut args)
+}

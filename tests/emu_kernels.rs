@@ -1,0 +1,166 @@
+//! The generated kernels run on the CPU by the CUDA emulator (`runtime::emu`): every linear
+//! kernel (GEMV `_m1`, `_m8`, GEMM) in every format on shapes that are and are not multiples of
+//! the block and tile sizes, against the cpu backend on the same packed bytes; and a
+//! deliberately broken template (tail loop one load short) that the comparison must catch.
+//!
+//! Needs g++ and the CUDA header wheels in .venv (`make tools`): skipped with a printed reason
+//! without them, failing under FPX_REQUIRE_DATA=1.
+
+mod common;
+
+use fpx::codegen::{Arch, KernelSpec, LinearShape, Renderer, WeightFormat};
+use fpx::runtime::emu::{EmuKernels, EmuOptions, Toolchain};
+use fpx::runtime::exec::{linear_forward, PackedLinear};
+
+pub fn emu_opts(arch: Arch) -> Option<EmuOptions> {
+    let ok = Toolchain::find().is_ok()
+        && std::process::Command::new("g++")
+            .arg("--version")
+            .output()
+            .is_ok_and(|o| o.status.success());
+    if !common::have("g++ and the CUDA header wheels (.venv)", ok) {
+        return None;
+    }
+    Some(EmuOptions {
+        arch,
+        cache_dir: Some(std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("emu-cache")),
+    })
+}
+
+/// Largest |got - want| relative to max |want|.
+fn rel_err(got: &[f32], want: &[f32]) -> f32 {
+    assert_eq!(got.len(), want.len());
+    let scale = want.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-6);
+    got.iter()
+        .zip(want)
+        .map(|(g, w)| {
+            if g.is_nan() {
+                f32::INFINITY
+            } else {
+                (g - w).abs() / scale
+            }
+        })
+        .fold(0.0, f32::max)
+}
+
+const SHAPES: [(usize, usize, bool, bool); 3] = [
+    (192, 576, true, false),
+    (40, 100, false, true),
+    (33, 70, true, true),
+];
+const ROWS: [usize; 4] = [1, 3, 8, 20];
+
+fn inputs(n: usize, k: usize, rows: usize) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    let w = (0..n * k)
+        .map(|i| ((i * 7919 % 1013) as f32 / 1013.0 - 0.5) * 0.2)
+        .collect();
+    let x = (0..rows * k)
+        .map(|i| (i * 104729 % 997) as f32 / 997.0 - 0.5)
+        .collect();
+    let y0 = (0..rows * n).map(|i| (i % 3) as f32).collect();
+    (w, x, y0)
+}
+
+/// Max relative error over rows of every (shape, rows) of `format` with `kernels`.
+fn linear_errors(kernels: &EmuKernels, format: WeightFormat) -> Vec<(String, f32)> {
+    let mut out = Vec::new();
+    for (n, k, bias, accumulate) in SHAPES {
+        let shape = LinearShape {
+            format,
+            n,
+            k,
+            bias,
+            accumulate,
+        };
+        for rows in ROWS {
+            let (w, x, y0) = inputs(n, k, rows);
+            let b = bias.then(|| (0..n).map(|i| i as f32 * 0.01).collect::<Vec<f32>>());
+            let packed = PackedLinear::pack(format, &w, n, k, b);
+            let got = kernels.run_linear(shape, &packed, &x, rows, &y0).unwrap();
+            let mut want = y0.clone();
+            linear_forward(&packed, &shape, &x, rows, &mut want);
+            out.push((
+                format!("{format} {n}x{k} rows {rows}"),
+                rel_err(&got, &want),
+            ));
+        }
+    }
+    out
+}
+
+fn specs(formats: &[WeightFormat]) -> Vec<KernelSpec> {
+    let mut v = Vec::new();
+    for &format in formats {
+        for (n, k, bias, accumulate) in SHAPES {
+            let shape = LinearShape {
+                format,
+                n,
+                k,
+                bias,
+                accumulate,
+            };
+            v.push(KernelSpec::Gemv(shape));
+            v.push(KernelSpec::Gemm(shape));
+        }
+    }
+    v
+}
+
+/// Tolerance: the kernels sum in a different order than the cpu backend (warp trees, tiles),
+/// so FP32 rounding differs; 1e-5 of the largest output is far below one FP8/FP4 step.
+const TOL: f32 = 1e-5;
+
+#[test]
+fn emu_linear_kernels_match_the_cpu_backend_in_every_format() {
+    for arch in [Arch::Sm90, Arch::Sm120a] {
+        let Some(opts) = emu_opts(arch) else { return };
+        let kernels = EmuKernels::load(&specs(&WeightFormat::ALL), &opts).unwrap();
+        let mut checked = 0;
+        for format in WeightFormat::ALL {
+            for (what, err) in linear_errors(&kernels, format) {
+                assert!(err <= TOL, "{arch:?} {what}: relative error {err}");
+                checked += 1;
+            }
+        }
+        eprintln!("{arch:?}: {checked} linear launches within {TOL}");
+    }
+}
+
+#[test]
+fn emu_catches_a_broken_tail_loop() {
+    let Some(opts) = emu_opts(Arch::Sm90) else {
+        return;
+    };
+    let good = fpx::codegen::TEMPLATES
+        .iter()
+        .find(|(n, _)| *n == "gemv.cu.tera")
+        .unwrap()
+        .1;
+    let loop_head = "for (int v = gl; v < ROW_VECS; v += LANES)";
+    assert!(
+        good.contains(loop_head),
+        "the GEMV template's load loop changed"
+    );
+    let broken = good.replace(loop_head, "for (int v = gl; v < ROW_VECS - 1; v += LANES)");
+    let renderer = Renderer::with_overrides(&[("gemv.cu.tera", &broken)]).unwrap();
+    let formats = [WeightFormat::Nvfp4, WeightFormat::Fp8];
+    let sources = specs(&formats)
+        .iter()
+        .map(|s| renderer.render(s, Arch::Sm90))
+        .collect::<Result<Vec<_>, _>>()
+        .unwrap();
+    let kernels = EmuKernels::from_sources(&sources, &opts).unwrap();
+    for format in formats {
+        for (what, err) in linear_errors(&kernels, format) {
+            // GEMV launches (rows <= 8) must be caught; the GEMM (20 rows) is not broken.
+            if what.ends_with("rows 20") {
+                assert!(err <= TOL, "{what}: {err}");
+            } else {
+                assert!(
+                    err > 1e-3,
+                    "{what}: the broken kernel was not caught ({err})"
+                );
+            }
+        }
+    }
+}

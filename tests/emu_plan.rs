@@ -1,0 +1,114 @@
+//! Whole plans on the emu backend (the generated kernels run by the CUDA emulator) against the
+//! cpu backend: every kernel family (embedding, RMSNorm, RoPE + KV cache, attention, SiLU-gate,
+//! the linear kernels in fp16, fp8, nvfp4 and mxfp4, argmax) in one mixed plan; prefill logits
+//! within a stated tolerance and identical greedy tokens, on tiny Llama and Qwen2 models and
+//! for a few tokens of SmolLM2 (skipped with a printed reason when data/ is absent).
+//!
+//! Needs g++ and the CUDA header wheels in .venv (skipped without, failing under
+//! FPX_REQUIRE_DATA=1).
+
+mod common;
+
+use common::{have, smollm2};
+use fpx::codegen::Arch;
+use fpx::formats::Format;
+use fpx::ir::{Graph, LinearKind};
+use fpx::model::synthetic::{tiny_spec, write_gguf, GgmlDType};
+use fpx::model::{load_model, Architecture};
+use fpx::runtime::emu::{EmuBackend, EmuOptions, Toolchain};
+use fpx::runtime::exec::{generate, Backend, CpuBackend, ExecutablePlan};
+use fpx::runtime::{LinearPrecision, PrecisionMap};
+
+fn emu_opts() -> Option<EmuOptions> {
+    let ok = Toolchain::find().is_ok();
+    if !have("g++ and the CUDA header wheels (.venv)", ok) {
+        return None;
+    }
+    Some(EmuOptions {
+        arch: Arch::Sm90,
+        cache_dir: Some(std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("emu-cache")),
+    })
+}
+
+/// FP8 attention projections, NVFP4 gate/up, MXFP4 down, FP16 o_proj, lm_head in FP8.
+fn mixed(graph: &Graph) -> PrecisionMap {
+    let mut map = PrecisionMap::new();
+    for (id, l) in graph.linears() {
+        let f = match l.kind {
+            LinearKind::Gate | LinearKind::Up => Format::Nvfp4,
+            LinearKind::Down => Format::Mxfp4,
+            LinearKind::O => Format::Fp16,
+            _ => Format::Fp8,
+        };
+        map.insert(graph.node(id).name.clone(), LinearPrecision::weight_only(f));
+    }
+    map
+}
+
+/// Prefill logits: the kernels sum in other orders than the cpu backend; 1e-3 of the largest
+/// logit after a whole forward pass.
+const LOGIT_TOL: f32 = 1e-3;
+
+fn compare(model_path: &std::path::Path, prompt: Option<&str>, n: usize, opts: &EmuOptions) {
+    let model = load_model(model_path).unwrap();
+    let graph = Graph::build(&model.spec);
+    let prompt: Vec<u32> = match prompt {
+        Some(t) => model.tokenizer.encode(t).unwrap(),
+        None => (0..11u32)
+            .map(|i| (i * 31 + 7) % model.spec.vocab_size as u32)
+            .collect(),
+    };
+    let plan = ExecutablePlan::build(
+        &graph,
+        model.weights.as_ref(),
+        &mixed(&graph),
+        prompt.len() + n,
+    )
+    .unwrap();
+    let mut cpu = CpuBackend::new(&plan);
+    let mut emu = EmuBackend::new(&plan, opts).unwrap();
+    cpu.forward(&prompt, 0).unwrap();
+    emu.forward(&prompt, 0).unwrap();
+    let (a, b) = (cpu.logits().unwrap(), emu.logits().unwrap());
+    let scale = a.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-6);
+    let err = a
+        .iter()
+        .zip(&b)
+        .map(|(x, y)| (x - y).abs() / scale)
+        .fold(0f32, f32::max);
+    assert!(err <= LOGIT_TOL, "prefill logits: relative error {err}");
+    let mut cpu = CpuBackend::new(&plan);
+    let mut emu = EmuBackend::new(&plan, opts).unwrap();
+    let t0 = std::time::Instant::now();
+    let want = generate(&mut cpu, &prompt, n, None).unwrap();
+    let t1 = std::time::Instant::now();
+    let got = generate(&mut emu, &prompt, n, None).unwrap();
+    eprintln!(
+        "{}: {} prompt tokens, {n} new; logits rel err {err:.2e}; cpu {:.2}s, emu {:.2}s",
+        model_path.file_name().unwrap().to_string_lossy(),
+        prompt.len(),
+        (t1 - t0).as_secs_f64(),
+        t1.elapsed().as_secs_f64()
+    );
+    assert_eq!(got.tokens, want.tokens, "greedy tokens emu vs cpu");
+}
+
+#[test]
+fn emu_tiny_models_give_the_cpu_backends_tokens() {
+    let Some(opts) = emu_opts() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    for arch in [Architecture::Llama, Architecture::Qwen2] {
+        let path = dir.path().join(format!("tiny-{arch:?}.gguf"));
+        write_gguf(&path, &tiny_spec(arch), 11, GgmlDType::F32).unwrap();
+        compare(&path, None, 8, &opts);
+    }
+}
+
+#[test]
+fn emu_smollm2_mixed_plan_gives_the_cpu_backends_tokens() {
+    let Some(opts) = emu_opts() else { return };
+    if !have("data/smollm2 (SmolLM2-135M GGUF)", smollm2().exists()) {
+        return;
+    }
+    compare(&smollm2(), Some("The sea was calm and the"), 3, &opts);
+}
