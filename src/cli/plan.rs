@@ -67,6 +67,9 @@ pub struct PlanSetup {
     /// Greedy counts gamma by weight bytes instead of layers.
     #[arg(long)]
     pub by_bytes: bool,
+    /// Greedy ranks layers by the objective's error (e.g. KL) instead of eps (the paper).
+    #[arg(long)]
+    pub greedy_rank_by_error: bool,
     /// Weight-memory budget, MiB.
     #[arg(long)]
     pub memory_budget_mib: Option<f64>,
@@ -184,6 +187,7 @@ impl PlanSetup {
                 low: self.low.parse().context("--low")?,
                 high: self.high.parse().context("--high")?,
                 by_bytes: self.by_bytes,
+                rank_by_error: self.greedy_rank_by_error,
             },
             ilp: IlpOptions {
                 mip_rel_gap: self.mip_gap,
@@ -328,10 +332,15 @@ pub fn describe(plan: &Plan) -> String {
             options,
             achieved_gamma,
         } => format!(
-            "greedy {}/{} (gamma {achieved_gamma:.3}{})",
+            "greedy {}/{} (gamma {achieved_gamma:.3}{}{})",
             options.low,
             options.high,
-            if options.by_bytes { " by bytes" } else { "" }
+            if options.by_bytes { " by bytes" } else { "" },
+            if options.rank_by_error {
+                ", ranked by the objective"
+            } else {
+                ""
+            }
         ),
         SolverRecord::Ilp {
             options,

@@ -290,11 +290,16 @@ pub fn run(args: SweepArgs) -> Result<()> {
         Objective::Eps => "total eps (sum over layers)",
         Objective::Kl => "total per-layer KL (sum over layers)",
     };
+    let greedy_label = if prep.greedy.rank_by_error {
+        "greedy ranked by the objective"
+    } else {
+        "greedy-gamma (paper)"
+    };
     let title = format!("{} — {}", args.setup.calib.display(), source);
     fpx::fsutil::write_atomic(&args.output.join("sweep.csv"), csv(&pts).as_bytes())?;
     fpx::fsutil::write_atomic(
         &args.output.join("sweep.svg"),
-        svg(&pts, &title, error_label).as_bytes(),
+        svg(&pts, &title, error_label, greedy_label).as_bytes(),
     )?;
     let report = Report {
         calibration: &prep.calib_ref,

@@ -259,29 +259,3 @@ fn nvfp4_activation_scale_is_per_tensor_and_dynamic() {
     };
     assert_eq!(global, 1500.0 / 2688.0);
 }
-
-#[test]
-#[ignore = "timing, run with --ignored --nocapture"]
-fn timing_smollm2_mlp_matrix() {
-    // Best of 10, to see through other load on the machine.
-    fn best(mut f: impl FnMut()) -> std::time::Duration {
-        (0..10)
-            .map(|_| {
-                let t = std::time::Instant::now();
-                f();
-                t.elapsed()
-            })
-            .min()
-            .unwrap()
-    }
-    let w = test_matrix(1536, 576, 5);
-    for f in Format::ALL {
-        let fake = best(|| {
-            std::hint::black_box(f.fake_quantize_weights(&w, 1536, 576));
-        });
-        let qdq = best(|| {
-            std::hint::black_box(f.quantize(&w, 1536, 576).dequantize());
-        });
-        eprintln!("{f}: fake {fake:?}, quantize+dequantize {qdq:?}");
-    }
-}

@@ -10,7 +10,9 @@
 //!   both low and high takes high if allowed, else low, else the solver refuses;
 //! - groups (q/k/v, gate/up) move as one unit ranked by their members' mean eps; a unit goes
 //!   low only while the whole unit fits in the count;
-//! - ties in eps keep layer order.
+//! - ties in eps keep layer order;
+//! - `rank_by_error` ranks by the objective's error (e.g. KL) instead of eps: not the paper,
+//!   a baseline that separates the choice of error measure from the choice of solver.
 //!
 //! Besides a gamma, [`GreedyRule`] takes a latency or error budget: then every prefix of the
 //! order is a candidate and the best one meeting the budget wins (least error under a latency
@@ -34,6 +36,10 @@ pub struct GreedyOptions {
     pub high: Format,
     /// Count gamma by weight bytes instead of layers.
     pub by_bytes: bool,
+    /// Rank by the objective's error in the low format (e.g. KL) instead of by eps (the
+    /// paper). A baseline that separates the choice of error from the choice of solver.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub rank_by_error: bool,
 }
 
 impl Default for GreedyOptions {
@@ -42,6 +48,7 @@ impl Default for GreedyOptions {
             low: Format::Nvfp4,
             high: Format::Fp8,
             by_bytes: false,
+            rank_by_error: false,
         }
     }
 }
@@ -125,7 +132,13 @@ fn order(p: &Problem, o: &GreedyOptions) -> Result<Order> {
     }
     let mean_eps = |&(u, lo): &(usize, usize)| {
         let unit: &Unit = &units[u];
-        unit.options[lo].eps / unit.members.len() as f64
+        let o_lo = &unit.options[lo];
+        let key = if o.rank_by_error {
+            o_lo.error
+        } else {
+            o_lo.eps
+        };
+        key / unit.members.len() as f64
     };
     free.sort_by(|a, b| mean_eps(a).total_cmp(&mean_eps(b)).then(a.0.cmp(&b.0)));
     let weight = free
@@ -297,6 +310,29 @@ mod tests {
         assert_eq!(g.low_layers, 0, "layer 1 alone is half the bytes");
         let g = greedy(&p, &o, GreedyRule::Gamma(0.5), None).unwrap();
         assert_eq!((g.low_layers, g.gamma), (1, 0.5));
+    }
+
+    #[test]
+    fn rank_by_error_uses_the_objective_not_eps() {
+        let mut p = problem();
+        // KL-like errors that reverse the eps order of layers 1 and 0.
+        p.error = vec![0.0, 0.001, 0.0, 0.009, 0.0, 0.005, 0.0, 0.007];
+        let paper = greedy(&p, &GreedyOptions::default(), GreedyRule::Gamma(0.25), None).unwrap();
+        assert_eq!(
+            paper.solution.choice,
+            vec![0, 3, 4, 6],
+            "eps order: layer 1 first"
+        );
+        let o = GreedyOptions {
+            rank_by_error: true,
+            ..GreedyOptions::default()
+        };
+        let by_error = greedy(&p, &o, GreedyRule::Gamma(0.25), None).unwrap();
+        assert_eq!(
+            by_error.solution.choice,
+            vec![1, 2, 4, 6],
+            "error order: layer 0 first"
+        );
     }
 
     #[test]

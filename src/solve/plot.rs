@@ -75,6 +75,7 @@ fn panel(
     out: &mut String,
     x0: f64,
     title: &str,
+    greedy_label: &str,
     points: &[&SweepPoint],
     y_of: &dyn Fn(&SweepPoint) -> Option<f64>,
 ) {
@@ -165,15 +166,19 @@ fn panel(
         }
     }
     // Legend, top right inside the panel.
-    let lx = x0 + LEFT + pw - 170.0;
+    // ~6.8 px per character at font-size 12, plus the marker and margins.
+    let chars = greedy_label.chars().count().max("ILP, same latency".len());
+    let lw = 32.0 + 6.8 * chars as f64;
+    let lx = x0 + LEFT + pw - lw - 8.0;
     let _ = writeln!(
         out,
-        r##"<rect x="{lx:.1}" y="{:.1}" width="162" height="44" fill="white" stroke="#aaa"/><circle cx="{:.1}" cy="{:.1}" r="4" fill="#1f77b4"/><text x="{:.1}" y="{:.1}" font-size="12">greedy-gamma (paper)</text><rect x="{:.1}" y="{:.1}" width="7" height="7" fill="#d62728"/><text x="{:.1}" y="{:.1}" font-size="12">ILP, same latency</text>"##,
+        r##"<rect x="{lx:.1}" y="{:.1}" width="{lw:.1}" height="44" fill="white" stroke="#aaa"/><circle cx="{:.1}" cy="{:.1}" r="4" fill="#1f77b4"/><text x="{:.1}" y="{:.1}" font-size="12">{}</text><rect x="{:.1}" y="{:.1}" width="7" height="7" fill="#d62728"/><text x="{:.1}" y="{:.1}" font-size="12">ILP, same latency</text>"##,
         TOP + 6.0,
         lx + 12.0,
         TOP + 20.0,
         lx + 22.0,
         TOP + 24.0,
+        escape(greedy_label),
         lx + 8.5,
         TOP + 32.5,
         lx + 22.0,
@@ -182,8 +187,9 @@ fn panel(
 }
 
 /// The sweep as an SVG document: error vs latency, plus perplexity and KL panels when any
-/// point has them. `error_label` names the objective (e.g. "total eps").
-pub fn svg(points: &[SweepPoint], title: &str, error_label: &str) -> String {
+/// point has them. `error_label` names the objective (e.g. "total eps"), `greedy_label` the
+/// greedy series (e.g. "greedy-gamma (paper)").
+pub fn svg(points: &[SweepPoint], title: &str, error_label: &str, greedy_label: &str) -> String {
     let refs: Vec<&SweepPoint> = points.iter().collect();
     type YOf = Box<dyn Fn(&SweepPoint) -> Option<f64>>;
     let mut panels: Vec<(String, YOf)> = vec![(
@@ -212,7 +218,14 @@ pub fn svg(points: &[SweepPoint], title: &str, error_label: &str) -> String {
     );
     let _ = writeln!(out, r##"<rect width="100%" height="100%" fill="white"/>"##);
     for (i, (name, y_of)) in panels.iter().enumerate() {
-        panel(&mut out, i as f64 * W, name, &refs, y_of.as_ref());
+        panel(
+            &mut out,
+            i as f64 * W,
+            name,
+            greedy_label,
+            &refs,
+            y_of.as_ref(),
+        );
     }
     let _ = writeln!(
         out,
@@ -263,7 +276,7 @@ mod tests {
             p(SolverKind::Greedy, 3e-4, 2.0, Some(13.0)),
             p(SolverKind::Ilp, 3e-4, 1.5, Some(12.5)),
         ];
-        let s = svg(&pts, "a <b> & c", "total eps");
+        let s = svg(&pts, "a <b> & c", "total eps", "greedy-gamma (paper)");
         assert!(s.starts_with("<svg") && s.ends_with("</svg>\n"));
         assert_eq!(s.matches("<polyline").count(), 4, "2 panels x 2 series");
         assert!(s.contains("perplexity (held-out text)") && !s.contains("KL(full"));
