@@ -50,6 +50,21 @@ pub enum Act {
     Logits,
 }
 
+impl Act {
+    /// Every activation buffer, in the order backends allocate them.
+    pub const ALL: [Act; 9] = [
+        Act::X,
+        Act::Xn,
+        Act::Q,
+        Act::K,
+        Act::V,
+        Act::Att,
+        Act::Gate,
+        Act::Up,
+        Act::Logits,
+    ];
+}
+
 /// One linear layer of the schedule.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct LinearSlot {

@@ -293,18 +293,6 @@ pub struct CudaBackend<'a> {
     pub use_graph: bool,
 }
 
-const ACTS: [Act; 9] = [
-    Act::X,
-    Act::Xn,
-    Act::Q,
-    Act::K,
-    Act::V,
-    Act::Att,
-    Act::Gate,
-    Act::Up,
-    Act::Logits,
-];
-
 impl<'a> CudaBackend<'a> {
     /// Opens device `ordinal`, loads the plan's kernels and uploads its buffers.
     pub fn new(
@@ -321,7 +309,7 @@ impl<'a> CudaBackend<'a> {
         dev.allow_attention_shared_memory(plan)?;
         let s = &plan.schedule;
         let d = &s.dims;
-        let acts = ACTS
+        let acts = Act::ALL
             .iter()
             .map(|&a| {
                 let rows = if a == Act::Logits { 1 } else { plan.max_seq };

@@ -10,18 +10,6 @@ use crate::codegen::{Act, Step};
 use crate::error::Result;
 use crate::runtime::exec::{check_pass, Backend, ExecutablePlan};
 
-const ACTS: [Act; 9] = [
-    Act::X,
-    Act::Xn,
-    Act::Q,
-    Act::K,
-    Act::V,
-    Act::Att,
-    Act::Gate,
-    Act::Up,
-    Act::Logits,
-];
-
 /// The plan's buffers on the host and its kernels built for the emulator.
 pub struct EmuBackend<'a> {
     plan: &'a ExecutablePlan,
@@ -46,7 +34,7 @@ impl<'a> EmuBackend<'a> {
     pub fn with_kernels(plan: &'a ExecutablePlan, kernels: EmuKernels) -> EmuBackend<'a> {
         let s = &plan.schedule;
         let d = &s.dims;
-        let acts = ACTS
+        let acts = Act::ALL
             .iter()
             .map(|&a| {
                 let rows = if a == Act::Logits { 1 } else { plan.max_seq };

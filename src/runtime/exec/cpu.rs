@@ -21,25 +21,13 @@ pub struct CpuBackend<'a> {
     v_cache: Vec<Vec<f32>>,
 }
 
-const ACTS: [Act; 9] = [
-    Act::X,
-    Act::Xn,
-    Act::Q,
-    Act::K,
-    Act::V,
-    Act::Att,
-    Act::Gate,
-    Act::Up,
-    Act::Logits,
-];
-
 impl<'a> CpuBackend<'a> {
     pub fn new(plan: &'a ExecutablePlan) -> CpuBackend<'a> {
         let d = &plan.schedule.dims;
         let cache = || vec![0f32; plan.max_seq * d.kv_dim];
         CpuBackend {
             plan,
-            acts: ACTS.iter().map(|_| Vec::new()).collect(),
+            acts: Act::ALL.iter().map(|_| Vec::new()).collect(),
             k_cache: (0..d.layers).map(|_| cache()).collect(),
             v_cache: (0..d.layers).map(|_| cache()).collect(),
         }
