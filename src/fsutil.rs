@@ -47,6 +47,34 @@ pub fn write_json_atomic<T: serde::Serialize>(path: &Path, value: &T) -> Result<
     write_atomic(path, &bytes)
 }
 
+/// Parses `bytes` as JSON and checks its `schema_version` is one of `accepted`; the error
+/// names the file, what kind of file it is, and the versions this build reads.
+pub fn parse_versioned_json(
+    bytes: &[u8],
+    path: &Path,
+    what: &'static str,
+    accepted: &[u32],
+) -> Result<serde_json::Value> {
+    let err = |reason: String| Error::File {
+        path: path.to_path_buf(),
+        what,
+        reason,
+    };
+    let raw: serde_json::Value = serde_json::from_slice(bytes).map_err(|e| err(e.to_string()))?;
+    let version = raw.get("schema_version").and_then(|v| v.as_u64());
+    if !version.is_some_and(|v| accepted.iter().any(|&a| a as u64 == v)) {
+        let reads = match accepted {
+            [one] => format!("version {one}"),
+            many => format!("versions {many:?}"),
+        };
+        return Err(err(format!(
+            "schema_version is {}, this fpx reads {reads}",
+            version.map_or("missing".to_string(), |v| v.to_string())
+        )));
+    }
+    Ok(raw)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

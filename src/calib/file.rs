@@ -63,15 +63,8 @@ impl Calibration {
             what: "calibration",
             reason,
         };
-        let raw: serde_json::Value =
-            serde_json::from_slice(&bytes).map_err(|e| err(e.to_string()))?;
-        let version = raw.get("schema_version").and_then(|v| v.as_u64());
-        if version != Some(SCHEMA_VERSION as u64) {
-            return Err(err(format!(
-                "schema_version is {}, this fpx reads version {SCHEMA_VERSION}",
-                version.map_or("missing".to_string(), |v| v.to_string())
-            )));
-        }
+        let raw =
+            crate::fsutil::parse_versioned_json(&bytes, path, "calibration", &[SCHEMA_VERSION])?;
         let calib: Calibration = serde_json::from_value(raw).map_err(|e| err(e.to_string()))?;
         for l in &calib.layers {
             if let Some(f) = calib.formats.iter().find(|f| !l.metrics.contains_key(f)) {

@@ -78,15 +78,8 @@ impl Profile {
             what: "latency profile",
             reason,
         };
-        let value: serde_json::Value =
-            serde_json::from_slice(bytes).map_err(|e| err(e.to_string()))?;
-        let version = value.get("schema_version").and_then(|v| v.as_u64());
-        if version != Some(SCHEMA_VERSION as u64) {
-            return Err(err(format!(
-                "schema_version is {}, this fpx reads version {SCHEMA_VERSION}",
-                version.map_or("missing".to_string(), |v| v.to_string())
-            )));
-        }
+        let value =
+            crate::fsutil::parse_versioned_json(bytes, path, "latency profile", &[SCHEMA_VERSION])?;
         let raw: RawProfile = serde_json::from_value(value).map_err(|e| err(e.to_string()))?;
         if raw.batch == 0 {
             return Err(err("batch is 0".into()));

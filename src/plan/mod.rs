@@ -168,15 +168,7 @@ impl Plan {
             what: "plan",
             reason,
         };
-        let raw: serde_json::Value =
-            serde_json::from_slice(bytes).map_err(|e| err(e.to_string()))?;
-        let version = raw.get("schema_version").and_then(|v| v.as_u64());
-        if !version.is_some_and(|v| READS.iter().any(|&r| r as u64 == v)) {
-            return Err(err(format!(
-                "schema_version is {}, this fpx reads versions {READS:?}",
-                version.map_or("missing".to_string(), |v| v.to_string())
-            )));
-        }
+        let raw = crate::fsutil::parse_versioned_json(bytes, path, "plan", &READS)?;
         let plan: Plan = serde_json::from_value(raw).map_err(|e| err(e.to_string()))?;
         let mut seen = std::collections::BTreeSet::new();
         for l in &plan.layers {
