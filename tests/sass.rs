@@ -54,19 +54,6 @@ fn specs() -> Vec<KernelSpec> {
     v
 }
 
-/// Prefill GEMMs that ptxas 12.9 makes spill (8-24 bytes), found by this test and not yet
-/// fixed in templates/gemm.cu.tera; listed exactly, so a new spill (or a fix) fails the test.
-/// No other kernel (no decode GEMV, no other family) may spill.
-const KNOWN_GEMM_SPILLS: [&str; 7] = [
-    "gemm_nvfp4_128x64 sm_90",
-    "gemm_nvfp4_4096x4096 sm_90",
-    "gemm_nvfp4_40x100 sm_90",
-    "gemm_mxfp4_4096x4096 sm_90",
-    "gemm_mxfp4_40x100 sm_90",
-    "gemm_f32_4096x4096 sm_120a",
-    "gemm_fp16_4096x4096 sm_120a",
-];
-
 #[test]
 fn sass_no_spills_and_128_bit_weight_loads() {
     let tools = SassTools::find();
@@ -128,14 +115,9 @@ fn sass_no_spills_and_128_bit_weight_loads() {
             }
             rows.extend(reports);
         }
-        let known: Vec<String> = KNOWN_GEMM_SPILLS
-            .iter()
-            .filter(|s| s.ends_with(arch.name()))
-            .map(|s| s.to_string())
-            .collect();
-        assert_eq!(
-            spilled, known,
-            "kernels that spill on {arch:?} (no kernel may spill)"
+        assert!(
+            spilled.is_empty(),
+            "kernels that spill or use a stack frame on {arch:?}: {spilled:?}"
         );
         assert!(
             wide >= 10,

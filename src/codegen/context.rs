@@ -14,6 +14,11 @@ pub const GEMV_WARPS: usize = 4;
 /// GEMM tile: rows of x, rows of W, depth, per-thread outputs; 256 threads.
 pub const GEMM_TILE: (usize, usize, usize) = (64, 64, 32);
 pub const GEMM_THREADS: usize = 256;
+/// Blocks of the GEMM that must fit on one SM at once (`__launch_bounds__` minimum): a register
+/// budget of 80 per thread (24 warps per SM). Without it ptxas 12.9 aims at 64 registers and,
+/// for some formats and shapes, spills two or three values out of the K loop; tests/sass.rs
+/// checks that no kernel spills.
+pub const GEMM_MIN_BLOCKS_PER_SM: usize = 3;
 /// Threads of the row-wise kernels (RMSNorm, embedding) and of attention.
 pub const ROW_THREADS: usize = 256;
 pub const ATTENTION_THREADS: usize = 128;
@@ -115,6 +120,8 @@ pub struct GemmCtx {
     pub tm: usize,
     pub tn: usize,
     pub threads: usize,
+    /// [`GEMM_MIN_BLOCKS_PER_SM`].
+    pub min_blocks: usize,
     /// Threads along the output columns of a tile (`bn / tn`).
     pub tx: usize,
     /// Elements of each of the x and W tiles a thread loads per K step.
@@ -337,6 +344,7 @@ fn gemm(common: Common, s: LinearShape) -> GemmCtx {
         tm,
         tn,
         threads: GEMM_THREADS,
+        min_blocks: GEMM_MIN_BLOCKS_PER_SM,
         tx: bn / tn,
         loads: bm * bk / GEMM_THREADS,
     }
