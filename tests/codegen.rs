@@ -294,6 +294,7 @@ fn ptxas_rejects_native_fp4_conversion_where_the_chip_lacks_it() {
             source: source.into(),
             entry_points: vec!["k".into()],
             context: fpx::codegen::KernelContext::new(&KernelSpec::SiluMul { dim: 1 }, arch),
+            headers: fpx::codegen::HelperHeaders::embedded(),
         };
         let r = compiler.compile(&src);
         if arch.has_fp4_cvt() {

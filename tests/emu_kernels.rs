@@ -1,7 +1,8 @@
 //! The generated kernels run on the CPU by the CUDA emulator (`runtime::emu`): every linear
 //! kernel (GEMV `_m1`, `_m8`, GEMM) in every format on shapes that are and are not multiples of
-//! the block and tile sizes, against the cpu backend on the same packed bytes; and a
-//! deliberately broken template (tail loop one load short) that the comparison must catch.
+//! the block and tile sizes, against the cpu backend on the same packed bytes; and deliberately
+//! broken variants the comparison must catch: the GEMV's tail loop one load short, and the FP4
+//! nibble order swapped (the decoders of kernels/fpx_formats.cuh and the GEMM's).
 //!
 //! Needs g++ and the CUDA header wheels in .venv (`make tools`): skipped with a printed reason
 //! without them, failing under FPX_REQUIRE_DATA=1.
@@ -131,17 +132,11 @@ fn emu_catches_a_broken_tail_loop() {
     let Some(opts) = emu_opts(Arch::Sm90) else {
         return;
     };
-    let good = fpx::codegen::TEMPLATES
-        .iter()
-        .find(|(n, _)| *n == "gemv.cu.tera")
-        .unwrap()
-        .1;
-    let loop_head = "for (int v = gl; v < ROW_VECS; v += LANES)";
-    assert!(
-        good.contains(loop_head),
-        "the GEMV template's load loop changed"
+    let broken = break_once(
+        embedded(&fpx::codegen::TEMPLATES, "gemv.cu.tera"),
+        "for (int v = gl; v < ROW_VECS; v += LANES)",
+        "for (int v = gl; v < ROW_VECS - 1; v += LANES)",
     );
-    let broken = good.replace(loop_head, "for (int v = gl; v < ROW_VECS - 1; v += LANES)");
     let renderer = Renderer::with_overrides(&[("gemv.cu.tera", &broken)]).unwrap();
     let formats = [WeightFormat::Nvfp4, WeightFormat::Fp8];
     let sources = specs(&formats)
@@ -160,6 +155,66 @@ fn emu_catches_a_broken_tail_loop() {
                     err > 1e-3,
                     "{what}: the broken kernel was not caught ({err})"
                 );
+            }
+        }
+    }
+}
+
+/// `text` with `from` replaced by `to`, which must occur exactly once (so a template edit that
+/// moves the line fails here rather than silently testing an unbroken kernel).
+fn break_once(text: &str, from: &str, to: &str) -> String {
+    assert_eq!(text.matches(from).count(), 1, "`{from}` must occur once");
+    text.replace(from, to)
+}
+
+fn embedded(list: &[(&'static str, &'static str)], name: &str) -> &'static str {
+    list.iter().find(|(n, _)| *n == name).unwrap().1
+}
+
+#[test]
+fn emu_catches_swapped_fp4_nibbles() {
+    let Some(opts) = emu_opts(Arch::Sm90) else {
+        return;
+    };
+    // Element j + 1 read from the nibble of element j and vice versa, in every FP4 decoder the
+    // kernels use on sm_90 and in the emulator: the register and scaled word decoders (GEMV) and
+    // the GEMM's per-element decode.
+    let formats = embedded(&fpx::codegen::HEADERS, "fpx_formats.cuh");
+    let formats = break_once(
+        formats,
+        "for (int j = 0; j < 8; ++j) f[j] = e2m1_decode(w >> (4 * j));",
+        "for (int j = 0; j < 8; ++j) f[j ^ 1] = e2m1_decode(w >> (4 * j));",
+    );
+    let formats = break_once(
+        &formats,
+        "f[j] = v[0];\n    f[j + 4] = v[1];",
+        "f[j ^ 1] = v[0];\n    f[(j ^ 1) + 4] = v[1];",
+    );
+    let gemm = break_once(
+        embedded(&fpx::codegen::TEMPLATES, "gemm.cu.tera"),
+        "byte >> ((kk & 1) * 4)",
+        "byte >> ((~kk & 1) * 4)",
+    );
+    let renderer =
+        Renderer::with_overrides(&[("fpx_formats.cuh", &formats), ("gemm.cu.tera", &gemm)])
+            .unwrap();
+    let typo = Renderer::with_overrides(&[("fpx_format.cuh", "")])
+        .err()
+        .unwrap();
+    assert!(typo.to_string().contains("fpx_format.cuh"), "{typo}");
+    let formats = [WeightFormat::Nvfp4, WeightFormat::Mxfp4, WeightFormat::Fp8];
+    let sources = specs(&formats)
+        .iter()
+        .map(|s| renderer.render(s, Arch::Sm90))
+        .collect::<Result<Vec<_>, _>>()
+        .unwrap();
+    let kernels = EmuKernels::from_sources(&sources, &opts).unwrap();
+    for format in formats {
+        for (what, err) in linear_errors(&kernels, format) {
+            if format == WeightFormat::Fp8 {
+                assert!(err <= TOL, "{what}: FP8 does not use nibbles, yet {err}");
+            } else {
+                assert!(err > 1e-2, "{what}: swapped nibbles not caught ({err})");
             }
         }
     }

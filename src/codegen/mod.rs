@@ -21,7 +21,7 @@ pub mod spec;
 pub use arch::Arch;
 pub use context::{KernelContext, Launch};
 pub use manifest::Manifest;
-pub use render::{KernelSource, Renderer, HEADERS, TEMPLATES};
+pub use render::{HelperHeaders, KernelSource, Renderer, HEADERS, TEMPLATES};
 pub use schedule::{Act, Dims, LinearSlot, Schedule, Step};
 pub use spec::{KernelSpec, LinearShape, WeightFormat, GEMV_MAX_ROWS, GEMV_ROW_TILES};
 

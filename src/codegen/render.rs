@@ -4,6 +4,8 @@
 //! include directory. Rendering is a pure function of (spec, arch): no clocks, no paths, no
 //! hash-map iteration, so the same inputs give byte-identical sources.
 
+use std::sync::Arc;
+
 use serde::Serialize;
 use tera::Tera;
 
@@ -58,6 +60,60 @@ pub const HEADERS: [(&str, &str); 2] = [
     ),
 ];
 
+/// The helper headers a kernel was rendered against: the embedded [`HEADERS`], unless a
+/// renderer with overrides replaced one (to check that a broken decoder is caught).
+#[derive(Clone, PartialEq, Eq)]
+pub struct HelperHeaders(Arc<Vec<(String, String)>>);
+
+impl HelperHeaders {
+    /// The embedded kernels/*.cuh.
+    pub fn embedded() -> HelperHeaders {
+        HelperHeaders::with_overrides(&[])
+    }
+
+    fn with_overrides(overrides: &[(&str, &str)]) -> HelperHeaders {
+        HelperHeaders(Arc::new(
+            HEADERS
+                .iter()
+                .map(|&(name, text)| {
+                    let text = overrides
+                        .iter()
+                        .find(|(n, _)| *n == name)
+                        .map_or(text, |(_, t)| *t);
+                    (name.to_string(), text.to_string())
+                })
+                .collect(),
+        ))
+    }
+
+    /// (file name, text) of each header.
+    pub fn iter(&self) -> impl Iterator<Item = (&str, &str)> {
+        self.0.iter().map(|(n, t)| (n.as_str(), t.as_str()))
+    }
+
+    /// Whether these are the embedded headers, unchanged.
+    pub fn is_embedded(&self) -> bool {
+        self.iter().eq(HEADERS.iter().copied())
+    }
+}
+
+impl std::fmt::Debug for HelperHeaders {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let kind = if self.is_embedded() {
+            "embedded"
+        } else {
+            "overridden"
+        };
+        write!(f, "HelperHeaders({kind})")
+    }
+}
+
+impl Default for HelperHeaders {
+    fn default() -> Self {
+        HelperHeaders::embedded()
+    }
+}
+
 /// One rendered kernel: its spec, target, source and entry points.
 #[derive(Debug, Clone, Serialize)]
 pub struct KernelSource {
@@ -72,11 +128,15 @@ pub struct KernelSource {
     /// The values the template printed (also gives the launch dimensions).
     #[serde(skip)]
     pub context: KernelContext,
+    /// The helper headers the source includes.
+    #[serde(skip)]
+    pub headers: HelperHeaders,
 }
 
 /// Renders kernel specs with the embedded templates (or replacements of some of them).
 pub struct Renderer {
     tera: Tera,
+    headers: HelperHeaders,
 }
 
 impl Renderer {
@@ -85,9 +145,21 @@ impl Renderer {
         Renderer::with_overrides(&[])
     }
 
-    /// A renderer where the templates named in `overrides` (file name, text) replace the
-    /// embedded ones; used to check that a deliberately broken template is caught.
+    /// A renderer where the templates or helper headers named in `overrides` (file name,
+    /// text) replace the embedded ones; used to check that a deliberately broken kernel is
+    /// caught. Sources rendered with an overridden header build only in the emulator.
     pub fn with_overrides(overrides: &[(&str, &str)]) -> Result<Renderer> {
+        if let Some((name, _)) = overrides
+            .iter()
+            .find(|(name, _)| !TEMPLATES.iter().chain(&HEADERS).any(|(n, _)| n == name))
+        {
+            return Err(Error::Codegen {
+                kernel: "(templates)".into(),
+                reason: format!(
+                    "cannot override `{name}`: no template or helper header has that name"
+                ),
+            });
+        }
         let mut tera = Tera::default();
         tera.autoescape_on(vec![]);
         let templates: Vec<(&str, &str)> = TEMPLATES
@@ -105,7 +177,10 @@ impl Renderer {
                 kernel: "(templates)".into(),
                 reason: chain(&e),
             })?;
-        Ok(Renderer { tera })
+        Ok(Renderer {
+            tera,
+            headers: HelperHeaders::with_overrides(overrides),
+        })
     }
 
     /// The source of `spec` for `arch`.
@@ -130,6 +205,7 @@ impl Renderer {
             source: tidy(&source),
             entry_points: spec.entry_points(),
             context,
+            headers: self.headers.clone(),
         })
     }
 }

@@ -135,6 +135,15 @@ impl Compiler {
 
     /// Compiles one kernel (or fetches it from the cache).
     pub fn compile(&self, k: &KernelSource) -> Result<CompiledKernel> {
+        if !k.headers.is_embedded() {
+            // The include directory holds the embedded headers; overrides exist only for the
+            // emulator's broken-variant tests.
+            return Err(Error::Codegen {
+                kernel: k.name.clone(),
+                reason: "rendered with overridden helper headers, which only the emulator builds"
+                    .into(),
+            });
+        }
         let options = Self::options(k.arch);
         let key = KernelCache::key(&KeyParts {
             source: &k.source,

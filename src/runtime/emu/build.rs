@@ -12,7 +12,7 @@ use std::process::Command;
 
 use sha2::{Digest, Sha256};
 
-use crate::codegen::{KernelSource, HEADERS};
+use crate::codegen::{HelperHeaders, KernelSource};
 use crate::error::{Error, Result};
 
 /// The emulation header (kernels/emu/fpx_emu.h), embedded.
@@ -138,9 +138,21 @@ fn hex(bytes: &[u8]) -> String {
 pub fn build(tc: &Toolchain, sources: &[KernelSource], cache: &Path) -> Result<PathBuf> {
     let io =
         |what: &str, p: &Path, e: std::io::Error| emu_err(what, format!("{}: {e}", p.display()));
+    let headers = sources
+        .first()
+        .map_or_else(HelperHeaders::embedded, |s| s.headers.clone());
+    if let Some(s) = sources.iter().find(|s| s.headers != headers) {
+        return Err(emu_err(
+            "build",
+            format!(
+                "kernel `{}` was rendered with other helper headers than `{}`; one build shares one include directory",
+                s.name, sources[0].name
+            ),
+        ));
+    }
     let mut inc = Sha256::new();
     inc.update(EMU_HEADER);
-    for (name, text) in HEADERS {
+    for (name, text) in headers.iter() {
         inc.update(name);
         inc.update(text);
     }
@@ -148,7 +160,7 @@ pub fn build(tc: &Toolchain, sources: &[KernelSource], cache: &Path) -> Result<P
     let include_dir = cache.join(format!("include-{inc_hash}"));
     if !include_dir.join("fpx_emu.h").exists() {
         std::fs::create_dir_all(&include_dir).map_err(|e| io("cache", &include_dir, e))?;
-        for (name, text) in HEADERS.iter().chain([("fpx_emu.h", EMU_HEADER)].iter()) {
+        for (name, text) in headers.iter().chain([("fpx_emu.h", EMU_HEADER)]) {
             let p = include_dir.join(name);
             std::fs::write(&p, text).map_err(|e| io("cache", &p, e))?;
         }
