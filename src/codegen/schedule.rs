@@ -101,6 +101,20 @@ pub enum Step {
     Argmax,
 }
 
+impl Step {
+    /// Activation rows the step processes in a pass of `m` rows: one for the last-row RMSNorm
+    /// and for a linear layer into the logits (only the last position's logits are kept).
+    pub fn rows(&self, m: usize) -> usize {
+        match *self {
+            Step::RmsNorm { last_row: true, .. }
+            | Step::Linear {
+                dst: Act::Logits, ..
+            } => 1,
+            _ => m,
+        }
+    }
+}
+
 /// The schedule of a model under a precision map.
 #[derive(Debug, Clone, Serialize)]
 pub struct Schedule {
@@ -255,6 +269,17 @@ impl Schedule {
             }],
             Step::SiluMul => vec![KernelSpec::SiluMul { dim: d.ffn }],
             Step::Argmax => vec![KernelSpec::Argmax { vocab: d.vocab }],
+        }
+    }
+
+    /// The entry point `step` launches in a pass of `m` rows (a linear step: the GEMV or GEMM
+    /// entry [`LinearShape::kernel_for_rows`] picks).
+    pub fn entry_of(&self, step: &Step, m: usize) -> String {
+        match *step {
+            Step::Linear { linear, .. } => {
+                self.linears[linear].shape.kernel_for_rows(step.rows(m)).1
+            }
+            _ => self.kernels_of(step)[0].name(),
         }
     }
 

@@ -109,6 +109,19 @@ pub struct LinearShape {
 }
 
 impl LinearShape {
+    /// The kernel and entry point that run this layer on `rows` activation rows: the `_m1`
+    /// GEMV for one row, `_m8` for up to [`GEMV_MAX_ROWS`], else the GEMM.
+    pub fn kernel_for_rows(self, rows: usize) -> (KernelSpec, String) {
+        if rows <= GEMV_MAX_ROWS {
+            let spec = KernelSpec::Gemv(self);
+            let tile = if rows == 1 { 1 } else { GEMV_MAX_ROWS };
+            (spec, format!("{}_m{tile}", spec.name()))
+        } else {
+            let spec = KernelSpec::Gemm(self);
+            (spec, spec.name())
+        }
+    }
+
     fn suffix(&self) -> String {
         let mut s = format!("{}_{}x{}", self.format, self.n, self.k);
         if self.bias {

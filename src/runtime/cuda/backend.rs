@@ -13,7 +13,7 @@ use cudarc::driver::{
 };
 
 use super::compile::{Compiler, CompilerOptions};
-use crate::codegen::{Act, Arch, KernelContext, KernelSpec, Renderer, Step, GEMV_MAX_ROWS};
+use crate::codegen::{Act, Arch, KernelContext, KernelSpec, Renderer, Step};
 use crate::error::{Error, Result};
 use crate::runtime::exec::{Backend, ExecutablePlan, PackedScales};
 
@@ -248,15 +248,7 @@ pub(crate) fn launch_linear(
     y: &mut CudaSlice<f32>,
     rows: usize,
 ) -> Result<()> {
-    let (spec, entry) = if rows <= GEMV_MAX_ROWS {
-        let spec = KernelSpec::Gemv(shape);
-        let tile = if rows == 1 { 1 } else { GEMV_MAX_ROWS };
-        let entry = format!("{}_m{tile}", spec.name());
-        (spec, entry)
-    } else {
-        let spec = KernelSpec::Gemm(shape);
-        (spec, spec.name())
-    };
+    let (spec, entry) = shape.kernel_for_rows(rows);
     let (f, cfg) = dev.kernel(&spec, &entry, rows, 0)?;
     let m = rows as i32;
     let mut b = dev.stream.launch_builder(f);
@@ -371,7 +363,7 @@ impl<'a> CudaBackend<'a> {
             let name = spec.name();
             if let Step::Linear { linear, src, dst } = step {
                 {
-                    let rows = if dst == Act::Logits { 1 } else { m };
+                    let rows = step.rows(m);
                     let (x, y) = two(&mut self.acts, src as usize, dst as usize);
                     let events = match timing.as_deref_mut() {
                         Some(t) => {
@@ -399,9 +391,8 @@ impl<'a> CudaBackend<'a> {
                     continue;
                 }
             }
-            let last_row = matches!(step, Step::RmsNorm { last_row: true, .. });
-            let rows = if last_row { 1 } else { m };
-            let row0: i32 = if last_row { mi - 1 } else { 0 };
+            let rows = step.rows(m);
+            let row0: i32 = if rows < m { mi - 1 } else { 0 };
             let (f, cfg) = self.dev.kernel(&spec, &name, rows, plan.max_seq)?;
             let mut b = self.dev.stream.launch_builder(f);
             match step {

@@ -8,19 +8,16 @@ use std::ffi::c_void;
 use super::{arg, launch_linear, EmuKernels, EmuOptions, HostLinear};
 use crate::codegen::{Act, Step};
 use crate::error::Result;
-use crate::runtime::exec::{check_pass, Backend, ExecutablePlan};
+use crate::runtime::exec::{check_pass, Backend, ExecutablePlan, HostBackend, HostState};
 
 /// The plan's buffers on the host and its kernels built for the emulator.
 pub struct EmuBackend<'a> {
     plan: &'a ExecutablePlan,
     kernels: EmuKernels,
     linears: Vec<HostLinear>,
-    acts: Vec<Vec<f32>>,
-    k_cache: Vec<Vec<f32>>,
-    v_cache: Vec<Vec<f32>>,
+    state: HostState,
     tokens: Vec<i32>,
-    pos: Vec<i32>,
-    next: Vec<i32>,
+    pos: i32,
 }
 
 impl<'a> EmuBackend<'a> {
@@ -32,130 +29,117 @@ impl<'a> EmuBackend<'a> {
 
     /// A backend running `kernels` (which must include every kernel of the plan's schedule).
     pub fn with_kernels(plan: &'a ExecutablePlan, kernels: EmuKernels) -> EmuBackend<'a> {
-        let s = &plan.schedule;
-        let d = &s.dims;
-        let acts = Act::ALL
-            .iter()
-            .map(|&a| {
-                let rows = if a == Act::Logits { 1 } else { plan.max_seq };
-                vec![0f32; (rows * s.act_cols(a)).max(1)]
-            })
-            .collect();
-        let cache = || vec![0f32; (plan.max_seq * d.kv_dim).max(1)];
         EmuBackend {
             kernels,
             linears: plan.linears.iter().map(HostLinear::new).collect(),
-            acts,
-            k_cache: (0..d.layers).map(|_| cache()).collect(),
-            v_cache: (0..d.layers).map(|_| cache()).collect(),
+            state: HostState::new(plan),
             tokens: vec![0; plan.max_seq.max(1)],
-            pos: vec![0],
-            next: vec![0],
+            pos: 0,
             plan,
         }
     }
 
-    /// Launches every step for `m` rows; `decode` reads the token from the previous argmax.
-    fn launch_steps(&mut self, m: usize, decode: bool) -> Result<()> {
+    /// Sets the pass's position and, for a prefill, its tokens (a decode step reads its token
+    /// from `next`, where the previous argmax left it, as the cuda backend's graph does).
+    fn start_pass(&mut self, tokens: &[u32], pos: usize, decode: bool) {
+        self.pos = pos as i32;
+        if decode {
+            self.state.next = tokens[0] as i32;
+        } else {
+            for (d, &t) in self.tokens.iter_mut().zip(tokens) {
+                *d = t as i32;
+            }
+        }
+    }
+
+    /// Launches `step` for a pass of `m` rows.
+    fn launch_step(&mut self, step: Step, m: usize, decode: bool) -> Result<()> {
         let plan = self.plan;
         let s = &plan.schedule;
         let d = &s.dims;
         let mi = m as i32;
-        let act = |acts: &mut Vec<Vec<f32>>, a: Act| acts[a as usize].as_mut_ptr();
-        for &step in &s.steps {
-            let specs = s.kernels_of(&step);
-            let spec = specs[0];
-            let name = spec.name();
-            if let Step::Linear { linear, src, dst } = step {
-                let rows = if dst == Act::Logits { 1 } else { m };
-                let x = act(&mut self.acts, src) as *const f32;
-                let y = act(&mut self.acts, dst);
-                // SAFETY: distinct activation buffers of max_seq (logits: 1) rows of the
-                // layer's k and n columns.
-                unsafe {
-                    launch_linear(
-                        &self.kernels,
-                        s.linears[linear].shape,
-                        &self.linears[linear],
-                        x,
-                        y,
-                        rows,
-                    )?
-                };
-                continue;
-            }
-            let last_row = matches!(step, Step::RmsNorm { last_row: true, .. });
-            let rows = if last_row { 1 } else { m };
-            let row0: i32 = if last_row { mi - 1 } else { 0 };
-            let q = act(&mut self.acts, Act::Q);
-            let pos = self.pos.as_mut_ptr();
-            let mut args: Vec<*mut c_void> = Vec::with_capacity(9);
-            // Pointer values live in `ptrs` so that `args` can point at them.
-            let mut ptrs: Vec<*mut c_void> = Vec::with_capacity(9);
-            match step {
-                Step::Embed => {
-                    let tokens = if decode {
-                        self.next.as_mut_ptr()
-                    } else {
-                        self.tokens.as_mut_ptr()
-                    };
-                    ptrs.extend([
-                        tokens.cast(),
-                        plan.embedding.as_ptr() as *mut c_void,
-                        act(&mut self.acts, Act::X).cast(),
-                    ]);
-                }
-                Step::RmsNorm { norm, src, dst, .. } => ptrs.extend([
-                    act(&mut self.acts, src).cast(),
-                    plan.norms[norm].as_ptr() as *mut c_void,
-                    act(&mut self.acts, dst).cast(),
-                ]),
-                Step::RopeKv { layer } => ptrs.extend([
-                    q.cast(),
-                    act(&mut self.acts, Act::K).cast(),
-                    act(&mut self.acts, Act::V).cast(),
-                    self.k_cache[layer].as_mut_ptr().cast(),
-                    self.v_cache[layer].as_mut_ptr().cast(),
-                    plan.rope_cos.as_ptr() as *mut c_void,
-                    plan.rope_sin.as_ptr() as *mut c_void,
-                    pos.cast(),
-                ]),
-                Step::Attention { layer } => ptrs.extend([
-                    q.cast(),
-                    self.k_cache[layer].as_mut_ptr().cast(),
-                    self.v_cache[layer].as_mut_ptr().cast(),
-                    act(&mut self.acts, Act::Att).cast(),
-                    pos.cast(),
-                ]),
-                Step::SiluMul => ptrs.extend([
-                    act(&mut self.acts, Act::Gate).cast(),
-                    act(&mut self.acts, Act::Up).cast(),
-                ]),
-                Step::Argmax => ptrs.extend([
-                    act(&mut self.acts, Act::Logits).cast(),
-                    self.next.as_mut_ptr().cast(),
-                ]),
-                Step::Linear { .. } => unreachable!("launched above"),
-            }
-            args.extend(ptrs.iter().map(arg));
-            match step {
-                Step::Embed | Step::RopeKv { .. } | Step::Attention { .. } | Step::SiluMul => {
-                    args.push(arg(&mi))
-                }
-                Step::RmsNorm { .. } => {
-                    args.push(arg(&d.eps));
-                    args.push(arg(&row0));
-                }
-                _ => {}
-            }
-            // SAFETY: each argument list matches its template's kernel signature (the same
-            // lists as the cuda backend's) over buffers of the plan's sizes.
-            unsafe {
-                self.kernels
-                    .launch(&spec, &name, rows, plan.max_seq, &mut args)?
+        let rows = step.rows(m);
+        let st = &mut self.state;
+        let act = |st: &mut HostState, a: Act| st.acts[a as usize].as_mut_ptr();
+        if let Step::Linear { linear, src, dst } = step {
+            let x = act(st, src) as *const f32;
+            let y = act(st, dst);
+            // SAFETY: distinct activation buffers of max_seq (logits: 1) rows of the layer's
+            // k and n columns.
+            return unsafe {
+                launch_linear(
+                    &self.kernels,
+                    s.linears[linear].shape,
+                    &self.linears[linear],
+                    x,
+                    y,
+                    rows,
+                )
             };
         }
-        Ok(())
+        let row0: i32 = if rows < m { mi - 1 } else { 0 };
+        let q = act(st, Act::Q);
+        let pos: *mut i32 = &mut self.pos;
+        let next: *mut i32 = &mut st.next;
+        // Pointer values live in `ptrs` so that `args` can point at them.
+        let mut ptrs: Vec<*mut c_void> = Vec::with_capacity(9);
+        match step {
+            Step::Embed => {
+                let tokens = if decode {
+                    next
+                } else {
+                    self.tokens.as_mut_ptr()
+                };
+                ptrs.extend([
+                    tokens.cast(),
+                    plan.embedding.as_ptr() as *mut c_void,
+                    act(st, Act::X).cast(),
+                ]);
+            }
+            Step::RmsNorm { norm, src, dst, .. } => ptrs.extend([
+                act(st, src).cast(),
+                plan.norms[norm].as_ptr() as *mut c_void,
+                act(st, dst).cast(),
+            ]),
+            Step::RopeKv { layer } => ptrs.extend([
+                q.cast(),
+                act(st, Act::K).cast(),
+                act(st, Act::V).cast(),
+                st.k_cache[layer].as_mut_ptr().cast(),
+                st.v_cache[layer].as_mut_ptr().cast(),
+                plan.rope_cos.as_ptr() as *mut c_void,
+                plan.rope_sin.as_ptr() as *mut c_void,
+                pos.cast(),
+            ]),
+            Step::Attention { layer } => ptrs.extend([
+                q.cast(),
+                st.k_cache[layer].as_mut_ptr().cast(),
+                st.v_cache[layer].as_mut_ptr().cast(),
+                act(st, Act::Att).cast(),
+                pos.cast(),
+            ]),
+            Step::SiluMul => ptrs.extend([act(st, Act::Gate).cast(), act(st, Act::Up).cast()]),
+            Step::Argmax => ptrs.extend([act(st, Act::Logits).cast(), next.cast()]),
+            Step::Linear { .. } => unreachable!("launched above"),
+        }
+        let mut args: Vec<*mut c_void> = ptrs.iter().map(arg).collect();
+        match step {
+            Step::Embed | Step::RopeKv { .. } | Step::Attention { .. } | Step::SiluMul => {
+                args.push(arg(&mi))
+            }
+            Step::RmsNorm { .. } => {
+                args.push(arg(&d.eps));
+                args.push(arg(&row0));
+            }
+            _ => {}
+        }
+        let spec = s.kernels_of(&step)[0];
+        // SAFETY: each argument list matches its template's kernel signature (the same lists
+        // as the cuda backend's) over buffers of the plan's sizes.
+        unsafe {
+            self.kernels
+                .launch(&spec, &spec.name(), rows, plan.max_seq, &mut args)
+        }
     }
 }
 
@@ -166,23 +150,31 @@ impl Backend for EmuBackend<'_> {
 
     fn forward(&mut self, tokens: &[u32], pos: usize) -> Result<u32> {
         check_pass(self.plan, tokens, pos)?;
-        self.pos[0] = pos as i32;
         let decode = tokens.len() == 1 && pos > 0;
-        if decode {
-            self.next[0] = tokens[0] as i32;
-            self.launch_steps(1, true)?;
-        } else {
-            for (d, &t) in self.tokens.iter_mut().zip(tokens) {
-                *d = t as i32;
-            }
-            self.launch_steps(tokens.len(), false)?;
+        self.start_pass(tokens, pos, decode);
+        for &step in &self.plan.schedule.steps {
+            self.launch_step(step, tokens.len(), decode)?;
         }
-        Ok(self.next[0].max(0) as u32)
+        Ok(self.state.next.max(0) as u32)
     }
 
     fn logits(&mut self) -> Result<Vec<f32>> {
-        let mut v = self.acts[Act::Logits as usize].clone();
-        v.truncate(self.plan.schedule.dims.vocab);
-        Ok(v)
+        let vocab = self.plan.schedule.dims.vocab;
+        Ok(self.state.act(Act::Logits)[..vocab].to_vec())
+    }
+}
+
+impl HostBackend for EmuBackend<'_> {
+    fn state(&self) -> &HostState {
+        &self.state
+    }
+
+    fn state_mut(&mut self) -> &mut HostState {
+        &mut self.state
+    }
+
+    fn run_step(&mut self, index: usize, tokens: &[u32], pos: usize) -> Result<()> {
+        self.start_pass(tokens, pos, false);
+        self.launch_step(self.plan.schedule.steps[index], tokens.len(), false)
     }
 }

@@ -20,7 +20,6 @@ use std::sync::Mutex;
 
 use libloading::Library;
 
-use crate::codegen::GEMV_MAX_ROWS;
 use crate::codegen::{Arch, KernelContext, KernelSource, KernelSpec, LinearShape, Renderer};
 use crate::error::{Error, Result};
 use crate::runtime::exec::{PackedLinear, PackedScales};
@@ -240,14 +239,7 @@ pub(crate) unsafe fn launch_linear(
     y: *mut f32,
     rows: usize,
 ) -> Result<()> {
-    let (spec, entry) = if rows <= GEMV_MAX_ROWS {
-        let spec = KernelSpec::Gemv(shape);
-        let tile = if rows == 1 { 1 } else { GEMV_MAX_ROWS };
-        (spec, format!("{}_m{tile}", spec.name()))
-    } else {
-        let spec = KernelSpec::Gemm(shape);
-        (spec, spec.name())
-    };
+    let (spec, entry) = shape.kernel_for_rows(rows);
     let (w, s, b) = (l.codes.as_ptr(), l.scales.as_ptr(), l.bias.as_ptr());
     let m = rows as i32;
     let mut args = [

@@ -7,6 +7,7 @@
 use rayon::prelude::*;
 
 use super::generate::Backend;
+use super::host::{HostBackend, HostState};
 use super::linear::{argmax, linear_forward};
 use super::ExecutablePlan;
 use crate::codegen::{Act, Step};
@@ -15,50 +16,37 @@ use crate::error::{Error, Result};
 /// Activations and KV cache of one sequence on the CPU.
 pub struct CpuBackend<'a> {
     plan: &'a ExecutablePlan,
-    /// Activation buffers by [`Act`] (index `act as usize`), each `[max rows, cols]`.
-    acts: Vec<Vec<f32>>,
-    k_cache: Vec<Vec<f32>>,
-    v_cache: Vec<Vec<f32>>,
+    state: HostState,
 }
 
 impl<'a> CpuBackend<'a> {
     pub fn new(plan: &'a ExecutablePlan) -> CpuBackend<'a> {
-        let d = &plan.schedule.dims;
-        let cache = || vec![0f32; plan.max_seq * d.kv_dim];
         CpuBackend {
             plan,
-            acts: Act::ALL.iter().map(|_| Vec::new()).collect(),
-            k_cache: (0..d.layers).map(|_| cache()).collect(),
-            v_cache: (0..d.layers).map(|_| cache()).collect(),
+            state: HostState::new(plan),
         }
     }
 
-    /// The activation buffer `act` sized for `rows` rows.
-    fn buf(&mut self, act: Act, rows: usize) -> &mut Vec<f32> {
-        let cols = self.plan.schedule.act_cols(act);
-        let b = &mut self.acts[act as usize];
-        if b.len() < rows * cols {
-            b.resize(rows * cols, 0.0);
-        }
-        b
+    fn buf(&mut self, act: Act) -> &mut Vec<f32> {
+        &mut self.state.acts[act as usize]
     }
 
-    fn take(&mut self, act: Act, rows: usize) -> Vec<f32> {
-        self.buf(act, rows);
-        std::mem::take(&mut self.acts[act as usize])
+    /// The buffer of `act` moved out (so that another one can be borrowed mutably).
+    fn take(&mut self, act: Act) -> Vec<f32> {
+        std::mem::take(self.buf(act))
     }
 
     fn put(&mut self, act: Act, v: Vec<f32>) {
-        self.acts[act as usize] = v;
+        self.state.acts[act as usize] = v;
     }
 
-    fn step(&mut self, step: Step, tokens: &[u32], pos: usize) -> Option<u32> {
+    fn step(&mut self, step: Step, tokens: &[u32], pos: usize) {
         let plan = self.plan;
         let d = &plan.schedule.dims;
         let m = tokens.len();
         match step {
             Step::Embed => {
-                let x = self.buf(Act::X, m);
+                let x = self.buf(Act::X);
                 for (r, &t) in tokens.iter().enumerate() {
                     let t = t as usize;
                     x[r * d.hidden..(r + 1) * d.hidden]
@@ -71,9 +59,9 @@ impl<'a> CpuBackend<'a> {
                 dst,
                 last_row,
             } => {
-                let x = self.take(src, m);
+                let x = self.take(src);
                 let (first, rows) = if last_row { (m - 1, 1) } else { (0, m) };
-                let y = self.buf(dst, rows);
+                let y = self.buf(dst);
                 let w = &plan.norms[norm];
                 let h = d.hidden;
                 y[..rows * h]
@@ -84,9 +72,9 @@ impl<'a> CpuBackend<'a> {
             }
             Step::Linear { linear, src, dst } => {
                 let slot = &plan.schedule.linears[linear];
-                let rows = if dst == Act::Logits { 1 } else { m };
-                let x = self.take(src, rows);
-                let y = self.buf(dst, rows);
+                let rows = step.rows(m);
+                let x = self.take(src);
+                let y = self.buf(dst);
                 linear_forward(&plan.linears[linear], &slot.shape, &x, rows, y);
                 self.put(src, x);
             }
@@ -106,13 +94,16 @@ impl<'a> CpuBackend<'a> {
                         }
                     }
                 };
-                let q = self.buf(Act::Q, m);
+                let q = self.buf(Act::Q);
                 for r in 0..m {
                     rotate(&mut q[r * d.q_dim..(r + 1) * d.q_dim], pos + r);
                 }
-                let k = self.take(Act::K, m);
-                let v = self.take(Act::V, m);
-                let (kc, vc) = (&mut self.k_cache[layer], &mut self.v_cache[layer]);
+                let k = self.take(Act::K);
+                let v = self.take(Act::V);
+                let (kc, vc) = (
+                    &mut self.state.k_cache[layer],
+                    &mut self.state.v_cache[layer],
+                );
                 for r in 0..m {
                     let p = pos + r;
                     let dst = &mut kc[p * d.kv_dim..(p + 1) * d.kv_dim];
@@ -125,13 +116,13 @@ impl<'a> CpuBackend<'a> {
                 self.put(Act::V, v);
             }
             Step::Attention { layer } => {
-                let q = self.take(Act::Q, m);
-                let mut out = self.take(Act::Att, m);
+                let q = self.take(Act::Q);
+                let mut out = self.take(Act::Att);
                 attention(
                     plan,
                     &q,
-                    &self.k_cache[layer],
-                    &self.v_cache[layer],
+                    &self.state.k_cache[layer],
+                    &self.state.v_cache[layer],
                     pos,
                     m,
                     &mut out,
@@ -140,8 +131,8 @@ impl<'a> CpuBackend<'a> {
                 self.put(Act::Att, out);
             }
             Step::SiluMul => {
-                let up = self.take(Act::Up, m);
-                let gate = self.buf(Act::Gate, m);
+                let up = self.take(Act::Up);
+                let gate = self.buf(Act::Gate);
                 gate[..m * d.ffn]
                     .par_iter_mut()
                     .zip(up[..m * d.ffn].par_iter())
@@ -149,11 +140,10 @@ impl<'a> CpuBackend<'a> {
                 self.put(Act::Up, up);
             }
             Step::Argmax => {
-                let logits = self.buf(Act::Logits, 1);
-                return Some(argmax(&logits[..d.vocab]));
+                let logits = self.buf(Act::Logits);
+                self.state.next = argmax(&logits[..d.vocab]) as i32;
             }
         }
-        None
     }
 }
 
@@ -218,18 +208,31 @@ impl Backend for CpuBackend<'_> {
 
     fn forward(&mut self, tokens: &[u32], pos: usize) -> Result<u32> {
         check_pass(self.plan, tokens, pos)?;
-        let mut next = None;
         for &step in &self.plan.schedule.steps {
-            if let Some(t) = self.step(step, tokens, pos) {
-                next = Some(t);
-            }
+            self.step(step, tokens, pos);
         }
-        next.ok_or_else(|| Error::invalid("schedule", "it has no argmax step"))
+        Ok(self.state.next as u32)
     }
 
     fn logits(&mut self) -> Result<Vec<f32>> {
         let vocab = self.plan.schedule.dims.vocab;
-        Ok(self.buf(Act::Logits, 1)[..vocab].to_vec())
+        Ok(self.state.act(Act::Logits)[..vocab].to_vec())
+    }
+}
+
+impl HostBackend for CpuBackend<'_> {
+    fn state(&self) -> &HostState {
+        &self.state
+    }
+
+    fn state_mut(&mut self) -> &mut HostState {
+        &mut self.state
+    }
+
+    fn run_step(&mut self, index: usize, tokens: &[u32], pos: usize) -> Result<()> {
+        let step = self.plan.schedule.steps[index];
+        self.step(step, tokens, pos);
+        Ok(())
     }
 }
 

@@ -10,11 +10,13 @@
 
 mod cpu;
 mod generate;
+mod host;
 mod linear;
 
 pub(crate) use cpu::check_pass;
 pub use cpu::CpuBackend;
 pub use generate::{generate, greedy_reference, Backend, Generation};
+pub use host::{compare_steps, HostBackend, HostState, StepComparison};
 pub use linear::{argmax, linear_forward};
 
 use std::sync::Arc;
