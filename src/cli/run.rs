@@ -1,6 +1,8 @@
 //! `fpx run`: builds a plan's executable plan (weights packed in their formats) and generates
 //! text greedily on the cpu backend or on the GPU with the generated kernels; prints the text,
-//! tokens/s and per-token latency.
+//! tokens/s and per-token latency. With `--check-kernels` (emu backend) it instead runs the
+//! prompt's prefill and one decode step kernel by kernel on the emulator and on the cpu
+//! backend, on identical inputs, and reports each entry point's largest difference.
 
 use std::fmt::Write as _;
 use std::path::PathBuf;
@@ -49,6 +51,92 @@ pub(crate) struct RunArgs {
     /// Print one JSON object.
     #[arg(long)]
     json: bool,
+    /// Emu backend: instead of generating, compare every kernel launch of the prefill and one
+    /// decode step with the cpu backend on identical inputs; fails above --tolerance.
+    #[arg(long)]
+    check_kernels: bool,
+    /// Largest difference --check-kernels accepts, relative to the largest reference value
+    /// of the step.
+    #[arg(long, default_value_t = 1e-4)]
+    tolerance: f32,
+}
+
+/// One entry point in `--check-kernels`.
+#[derive(Serialize)]
+struct KernelCheck {
+    kernel: String,
+    launches: usize,
+    max_abs: f32,
+    max_rel: f32,
+}
+
+/// `fpx run --backend emu --check-kernels`.
+fn check_kernels(args: &RunArgs, plan: &ExecutablePlan, prompt: &[u32]) -> Result<()> {
+    use fpx::runtime::exec::{compare_steps, HostBackend};
+    let opts = fpx::runtime::emu::EmuOptions::default();
+    let mut emu = fpx::runtime::emu::EmuBackend::new(plan, &opts)?;
+    let mut cpu = CpuBackend::new(plan);
+    let mut by_kernel: std::collections::BTreeMap<String, KernelCheck> = Default::default();
+    let mut record = |steps: Vec<fpx::runtime::exec::StepComparison>| {
+        for c in steps {
+            let k = by_kernel.entry(c.kernel.clone()).or_insert(KernelCheck {
+                kernel: c.kernel.clone(),
+                launches: 0,
+                max_abs: 0.0,
+                max_rel: 0.0,
+            });
+            k.launches += 1;
+            k.max_abs = k.max_abs.max(c.max_abs);
+            k.max_rel = k.max_rel.max(c.rel());
+        }
+    };
+    record(compare_steps(plan, &mut cpu, &mut emu, prompt, 0)?);
+    if plan.max_seq > prompt.len() {
+        let next = cpu.state().next as u32;
+        record(compare_steps(
+            plan,
+            &mut cpu,
+            &mut emu,
+            &[next],
+            prompt.len(),
+        )?);
+    }
+    let checks: Vec<KernelCheck> = by_kernel.into_values().collect();
+    let failed: Vec<&str> = checks
+        .iter()
+        .filter(|c| c.max_rel.is_nan() || c.max_rel > args.tolerance)
+        .map(|c| c.kernel.as_str())
+        .collect();
+    if args.json {
+        emit(&(serde_json::to_string_pretty(&checks)? + "\n"));
+    } else {
+        let mut t = format!(
+            "{:<36} {:>8} {:>10} {:>10}\n",
+            "kernel", "launches", "max abs", "max rel"
+        );
+        for c in &checks {
+            writeln!(
+                t,
+                "{:<36} {:>8} {:>10.2e} {:>10.2e}",
+                c.kernel, c.launches, c.max_abs, c.max_rel
+            )?;
+        }
+        writeln!(
+            t,
+            "{} entry points, {} launches compared (emu vs cpu, identical inputs per step)",
+            checks.len(),
+            checks.iter().map(|c| c.launches).sum::<usize>()
+        )?;
+        emit(&t);
+    }
+    if !failed.is_empty() {
+        anyhow::bail!(
+            "kernels above the relative tolerance {}: {}",
+            args.tolerance,
+            failed.join(", ")
+        );
+    }
+    Ok(())
 }
 
 fn plan_of(
@@ -84,6 +172,16 @@ pub(crate) fn run(args: RunArgs) -> Result<()> {
     let prompt = model.tokenizer.encode(&args.prompt)?;
     let max_seq = args.max_seq.unwrap_or(prompt.len() + args.max_tokens);
     let graph = Graph::build(&model.spec);
+    if args.check_kernels {
+        if args.backend != BackendKind::Emu {
+            anyhow::bail!(
+                "--check-kernels compares the emulated kernels: use it with --backend emu"
+            );
+        }
+        fpx::runtime::emu::Toolchain::find()?;
+        let plan = plan_of(&graph, &model, &precision, max_seq.max(prompt.len() + 1))?;
+        return check_kernels(&args, &plan, &prompt);
+    }
     let start = Instant::now();
     let eos = model.spec.eos_token_id;
     let (generation, backend_name, build_seconds): (Generation, &'static str, f64) =
