@@ -8,7 +8,7 @@ mod common;
 
 use common::{fpx, have, smollm2};
 use fpx::formats::Format;
-use fpx::ir::{Graph, LinearKind};
+use fpx::ir::Graph;
 use fpx::model::synthetic::{tiny_spec, write_gguf, GgmlDType};
 use fpx::model::{load_model, Architecture, Model};
 use fpx::runtime::cpu::CpuModel;
@@ -21,20 +21,6 @@ fn uniform(graph: &Graph, format: Option<Format>) -> PrecisionMap {
         for (id, _) in graph.block_linears() {
             map.insert(graph.node(id).name.clone(), LinearPrecision::weight_only(f));
         }
-    }
-    map
-}
-
-/// FP8 attention, FP4 MLP (both FP4 formats), lm_head in FP8.
-fn mixed(graph: &Graph) -> PrecisionMap {
-    let mut map = PrecisionMap::new();
-    for (id, l) in graph.linears() {
-        let f = match l.kind {
-            LinearKind::Gate | LinearKind::Up => Format::Nvfp4,
-            LinearKind::Down => Format::Mxfp4,
-            _ => Format::Fp8,
-        };
-        map.insert(graph.node(id).name.clone(), LinearPrecision::weight_only(f));
     }
     map
 }
@@ -65,7 +51,7 @@ fn tiny_models_match_the_reference_in_every_format() {
         let graph = Graph::build(&model.spec);
         // 9 prompt tokens: the prefill takes the GEMM path (> 8 rows) in the kernels.
         let prompt: Vec<u32> = (0..9u32).map(|i| (i * 31 + 7) % 300).collect();
-        let mut maps = vec![mixed(&graph)];
+        let mut maps = vec![common::mixed_precision(&graph)];
         maps.extend(
             [
                 None,
@@ -92,7 +78,7 @@ fn decode_steps_continue_the_prefill_exactly() {
     write_gguf(&path, &tiny_spec(Architecture::Llama), 5, GgmlDType::F32).unwrap();
     let model = load_model(&path).unwrap();
     let graph = Graph::build(&model.spec);
-    let map = mixed(&graph);
+    let map = common::mixed_precision(&graph);
     let plan = ExecutablePlan::build(&graph, model.weights.as_ref(), &map, 32).unwrap();
     let prompt = [3u32, 141, 59, 26, 5];
     let mut a = CpuBackend::new(&plan);
@@ -118,7 +104,7 @@ fn smollm2_mixed_plan_matches_the_reference() {
         .tokenizer
         .encode("The sea was calm and the ship")
         .unwrap();
-    let (ours, reference) = both(&model, &mixed(&graph), &prompt, 8);
+    let (ours, reference) = both(&model, &common::mixed_precision(&graph), &prompt, 8);
     assert_eq!(ours, reference);
 }
 

@@ -7,15 +7,10 @@ mod common;
 
 use common::smollm2;
 use fpx::codegen::{LinearShape, WeightFormat};
-use fpx::formats::Format;
-use fpx::ir::{Graph, LinearKind};
 use fpx::model::synthetic::{tiny_spec, write_gguf, GgmlDType};
-use fpx::model::{load_model, Architecture};
+use fpx::model::Architecture;
 use fpx::runtime::cuda::{probe_driver, CudaBackend, Device};
-use fpx::runtime::exec::{
-    generate, linear_forward, Backend, CpuBackend, ExecutablePlan, PackedLinear,
-};
-use fpx::runtime::{LinearPrecision, PrecisionMap};
+use fpx::runtime::exec::{linear_forward, PackedLinear};
 
 /// Whether a GPU is usable; prints why not, or panics under FPX_REQUIRE_GPU=1.
 fn gpu() -> bool {
@@ -80,52 +75,12 @@ fn gpu_linear_kernels_match_the_cpu_backend() {
     }
 }
 
-fn mixed(graph: &Graph) -> PrecisionMap {
-    let mut map = PrecisionMap::new();
-    for (id, l) in graph.linears() {
-        let f = match l.kind {
-            LinearKind::Gate | LinearKind::Up => Format::Nvfp4,
-            LinearKind::Down => Format::Mxfp4,
-            LinearKind::O => Format::Fp16,
-            _ => Format::Fp8,
-        };
-        map.insert(graph.node(id).name.clone(), LinearPrecision::weight_only(f));
-    }
-    map
-}
-
+/// Prefill logits (GEMM path for > 8 prompt tokens) within 1e-3 of the largest logit, then
+/// identical greedy tokens with decode steps.
 fn compare_plans(model_path: &std::path::Path, prompt_text: Option<&str>, n: usize) {
-    let model = load_model(model_path).unwrap();
-    let graph = Graph::build(&model.spec);
-    let prompt: Vec<u32> = match prompt_text {
-        Some(t) => model.tokenizer.encode(t).unwrap(),
-        None => (0..11u32)
-            .map(|i| (i * 31 + 7) % model.spec.vocab_size as u32)
-            .collect(),
-    };
-    let plan = ExecutablePlan::build(
-        &graph,
-        model.weights.as_ref(),
-        &mixed(&graph),
-        prompt.len() + n,
-    )
-    .unwrap();
-    let mut cpu = CpuBackend::new(&plan);
-    let mut gpu = CudaBackend::new(&plan, 0, None).unwrap();
-    // Prefill logits (GEMM path for > 8 prompt tokens), then greedy tokens with decode steps.
-    cpu.forward(&prompt, 0).unwrap();
-    gpu.forward(&prompt, 0).unwrap();
-    close(
-        "prefill logits",
-        &gpu.logits().unwrap(),
-        &cpu.logits().unwrap(),
-        1e-3,
-    );
-    let mut cpu = CpuBackend::new(&plan);
-    let mut gpu = CudaBackend::new(&plan, 0, None).unwrap();
-    let a = generate(&mut cpu, &prompt, n, None).unwrap();
-    let b = generate(&mut gpu, &prompt, n, None).unwrap();
-    assert_eq!(a.tokens, b.tokens);
+    common::compare_with_cpu(model_path, prompt_text, n, 1e-3, |plan| {
+        Box::new(CudaBackend::new(plan, 0, None).unwrap())
+    });
 }
 
 #[test]

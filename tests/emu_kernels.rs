@@ -16,13 +16,11 @@
 mod common;
 
 use fpx::codegen::{Arch, KernelSpec, LinearShape, Renderer, WeightFormat};
-use fpx::formats::Format;
-use fpx::ir::{Graph, LinearKind};
+use fpx::ir::Graph;
 use fpx::model::synthetic::{tiny_spec, write_gguf, GgmlDType};
 use fpx::model::{load_model, Architecture, ModelSpec};
 use fpx::runtime::emu::{EmuBackend, EmuKernels, EmuOptions, Toolchain};
 use fpx::runtime::exec::{compare_steps, linear_forward, CpuBackend, ExecutablePlan, PackedLinear};
-use fpx::runtime::{LinearPrecision, PrecisionMap};
 
 pub fn emu_opts(arch: Arch) -> Option<EmuOptions> {
     let ok = Toolchain::find().is_ok()
@@ -39,21 +37,7 @@ pub fn emu_opts(arch: Arch) -> Option<EmuOptions> {
     })
 }
 
-/// Largest |got - want| relative to max |want|.
-fn rel_err(got: &[f32], want: &[f32]) -> f32 {
-    assert_eq!(got.len(), want.len());
-    let scale = want.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-6);
-    got.iter()
-        .zip(want)
-        .map(|(g, w)| {
-            if g.is_nan() {
-                f32::INFINITY
-            } else {
-                (g - w).abs() / scale
-            }
-        })
-        .fold(0.0, f32::max)
-}
+use common::rel_err;
 
 const SHAPES: [(usize, usize, bool, bool); 3] = [
     (192, 576, true, false),
@@ -118,6 +102,16 @@ fn specs(formats: &[WeightFormat]) -> Vec<KernelSpec> {
     v
 }
 
+/// `specs` rendered by `renderer` for `opts.arch`, built and loaded in the emulator.
+fn build(renderer: &Renderer, specs: &[KernelSpec], opts: &EmuOptions) -> EmuKernels {
+    let sources = specs
+        .iter()
+        .map(|s| renderer.render(s, opts.arch))
+        .collect::<Result<Vec<_>, _>>()
+        .unwrap();
+    EmuKernels::from_sources(&sources, opts).unwrap()
+}
+
 /// Tolerance: the kernels sum in a different order than the cpu backend (warp trees, tiles),
 /// so FP32 rounding differs; 1e-5 of the largest output is far below one FP8/FP4 step.
 const TOL: f32 = 1e-5;
@@ -150,12 +144,7 @@ fn emu_catches_a_broken_tail_loop() {
     );
     let renderer = Renderer::with_overrides(&[("gemv.cu.tera", &broken)]).unwrap();
     let formats = [WeightFormat::Nvfp4, WeightFormat::Fp8];
-    let sources = specs(&formats)
-        .iter()
-        .map(|s| renderer.render(s, Arch::Sm90))
-        .collect::<Result<Vec<_>, _>>()
-        .unwrap();
-    let kernels = EmuKernels::from_sources(&sources, &opts).unwrap();
+    let kernels = build(&renderer, &specs(&formats), &opts);
     for format in formats {
         for (what, err) in linear_errors(&kernels, format) {
             // GEMV launches (rows <= 8) must be caught; the GEMM (20 rows) is not broken.
@@ -214,12 +203,7 @@ fn emu_catches_swapped_fp4_nibbles() {
         .unwrap();
     assert!(typo.to_string().contains("fpx_format.cuh"), "{typo}");
     let formats = [WeightFormat::Nvfp4, WeightFormat::Mxfp4, WeightFormat::Fp8];
-    let sources = specs(&formats)
-        .iter()
-        .map(|s| renderer.render(s, Arch::Sm90))
-        .collect::<Result<Vec<_>, _>>()
-        .unwrap();
-    let kernels = EmuKernels::from_sources(&sources, &opts).unwrap();
+    let kernels = build(&renderer, &specs(&formats), &opts);
     for format in formats {
         for (what, err) in linear_errors(&kernels, format) {
             if format == WeightFormat::Fp8 {
@@ -258,23 +242,6 @@ fn step_models() -> Vec<ModelSpec> {
     vec![llama, qwen, wide_heads]
 }
 
-/// Every linear kind in another format: q/k/v FP8, o FP16, gate/up NVFP4, down MXFP4, lm_head
-/// FP32 (kept) or, with `lm_fp8`, FP8.
-fn step_plan_map(graph: &Graph) -> PrecisionMap {
-    let mut map = PrecisionMap::new();
-    for (id, l) in graph.linears() {
-        let f = match l.kind {
-            LinearKind::Gate | LinearKind::Up => Format::Nvfp4,
-            LinearKind::Down => Format::Mxfp4,
-            LinearKind::O => Format::Fp16,
-            LinearKind::LmHead => continue,
-            _ => Format::Fp8,
-        };
-        map.insert(graph.node(id).name.clone(), LinearPrecision::weight_only(f));
-    }
-    map
-}
-
 /// Largest relative error of each launched entry point over three passes of `spec` (12 rows
 /// at position 0: GEMM; 3 rows: GEMV `_m8`; one row: GEMV `_m1`), every step compared on the
 /// cpu backend's inputs (`compare_steps`); the emulated kernels come from `renderer`.
@@ -289,18 +256,15 @@ fn step_errors(
     write_gguf(&path, spec, seed, GgmlDType::F32).unwrap();
     let model = load_model(&path).unwrap();
     let graph = Graph::build(&model.spec);
-    let plan =
-        ExecutablePlan::build(&graph, model.weights.as_ref(), &step_plan_map(&graph), 16).unwrap();
-    let sources = plan
-        .schedule
-        .kernels()
-        .iter()
-        .map(|k| renderer.render(k, opts.arch))
-        .collect::<Result<Vec<_>, _>>()
-        .unwrap();
+    let plan = ExecutablePlan::build(
+        &graph,
+        model.weights.as_ref(),
+        &common::mixed_precision(&graph),
+        16,
+    )
+    .unwrap();
     let mut cpu = CpuBackend::new(&plan);
-    let mut emu =
-        EmuBackend::with_kernels(&plan, EmuKernels::from_sources(&sources, opts).unwrap());
+    let mut emu = EmuBackend::with_kernels(&plan, build(renderer, &plan.schedule.kernels(), opts));
     let vocab = spec.vocab_size as u32;
     let tokens: Vec<u32> = (0..16u32).map(|t| (t * 97 + 13) % vocab).collect();
     let mut out = Vec::new();

@@ -12,13 +12,9 @@ mod common;
 
 use common::{have, smollm2};
 use fpx::codegen::Arch;
-use fpx::formats::Format;
-use fpx::ir::{Graph, LinearKind};
 use fpx::model::synthetic::{tiny_spec, write_gguf, GgmlDType};
-use fpx::model::{load_model, Architecture};
+use fpx::model::Architecture;
 use fpx::runtime::emu::{EmuBackend, EmuOptions, Toolchain};
-use fpx::runtime::exec::{generate, Backend, CpuBackend, ExecutablePlan};
-use fpx::runtime::{LinearPrecision, PrecisionMap};
 
 fn emu_opts() -> Option<EmuOptions> {
     let ok = Toolchain::find().is_ok();
@@ -31,67 +27,14 @@ fn emu_opts() -> Option<EmuOptions> {
     })
 }
 
-/// FP8 attention projections, NVFP4 gate/up, MXFP4 down, FP16 o_proj, lm_head in FP8.
-fn mixed(graph: &Graph) -> PrecisionMap {
-    let mut map = PrecisionMap::new();
-    for (id, l) in graph.linears() {
-        let f = match l.kind {
-            LinearKind::Gate | LinearKind::Up => Format::Nvfp4,
-            LinearKind::Down => Format::Mxfp4,
-            LinearKind::O => Format::Fp16,
-            _ => Format::Fp8,
-        };
-        map.insert(graph.node(id).name.clone(), LinearPrecision::weight_only(f));
-    }
-    map
-}
-
 /// Prefill logits: the kernels sum in other orders than the cpu backend; 1e-3 of the largest
 /// logit after a whole forward pass.
 const LOGIT_TOL: f32 = 1e-3;
 
 fn compare(model_path: &std::path::Path, prompt: Option<&str>, n: usize, opts: &EmuOptions) {
-    let model = load_model(model_path).unwrap();
-    let graph = Graph::build(&model.spec);
-    let prompt: Vec<u32> = match prompt {
-        Some(t) => model.tokenizer.encode(t).unwrap(),
-        None => (0..11u32)
-            .map(|i| (i * 31 + 7) % model.spec.vocab_size as u32)
-            .collect(),
-    };
-    let plan = ExecutablePlan::build(
-        &graph,
-        model.weights.as_ref(),
-        &mixed(&graph),
-        prompt.len() + n,
-    )
-    .unwrap();
-    let mut cpu = CpuBackend::new(&plan);
-    let mut emu = EmuBackend::new(&plan, opts).unwrap();
-    cpu.forward(&prompt, 0).unwrap();
-    emu.forward(&prompt, 0).unwrap();
-    let (a, b) = (cpu.logits().unwrap(), emu.logits().unwrap());
-    let scale = a.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-6);
-    let err = a
-        .iter()
-        .zip(&b)
-        .map(|(x, y)| (x - y).abs() / scale)
-        .fold(0f32, f32::max);
-    assert!(err <= LOGIT_TOL, "prefill logits: relative error {err}");
-    let mut cpu = CpuBackend::new(&plan);
-    let mut emu = EmuBackend::new(&plan, opts).unwrap();
-    let t0 = std::time::Instant::now();
-    let want = generate(&mut cpu, &prompt, n, None).unwrap();
-    let t1 = std::time::Instant::now();
-    let got = generate(&mut emu, &prompt, n, None).unwrap();
-    eprintln!(
-        "{}: {} prompt tokens, {n} new; logits rel err {err:.2e}; cpu {:.2}s, emu {:.2}s",
-        model_path.file_name().unwrap().to_string_lossy(),
-        prompt.len(),
-        (t1 - t0).as_secs_f64(),
-        t1.elapsed().as_secs_f64()
-    );
-    assert_eq!(got.tokens, want.tokens, "greedy tokens emu vs cpu");
+    common::compare_with_cpu(model_path, prompt, n, LOGIT_TOL, |plan| {
+        Box::new(EmuBackend::new(plan, opts).unwrap())
+    });
 }
 
 #[test]

@@ -73,15 +73,8 @@ impl HelperHeaders {
 
     fn with_overrides(overrides: &[(&str, &str)]) -> HelperHeaders {
         HelperHeaders(Arc::new(
-            HEADERS
-                .iter()
-                .map(|&(name, text)| {
-                    let text = overrides
-                        .iter()
-                        .find(|(n, _)| *n == name)
-                        .map_or(text, |(_, t)| *t);
-                    (name.to_string(), text.to_string())
-                })
+            overridden(&HEADERS, overrides)
+                .map(|(name, text)| (name.to_string(), text.to_string()))
                 .collect(),
         ))
     }
@@ -162,17 +155,7 @@ impl Renderer {
         }
         let mut tera = Tera::default();
         tera.autoescape_on(vec![]);
-        let templates: Vec<(&str, &str)> = TEMPLATES
-            .iter()
-            .map(|&(name, text)| {
-                let text = overrides
-                    .iter()
-                    .find(|(n, _)| *n == name)
-                    .map_or(text, |(_, t)| *t);
-                (name, text)
-            })
-            .collect();
-        tera.add_raw_templates(templates)
+        tera.add_raw_templates(overridden(&TEMPLATES, overrides))
             .map_err(|e| Error::Codegen {
                 kernel: "(templates)".into(),
                 reason: chain(&e),
@@ -208,6 +191,20 @@ impl Renderer {
             headers: self.headers.clone(),
         })
     }
+}
+
+/// The (name, text) pairs of `embedded`, each text replaced by the override of that name.
+fn overridden<'a>(
+    embedded: &'a [(&'a str, &'a str)],
+    overrides: &'a [(&'a str, &'a str)],
+) -> impl Iterator<Item = (&'a str, &'a str)> {
+    embedded.iter().map(move |&(name, text)| {
+        let text = overrides
+            .iter()
+            .find(|(n, _)| *n == name)
+            .map_or(text, |(_, t)| *t);
+        (name, text)
+    })
 }
 
 /// Trailing whitespace removed from every line, exactly one final newline.

@@ -79,3 +79,98 @@ pub fn fpx(args: &[&str]) -> (i32, String, String) {
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
 }
+
+/// The mixed plan of the backend tests: FP8 q/k/v and lm_head, FP16 o_proj, NVFP4 gate/up,
+/// MXFP4 down (every kernel format in one plan).
+pub fn mixed_precision(graph: &fpx::ir::Graph) -> fpx::runtime::PrecisionMap {
+    use fpx::formats::Format;
+    use fpx::ir::LinearKind;
+    let mut map = fpx::runtime::PrecisionMap::new();
+    for (id, l) in graph.linears() {
+        let f = match l.kind {
+            LinearKind::Gate | LinearKind::Up => Format::Nvfp4,
+            LinearKind::Down => Format::Mxfp4,
+            LinearKind::O => Format::Fp16,
+            _ => Format::Fp8,
+        };
+        map.insert(
+            graph.node(id).name.clone(),
+            fpx::runtime::LinearPrecision::weight_only(f),
+        );
+    }
+    map
+}
+
+/// Largest |got - want| relative to max |want| (infinite where `got` is NaN).
+pub fn rel_err(got: &[f32], want: &[f32]) -> f32 {
+    assert_eq!(got.len(), want.len(), "lengths");
+    let scale = want.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-6);
+    got.iter()
+        .zip(want)
+        .map(|(g, w)| {
+            if g.is_nan() {
+                f32::INFINITY
+            } else {
+                (g - w).abs() / scale
+            }
+        })
+        .fold(0.0, f32::max)
+}
+
+/// A backend under test next to the cpu backend on the mixed plan of `model_path`: the
+/// prompt's prefill logits within `logit_tol` of the largest logit, then `n` greedy tokens
+/// identical. `prompt`: text, or 11 fixed token ids. `new_backend` makes a fresh backend.
+pub fn compare_with_cpu<F>(
+    model_path: &std::path::Path,
+    prompt: Option<&str>,
+    n: usize,
+    logit_tol: f32,
+    new_backend: F,
+) where
+    F: Fn(&fpx::runtime::exec::ExecutablePlan) -> Box<dyn fpx::runtime::exec::Backend + '_>,
+{
+    use fpx::runtime::exec::{generate, Backend, CpuBackend, ExecutablePlan};
+    let model = fpx::model::load_model(model_path).unwrap();
+    let graph = fpx::ir::Graph::build(&model.spec);
+    let prompt: Vec<u32> = match prompt {
+        Some(t) => model.tokenizer.encode(t).unwrap(),
+        None => (0..11u32)
+            .map(|i| (i * 31 + 7) % model.spec.vocab_size as u32)
+            .collect(),
+    };
+    let plan = ExecutablePlan::build(
+        &graph,
+        model.weights.as_ref(),
+        &mixed_precision(&graph),
+        prompt.len() + n,
+    )
+    .unwrap();
+    let (mut cpu, mut other) = (CpuBackend::new(&plan), new_backend(&plan));
+    cpu.forward(&prompt, 0).unwrap();
+    other.forward(&prompt, 0).unwrap();
+    let err = rel_err(&other.logits().unwrap(), &cpu.logits().unwrap());
+    assert!(
+        err <= logit_tol,
+        "{} prefill logits: relative error {err}",
+        other.name()
+    );
+    let (mut cpu, mut other) = (CpuBackend::new(&plan), new_backend(&plan));
+    let t0 = std::time::Instant::now();
+    let want = generate(&mut cpu, &prompt, n, None).unwrap();
+    let t1 = std::time::Instant::now();
+    let got = generate(other.as_mut(), &prompt, n, None).unwrap();
+    eprintln!(
+        "{}: {} prompt tokens, {n} new; logits rel err {err:.2e}; cpu {:.2}s, {} {:.2}s",
+        model_path.file_name().unwrap().to_string_lossy(),
+        prompt.len(),
+        (t1 - t0).as_secs_f64(),
+        other.name(),
+        t1.elapsed().as_secs_f64()
+    );
+    assert_eq!(
+        got.tokens,
+        want.tokens,
+        "greedy tokens {} vs cpu",
+        other.name()
+    );
+}
