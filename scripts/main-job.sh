@@ -2,8 +2,9 @@
 # The main job on the default model (`make run`): every stage of fpx on SmolLM2-135M.
 #   inspect -> calibrate on Moby Dick -> greedy-gamma and ILP plans at equal latency (H100
 #   roofline) -> compare -> perplexity/KL of both plans on held-out text (State of the Union)
-#   -> CUDA kernels for the ILP plan (NVRTC, sm_90 CUBIN) -> a short generation on the CPU
-#   backend of the executable plan.
+#   -> CUDA kernels for the ILP plan (NVRTC, sm_90 CUBIN) -> the same kernels run on the CPU by
+#   the CUDA emulator, checked launch by launch against the cpu backend -> a short generation
+#   on the CPU backend of the executable plan.
 # Outputs go to out/ (git-ignored). Expects `make fetch tools` to have run (make run does).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -43,6 +44,10 @@ done
 
 step "codegen: ILP plan -> CUDA -> NVRTC (sm_90 CUBIN)"
 "$FPX" codegen --plan "$OUT/ilp.plan.json" --model "$MODEL" --arch sm_90 -o "$OUT/kernels-sm_90"
+
+step "kernels on the CUDA emulator: every launch of a prefill and a decode step vs the cpu backend"
+"$FPX" run --plan "$OUT/ilp.plan.json" --model "$MODEL" --backend emu --check-kernels \
+    --prompt "Call me Ishmael." | tail -n 8
 
 step "run: the ILP plan's executable plan on the CPU backend"
 "$FPX" run --plan "$OUT/ilp.plan.json" --model "$MODEL" --backend cpu \
