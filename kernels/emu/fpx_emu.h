@@ -4,11 +4,14 @@
 //
 // Blocks run one after another on the calling thread. The threads of a block are fibers (one
 // stack each, switched by a few lines of x86-64 assembly, ucontext elsewhere), so
-// __syncthreads and warp shuffles are barriers where a fiber yields until every live thread of
-// its block (or warp) has arrived. A barrier that can never complete (divergent
-// __syncthreads) is reported as an error, not a hang. Static __shared__ variables are function
-// statics (one block at a time); dynamic shared memory is the global `fpx_emu_dyn_smem`, which
-// the loader reaches by a rewrite of `extern __shared__` to FPX_EMU_EXTERN_SHARED. Inline PTX
+// __syncthreads is a barrier where a fiber yields until every live thread of its block has
+// arrived; warp shuffles, votes and __syncwarp meet the live lanes of their `mask` only (lanes
+// outside it may be elsewhere, e.g. in another branch syncing with another mask), as on Volta
+// and newer. A barrier that can never complete (divergent __syncthreads, a mask naming lanes
+// that never arrive) is reported as an error, not a hang. Static __shared__ variables are function
+// statics (one block at a time); dynamic shared memory is the global `fpx_emu_dyn_smem`: the
+// loader rewrites each `extern __shared__ T name[];` to a `T*` named `name` pointing at it
+// (src/runtime/emu/build.rs, `translate`). Inline PTX
 // sits behind __CUDA_ARCH__ guards in the kernels, so the portable fallbacks run here.
 #pragma once
 #include <algorithm>
@@ -23,6 +26,7 @@
 #include <utility>
 #include <vector>
 #include <vector_types.h>
+#include <map>
 #include <cuda_fp16.h>
 #if !defined(__x86_64__)
 #include <ucontext.h>
@@ -40,7 +44,6 @@
 #define __launch_bounds__(...)
 #undef __shared__
 #define __shared__ static
-#define FPX_EMU_EXTERN_SHARED extern
 
 struct fpx_emu_dim3 {
   unsigned x = 1, y = 1, z = 1;
@@ -48,9 +51,9 @@ struct fpx_emu_dim3 {
 inline fpx_emu_dim3 threadIdx, blockIdx, blockDim, gridDim;
 constexpr int warpSize = 32;
 
-// Dynamic shared memory of the running block (kernels declare `extern __shared__ float smem[]`).
+// Dynamic shared memory of the running block.
 constexpr size_t FPX_EMU_DYN_SMEM_BYTES = 8u << 20;
-alignas(16) inline float smem[FPX_EMU_DYN_SMEM_BYTES / sizeof(float)];
+alignas(16) inline unsigned char fpx_emu_dyn_smem[FPX_EMU_DYN_SMEM_BYTES];
 
 namespace fpx_emu {
 
@@ -98,6 +101,18 @@ struct Barrier {
   unsigned long gen = 0;
 };
 
+// A rendezvous of the lanes of one warp named by a mask: complete when every live lane of
+// `mask` has arrived.
+struct LaneBarrier {
+  unsigned arrived = 0;
+  unsigned long gen = 0;
+};
+
+struct Warp {
+  unsigned live = 0;                       // lanes that have not exited
+  std::map<unsigned, LaneBarrier> by_mask;  // node-stable: waiters keep references
+};
+
 struct Fiber {
   unsigned tid = 0;
   State state = State::Ready;
@@ -111,7 +126,7 @@ struct Fiber {
 
 struct Block {
   std::vector<Fiber> fibers;
-  std::vector<Barrier> warps;
+  std::vector<Warp> warps;
   Barrier block;
   std::vector<uint64_t> slots;  // shuffle exchange, one per thread
   std::vector<uint32_t> votes;  // vote exchange, one per thread
@@ -163,13 +178,42 @@ inline void leave(Barrier& bar) {
   }
 }
 
+// Releases `lb` when every live lane of `mask` has arrived.
+inline bool complete(LaneBarrier& lb, unsigned mask, unsigned live) {
+  if ((mask & live & ~lb.arrived) != 0) return false;
+  lb.arrived = 0;
+  ++lb.gen;
+  return true;
+}
+
+// The calling thread arrives at its warp's rendezvous for `mask` and waits for the other live
+// lanes of `mask`.
+inline void arrive_lanes(unsigned mask) {
+  Block* b = block();
+  b->progressed = true;
+  const unsigned t = b->current;
+  Warp& w = b->warps[t / 32];
+  LaneBarrier& lb = w.by_mask[mask];
+  lb.arrived |= 1u << (t & 31);
+  if (complete(lb, mask, w.live)) return;
+  const unsigned long gen = lb.gen;
+  while (lb.gen == gen) yield();
+}
+
+// A lane exits: rendezvous that waited only for it complete.
+inline void leave_lanes(Warp& w, unsigned lane) {
+  w.live &= ~(1u << lane);
+  for (auto& [mask, lb] : w.by_mask)
+    if (lb.arrived != 0) complete(lb, mask, w.live);
+}
+
 inline void fiber_main() {
   Block* b = block();
   b->body(b->arg);
   Fiber& f = b->fibers[b->current];
   f.state = State::Done;
   b->progressed = true;
-  leave(b->warps[f.tid / 32]);
+  leave_lanes(b->warps[f.tid / 32], f.tid & 31);
   leave(b->block);
   yield();
 }
@@ -232,9 +276,12 @@ inline const char* launch(fpx_emu_dim3 grid, fpx_emu_dim3 blk, size_t smem_bytes
     for (unsigned by = 0; by < grid.y; ++by)
       for (unsigned bx = 0; bx < grid.x; ++bx) {
         blockIdx = {bx, by, bz};
-        std::memset(smem, 0, smem_bytes);
-        b.warps.assign((nt + 31) / 32, Barrier{});
-        for (unsigned w = 0; w < b.warps.size(); ++w) b.warps[w].expected = static_cast<int>(std::min(32u, nt - 32 * w));
+        std::memset(fpx_emu_dyn_smem, 0, smem_bytes);
+        b.warps.assign((nt + 31) / 32, Warp{});
+        for (unsigned w = 0; w < b.warps.size(); ++w) {
+          const unsigned lanes = std::min(32u, nt - 32 * w);
+          b.warps[w].live = lanes == 32 ? ~0u : (1u << lanes) - 1;
+        }
         b.block = Barrier{static_cast<int>(nt), 0, 0};
         for (unsigned t = 0; t < nt; ++t) {
           b.fibers[t].tid = t;
@@ -261,7 +308,9 @@ inline const char* launch(fpx_emu_dim3 grid, fpx_emu_dim3 blk, size_t smem_bytes
   return nullptr;
 }
 
-template <class T> inline T shuffle(T v, int src_of_lane(int, int, int), int arg, int width) {
+// Exchange among the lanes of `mask`: every lane posts `v`, reads its source lane's value
+// after all have posted, and waits again before its slot may be reused.
+template <class T> inline T shuffle(unsigned mask, T v, int src_of_lane(int, int, int), int arg, int width) {
   Block* b = block();
   const unsigned t = b->current;
   const unsigned lane = t & 31, base = t & ~31u;
@@ -269,11 +318,11 @@ template <class T> inline T shuffle(T v, int src_of_lane(int, int, int), int arg
   uint64_t raw = 0;
   std::memcpy(&raw, &v, sizeof(T));
   b->slots[t] = raw;
-  arrive(b->warps[t / 32]);
+  arrive_lanes(mask);
   int src = src_of_lane(static_cast<int>(lane), arg, width);
   if (src < 0 || base + src >= b->slots.size()) src = static_cast<int>(lane);
   raw = b->slots[base + src];
-  arrive(b->warps[t / 32]);
+  arrive_lanes(mask);
   T r;
   std::memcpy(&r, &raw, sizeof(T));
   return r;
@@ -292,11 +341,11 @@ inline unsigned ballot(unsigned mask, bool pred) {
   Block* b = block();
   const unsigned t = b->current, base = t & ~31u;
   b->votes[t] = pred ? 1u : 0u;
-  arrive(b->warps[t / 32]);
+  arrive_lanes(mask);
   unsigned r = 0;
   for (unsigned l = 0; l < 32 && base + l < b->votes.size(); ++l)
     if ((mask >> l) & 1u && b->votes[base + l]) r |= 1u << l;
-  arrive(b->warps[t / 32]);
+  arrive_lanes(mask);
   return r;
 }
 
@@ -322,25 +371,22 @@ template <class... A> int run(void (*f)(A...), const unsigned* dims, void** args
 }  // namespace fpx_emu
 
 inline void __syncthreads() { fpx_emu::arrive(fpx_emu::block()->block); }
-inline void __syncwarp(unsigned = 0xffffffffu) {
-  fpx_emu::Block* b = fpx_emu::block();
-  fpx_emu::arrive(b->warps[b->current / 32]);
+inline void __syncwarp(unsigned mask = 0xffffffffu) { fpx_emu::arrive_lanes(mask); }
+template <class T> inline T __shfl_xor_sync(unsigned m, T v, int o, int w = 32) {
+  return fpx_emu::shuffle(m, v, fpx_emu::src_xor, o, w);
 }
-template <class T> inline T __shfl_xor_sync(unsigned, T v, int o, int w = 32) {
-  return fpx_emu::shuffle(v, fpx_emu::src_xor, o, w);
+template <class T> inline T __shfl_down_sync(unsigned m, T v, unsigned d, int w = 32) {
+  return fpx_emu::shuffle(m, v, fpx_emu::src_down, static_cast<int>(d), w);
 }
-template <class T> inline T __shfl_down_sync(unsigned, T v, unsigned d, int w = 32) {
-  return fpx_emu::shuffle(v, fpx_emu::src_down, static_cast<int>(d), w);
+template <class T> inline T __shfl_up_sync(unsigned m, T v, unsigned d, int w = 32) {
+  return fpx_emu::shuffle(m, v, fpx_emu::src_up, static_cast<int>(d), w);
 }
-template <class T> inline T __shfl_up_sync(unsigned, T v, unsigned d, int w = 32) {
-  return fpx_emu::shuffle(v, fpx_emu::src_up, static_cast<int>(d), w);
-}
-template <class T> inline T __shfl_sync(unsigned, T v, int s, int w = 32) {
-  return fpx_emu::shuffle(v, fpx_emu::src_idx, s, w);
+template <class T> inline T __shfl_sync(unsigned m, T v, int s, int w = 32) {
+  return fpx_emu::shuffle(m, v, fpx_emu::src_idx, s, w);
 }
 inline unsigned __ballot_sync(unsigned m, int p) { return fpx_emu::ballot(m, p != 0); }
 inline int __any_sync(unsigned m, int p) { return fpx_emu::ballot(m, p != 0) != 0; }
-inline int __all_sync(unsigned m, int p) { return fpx_emu::ballot(m, p != 0) == (m & fpx_emu::ballot(m, true)); }
+inline int __all_sync(unsigned m, int p) { return fpx_emu::ballot(m, p == 0) == 0; }
 
 // Blocks run one at a time on one OS thread, so plain read-modify-write is atomic.
 template <class T> inline T atomicAdd(T* p, T v) { T o = *p; *p = o + v; return o; }

@@ -1,6 +1,6 @@
 //! Host build of generated kernels: each [`KernelSource`] (the exact text NVRTC receives) is
-//! prefixed with `#include "fpx_emu.h"`, its `extern __shared__` declarations are spelled
-//! `FPX_EMU_EXTERN_SHARED` (the emulator's dynamic shared memory), and one C entry point per
+//! prefixed with `#include "fpx_emu.h"`, each `extern __shared__ T name[];` becomes a `T*` named
+//! `name` into the emulator's dynamic shared memory, and one C entry point per
 //! kernel is appended (`fpx_emu_run_<entry>`: launch dimensions + cuLaunchKernel-style argument
 //! pointers). Every kernel is its own translation unit (the templates' constants live in
 //! anonymous namespaces), compiled by the host C++ compiler against CUDA's host headers from
@@ -112,14 +112,22 @@ fn site_packages() -> Vec<PathBuf> {
     out
 }
 
+/// `extern __shared__ [__align__(N)|alignas(N)] T name[];`: a kernel's dynamic shared memory.
+static DYNAMIC_SHARED: std::sync::LazyLock<regex::Regex> = std::sync::LazyLock::new(|| {
+    regex::Regex::new(
+        r"extern\s+__shared__\s+(?:(?:__align__|alignas)\s*\(\s*\d+\s*\)\s+)?(?P<ty>[^;\[\]]+?)\s*\b(?P<name>[A-Za-z_]\w*)\s*\[\s*\]\s*;",
+    )
+    .expect("valid regex")
+});
+
 /// The translation unit the host compiler gets for `src`.
 pub fn translate(src: &KernelSource) -> String {
     let mut out = String::with_capacity(src.source.len() + 512);
     out.push_str("#include \"fpx_emu.h\"\n");
-    out.push_str(
-        &src.source
-            .replace("extern __shared__", "FPX_EMU_EXTERN_SHARED"),
-    );
+    out.push_str(&DYNAMIC_SHARED.replace_all(
+        &src.source,
+        "${ty}* const ${name} = reinterpret_cast<${ty}*>(fpx_emu_dyn_smem);",
+    ));
     out.push_str("\n// fpx emulator entry points\n");
     for e in &src.entry_points {
         out.push_str(&format!(
@@ -128,6 +136,16 @@ pub fn translate(src: &KernelSource) -> String {
         ));
     }
     out
+}
+
+/// A scratch name next to `path` that no other build writes, in this process (concurrent
+/// test threads) or another; the finished file is renamed onto `path`.
+fn unique_tmp(path: &Path) -> PathBuf {
+    static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let mut name = path.as_os_str().to_owned();
+    name.push(format!(".tmp-{}-{n}", std::process::id()));
+    PathBuf::from(name)
 }
 
 fn hex(bytes: &[u8]) -> String {
@@ -160,9 +178,9 @@ pub fn build(tc: &Toolchain, sources: &[KernelSource], cache: &Path) -> Result<P
     let include_dir = cache.join(format!("include-{inc_hash}"));
     if !include_dir.join("fpx_emu.h").exists() {
         std::fs::create_dir_all(&include_dir).map_err(|e| io("cache", &include_dir, e))?;
+        // Atomic writes: a concurrent build may already be compiling against these files.
         for (name, text) in headers.iter().chain([("fpx_emu.h", EMU_HEADER)]) {
-            let p = include_dir.join(name);
-            std::fs::write(&p, text).map_err(|e| io("cache", &p, e))?;
+            crate::fsutil::write_atomic(&include_dir.join(name), text.as_bytes())?;
         }
     }
     let obj_dir = cache.join("obj");
@@ -182,7 +200,7 @@ pub fn build(tc: &Toolchain, sources: &[KernelSource], cache: &Path) -> Result<P
         let obj = obj_dir.join(format!("{}-{key}.o", src.name));
         if !obj.exists() {
             let cpp = obj_dir.join(format!("{}-{key}.cpp", src.name));
-            std::fs::write(&cpp, &tu).map_err(|e| io("cache", &cpp, e))?;
+            crate::fsutil::write_atomic(&cpp, tu.as_bytes())?;
             jobs.push((src.name.clone(), cpp, obj.clone()));
         }
         objects.push(obj);
@@ -192,7 +210,7 @@ pub fn build(tc: &Toolchain, sources: &[KernelSource], cache: &Path) -> Result<P
         let children = chunk
             .iter()
             .map(|(name, cpp, obj)| {
-                let tmp = obj.with_extension(format!("o.{}", std::process::id()));
+                let tmp = unique_tmp(obj);
                 let mut c = Command::new(&tc.cxx);
                 c.args(CXX_FLAGS).arg("-I").arg(&include_dir);
                 for i in &tc.includes {
@@ -233,7 +251,7 @@ pub fn build(tc: &Toolchain, sources: &[KernelSource], cache: &Path) -> Result<P
     if !lib.exists() {
         let dir = cache.join("lib");
         std::fs::create_dir_all(&dir).map_err(|e| io("cache", &dir, e))?;
-        let tmp = lib.with_extension(format!("so.{}", std::process::id()));
+        let tmp = unique_tmp(&lib);
         let out = Command::new(&tc.cxx)
             .arg("-shared")
             .args(&objects)

@@ -20,7 +20,9 @@ use std::sync::Mutex;
 
 use libloading::Library;
 
-use crate::codegen::{Arch, KernelContext, KernelSource, KernelSpec, LinearShape, Renderer};
+use crate::codegen::{
+    Arch, KernelContext, KernelSource, KernelSpec, Launch, LinearShape, Renderer,
+};
 use crate::error::{Error, Result};
 use crate::runtime::exec::{PackedLinear, PackedScales};
 
@@ -132,16 +134,26 @@ impl EmuKernels {
         context: usize,
         args: &mut [*mut c_void],
     ) -> Result<()> {
-        let missing = || Error::Codegen {
-            kernel: entry.to_string(),
-            reason: "kernel not loaded in the emulator".into(),
-        };
-        let f = self.functions.get(entry).ok_or_else(missing)?;
         let l = self
             .contexts
             .get(&spec.name())
-            .ok_or_else(missing)?
+            .ok_or_else(|| not_loaded(entry))?
             .launch(rows, context);
+        self.launch_with(entry, l, args)
+    }
+
+    /// Launches entry `entry` with explicit dimensions (for hand-written kernels: the tests of
+    /// the emulator itself).
+    ///
+    /// # Safety
+    /// As for [`EmuKernels::launch`].
+    pub unsafe fn launch_with(
+        &self,
+        entry: &str,
+        l: Launch,
+        args: &mut [*mut c_void],
+    ) -> Result<()> {
+        let f = self.functions.get(entry).ok_or_else(|| not_loaded(entry))?;
         let dims = [
             l.grid.0,
             l.grid.1,
@@ -197,6 +209,13 @@ impl EmuKernels {
         // SAFETY: the buffers hold rows x k and rows x n floats and the packed layer.
         unsafe { launch_linear(self, shape, &l, x.as_ptr(), y.as_mut_ptr(), rows)? };
         Ok(y)
+    }
+}
+
+fn not_loaded(entry: &str) -> Error {
+    Error::Codegen {
+        kernel: entry.to_string(),
+        reason: "kernel not loaded in the emulator".into(),
     }
 }
 
