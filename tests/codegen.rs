@@ -10,7 +10,8 @@ mod common;
 
 use common::have;
 use fpx::codegen::{
-    self, Arch, KernelSource, KernelSpec, LinearShape, Renderer, Schedule, WeightFormat,
+    self, Arch, KernelSource, KernelSpec, LinearShape, Param, Renderer, Schedule, Step,
+    WeightFormat,
 };
 use fpx::formats::Format;
 use fpx::ir::Graph;
@@ -404,4 +405,55 @@ fn missing_nvrtc_and_missing_driver_are_ordinary_errors() {
     ]);
     assert_eq!(code, 1);
     assert!(stderr.contains("no CUDA driver"), "{stderr}");
+}
+
+/// The C type a backend passes for `p`: element type and whether it is a pointer.
+fn param_c_type(p: Param) -> (&'static str, bool) {
+    match p {
+        Param::Tokens | Param::Next | Param::Pos => ("int", true),
+        Param::Rows | Param::Row0 => ("int", false),
+        Param::Eps => ("float", false),
+        _ => ("float", true),
+    }
+}
+
+#[test]
+fn step_params_match_the_template_signatures() {
+    // The backends pass `Step::params` in order; the templates declare the signature. Checked
+    // here for every non-linear step, prefill and decode (the cuda backend cannot run here, so
+    // this is what keeps its argument lists honest).
+    let (graph, map) = tiny_mixed_plan();
+    let schedule = Schedule::build(&graph, &map).unwrap();
+    let renderer = Renderer::new().unwrap();
+    let mut checked = std::collections::BTreeSet::new();
+    for step in &schedule.steps {
+        if matches!(step, Step::Linear { .. }) {
+            continue;
+        }
+        let spec = schedule.kernels_of(step)[0];
+        let src = renderer.render(&spec, Arch::Sm90).unwrap().source;
+        let head = format!("{}(", spec.name());
+        let start = src.find(&head).unwrap() + head.len();
+        let declared: Vec<(String, bool)> = src[start..start + src[start..].find(')').unwrap()]
+            .split(',')
+            .map(|p| {
+                let p = p.replace("__restrict__", "").replace("const", "");
+                let ty = p.split_whitespace().next().unwrap().to_string();
+                (ty.trim_end_matches('*').to_string(), p.contains('*'))
+            })
+            .collect();
+        for decode in [false, true] {
+            let passed: Vec<(String, bool)> = step
+                .params(decode)
+                .into_iter()
+                .map(|p| {
+                    let (ty, ptr) = param_c_type(p);
+                    (ty.to_string(), ptr)
+                })
+                .collect();
+            assert_eq!(passed, declared, "{} (decode {decode})", spec.name());
+        }
+        checked.insert(spec.family());
+    }
+    assert_eq!(checked.len(), 6, "{checked:?}");
 }

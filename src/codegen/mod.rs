@@ -22,7 +22,7 @@ pub use arch::Arch;
 pub use context::{KernelContext, Launch};
 pub use manifest::Manifest;
 pub use render::{HelperHeaders, KernelSource, Renderer, HEADERS, TEMPLATES};
-pub use schedule::{Act, Dims, LinearSlot, Schedule, Step};
+pub use schedule::{Act, Dims, LinearSlot, Param, Schedule, Step};
 pub use spec::{KernelSpec, LinearShape, WeightFormat, GEMV_MAX_ROWS, GEMV_ROW_TILES};
 
 use crate::error::Result;

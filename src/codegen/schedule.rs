@@ -101,7 +101,85 @@ pub enum Step {
     Argmax,
 }
 
+/// One kernel parameter of a non-linear step, in the order of its template's signature. Every
+/// backend maps the same list to its buffers and values, so the argument order lives here once
+/// (and the emulator's tests check it for the cuda backend too).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Param {
+    /// An activation buffer (`float*`).
+    Act(Act),
+    /// The prompt's token ids (`const int*`).
+    Tokens,
+    /// The greedy next token (`int*`, one element): argmax's output, a decode step's input.
+    Next,
+    /// The embedding table (`const float*`).
+    Embedding,
+    /// RMSNorm weight `i` (`const float*`).
+    Norm(usize),
+    /// Layer `i`'s K or V cache (`float*`).
+    KCache(usize),
+    VCache(usize),
+    /// RoPE tables (`const float*`).
+    RopeCos,
+    RopeSin,
+    /// The pass's first position (`const int*`, one element).
+    Pos,
+    /// Value: the pass's rows (`int`).
+    Rows,
+    /// Value: the RMSNorm epsilon (`float`).
+    Eps,
+    /// Value: the first row a last-row RMSNorm reads (`int`).
+    Row0,
+}
+
 impl Step {
+    /// The kernel parameters of this non-linear step (linear steps: `w, scales, global, bias, x,
+    /// y, m`, launched by each backend's linear helper); `decode`: the embedding reads the
+    /// previous argmax's token.
+    pub fn params(&self, decode: bool) -> Vec<Param> {
+        use Param as P;
+        match *self {
+            Step::Embed => {
+                let tokens = if decode { P::Next } else { P::Tokens };
+                vec![tokens, P::Embedding, P::Act(Act::X), P::Rows]
+            }
+            Step::RmsNorm { norm, src, dst, .. } => {
+                vec![P::Act(src), P::Norm(norm), P::Act(dst), P::Eps, P::Row0]
+            }
+            Step::RopeKv { layer } => vec![
+                P::Act(Act::Q),
+                P::Act(Act::K),
+                P::Act(Act::V),
+                P::KCache(layer),
+                P::VCache(layer),
+                P::RopeCos,
+                P::RopeSin,
+                P::Pos,
+                P::Rows,
+            ],
+            Step::Attention { layer } => vec![
+                P::Act(Act::Q),
+                P::KCache(layer),
+                P::VCache(layer),
+                P::Act(Act::Att),
+                P::Pos,
+                P::Rows,
+            ],
+            Step::SiluMul => vec![P::Act(Act::Gate), P::Act(Act::Up), P::Rows],
+            Step::Argmax => vec![P::Act(Act::Logits), P::Next],
+            Step::Linear { .. } => Vec::new(),
+        }
+    }
+
+    /// The first row a last-row RMSNorm reads in a pass of `m` rows (0 otherwise).
+    pub fn row0(&self, m: usize) -> i32 {
+        if self.rows(m) < m {
+            m as i32 - 1
+        } else {
+            0
+        }
+    }
+
     /// Activation rows the step processes in a pass of `m` rows: one for the last-row RMSNorm
     /// and for a linear layer into the logits (only the last position's logits are kept).
     pub fn rows(&self, m: usize) -> usize {

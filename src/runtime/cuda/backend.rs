@@ -13,7 +13,7 @@ use cudarc::driver::{
 };
 
 use super::compile::{Compiler, CompilerOptions};
-use crate::codegen::{Act, Arch, KernelContext, KernelSpec, Renderer, Step};
+use crate::codegen::{Act, Arch, KernelContext, KernelSpec, Param, Renderer, Step};
 use crate::error::{Error, Result};
 use crate::runtime::exec::{Backend, ExecutablePlan, PackedScales};
 
@@ -392,54 +392,27 @@ impl<'a> CudaBackend<'a> {
                 }
             }
             let rows = step.rows(m);
-            let row0: i32 = if rows < m { mi - 1 } else { 0 };
+            let row0 = step.row0(m);
             let (f, cfg) = self.dev.kernel(&spec, &name, rows, plan.max_seq)?;
             let mut b = self.dev.stream.launch_builder(f);
-            match step {
-                Step::Embed => {
-                    let tokens = if decode { &self.next } else { &self.tokens };
-                    b.arg(tokens)
-                        .arg(&self.embedding)
-                        .arg(&self.acts[Act::X as usize])
-                        .arg(&mi);
-                }
-                Step::RmsNorm { norm, src, dst, .. } => {
-                    b.arg(&self.acts[src as usize])
-                        .arg(&self.norms[norm])
-                        .arg(&self.acts[dst as usize])
-                        .arg(&d.eps)
-                        .arg(&row0);
-                }
-                Step::RopeKv { layer } => {
-                    b.arg(&self.acts[Act::Q as usize])
-                        .arg(&self.acts[Act::K as usize])
-                        .arg(&self.acts[Act::V as usize])
-                        .arg(&self.k_cache[layer])
-                        .arg(&self.v_cache[layer])
-                        .arg(&self.rope_cos)
-                        .arg(&self.rope_sin)
-                        .arg(&self.pos)
-                        .arg(&mi);
-                }
-                Step::Attention { layer } => {
-                    b.arg(&self.acts[Act::Q as usize])
-                        .arg(&self.k_cache[layer])
-                        .arg(&self.v_cache[layer])
-                        .arg(&self.acts[Act::Att as usize])
-                        .arg(&self.pos)
-                        .arg(&mi);
-                }
-                Step::SiluMul => {
-                    b.arg(&self.acts[Act::Gate as usize])
-                        .arg(&self.acts[Act::Up as usize])
-                        .arg(&mi);
-                }
-                Step::Argmax => {
-                    b.arg(&self.acts[Act::Logits as usize]).arg(&self.next);
-                }
-                Step::Linear { .. } => unreachable!("launched above"),
+            for p in step.params(decode) {
+                match p {
+                    Param::Act(a) => b.arg(&self.acts[a as usize]),
+                    Param::Tokens => b.arg(&self.tokens),
+                    Param::Next => b.arg(&self.next),
+                    Param::Embedding => b.arg(&self.embedding),
+                    Param::Norm(i) => b.arg(&self.norms[i]),
+                    Param::KCache(l) => b.arg(&self.k_cache[l]),
+                    Param::VCache(l) => b.arg(&self.v_cache[l]),
+                    Param::RopeCos => b.arg(&self.rope_cos),
+                    Param::RopeSin => b.arg(&self.rope_sin),
+                    Param::Pos => b.arg(&self.pos),
+                    Param::Rows => b.arg(&mi),
+                    Param::Eps => b.arg(&d.eps),
+                    Param::Row0 => b.arg(&row0),
+                };
             }
-            // SAFETY: each argument list above matches its template's kernel signature.
+            // SAFETY: `Step::params` lists each template's kernel signature in order.
             unsafe { b.launch(cfg) }.map_err(driver_err("cuLaunchKernel"))?;
         }
         Ok(())

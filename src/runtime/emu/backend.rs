@@ -6,7 +6,7 @@
 use std::ffi::c_void;
 
 use super::{arg, launch_linear, EmuKernels, EmuOptions, HostLinear};
-use crate::codegen::{Act, Step};
+use crate::codegen::{Act, Param, Step};
 use crate::error::Result;
 use crate::runtime::exec::{check_pass, Backend, ExecutablePlan, HostBackend, HostState};
 
@@ -77,65 +77,39 @@ impl<'a> EmuBackend<'a> {
                 )
             };
         }
-        let row0: i32 = if rows < m { mi - 1 } else { 0 };
-        let q = act(st, Act::Q);
-        let pos: *mut i32 = &mut self.pos;
-        let next: *mut i32 = &mut st.next;
-        // Pointer values live in `ptrs` so that `args` can point at them.
-        let mut ptrs: Vec<*mut c_void> = Vec::with_capacity(9);
-        match step {
-            Step::Embed => {
-                let tokens = if decode {
-                    next
-                } else {
-                    self.tokens.as_mut_ptr()
-                };
-                ptrs.extend([
-                    tokens.cast(),
-                    plan.embedding.as_ptr() as *mut c_void,
-                    act(st, Act::X).cast(),
-                ]);
-            }
-            Step::RmsNorm { norm, src, dst, .. } => ptrs.extend([
-                act(st, src).cast(),
-                plan.norms[norm].as_ptr() as *mut c_void,
-                act(st, dst).cast(),
-            ]),
-            Step::RopeKv { layer } => ptrs.extend([
-                q.cast(),
-                act(st, Act::K).cast(),
-                act(st, Act::V).cast(),
-                st.k_cache[layer].as_mut_ptr().cast(),
-                st.v_cache[layer].as_mut_ptr().cast(),
-                plan.rope_cos.as_ptr() as *mut c_void,
-                plan.rope_sin.as_ptr() as *mut c_void,
-                pos.cast(),
-            ]),
-            Step::Attention { layer } => ptrs.extend([
-                q.cast(),
-                st.k_cache[layer].as_mut_ptr().cast(),
-                st.v_cache[layer].as_mut_ptr().cast(),
-                act(st, Act::Att).cast(),
-                pos.cast(),
-            ]),
-            Step::SiluMul => ptrs.extend([act(st, Act::Gate).cast(), act(st, Act::Up).cast()]),
-            Step::Argmax => ptrs.extend([act(st, Act::Logits).cast(), next.cast()]),
-            Step::Linear { .. } => unreachable!("launched above"),
-        }
-        let mut args: Vec<*mut c_void> = ptrs.iter().map(arg).collect();
-        match step {
-            Step::Embed | Step::RopeKv { .. } | Step::Attention { .. } | Step::SiluMul => {
-                args.push(arg(&mi))
-            }
-            Step::RmsNorm { .. } => {
-                args.push(arg(&d.eps));
-                args.push(arg(&row0));
-            }
-            _ => {}
-        }
+        let row0 = step.row0(m);
+        let params = step.params(decode);
+        // The pointer arguments' values (null for value arguments), then `args` pointing at
+        // them or at the locals above (cuLaunchKernel's convention).
+        let pointers: Vec<*mut c_void> = params
+            .iter()
+            .map(|&p| match p {
+                Param::Act(a) => act(st, a).cast(),
+                Param::Tokens => self.tokens.as_mut_ptr().cast(),
+                Param::Next => (&mut st.next as *mut i32).cast(),
+                Param::Embedding => plan.embedding.as_ptr() as *mut c_void,
+                Param::Norm(i) => plan.norms[i].as_ptr() as *mut c_void,
+                Param::KCache(l) => st.k_cache[l].as_mut_ptr().cast(),
+                Param::VCache(l) => st.v_cache[l].as_mut_ptr().cast(),
+                Param::RopeCos => plan.rope_cos.as_ptr() as *mut c_void,
+                Param::RopeSin => plan.rope_sin.as_ptr() as *mut c_void,
+                Param::Pos => (&mut self.pos as *mut i32).cast(),
+                Param::Rows | Param::Eps | Param::Row0 => std::ptr::null_mut(),
+            })
+            .collect();
+        let mut args: Vec<*mut c_void> = params
+            .iter()
+            .zip(&pointers)
+            .map(|(p, ptr)| match p {
+                Param::Rows => arg(&mi),
+                Param::Eps => arg(&d.eps),
+                Param::Row0 => arg(&row0),
+                _ => arg(ptr),
+            })
+            .collect();
         let spec = s.kernels_of(&step)[0];
-        // SAFETY: each argument list matches its template's kernel signature (the same lists
-        // as the cuda backend's) over buffers of the plan's sizes.
+        // SAFETY: `Step::params` lists each template's kernel signature in order (the list the
+        // cuda backend passes too), over buffers of the plan's sizes.
         unsafe {
             self.kernels
                 .launch(&spec, &spec.name(), rows, plan.max_seq, &mut args)
