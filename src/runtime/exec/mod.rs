@@ -3,8 +3,10 @@
 //! (the layout the kernels read), the RoPE tables, and the KV-cache size.
 //!
 //! The same steps run on every backend ([`Backend`]): `cpu` (this module, in Rust, on the
-//! packed bytes, decoding FP8/FP4 exactly as the kernels do) and `cuda` (the generated
-//! kernels). Prefill runs the steps over the prompt's `m` tokens; one decode step runs them
+//! packed bytes, decoding FP8/FP4 exactly as the kernels do), `cuda` (the generated kernels)
+//! and `emu` (the generated kernels on the CPU, `runtime::emu`). The two host backends share
+//! their buffers' layout ([`HostState`]) and run step by step ([`HostBackend`]), so
+//! [`compare_steps`] can check every kernel launch against the cpu backend on identical inputs. Prefill runs the steps over the prompt's `m` tokens; one decode step runs them
 //! over one token; both leave the greedy next token. [`generate`] drives a backend and times
 //! it.
 
