@@ -10,7 +10,7 @@
 //!
 //! The eps pass ([`capture`]) streams the model one decoder block at a time (only that block's
 //! weights and the residual stream of every calibration token are in memory); the KL pass
-//! ([`sensitivity`]) holds the whole model. [`file`] is the versioned calibration file.
+//! ([`sensitivity`]) holds the whole model. [`mod@file`] is the versioned calibration file.
 
 pub mod capture;
 pub mod file;

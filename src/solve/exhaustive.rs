@@ -1,6 +1,6 @@
 //! Exhaustive search: every combination of one format per unit. The ground truth the ILP is
 //! tested against on small instances, and the place where the budget checks shared by all
-//! solvers live ([`check_bounds`]).
+//! solvers live (`check_bounds`).
 
 use crate::error::{Error, Result};
 

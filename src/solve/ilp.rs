@@ -1,10 +1,10 @@
 //! The integer program: choose one format per decision unit (a layer, or a group sharing a
 //! format) to minimise total error under a latency budget, or total latency under an error
 //! budget, optionally under a weight-memory budget. Solved with HiGHS through good_lp
-//! ([`super::formulation`] has the models and their numerics).
+//! (`solve::formulation` has the models and their numerics).
 //!
 //! Guarantees: budgets below the minimum achievable are reported before solving, naming the
-//! binding one and the minimum ([`super::exhaustive::check_bounds`]); budgets achievable
+//! binding one and the minimum (`solve::exhaustive::check_bounds`); budgets achievable
 //! alone but not together are reported with the best the budgeted quantity reaches within
 //! the memory budget. The returned assignment is re-checked in exact f64 against the
 //! unscaled budgets ([`fits`]). HiGHS stops at `mip_rel_gap` (default 1e-4, HiGHS's own

@@ -6,9 +6,9 @@
 //! bytes; layers with equal group ids must take the same format (q/k/v or gate/up running as
 //! one fused kernel). [`build`] makes a problem from a calibration, a latency model, a menu
 //! and pins ([`pins`]). Solvers:
-//! - [`greedy`]: the FPX paper's rule: the fraction gamma of layers with the lowest eps go to
+//! - [`mod@greedy`]: the FPX paper's rule: the fraction gamma of layers with the lowest eps go to
 //!   FP4, the rest to FP8 (or gamma counted by weight bytes);
-//! - [`ilp`]: a 0-1 integer program (good_lp + HiGHS): minimise total error under a latency
+//! - [`mod@ilp`]: a 0-1 integer program (good_lp + HiGHS): minimise total error under a latency
 //!   budget, or total latency under an error budget, optionally under a weight-memory budget;
 //! - [`exhaustive`]: enumeration, the ground truth for tests on small instances.
 //!
