@@ -2,8 +2,8 @@
 //! cuda backend hands to NVRTC, builds them with the host C++ compiler and the emulation header
 //! `kernels/emu/fpx_emu.h` (fibers per thread, barriers, warp shuffles, shared memory) into a
 //! shared library ([`build`]), loads it with libloading and launches every step of an
-//! [`ExecutablePlan`](crate::runtime::exec::ExecutablePlan) with the launch dimensions of [`KernelContext::launch`], the ones the cuda
-//! backend uses. Inline PTX sits behind `__CUDA_ARCH__` guards, so the portable paths run.
+//! [`ExecutablePlan`](crate::runtime::exec::ExecutablePlan) with the launch dimensions of
+//! [`KernelContext::launch`], the ones the cuda backend uses. Inline PTX sits behind `__CUDA_ARCH__` guards, so the portable paths run.
 //!
 //! Launches are serialised process-wide: the emulator keeps the running block in globals.
 
