@@ -47,7 +47,7 @@ step "codegen: ILP plan -> CUDA -> NVRTC (sm_90 CUBIN)"
 
 step "kernels on the CUDA emulator: every launch of a prefill and a decode step vs the cpu backend"
 "$FPX" run --plan "$OUT/ilp.plan.json" --model "$MODEL" --backend emu --check-kernels \
-    --prompt "Call me Ishmael." | tail -n 8
+    --prompt "Call me Ishmael."
 
 step "run: the ILP plan's executable plan on the CPU backend"
 "$FPX" run --plan "$OUT/ilp.plan.json" --model "$MODEL" --backend cpu \
