@@ -126,3 +126,37 @@ fn sass_no_spills_and_128_bit_weight_loads() {
         eprintln!("{}", table(&rows));
     }
 }
+
+#[test]
+fn codegen_report_json_carries_the_sass_table() {
+    let ok = SassTools::find().is_ok() && Compiler::new(CompilerOptions::default()).is_ok();
+    if !common::have("NVRTC + the nvcc and cuobjdump wheels (.venv)", ok) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("tiny.gguf");
+    write_gguf(&model, &tiny_spec(Architecture::Llama), 11, GgmlDType::F32).unwrap();
+    let out = dir.path().join("kernels");
+    let (code, stdout, stderr) = common::fpx(&[
+        "codegen",
+        "--model",
+        model.to_str().unwrap(),
+        "--arch",
+        "sm_120a",
+        "--no-cache",
+        "--report",
+        "--json",
+        "-o",
+        out.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "{stderr}");
+    let printed: fpx::codegen::Manifest = serde_json::from_str(&stdout).unwrap();
+    let written: fpx::codegen::Manifest =
+        serde_json::from_slice(&std::fs::read(out.join("manifest.json")).unwrap()).unwrap();
+    assert_eq!(printed, written);
+    let sass = printed.sass.expect("--report fills `sass`");
+    let entries: usize = printed.kernels.iter().map(|k| k.entry_points.len()).sum();
+    assert_eq!(sass.len(), entries);
+    assert!(sass.iter().all(|r| r.registers > 0 && r.arch == "sm_120a"));
+    assert!(sass.iter().all(|r| r.spills() == 0));
+}

@@ -124,6 +124,7 @@ pub(crate) fn run(args: CodegenArgs) -> Result<()> {
                 rows.extend(codegen::report::analyze(&tools, arch, &c.ptx, &c.cubin)?);
             }
             summary.push_str(&codegen::report::table(&rows));
+            manifest.sass = Some(rows);
         }
         manifest.compiler = Some(compiler.version_string());
         manifest.options = Compiler::options(arch);

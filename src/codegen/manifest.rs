@@ -7,6 +7,7 @@ use sha2::{Digest, Sha256};
 
 use super::arch::Arch;
 use super::render::KernelSource;
+use super::report::KernelReport;
 use super::schedule::Schedule;
 use super::spec::{KernelSpec, WeightFormat};
 
@@ -26,6 +27,9 @@ pub struct Manifest {
     pub headers: Vec<String>,
     pub kernels: Vec<ManifestKernel>,
     pub layers: Vec<ManifestLayer>,
+    /// Per entry point: registers, spills, shared memory, load widths (`fpx codegen --report`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sass: Option<Vec<KernelReport>>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -96,6 +100,7 @@ impl Manifest {
                 .collect(),
             kernels,
             layers,
+            sass: None,
         }
     }
 }

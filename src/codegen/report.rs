@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::arch::Arch;
 use crate::error::{Error, Result};
@@ -71,7 +71,7 @@ impl SassTools {
 }
 
 /// Resources and load widths of one entry point.
-#[derive(Debug, Clone, Default, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct KernelReport {
     pub entry: String,
     pub arch: String,
