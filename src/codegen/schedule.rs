@@ -231,18 +231,7 @@ impl Schedule {
                 ),
             ));
         }
-        for name in precision.keys() {
-            if !matches!(
-                graph.find(name).map(|id| &graph.node(id).op),
-                Some(Op::Linear(_))
-            ) {
-                return Err(Error::Layer {
-                    layer: name.clone(),
-                    reason: "the plan names a layer that is not a linear layer of this model"
-                        .into(),
-                });
-            }
-        }
+        crate::runtime::check_precision_targets(graph, precision)?;
         let mut s = Schedule {
             dims,
             embedding_tensor: String::new(),

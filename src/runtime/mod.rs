@@ -10,7 +10,9 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
+use crate::error::{Error, Result};
 use crate::formats::Format;
+use crate::ir::{Graph, Op};
 
 /// Precision of one linear layer: weight format, and the format activations are quantized to
 /// on the fly (`None`: activations stay FP32).
@@ -32,3 +34,21 @@ impl LinearPrecision {
 
 /// Linear node name -> precision. Layers absent from the map run in full FP32 precision.
 pub type PrecisionMap = BTreeMap<String, LinearPrecision>;
+
+/// Checks that every layer `precision` names is a linear layer of `graph`: a plan made for
+/// another model must not silently run at full precision.
+pub fn check_precision_targets(graph: &Graph, precision: &PrecisionMap) -> Result<()> {
+    for name in precision.keys() {
+        if !matches!(
+            graph.find(name).map(|id| &graph.node(id).op),
+            Some(Op::Linear(_))
+        ) {
+            return Err(Error::Layer {
+                layer: name.clone(),
+                reason: "the precision map names a layer that is not a linear layer of this model"
+                    .into(),
+            });
+        }
+    }
+    Ok(())
+}

@@ -126,19 +126,7 @@ impl CpuModel {
         precision: &PrecisionMap,
         keep: &dyn Fn(&Node) -> bool,
     ) -> Result<CpuModel> {
-        for name in precision.keys() {
-            if !matches!(
-                graph.find(name).map(|id| &graph.node(id).op),
-                Some(Op::Linear(_))
-            ) {
-                return Err(Error::Layer {
-                    layer: name.clone(),
-                    reason:
-                        "the precision map names a layer that is not a linear layer of this model"
-                            .into(),
-                });
-            }
-        }
+        crate::runtime::check_precision_targets(graph, precision)?;
         // Tied embeddings: lm_head reads the embedding table; load it once.
         let mut tables: HashMap<String, Arc<Vec<f32>>> = HashMap::new();
         let mut table = |name: &str, shape: &[usize]| -> Result<Arc<Vec<f32>>> {
