@@ -8,12 +8,13 @@ use std::path::Path;
 
 use criterion::{criterion_group, criterion_main, Criterion};
 
-use fpx::codegen::{self, Arch, Schedule};
+use fpx::codegen;
 use fpx::formats::Format;
 use fpx::ir::{Graph, LinearKind};
+use fpx::lower::{Arch, Schedule};
+use fpx::lower::{LinearPrecision, PrecisionMap};
 use fpx::model::load_model;
 use fpx::runtime::cuda::{Compiler, CompilerOptions};
-use fpx::runtime::{LinearPrecision, PrecisionMap};
 
 fn smollm2_schedule() -> Option<Schedule> {
     let path =

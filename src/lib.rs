@@ -13,6 +13,7 @@ pub mod formats;
 pub mod fsutil;
 pub mod ir;
 pub mod latency;
+pub mod lower;
 pub mod model;
 pub mod plan;
 pub mod runtime;

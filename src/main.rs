@@ -26,10 +26,10 @@ mod cli {
 use fpx::eval::{self, EvalReport};
 use fpx::formats::Format;
 use fpx::ir::Graph;
+use fpx::lower::PrecisionMap;
 use fpx::model::{load_model, Model, ModelSpec};
 use fpx::plan::Plan;
 use fpx::runtime::cpu::CpuModel;
-use fpx::runtime::PrecisionMap;
 
 #[derive(Parser)]
 #[command(

@@ -14,10 +14,10 @@ use fpx::calib::{capture::measure_eps, sensitivity::measure_kl, Calibration};
 use fpx::eval;
 use fpx::formats::Format;
 use fpx::ir::{Graph, NodeId, Op};
+use fpx::lower::{LinearPrecision, PrecisionMap};
 use fpx::model::synthetic::{tiny_spec, write_hf_checkpoint, HfDtype};
 use fpx::model::{load_model, Architecture, Model};
 use fpx::runtime::cpu::{CpuModel, Mat, Run};
-use fpx::runtime::{LinearPrecision, PrecisionMap};
 
 fn tiny(arch: Architecture, dir: &std::path::Path) -> Model {
     write_hf_checkpoint(dir, &tiny_spec(arch), 11, HfDtype::F32, 1).unwrap();
@@ -62,7 +62,11 @@ fn eps_matches_a_plain_loop_computation() {
             &mut |_, _| {},
         )
         .unwrap();
-        assert_eq!(records.len(), model.spec.num_layers * 7);
+        assert_eq!(
+            records.len(),
+            model.spec.num_layers * 7 + 1,
+            "7 per block + lm_head"
+        );
 
         // Capture every linear layer's input with an ordinary full-model forward.
         let full = CpuModel::load(&graph, model.weights.as_ref(), &PrecisionMap::new()).unwrap();

@@ -9,16 +9,14 @@
 mod common;
 
 use common::have;
-use fpx::codegen::{
-    self, Arch, KernelSource, KernelSpec, LinearShape, Param, Renderer, Schedule, Step,
-    WeightFormat,
-};
+use fpx::codegen::{self, KernelSource, Renderer};
 use fpx::formats::Format;
 use fpx::ir::Graph;
+use fpx::lower::{Arch, KernelSpec, LinearShape, Param, Schedule, Step, WeightFormat};
+use fpx::lower::{LinearPrecision, PrecisionMap};
 use fpx::model::synthetic::tiny_spec;
 use fpx::model::Architecture;
 use fpx::runtime::cuda::{find_cuda_include, Compiler, CompilerOptions};
-use fpx::runtime::{LinearPrecision, PrecisionMap};
 
 /// NVRTC and the CUDA headers are installed (else skip, or fail under FPX_REQUIRE_DATA=1).
 fn nvrtc() -> bool {

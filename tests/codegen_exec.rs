@@ -9,11 +9,11 @@ mod common;
 use common::{fpx, have, smollm2};
 use fpx::formats::Format;
 use fpx::ir::Graph;
+use fpx::lower::{LinearPrecision, PrecisionMap};
 use fpx::model::synthetic::{tiny_spec, write_gguf, GgmlDType};
 use fpx::model::{load_model, Architecture, Model};
 use fpx::runtime::cpu::CpuModel;
 use fpx::runtime::exec::{generate, greedy_reference, CpuBackend, ExecutablePlan};
-use fpx::runtime::{LinearPrecision, PrecisionMap};
 
 fn uniform(graph: &Graph, format: Option<Format>) -> PrecisionMap {
     let mut map = PrecisionMap::new();

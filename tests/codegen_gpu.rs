@@ -6,7 +6,7 @@
 mod common;
 
 use common::smollm2;
-use fpx::codegen::{LinearShape, WeightFormat};
+use fpx::lower::{LinearShape, WeightFormat};
 use fpx::model::synthetic::{tiny_spec, write_gguf, GgmlDType};
 use fpx::model::Architecture;
 use fpx::runtime::cuda::{probe_driver, CudaBackend, Device};

@@ -15,7 +15,8 @@ mod common;
 
 use std::ffi::c_void;
 
-use fpx::codegen::{Arch, HelperHeaders, KernelContext, KernelSource, KernelSpec, Launch};
+use fpx::codegen::{HelperHeaders, KernelContext, KernelSource, Launch};
+use fpx::lower::{Arch, KernelSpec};
 use fpx::runtime::emu::{arg, EmuKernels, EmuOptions, Toolchain};
 
 const SOURCE: &str = r#"

@@ -15,8 +15,9 @@
 
 mod common;
 
-use fpx::codegen::{Arch, KernelSpec, LinearShape, Renderer, WeightFormat};
+use fpx::codegen::Renderer;
 use fpx::ir::Graph;
+use fpx::lower::{Arch, KernelSpec, LinearShape, WeightFormat};
 use fpx::model::synthetic::{tiny_spec, write_gguf, GgmlDType};
 use fpx::model::{load_model, Architecture, ModelSpec};
 use fpx::runtime::emu::{EmuBackend, EmuKernels, EmuOptions, Toolchain};

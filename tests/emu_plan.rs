@@ -11,7 +11,7 @@
 mod common;
 
 use common::{have, smollm2};
-use fpx::codegen::Arch;
+use fpx::lower::Arch;
 use fpx::model::synthetic::{tiny_spec, write_gguf, GgmlDType};
 use fpx::model::Architecture;
 use fpx::runtime::emu::{EmuBackend, EmuOptions, Toolchain};

@@ -12,6 +12,7 @@ use common::fpx;
 use fpx::calib::{Calibration, KlSetup, LayerCalibration, LayerMetrics, ModelRef, TextRef};
 use fpx::formats::Format;
 use fpx::ir::LinearKind;
+use fpx::model::{Architecture, ModelSpec};
 use fpx::plan::{BudgetRecord, Plan, SolverRecord};
 
 const KINDS: [(LinearKind, &str, usize, usize); 7] = [
@@ -63,6 +64,7 @@ fn calibration(blocks: usize, with_kl: bool) -> Calibration {
             });
         }
     }
+    layers.push(lm_head_record(blocks, with_kl, &mut next));
     Calibration {
         schema_version: fpx::calib::SCHEMA_VERSION,
         fpx_version: "test".into(),
@@ -70,6 +72,7 @@ fn calibration(blocks: usize, with_kl: bool) -> Calibration {
             identity: "synthetic-identity".into(),
             path: "synthetic".into(),
         },
+        spec: smollm2_spec(blocks),
         text: TextRef {
             sha256: "0".repeat(64),
             path: "synthetic.txt".into(),
@@ -84,6 +87,56 @@ fn calibration(blocks: usize, with_kl: bool) -> Calibration {
             tokens: 255,
         }),
         layers,
+    }
+}
+
+/// SmolLM2-135M's hyper-parameters with `blocks` blocks.
+fn smollm2_spec(blocks: usize) -> ModelSpec {
+    ModelSpec {
+        architecture: Architecture::Llama,
+        hidden_size: 576,
+        intermediate_size: 1536,
+        num_layers: blocks,
+        num_heads: 9,
+        num_kv_heads: 3,
+        head_dim: 64,
+        vocab_size: 49152,
+        rope_theta: 100000.0,
+        rms_norm_eps: 1e-5,
+        tie_word_embeddings: true,
+        attention_bias: false,
+        max_position_embeddings: 8192,
+        bos_token_id: None,
+        eos_token_id: None,
+    }
+}
+
+/// lm_head's record (the stage after the last block), pseudo-random eps like the others.
+fn lm_head_record(blocks: usize, with_kl: bool, next: &mut dyn FnMut() -> f64) -> LayerCalibration {
+    let mut metrics = BTreeMap::new();
+    for (f, scale) in [
+        (Format::Fp8, 0.02),
+        (Format::Nvfp4, 0.1),
+        (Format::Mxfp4, 0.13),
+    ] {
+        let eps = scale * (0.5 + next());
+        metrics.insert(
+            f,
+            LayerMetrics {
+                eps,
+                eps_wa: eps * 1.5,
+                weight_error: eps * 0.8,
+                kl: with_kl.then_some(eps * eps * 0.1),
+            },
+        );
+    }
+    LayerCalibration {
+        name: "lm_head".into(),
+        layer: blocks,
+        kind: LinearKind::LmHead,
+        out_features: 49152,
+        in_features: 576,
+        metrics,
     }
 }
 
@@ -124,7 +177,9 @@ fn greedy_and_ilp_at_the_same_latency_then_compare() {
     ]
     .concat());
     assert!(
-        out.contains("roofline model of NVIDIA H100 SXM5 80GB (batch 1, context 512)"),
+        out.contains(
+            "fpx kernel cost model of NVIDIA H100 SXM5 80GB, sm_90 (batch 1, context 512)"
+        ),
         "{out}"
     );
     ok(&[
@@ -167,7 +222,8 @@ fn greedy_and_ilp_at_the_same_latency_then_compare() {
         serde_json::from_str(&ok(&["compare", s(&g), s(&i), "--json"])).unwrap();
     assert_eq!(
         json["same"].as_u64().unwrap() + json["differing"].as_array().unwrap().len() as u64,
-        28
+        29,
+        "7 layers per block + lm_head"
     );
 }
 
@@ -215,11 +271,12 @@ fn every_budget_kind_and_groups_and_pins() {
         assert_eq!(at("self_attn.q_proj"), at("self_attn.v_proj"));
         assert_eq!(at("mlp.gate_proj"), at("mlp.up_proj"));
     }
-    // Pins: block 0 stays fp8 even at gamma 1; a pin on lm_head only warns.
+    // Pins: block 0 stays fp8 even at gamma 1; lm_head is a planned layer a pin can move to
+    // fp8 (its default is fp16).
     let pins = dir.path().join("pins.toml");
     std::fs::write(
         &pins,
-        "[[pin]]\nlayers = \"0\"\nformat = \"fp8\"\n[[pin]]\nname = \"lm_head\"\nformat = \"fp16\"\n",
+        "[[pin]]\nlayers = \"0\"\nformat = \"fp8\"\n[[pin]]\nname = \"lm_head\"\nformat = \"fp8\"\n",
     )
     .unwrap();
     let (code, json, err) = fpx(&[
@@ -236,13 +293,9 @@ fn every_budget_kind_and_groups_and_pins() {
     ]
     .concat());
     assert_eq!(code, 0, "{err}");
-    assert!(
-        err.contains("warning: pin rule 2 (name = \"lm_head\") matches no planned layer"),
-        "{err}"
-    );
     let plan: Plan = serde_json::from_str(&json).unwrap();
     for l in &plan.layers {
-        let want = if l.name.starts_with("model.layers.0.") {
+        let want = if l.name.starts_with("model.layers.0.") || l.name == "lm_head" {
             Format::Fp8
         } else {
             Format::Nvfp4
@@ -250,6 +303,22 @@ fn every_budget_kind_and_groups_and_pins() {
         assert_eq!(l.format, want, "{}", l.name);
     }
     assert!(plan.provenance.unwrap().pins.unwrap().sha256.len() == 64);
+    // A pin that matches no layer is an error naming the rule.
+    std::fs::write(
+        &pins,
+        "[[pin]]\nname = \"model.layers.9.mlp.up_proj\"\nformat = \"fp8\"\n",
+    )
+    .unwrap();
+    let (code, _, err) = fpx(&[
+        &base[..],
+        &["--solver", "greedy", "--gamma", "1", "--pins", s(&pins)],
+    ]
+    .concat());
+    assert_ne!(code, 0);
+    assert!(
+        err.contains("matches no layer of the calibrated model"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -346,7 +415,7 @@ fn measured_profiles_are_validated_and_recorded() {
         let bytes = |f: Format| f.weight_bytes(l.out_features, l.in_features) as f64;
         layers.insert(
             l.name.clone(),
-            serde_json::json!({"fp8": bytes(Format::Fp8) / 3e12 + 3e-6, "nvfp4": bytes(Format::Nvfp4) / 3e12 + 3e-6}),
+            serde_json::json!({"fp16": bytes(Format::Fp16) / 3e12 + 3e-6, "fp8": bytes(Format::Fp8) / 3e12 + 3e-6, "nvfp4": bytes(Format::Nvfp4) / 3e12 + 3e-6}),
         );
     }
     let profile = serde_json::json!({"schema_version": 1, "device": "NVIDIA H100 80GB HBM3",
@@ -412,7 +481,10 @@ fn sweep_writes_csv_json_svg_and_plans() {
         "-o",
         s(&out),
     ]);
-    assert!(text.contains("roofline model of NVIDIA B200"), "{text}");
+    assert!(
+        text.contains("fpx kernel cost model of NVIDIA B200"),
+        "{text}"
+    );
     let csv = std::fs::read_to_string(out.join("sweep.csv")).unwrap();
     assert_eq!(csv.lines().count(), 11);
     let svg = std::fs::read_to_string(out.join("sweep.svg")).unwrap();
@@ -425,7 +497,7 @@ fn sweep_writes_csv_json_svg_and_plans() {
         assert_eq!(pair[0]["solver"], "greedy");
         assert!(pair[1]["error"].as_f64().unwrap() <= pair[0]["error"].as_f64().unwrap() + 1e-12);
         let plan = Plan::read(&out.join(pair[1]["plan"].as_str().unwrap())).unwrap();
-        assert_eq!(plan.layers.len(), 21);
+        assert_eq!(plan.layers.len(), 22, "7 layers per block + lm_head");
     }
 }
 

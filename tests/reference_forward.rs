@@ -7,10 +7,10 @@ mod common;
 use common::*;
 use fpx::eval;
 use fpx::ir::Graph;
+use fpx::lower::PrecisionMap;
 use fpx::model::synthetic::{tiny_spec, write_gguf, GgmlDType};
 use fpx::model::{load_model, Architecture};
 use fpx::runtime::cpu::CpuModel;
-use fpx::runtime::PrecisionMap;
 
 fn assert_close(what: &str, ours: f64, reference: f64) {
     let rel = (ours - reference).abs() / reference;

@@ -11,15 +11,14 @@
 mod common;
 
 use fpx::codegen::report::{analyze, table, SassTools};
-use fpx::codegen::{
-    Arch, KernelContext, KernelSpec, LinearShape, Renderer, Schedule, WeightFormat,
-};
+use fpx::codegen::{KernelContext, Renderer};
 use fpx::formats::Format;
 use fpx::ir::{Graph, LinearKind};
+use fpx::lower::{Arch, KernelSpec, LinearShape, Schedule, WeightFormat};
+use fpx::lower::{LinearPrecision, PrecisionMap};
 use fpx::model::synthetic::{tiny_spec, write_gguf, GgmlDType};
 use fpx::model::{load_model, Architecture};
 use fpx::runtime::cuda::{Compiler, CompilerOptions};
-use fpx::runtime::{LinearPrecision, PrecisionMap};
 use rayon::prelude::*;
 
 fn specs() -> Vec<KernelSpec> {

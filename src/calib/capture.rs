@@ -1,6 +1,8 @@
-//! The eps pass: streams the calibration windows through the model one decoder block at a
-//! time and, for every linear layer of the block, compares its full-precision output with the
-//! output of the same input through the quantized weights (and quantized activations).
+//! The eps pass: streams the calibration windows through the model one stage at a time (each
+//! decoder block, then the head: final norm and lm_head) and, for every linear layer of the
+//! stage, compares its full-precision output with the output of the same input through the
+//! quantized weights (and quantized activations). lm_head's record has `layer` = the number of
+//! blocks (the stage after the last block).
 //!
 //! Memory: the residual stream of every calibration token (`tokens x hidden` FP32), one
 //! block's weights in FP32 plus one fake-quantized copy per format, and the activations of one
@@ -10,10 +12,10 @@ use std::collections::BTreeMap;
 
 use crate::error::{Error, Result};
 use crate::formats::Format;
-use crate::ir::{Graph, NodeId, Op};
+use crate::ir::{Graph, Node, NodeId, Op};
+use crate::lower::{LinearPrecision, PrecisionMap};
 use crate::model::WeightSource;
 use crate::runtime::cpu::{CpuModel, LinearWeights, Mat, Run};
-use crate::runtime::{LinearPrecision, PrecisionMap};
 
 use super::{LayerCalibration, LayerMetrics};
 
@@ -51,8 +53,8 @@ struct Variants {
     per_format: Vec<(Format, LinearWeights, LinearWeights)>,
 }
 
-/// Runs the eps pass over `windows`; `progress(done, total)` is called after each block and
-/// window. Returns one record per block linear layer (no `kl` yet), in graph order.
+/// Runs the eps pass over `windows`; `progress(done, total)` is called after each stage and
+/// window. Returns one record per linear layer, lm_head included (no `kl` yet), in graph order.
 pub fn measure_eps(
     graph: &Graph,
     weights: &dyn WeightSource,
@@ -62,7 +64,7 @@ pub fn measure_eps(
 ) -> Result<Vec<LayerCalibration>> {
     let spec = graph.spec();
     let layers = spec.num_layers;
-    let total = layers * windows.len();
+    let total = (layers + 1) * windows.len();
     let none = PrecisionMap::new();
     let block_input = |i: usize| graph.block_input(i).expect("every block has an input node");
     // The residual stream entering block 0 of every window.
@@ -81,14 +83,18 @@ pub fn measure_eps(
         .collect::<Result<_>>()?;
     drop(embed);
 
+    // Stage of a node: its block, or `layers` for the head (final norm, lm_head).
+    let stage_of = |n: &Node| n.layer.unwrap_or(layers);
     let mut records = Vec::new();
-    for layer in 0..layers {
-        let block = CpuModel::load_where(graph, weights, &none, &|n| n.layer == Some(layer))?;
+    for layer in 0..=layers {
+        let block = CpuModel::load_where(graph, weights, &none, &|n| {
+            stage_of(n) == layer && !matches!(n.op, Op::Embedding { .. })
+        })?;
         let mut variants: BTreeMap<NodeId, Variants> = BTreeMap::new();
         let mut weight_error: BTreeMap<(NodeId, Format), f64> = BTreeMap::new();
         for (id, l) in graph
-            .block_linears()
-            .filter(|(id, _)| graph.node(*id).layer == Some(layer))
+            .linears()
+            .filter(|(id, _)| stage_of(graph.node(*id)) == layer)
         {
             let full = block.linear(id).expect("block weights loaded");
             let per_format = formats
@@ -112,6 +118,7 @@ pub fn measure_eps(
                     block_input(layer),
                     std::mem::replace(&mut hidden[w], Mat::zeros(0, 0)),
                 )),
+                // The head stage runs to the logits.
                 until: graph.block_output(layer),
                 replace: None,
             };
@@ -140,7 +147,10 @@ pub fn measure_eps(
                     s.weight_act += sum_sq_diff(&wa.apply(l, x), y);
                 }
             };
-            hidden[w] = block.execute(window, run, &mut observe)?;
+            let out = block.execute(window, run, &mut observe)?;
+            if layer < layers {
+                hidden[w] = out;
+            }
             progress(layer * windows.len() + w + 1, total);
         }
         for id in variants.keys() {

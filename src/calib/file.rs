@@ -1,6 +1,11 @@
-//! The calibration file: versioned JSON with the identity of the model and text it was
-//! measured on, the settings, and one record per linear layer. Readers refuse other schema
-//! versions; planners refuse a calibration made for another model.
+//! The calibration file: versioned JSON with the identity and shape ([`ModelSpec`]) of the
+//! model and the text it was measured on, the settings, and one record per linear layer of
+//! the model, lm_head included. Readers refuse other schema versions and records that do not
+//! match the model's graph; planners refuse a calibration made for another model. The spec
+//! lets a planner lower the model's schedule (and price its kernels) without the weights.
+//!
+//! Version 2 added `spec` and the lm_head record; version 1 files are refused with a hint to
+//! recalibrate.
 
 use std::path::Path;
 
@@ -8,11 +13,13 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 use crate::formats::Format;
+use crate::ir::{Graph, Op};
+use crate::model::ModelSpec;
 
 use super::LayerCalibration;
 
 /// The calibration schema version this build reads and writes.
-pub const SCHEMA_VERSION: u32 = 1;
+pub const SCHEMA_VERSION: u32 = 2;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ModelRef {
@@ -45,6 +52,8 @@ pub struct Calibration {
     pub schema_version: u32,
     pub fpx_version: String,
     pub model: ModelRef,
+    /// The model's hyper-parameters (its graph, schedule and layer shapes follow from them).
+    pub spec: ModelSpec,
     pub text: TextRef,
     pub seq_len: usize,
     pub windows: usize,
@@ -66,6 +75,8 @@ impl Calibration {
         let raw =
             crate::fsutil::parse_versioned_json(&bytes, path, "calibration", &[SCHEMA_VERSION])?;
         let calib: Calibration = serde_json::from_value(raw).map_err(|e| err(e.to_string()))?;
+        crate::model::config::validate_spec(&calib.spec).map_err(|e| err(format!("spec: {e}")))?;
+        calib.check_layers().map_err(err)?;
         for l in &calib.layers {
             if let Some(f) = calib.formats.iter().find(|f| !l.metrics.contains_key(f)) {
                 return Err(err(format!(
@@ -75,6 +86,44 @@ impl Calibration {
             }
         }
         Ok(calib)
+    }
+
+    /// The model's graph.
+    pub fn graph(&self) -> Graph {
+        Graph::build(&self.spec)
+    }
+
+    /// Every record names a linear layer of the spec's graph with its shape, once.
+    fn check_layers(&self) -> std::result::Result<(), String> {
+        let graph = self.graph();
+        let mut seen = std::collections::BTreeSet::new();
+        for l in &self.layers {
+            let linear = graph.find(&l.name).and_then(|id| match &graph.node(id).op {
+                Op::Linear(lin) => Some(lin),
+                _ => None,
+            });
+            match linear {
+                None => {
+                    return Err(format!(
+                        "layer `{}` is not a linear layer of the model",
+                        l.name
+                    ))
+                }
+                Some(lin)
+                    if (lin.out_features, lin.in_features) != (l.out_features, l.in_features) =>
+                {
+                    return Err(format!(
+                        "layer `{}` is {}x{} in the record but {}x{} in the model",
+                        l.name, l.out_features, l.in_features, lin.out_features, lin.in_features
+                    ))
+                }
+                Some(_) => {}
+            }
+            if !seen.insert(l.name.as_str()) {
+                return Err(format!("layer `{}` is recorded twice", l.name));
+            }
+        }
+        Ok(())
     }
 
     /// Writes the file atomically.

@@ -13,15 +13,15 @@ use crate::error::Result;
 use crate::eval::log_softmax;
 use crate::formats::Format;
 use crate::ir::{Graph, Op};
+use crate::lower::LinearPrecision;
 use crate::runtime::cpu::{CpuModel, Mat, Run};
-use crate::runtime::LinearPrecision;
 
 use super::LayerCalibration;
 
 /// Full-precision state of one held-out window.
 struct Reference<'w> {
     tokens: &'w [u32],
-    /// Residual stream entering each block.
+    /// Residual stream entering each block, then the head (final norm and lm_head).
     block_inputs: Vec<Mat>,
     /// Log-probabilities of the next token at every position but the last.
     log_probs: Vec<Vec<f32>>,
@@ -47,6 +47,8 @@ fn reference<'w>(model: &CpuModel, tokens: &'w [u32]) -> Result<Reference<'w>> {
         };
         x = model.execute(tokens, run, &mut |_, _, _| {})?;
     }
+    // The head stage (final norm, lm_head) restarts from the last block's output.
+    block_inputs.push(x.clone());
     let last = g.spec().num_layers - 1;
     let run = Run {
         from: Some((g.block_output(last).expect("block output"), x)),

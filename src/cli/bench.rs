@@ -12,9 +12,9 @@ use serde::Serialize;
 
 use fpx::eval;
 use fpx::ir::Graph;
+use fpx::lower::PrecisionMap;
 use fpx::plan::Plan;
 use fpx::runtime::cpu::CpuModel;
-use fpx::runtime::PrecisionMap;
 
 use crate::{emit, progress_bar, ModelText};
 

@@ -12,8 +12,8 @@ use fpx::calib::{self, Calibration, KlSetup, LayerCalibration, ModelRef, TextRef
 use fpx::eval;
 use fpx::formats::Format;
 use fpx::ir::Graph;
+use fpx::lower::PrecisionMap;
 use fpx::runtime::cpu::CpuModel;
-use fpx::runtime::PrecisionMap;
 
 use std::path::PathBuf;
 
@@ -95,8 +95,8 @@ pub fn run(args: CalibrateArgs) -> Result<()> {
     let graph = Graph::build(&model.spec);
 
     let bar = progress_bar(
-        model.spec.num_layers * windows.len(),
-        "eps (blocks x windows)",
+        (model.spec.num_layers + 1) * windows.len(),
+        "eps (blocks and head x windows)",
     );
     let start = Instant::now();
     let mut layers = calib::capture::measure_eps(
@@ -135,6 +135,7 @@ pub fn run(args: CalibrateArgs) -> Result<()> {
             identity: model.identity.clone(),
             path: args.input.model.display().to_string(),
         },
+        spec: model.spec.clone(),
         text: TextRef {
             sha256: format!("{:x}", Sha256::digest(text.as_bytes())),
             path: args.input.text.display().to_string(),

@@ -9,12 +9,13 @@ use std::time::Instant;
 use anyhow::{Context, Result};
 use clap::Args;
 
-use fpx::codegen::{self, Arch, Manifest, Schedule, HEADERS};
+use fpx::codegen::{self, Manifest, HEADERS};
 use fpx::fsutil::{write_atomic, write_json_atomic};
 use fpx::ir::Graph;
+use fpx::lower::PrecisionMap;
+use fpx::lower::{Arch, Schedule};
 use fpx::plan::Plan;
 use fpx::runtime::cuda::{Compiler, CompilerOptions, KernelCache};
-use fpx::runtime::PrecisionMap;
 
 use crate::{emit, load};
 

@@ -10,7 +10,7 @@ use clap::{Args, ValueEnum};
 
 use fpx::calib::Calibration;
 use fpx::formats::Format;
-use fpx::latency::{Gpu, LatencyModel, Profile, Roofline};
+use fpx::latency::{Gpu, KernelCost, KernelRow, LatencyModel, Profile, Roofline};
 use fpx::plan::{BudgetRecord, CalibrationRef, Plan, Provenance, SolverRecord};
 use fpx::solve::pins::{Pins, PinsRef};
 use fpx::solve::{
@@ -28,27 +28,43 @@ pub enum SolverArg {
     Ilp,
 }
 
+/// What a named GPU's latencies are computed from.
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum CostArg {
+    /// What fpx's generated kernels cost (bytes, FLOPs, decode instructions, launches).
+    Kernels,
+    /// The datasheet roofline: what the chip allows (peak bandwidth and tensor rates).
+    Roofline,
+}
+
 /// Inputs and settings shared by `fpx plan` and `fpx sweep`.
 #[derive(Args, Clone)]
 pub struct PlanSetup {
     /// Calibration file (`fpx calibrate`).
     #[arg(long)]
     pub calib: PathBuf,
-    /// GPU roofline (h100, h200, b200, rtx5090, l40s, rtx4090) or a measured profile JSON.
+    /// GPU (h100, h200, b200, rtx5090, l40s, rtx4090) or a measured profile JSON (which
+    /// overrides both cost models).
     #[arg(long, default_value = "h100")]
     pub device: String,
-    /// Tokens per step for the roofline (sequences decoding one token each).
+    /// Cost model of a named GPU.
+    #[arg(long, value_enum, default_value_t = CostArg::Kernels)]
+    pub cost: CostArg,
+    /// Tokens per step (sequences decoding one token each).
     #[arg(long, default_value_t = 1)]
     pub batch: usize,
-    /// Context length for the roofline's attention cost.
+    /// Context length each sequence attends to (attention's cost).
     #[arg(long, default_value_t = 512)]
     pub context: usize,
-    /// Roofline per-kernel launch overhead, microseconds.
+    /// Per-kernel launch overhead, microseconds.
     #[arg(long, default_value_t = 2.0)]
     pub launch_overhead_us: f64,
     /// Formats unpinned layers may take, comma-separated.
     #[arg(long, value_delimiter = ',', default_values = ["fp8", "nvfp4"])]
     pub menu: Vec<String>,
+    /// Formats lm_head may take, comma-separated (default: 16-bit, as serving engines keep it).
+    #[arg(long, value_delimiter = ',', default_values = ["fp16"])]
+    pub lm_head: Vec<String>,
     /// Layers that must share a format: qkv, gate_up (comma-separated).
     #[arg(long, value_delimiter = ',')]
     pub group: Vec<String>,
@@ -113,6 +129,10 @@ pub struct PlanArgs {
     /// Print the plan as JSON instead of the table.
     #[arg(long)]
     pub json: bool,
+    /// Explain the plan's latency as a table of the kernels of one decode step (fpx's kernel
+    /// cost and the chip's bound per launch); with --json, an `explain` field.
+    #[arg(long)]
+    pub explain: bool,
 }
 
 /// Everything a solver call needs, prepared once.
@@ -136,13 +156,26 @@ fn latency_model(s: &PlanSetup, calib: &Calibration) -> Result<Box<dyn LatencyMo
         profile.check_model(&calib.model.identity)?;
         return Ok(Box::new(profile));
     }
-    let roofline = Roofline::new(Gpu::parse(&s.device)?, s.batch, s.context)?
-        .with_launch_overhead(s.launch_overhead_us * 1e-6)?;
-    Ok(Box::new(roofline))
+    let gpu = Gpu::parse(&s.device)?;
+    Ok(match s.cost {
+        CostArg::Kernels => Box::new(s.kernel_cost(gpu, calib)?),
+        CostArg::Roofline => Box::new(
+            Roofline::new(gpu, s.batch, s.context)?
+                .with_launch_overhead(s.launch_overhead_us * 1e-6)?,
+        ),
+    })
 }
 
 impl PlanSetup {
-    /// Reads the inputs and builds the problem. Warns about pin rules that matched nothing.
+    /// The kernel cost model of `gpu` for the calibrated model.
+    pub fn kernel_cost(&self, gpu: Gpu, calib: &Calibration) -> Result<KernelCost> {
+        Ok(
+            KernelCost::new(gpu, &calib.graph(), self.batch, self.context)?
+                .with_launch_overhead(self.launch_overhead_us * 1e-6)?,
+        )
+    }
+
+    /// Reads the inputs and builds the problem. Refuses pin rules that match nothing.
     pub fn prepare(&self) -> Result<Prepared> {
         let calib = Calibration::read(&self.calib)?;
         let calib_ref = CalibrationRef::from_file(&self.calib, &calib)?;
@@ -160,15 +193,26 @@ impl PlanSetup {
             .collect::<Result<Vec<_>, _>>()?;
         let pins = self.pins.as_deref().map(Pins::read).transpose()?;
         let pins_ref = pins.as_ref().map(PinsRef::from);
+        let lm_head = self
+            .lm_head
+            .iter()
+            .map(|f| f.parse::<Format>())
+            .collect::<Result<Vec<_>, _>>()
+            .context("--lm-head")?;
         let options = BuildOptions {
             menu,
+            lm_head,
             objective: self.objective.parse::<Objective>()?,
             groups,
             pins,
         };
         let (problem, report) = build_problem(&calib, latency.as_ref(), &options)?;
-        for rule in &report.unmatched_pins {
-            eprintln!("warning: pin {rule} matches no planned layer");
+        if !report.unmatched_pins.is_empty() {
+            bail!(
+                "{}: pin {} matches no layer of the calibrated model",
+                self.pins.as_deref().unwrap_or(Path::new("pins")).display(),
+                report.unmatched_pins.join(", ")
+            );
         }
         let memory = match self.memory_budget_mib {
             Some(m) if !(m.is_finite() && m > 0.0) => {
@@ -313,13 +357,75 @@ pub fn run(args: PlanArgs) -> Result<()> {
         }
         _ => bail!("give one of --gamma, --latency-budget, --speedup, --error-budget"),
     };
+    let explain = if args.explain {
+        let gpu = Gpu::parse(&args.setup.device)
+            .context("--explain prices fpx's kernels on a named GPU; --device is not one")?;
+        let cost = args.setup.kernel_cost(gpu, &prep.calib)?;
+        Some(cost.explain(&plan.precision_map())?)
+    } else {
+        None
+    };
     plan.write(&args.output)?;
     if args.json {
-        emit(&(serde_json::to_string_pretty(&plan)? + "\n"));
+        let mut v = serde_json::to_value(&plan)?;
+        if let Some(rows) = &explain {
+            v["explain"] = serde_json::to_value(rows)?;
+        }
+        emit(&(serde_json::to_string_pretty(&v)? + "\n"));
     } else {
-        emit(&table(&plan, &prep, &args.output)?);
+        let mut out = table(&plan, &prep, &args.output)?;
+        if let Some(rows) = &explain {
+            out.push_str(&explain_table(rows));
+        }
+        emit(&out);
     }
     Ok(())
+}
+
+/// The kernels of one decode step: per launch its bytes, FLOPs, instruction path, fpx's cost
+/// and the chip's bound, grouped by kernel entry point (with the launch count), then totals.
+fn explain_table(rows: &[KernelRow]) -> String {
+    let mut by_kernel: std::collections::BTreeMap<&str, (usize, f64, f64, f64, f64, &str)> =
+        Default::default();
+    for r in rows {
+        let e = by_kernel
+            .entry(&r.kernel)
+            .or_insert((0, 0.0, 0.0, 0.0, 0.0, r.work.path.name()));
+        e.0 += 1;
+        e.1 += r.work.bytes;
+        e.2 += r.work.flops;
+        e.3 += r.seconds;
+        e.4 += r.bound_seconds;
+    }
+    let mut sorted: Vec<_> = by_kernel.into_iter().collect();
+    sorted.sort_by(|a, b| b.1 .3.total_cmp(&a.1 .3));
+    let mut t = String::new();
+    let _ = writeln!(
+        t,
+        "\nkernels of one decode step (fpx's kernel cost vs the chip's bound):\n{:<40} {:>4} {:>10} {:>10} {:>11} {:>10} {:>10}",
+        "kernel", "n", "MB", "MFLOP", "path", "fpx us", "bound us"
+    );
+    for (k, (n, bytes, flops, sec, bound, path)) in &sorted {
+        let _ = writeln!(
+            t,
+            "{k:<40} {n:>4} {:>10.3} {:>10.3} {path:>11} {:>10.3} {:>10.3}",
+            bytes / 1e6,
+            flops / 1e6,
+            sec * 1e6,
+            bound * 1e6
+        );
+    }
+    let total: f64 = rows.iter().map(|r| r.seconds).sum();
+    let bound: f64 = rows.iter().map(|r| r.bound_seconds).sum();
+    let _ = writeln!(
+        t,
+        "{} launches: {:.3} us with fpx's kernels, {:.3} us at the chip's bound ({:.1}% of it)",
+        rows.len(),
+        total * 1e6,
+        bound * 1e6,
+        100.0 * bound / total
+    );
+    t
 }
 
 /// A one-line description of how a plan was made.

@@ -10,16 +10,16 @@ use std::path::PathBuf;
 use anyhow::Result;
 use clap::Args;
 
-use fpx::codegen::{Schedule, WeightFormat};
 use fpx::fsutil::write_json_atomic;
 use fpx::ir::Graph;
 use fpx::latency::profile::{RawProfile, SCHEMA_VERSION};
+use fpx::lower::PrecisionMap;
+use fpx::lower::{Schedule, WeightFormat};
 use fpx::runtime::cuda::{
     probe_driver, profile_linears, profile_rest, CompilerOptions, Device, KernelCache,
     ProfileOptions,
 };
 use fpx::runtime::exec::ExecutablePlan;
-use fpx::runtime::PrecisionMap;
 
 use crate::{emit, load};
 
@@ -89,15 +89,13 @@ pub(crate) fn run(args: ProfileArgs) -> Result<()> {
     )?;
     let other_seconds = profile_rest(&plan, args.device, args.context, &opts)?;
     let mut layers = BTreeMap::new();
-    for l in schedule
-        .linears
-        .iter()
-        .filter(|l| l.kind != fpx::ir::LinearKind::LmHead)
-    {
+    // Every linear layer, lm_head included: plans cover it, and the rest of the step
+    // (`other_seconds`) excludes every linear launch.
+    for l in &schedule.linears {
         let per: BTreeMap<String, f64> = formats
             .iter()
             .filter_map(|&f| {
-                let shape = fpx::codegen::LinearShape {
+                let shape = fpx::lower::LinearShape {
                     format: f,
                     ..l.shape
                 };

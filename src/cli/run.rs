@@ -142,7 +142,7 @@ fn check_kernels(args: &RunArgs, plan: &ExecutablePlan, prompt: &[u32]) -> Resul
 fn plan_of(
     graph: &Graph,
     model: &fpx::model::Model,
-    precision: &fpx::runtime::PrecisionMap,
+    precision: &fpx::lower::PrecisionMap,
     max_seq: usize,
 ) -> Result<ExecutablePlan> {
     Ok(ExecutablePlan::build(
@@ -231,7 +231,7 @@ pub(crate) fn run(args: RunArgs) -> Result<()> {
         prefill_seconds: generation.prefill_seconds,
         decode_tokens_per_s: generation.decode_tokens_per_s(),
         median_token_ms: generation.median_step_seconds().map(|s| s * 1e3),
-        linear_weight_bytes: fpx::codegen::Schedule::build(&graph, &precision)?
+        linear_weight_bytes: fpx::lower::Schedule::build(&graph, &precision)?
             .linears
             .iter()
             .map(|l| match l.shape.format.format() {

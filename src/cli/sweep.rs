@@ -21,9 +21,9 @@ use fpx::eval::{self, log_softmax};
 use fpx::formats::Format;
 use fpx::ir::Graph;
 use fpx::latency::LatencySource;
+use fpx::lower::PrecisionMap;
 use fpx::plan::{BudgetRecord, CalibrationRef, Plan, SolverRecord};
 use fpx::runtime::cpu::{CpuModel, Mat};
-use fpx::runtime::PrecisionMap;
 use fpx::solve::plot::svg;
 use fpx::solve::sweep::{csv, gamma_grid, sweep, SolverKind, SweepOptions, SweepPoint};
 use fpx::solve::{GroupKind, Objective};
@@ -256,9 +256,7 @@ pub fn run(args: SweepArgs) -> Result<()> {
                             .names
                             .iter()
                             .zip(&key)
-                            .map(|(n, &f)| {
-                                (n.clone(), fpx::runtime::LinearPrecision::weight_only(f))
-                            })
+                            .map(|(n, &f)| (n.clone(), fpx::lower::LinearPrecision::weight_only(f)))
                             .collect();
                         let v = ev.evaluate(&map)?;
                         cache.insert(key, v);

@@ -6,8 +6,8 @@
 
 use serde::Serialize;
 
-use super::arch::Arch;
-use super::spec::{KernelSpec, LinearShape, WeightFormat, GEMV_ROW_TILES};
+use crate::lower::Arch;
+use crate::lower::{KernelSpec, LinearShape, WeightFormat, GEMV_ROW_TILES};
 
 /// Threads per block of the GEMV kernels (4 warps).
 pub const GEMV_WARPS: usize = 4;

@@ -5,11 +5,11 @@
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use super::arch::Arch;
 use super::render::KernelSource;
 use super::report::KernelReport;
-use super::schedule::Schedule;
-use super::spec::{KernelSpec, WeightFormat};
+use crate::lower::Arch;
+use crate::lower::Schedule;
+use crate::lower::{KernelSpec, WeightFormat};
 
 /// Schema version of the manifest file.
 pub const MANIFEST_VERSION: u32 = 1;

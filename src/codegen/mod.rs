@@ -1,31 +1,28 @@
 //! Code generation: a plan's kernels as CUDA C++ sources. Pure strings; nothing here loads
 //! CUDA (compilation with NVRTC and execution live in `runtime::cuda`).
 //!
-//! Data flows one way: [`Schedule::build`] turns the IR graph and a precision map into the
-//! ordered steps of a forward pass, each bound to [`KernelSpec`]s (op family + shapes +
-//! format: the dedupe key); [`KernelContext`] computes, in Rust, every number a template
+//! It sits above [`crate::lower`] and below `runtime`: [`Schedule::build`] (in `lower`) turns
+//! the IR graph and a precision map into the ordered steps of a forward pass, each bound to
+//! [`KernelSpec`]s (op family + shapes + format: the dedupe key); [`KernelContext`] computes, in Rust, every number a template
 //! prints (tile sizes, vector widths, lanes per row, scale layouts, launch dimensions); the
 //! [`Renderer`] prints them through the Tera templates of `templates/` (one per op family plus
 //! `macros.cu.tera`), which include the hand-written helpers of `kernels/*.cuh`.
 //! [`generate`] renders every distinct kernel of a schedule for one [`Arch`], sorted by spec,
 //! so the output is deterministic.
 
-pub mod arch;
 pub mod context;
 pub mod manifest;
 mod render;
 pub mod report;
-pub mod schedule;
-pub mod spec;
 
-pub use arch::Arch;
 pub use context::{KernelContext, Launch};
 pub use manifest::Manifest;
 pub use render::{HelperHeaders, KernelSource, Renderer, HEADERS, TEMPLATES};
-pub use schedule::{Act, Dims, LinearSlot, Param, Schedule, Step};
-pub use spec::{KernelSpec, LinearShape, WeightFormat, GEMV_MAX_ROWS, GEMV_ROW_TILES};
 
 use crate::error::Result;
+#[cfg(doc)]
+use crate::lower::KernelSpec;
+use crate::lower::{Arch, Schedule};
 
 /// Every kernel of `schedule` rendered for `arch`, sorted by spec (each spec once).
 pub fn generate(schedule: &Schedule, arch: Arch) -> Result<Vec<KernelSource>> {

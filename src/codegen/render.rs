@@ -9,10 +9,10 @@ use std::sync::Arc;
 use serde::Serialize;
 use tera::Tera;
 
-use super::arch::Arch;
 use super::context::KernelContext;
-use super::spec::KernelSpec;
 use crate::error::{Error, Result};
+use crate::lower::Arch;
+use crate::lower::KernelSpec;
 
 /// The kernel templates, by file name.
 pub const TEMPLATES: [(&str, &str); 9] = [

@@ -12,8 +12,8 @@ use std::process::Command;
 
 use serde::{Deserialize, Serialize};
 
-use super::arch::Arch;
 use crate::error::{Error, Result};
+use crate::lower::Arch;
 
 /// Inline-PTX instructions that only the GPU runs, and what they stand for.
 pub const GPU_ONLY: [(&str, &str); 2] = [

@@ -80,6 +80,18 @@ impl Graph {
         edges.into_iter().map(|(_, src)| src).collect()
     }
 
+    /// The nodes that consume the value of `id`, in topological order.
+    pub fn consumers(&self, id: NodeId) -> Vec<NodeId> {
+        let mut out: Vec<NodeId> = self
+            .graph
+            .edges_directed(id, Direction::Outgoing)
+            .map(|e| e.target())
+            .collect();
+        out.sort_unstable();
+        out.dedup();
+        out
+    }
+
     /// Number of nodes that consume the value of `id`.
     pub fn consumer_count(&self, id: NodeId) -> usize {
         self.graph.edges_directed(id, Direction::Outgoing).count()
@@ -104,9 +116,8 @@ impl Graph {
             })
     }
 
-    /// The linear layers a precision plan assigns formats to: every projection inside a
-    /// decoder block (q, k, v, o, gate, up, down). lm_head is excluded; it stays fp16 unless a
-    /// plan pins it explicitly.
+    /// Every projection inside a decoder block (q, k, v, o, gate, up, down): all linear layers
+    /// but lm_head (which plans cover too: see [`Graph::linears`]).
     pub fn block_linears(&self) -> impl Iterator<Item = (NodeId, &Linear)> + '_ {
         self.linears().filter(|(_, l)| l.kind != LinearKind::LmHead)
     }

@@ -1,19 +1,21 @@
 //! Latency: what one decode (or batched) step of each linear layer costs in each format.
 //!
 //! A [`LatencyModel`] answers "how many seconds does layer `l` take in format `f`" for one
-//! step of `batch` tokens. Two sources implement it, and every plan and report records which
+//! step of `batch` tokens. Three sources implement it, and every plan and report records which
 //! one it used as a [`LatencySource`]:
+//! - [`KernelCost`] (the default): what fpx's own generated kernels cost on a named GPU,
+//!   computed from the plan's schedule (each kernel's bytes, FLOPs, decode instructions and
+//!   instruction path: [`crate::lower::Schedule::work`]);
+//! - [`Roofline`]: the datasheet roofline of a named GPU ([`Gpu`]), the hardware's bound: per
+//!   layer `max(bytes / bandwidth, flops / peak(format)) + launch overhead`;
 //! - [`Profile`]: a measured profile file (`fpx profile` writes it on a GPU; schema in
-//!   `docs/planner.md` and [`profile`]), per layer name and format, in seconds;
-//! - [`Roofline`]: an analytic roofline of a named GPU ([`Gpu`]): per layer
-//!   `max(bytes / bandwidth, flops / peak(format)) + launch overhead`, where bytes are the
-//!   exact weight bytes of the format ([`Format::weight_bytes`]: codes, block scales and tensor
-//!   scale) plus the FP16 activations read and written.
+//!   `docs/planner.md` and [`profile`]), per layer name and format, in seconds. When there is
+//!   one it overrides both models.
 //!
-//! Both also give the latency of the rest of the step that no plan changes (attention over
-//! the context, from the roofline; a measured figure from the profile), so speedups can be
-//! stated end to end.
+//! Each also gives the latency of the rest of the step that no plan changes (attention, norms,
+//! embedding, argmax, unplanned layers), so speedups can be stated end to end.
 
+pub mod kernels;
 pub mod profile;
 pub mod roofline;
 
@@ -24,6 +26,7 @@ use crate::error::Result;
 use crate::formats::Format;
 use crate::ir::LinearKind;
 
+pub use kernels::{KernelCost, KernelRow};
 pub use profile::Profile;
 pub use roofline::{Gpu, GpuSpec, Roofline};
 
@@ -60,7 +63,16 @@ impl LayerShape {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum LatencySource {
-    /// Analytic roofline of a named GPU.
+    /// The cost model of fpx's generated kernels on a named GPU.
+    Kernels {
+        device: String,
+        device_name: String,
+        /// The CUDA target the kernels are priced for (`sm_90`, ...).
+        arch: String,
+        batch: usize,
+        context: usize,
+    },
+    /// Datasheet roofline of a named GPU (the hardware's bound).
     Roofline {
         /// The GPU's short name (`h100`, `b200`, ...).
         device: String,
@@ -87,6 +99,16 @@ pub enum LatencySource {
 impl std::fmt::Display for LatencySource {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
+            LatencySource::Kernels {
+                device_name,
+                arch,
+                batch,
+                context,
+                ..
+            } => write!(
+                f,
+                "fpx kernel cost model of {device_name}, {arch} (batch {batch}, context {context})"
+            ),
             LatencySource::Roofline {
                 device_name,
                 batch,
@@ -94,7 +116,7 @@ impl std::fmt::Display for LatencySource {
                 ..
             } => write!(
                 f,
-                "roofline model of {device_name} (batch {batch}, context {context})"
+                "datasheet roofline of {device_name} (batch {batch}, context {context})"
             ),
             LatencySource::Profile {
                 device,
@@ -150,7 +172,7 @@ mod tests {
         };
         assert_eq!(
             r.to_string(),
-            "roofline model of NVIDIA H100 SXM5 80GB (batch 1, context 512)"
+            "datasheet roofline of NVIDIA H100 SXM5 80GB (batch 1, context 512)"
         );
         let json = serde_json::to_value(&r).unwrap();
         assert_eq!(json["kind"], "roofline");

@@ -49,6 +49,8 @@ pub struct GpuSpec {
     pub arch: &'static str,
     /// Peak DRAM bandwidth, bytes/s.
     pub bandwidth: f64,
+    /// FP32 FLOP/s on the CUDA cores (SIMT FMA, not tensor cores).
+    pub fp32_flops: f64,
     /// Dense FP16 tensor FLOP/s (FP32 accumulate).
     pub fp16_flops: f64,
     /// Dense FP8 tensor FLOP/s (FP32 accumulate).
@@ -86,6 +88,8 @@ impl Gpu {
                 full_name: "NVIDIA H100 SXM5 80GB",
                 arch: "sm_90",
                 bandwidth: 3.35 * TB,
+                // FP32 67 TFLOPS (SXM5 datasheet).
+                fp32_flops: 66.9 * TFLOPS,
                 fp16_flops: 989.5 * TFLOPS,
                 fp8_flops: 1979.0 * TFLOPS,
                 fp4_flops: None,
@@ -98,6 +102,8 @@ impl Gpu {
                 full_name: "NVIDIA H200 SXM 141GB",
                 arch: "sm_90",
                 bandwidth: 4.8 * TB,
+                // FP32 67 TFLOPS (SXM datasheet).
+                fp32_flops: 66.9 * TFLOPS,
                 fp16_flops: 989.5 * TFLOPS,
                 fp8_flops: 1979.0 * TFLOPS,
                 fp4_flops: None,
@@ -111,6 +117,8 @@ impl Gpu {
                 full_name: "NVIDIA B200 180GB (HGX)",
                 arch: "sm_100a",
                 bandwidth: 8.0 * TB,
+                // FP32 600 TFLOPS for 8 GPUs (HGX B200 datasheet).
+                fp32_flops: 75.0 * TFLOPS,
                 fp16_flops: 2250.0 * TFLOPS,
                 fp8_flops: 4500.0 * TFLOPS,
                 fp4_flops: Some(9000.0 * TFLOPS),
@@ -125,6 +133,8 @@ impl Gpu {
                 full_name: "NVIDIA GeForce RTX 5090 32GB",
                 arch: "sm_120a",
                 bandwidth: 1.792 * TB,
+                // FP32 104.8 TFLOPS (RTX Blackwell whitepaper).
+                fp32_flops: 104.8 * TFLOPS,
                 fp16_flops: 209.5 * TFLOPS,
                 fp8_flops: 419.0 * TFLOPS,
                 fp4_flops: Some(1676.0 * TFLOPS),
@@ -137,6 +147,8 @@ impl Gpu {
                 full_name: "NVIDIA L40S 48GB",
                 arch: "sm_89",
                 bandwidth: 0.864 * TB,
+                // FP32 91.6 TFLOPS (L40S datasheet).
+                fp32_flops: 91.6 * TFLOPS,
                 fp16_flops: 362.05 * TFLOPS,
                 fp8_flops: 733.0 * TFLOPS,
                 fp4_flops: None,
@@ -150,6 +162,8 @@ impl Gpu {
                 full_name: "NVIDIA GeForce RTX 4090 24GB",
                 arch: "sm_89",
                 bandwidth: 1.008 * TB,
+                // FP32 82.6 TFLOPS (Ada whitepaper).
+                fp32_flops: 82.6 * TFLOPS,
                 fp16_flops: 165.2 * TFLOPS,
                 fp8_flops: 330.3 * TFLOPS,
                 fp4_flops: None,

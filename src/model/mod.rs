@@ -16,7 +16,7 @@ pub mod tokenizer;
 
 use std::path::{Path, PathBuf};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::error::{Error, Result};
@@ -24,7 +24,7 @@ use crate::error::{Error, Result};
 pub use self::tokenizer::Tokenizer;
 
 /// Architectures fpx knows how to build a graph for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Architecture {
     Llama,
@@ -32,8 +32,9 @@ pub enum Architecture {
     Qwen2,
 }
 
-/// Validated hyper-parameters of a decoder-only transformer.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+/// Validated hyper-parameters of a decoder-only transformer. Deserialized (from a calibration
+/// file) it must pass [`config::validate_spec`] again before use.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ModelSpec {
     pub architecture: Architecture,
     pub hidden_size: usize,

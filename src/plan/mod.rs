@@ -19,7 +19,7 @@ use serde::{Deserialize, Serialize};
 use crate::error::{Error, Result};
 use crate::formats::Format;
 use crate::latency::LatencySource;
-use crate::runtime::{LinearPrecision, PrecisionMap};
+use crate::lower::{LinearPrecision, PrecisionMap};
 use crate::solve::ilp::{IlpOptions, IlpStatus};
 use crate::solve::pins::PinsRef;
 use crate::solve::{GreedyOptions, GroupKind, Objective};

@@ -2,7 +2,8 @@
 //! groups and pins. The only place in `solve` that knows layer kinds and blocks; the problem
 //! it returns is flat arrays.
 //!
-//! Per layer, the allowed formats are the menu, or the pinned format alone. Error per choice:
+//! Per layer, the allowed formats are the menu (lm_head: its own menu, 16-bit by default as
+//! serving engines keep it), or the pinned format alone. Error per choice:
 //! the calibrated eps (objective `eps`) or KL (objective `kl`, refused when the calibration
 //! has no KL). FP16 is the reference precision: when the calibration did not measure it, its
 //! error is taken as 0. Latency comes from the latency model (which must cover every pair),
@@ -22,8 +23,10 @@ use super::{GroupKind, Objective, Problem};
 /// What to plan with.
 #[derive(Debug, Clone)]
 pub struct BuildOptions {
-    /// Formats every unpinned layer may take.
+    /// Formats every unpinned layer but lm_head may take.
     pub menu: Vec<Format>,
+    /// Formats an unpinned lm_head may take.
+    pub lm_head: Vec<Format>,
     pub objective: Objective,
     /// Layers that must share a format.
     pub groups: Vec<GroupKind>,
@@ -34,6 +37,7 @@ impl Default for BuildOptions {
     fn default() -> Self {
         BuildOptions {
             menu: vec![Format::Fp8, Format::Nvfp4],
+            lm_head: vec![Format::Fp16],
             objective: Objective::Eps,
             groups: Vec::new(),
             pins: None,
@@ -70,19 +74,17 @@ pub fn build_problem(
     latency: &dyn LatencyModel,
     o: &BuildOptions,
 ) -> Result<(Problem, BuildReport)> {
-    if o.menu.is_empty() {
-        return Err(Error::invalid("--menu", "empty: give at least one format"));
-    }
-    if let Some(f) = o
-        .menu
-        .iter()
-        .enumerate()
-        .find_map(|(i, f)| o.menu[..i].contains(f).then_some(f))
-    {
-        return Err(Error::invalid(
-            "--menu",
-            format!("format {f} is listed twice"),
-        ));
+    for (flag, menu) in [("--menu", &o.menu), ("--lm-head", &o.lm_head)] {
+        if menu.is_empty() {
+            return Err(Error::invalid(flag, "empty: give at least one format"));
+        }
+        if let Some(f) = menu
+            .iter()
+            .enumerate()
+            .find_map(|(i, f)| menu[..i].contains(f).then_some(f))
+        {
+            return Err(Error::invalid(flag, format!("format {f} is listed twice")));
+        }
     }
     let shapes = LayerShape::from_calibration(calib);
     let resolution = match &o.pins {
@@ -102,14 +104,19 @@ pub fn build_problem(
     let allowed: Vec<Vec<Format>> = (0..shapes.len())
         .map(|i| match resolution.as_ref().and_then(|r| r.pinned[i]) {
             Some((f, _)) => vec![f],
+            None if shapes[i].kind == LinearKind::LmHead => o.lm_head.clone(),
             None => o.menu.clone(),
         })
         .collect();
-    // Ask the latency source about every pair first, so a profile reports all it misses.
-    let mut needed: Vec<Format> = allowed.iter().flatten().copied().collect();
-    needed.sort();
-    needed.dedup();
-    latency.check_covers(&shapes, &needed)?;
+    // Ask the latency source about every pair first, so a profile reports all it misses
+    // (layers grouped by their allowed formats: lm_head is asked only its own menu).
+    let mut by_menu: BTreeMap<&[Format], Vec<LayerShape>> = BTreeMap::new();
+    for (shape, formats) in shapes.iter().zip(&allowed) {
+        by_menu.entry(formats).or_default().push(shape.clone());
+    }
+    for (formats, layers) in &by_menu {
+        latency.check_covers(layers, formats)?;
+    }
 
     let mut p = Problem {
         offsets: vec![0],

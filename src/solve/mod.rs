@@ -256,10 +256,14 @@ impl Problem {
         Solution { choice, totals }
     }
 
-    /// Every layer in format `f`, if every layer (and pin) allows it.
+    /// Every layer in format `f`; a layer with a single allowed format (a pin, lm_head's
+    /// default 16-bit) keeps that one. `None` if some layer allows neither.
     pub fn uniform(&self, f: Format) -> Option<Solution> {
         let choice = (0..self.len())
-            .map(|i| self.choice_of(i, f))
+            .map(|i| {
+                let only = (self.choices(i).len() == 1).then_some(self.offsets[i]);
+                self.choice_of(i, f).or(only)
+            })
             .collect::<Option<Vec<usize>>>()?;
         Some(self.solution(choice))
     }

@@ -82,10 +82,10 @@ pub fn fpx(args: &[&str]) -> (i32, String, String) {
 
 /// The mixed plan of the backend tests: FP8 q/k/v and lm_head, FP16 o_proj, NVFP4 gate/up,
 /// MXFP4 down (every kernel format in one plan).
-pub fn mixed_precision(graph: &fpx::ir::Graph) -> fpx::runtime::PrecisionMap {
+pub fn mixed_precision(graph: &fpx::ir::Graph) -> fpx::lower::PrecisionMap {
     use fpx::formats::Format;
     use fpx::ir::LinearKind;
-    let mut map = fpx::runtime::PrecisionMap::new();
+    let mut map = fpx::lower::PrecisionMap::new();
     for (id, l) in graph.linears() {
         let f = match l.kind {
             LinearKind::Gate | LinearKind::Up => Format::Nvfp4,
@@ -95,7 +95,7 @@ pub fn mixed_precision(graph: &fpx::ir::Graph) -> fpx::runtime::PrecisionMap {
         };
         map.insert(
             graph.node(id).name.clone(),
-            fpx::runtime::LinearPrecision::weight_only(f),
+            fpx::lower::LinearPrecision::weight_only(f),
         );
     }
     map

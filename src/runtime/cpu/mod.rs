@@ -22,7 +22,7 @@ use crate::formats::Format;
 use crate::ir::{Graph, Linear, Node, NodeId, Op};
 use crate::model::{Tensor, WeightSource};
 
-use super::{LinearPrecision, PrecisionMap};
+use crate::lower::{LinearPrecision, PrecisionMap};
 pub use mat::Mat;
 
 /// A linear layer's parameters as the CPU backend runs them.
@@ -126,7 +126,7 @@ impl CpuModel {
         precision: &PrecisionMap,
         keep: &dyn Fn(&Node) -> bool,
     ) -> Result<CpuModel> {
-        crate::runtime::check_precision_targets(graph, precision)?;
+        crate::lower::check_precision_targets(graph, precision)?;
         // Tied embeddings: lm_head reads the embedding table; load it once.
         let mut tables: HashMap<String, Arc<Vec<f32>>> = HashMap::new();
         let mut table = |name: &str, shape: &[usize]| -> Result<Arc<Vec<f32>>> {

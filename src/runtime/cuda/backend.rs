@@ -13,8 +13,9 @@ use cudarc::driver::{
 };
 
 use super::compile::{Compiler, CompilerOptions};
-use crate::codegen::{Act, Arch, KernelContext, KernelSpec, Param, Renderer, Step};
+use crate::codegen::{KernelContext, Renderer};
 use crate::error::{Error, Result};
+use crate::lower::{Act, Arch, KernelSpec, Param, Step};
 use crate::runtime::exec::{Backend, ExecutablePlan, PackedScales};
 
 pub(crate) fn driver_err(call: &str) -> impl Fn(DriverError) -> Error + '_ {
@@ -169,7 +170,7 @@ impl Device {
     /// `[rows, n]` output before the kernel (it matters for `accumulate`); returns it after.
     pub fn run_linear(
         &mut self,
-        shape: crate::codegen::LinearShape,
+        shape: crate::lower::LinearShape,
         packed: &crate::runtime::exec::PackedLinear,
         x: &[f32],
         rows: usize,
@@ -242,7 +243,7 @@ pub(crate) fn upload_linear(
 /// Launches one linear step: the `_m1` GEMV for one row, `_m8` for up to eight, else GEMM.
 pub(crate) fn launch_linear(
     dev: &Device,
-    shape: crate::codegen::LinearShape,
+    shape: crate::lower::LinearShape,
     l: &DevLinear,
     x: &CudaSlice<f32>,
     y: &mut CudaSlice<f32>,

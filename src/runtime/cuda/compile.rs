@@ -14,8 +14,9 @@ use sha2::{Digest, Sha256};
 
 use super::cache::{KernelCache, KeyParts};
 use super::nvrtc;
-use crate::codegen::{Arch, KernelSource, HEADERS};
+use crate::codegen::{KernelSource, HEADERS};
 use crate::error::{Error, Result};
+use crate::lower::Arch;
 
 /// Where a [`Compiler`] keeps things.
 #[derive(Debug, Clone, Default)]

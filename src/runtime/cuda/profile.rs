@@ -15,8 +15,8 @@ use super::backend::{
     driver_err, launch_linear, timing_event as event, upload_linear, CudaBackend, Device,
 };
 use super::compile::CompilerOptions;
-use crate::codegen::{KernelSpec, LinearShape, Schedule, WeightFormat};
 use crate::error::{Error, Result};
+use crate::lower::{KernelSpec, LinearShape, Schedule, WeightFormat};
 use crate::runtime::exec::{Backend, ExecutablePlan, PackedLinear};
 
 /// What to measure.
@@ -46,7 +46,7 @@ pub fn profile_linears(
     schedule: &Schedule,
     opts: &ProfileOptions,
 ) -> Result<ShapeTimes> {
-    if opts.batch == 0 || opts.batch > crate::codegen::GEMV_MAX_ROWS {
+    if opts.batch == 0 || opts.batch > crate::lower::GEMV_MAX_ROWS {
         return Err(Error::invalid(
             "batch",
             format!("{} (the decode GEMV takes 1..=8 rows)", opts.batch),

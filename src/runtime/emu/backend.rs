@@ -6,8 +6,8 @@
 use std::ffi::c_void;
 
 use super::{arg, launch_linear, EmuKernels, EmuOptions, HostLinear};
-use crate::codegen::{Act, Param, Step};
 use crate::error::Result;
+use crate::lower::{Act, Param, Step};
 use crate::runtime::exec::{check_pass, Backend, ExecutablePlan, HostBackend, HostState};
 
 /// The plan's buffers on the host and its kernels built for the emulator.

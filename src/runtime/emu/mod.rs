@@ -20,10 +20,9 @@ use std::sync::Mutex;
 
 use libloading::Library;
 
-use crate::codegen::{
-    Arch, KernelContext, KernelSource, KernelSpec, Launch, LinearShape, Renderer,
-};
+use crate::codegen::{KernelContext, KernelSource, Launch, Renderer};
 use crate::error::{Error, Result};
+use crate::lower::{Arch, KernelSpec, LinearShape};
 use crate::runtime::exec::{PackedLinear, PackedScales};
 
 /// `fpx_emu_run_<entry>(dims, args, err, err_len)`: dims = grid xyz, block xyz, shared bytes.

@@ -10,8 +10,8 @@ use super::generate::Backend;
 use super::host::{HostBackend, HostState};
 use super::linear::{argmax, linear_forward};
 use super::ExecutablePlan;
-use crate::codegen::{Act, Step};
 use crate::error::{Error, Result};
+use crate::lower::{Act, Step};
 
 /// Activations and KV cache of one sequence on the CPU.
 pub struct CpuBackend<'a> {

@@ -7,8 +7,8 @@
 
 use super::generate::Backend;
 use super::ExecutablePlan;
-use crate::codegen::{Act, Step};
 use crate::error::Result;
+use crate::lower::{Act, Step};
 
 /// Activations, KV cache and next token of one sequence.
 #[derive(Debug, Clone, PartialEq)]

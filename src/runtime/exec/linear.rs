@@ -14,8 +14,8 @@ use half::f16;
 use rayon::prelude::*;
 
 use super::{PackedLinear, PackedScales};
-use crate::codegen::{LinearShape, WeightFormat};
 use crate::formats::{e2m1_decode, e4m3_decode, e8m0_decode};
+use crate::lower::{LinearShape, WeightFormat};
 
 /// `y[r, :] (+)= x[r, :] W^T (+ b)` for `m` rows; `x: [m, k]`, `y: [m, n]`.
 ///

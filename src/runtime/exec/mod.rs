@@ -23,12 +23,12 @@ pub use linear::{argmax, linear_forward};
 
 use std::sync::Arc;
 
-use crate::codegen::{Schedule, WeightFormat};
 use crate::error::{Error, Result};
 use crate::formats::Scales;
 use crate::ir::Graph;
+use crate::lower::PrecisionMap;
+use crate::lower::{Schedule, WeightFormat};
 use crate::model::{Tensor, WeightSource};
-use crate::runtime::PrecisionMap;
 
 /// Scales of a packed linear layer, as the kernels read them.
 #[derive(Debug, Clone, PartialEq)]
@@ -105,7 +105,7 @@ pub struct ExecutablePlan {
     pub max_seq: usize,
     /// FP32 embedding table `[vocab, hidden]`.
     pub embedding: Arc<Vec<f32>>,
-    /// RMSNorm weights, by [`crate::codegen::Step::RmsNorm`]'s `norm`.
+    /// RMSNorm weights, by [`crate::lower::Step::RmsNorm`]'s `norm`.
     pub norms: Vec<Vec<f32>>,
     /// One per [`Schedule::linears`] entry.
     pub linears: Vec<PackedLinear>,

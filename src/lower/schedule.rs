@@ -11,9 +11,9 @@
 use serde::Serialize;
 
 use super::spec::{KernelSpec, LinearShape, WeightFormat};
+use super::PrecisionMap;
 use crate::error::{Error, Result};
-use crate::ir::{Graph, LinearKind, Op};
-use crate::runtime::PrecisionMap;
+use crate::ir::{Graph, LinearKind, NodeId, Op};
 
 /// The shapes of the decoder the steps run.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -231,7 +231,7 @@ impl Schedule {
                 ),
             ));
         }
-        crate::runtime::check_precision_targets(graph, precision)?;
+        super::check_precision_targets(graph, precision)?;
         let mut s = Schedule {
             dims,
             embedding_tensor: String::new(),
@@ -239,22 +239,30 @@ impl Schedule {
             linears: Vec::new(),
             steps: Vec::new(),
         };
+        // The buffer holding each node's value, assigned while walking the graph: every step
+        // reads its operands from the buffers of the nodes its incoming edges come from.
+        let mut held = Buffers {
+            graph,
+            held: vec![None; graph.node_count()],
+        };
         for &id in graph.topo_order() {
             let node = graph.node(id);
-            match &node.op {
+            let value = match &node.op {
                 Op::Embedding { tensor, .. } => {
                     s.embedding_tensor = tensor.clone();
                     s.steps.push(Step::Embed);
+                    Act::X
                 }
                 Op::RmsNorm { tensor, .. } => {
                     let last_row = node.layer.is_none();
                     s.norms.push(tensor.clone());
                     s.steps.push(Step::RmsNorm {
                         norm: s.norms.len() - 1,
-                        src: Act::X,
+                        src: held.operand(id, 0)?,
                         dst: Act::Xn,
                         last_row,
                     });
+                    Act::Xn
                 }
                 Op::Linear(l) => {
                     let p = precision.get(&node.name);
@@ -266,15 +274,25 @@ impl Schedule {
                             ),
                         });
                     }
-                    let (src, dst, accumulate) = match l.kind {
-                        LinearKind::Q => (Act::Xn, Act::Q, false),
-                        LinearKind::K => (Act::Xn, Act::K, false),
-                        LinearKind::V => (Act::Xn, Act::V, false),
-                        LinearKind::O => (Act::Att, Act::X, true),
-                        LinearKind::Gate => (Act::Xn, Act::Gate, false),
-                        LinearKind::Up => (Act::Xn, Act::Up, false),
-                        LinearKind::Down => (Act::Gate, Act::X, true),
-                        LinearKind::LmHead => (Act::Xn, Act::Logits, false),
+                    // A projection whose only consumer is a residual add writes into the
+                    // residual stream: the add is the linear's accumulate epilogue.
+                    let residual = fused_residual(graph, id);
+                    let dst = match (residual, l.kind) {
+                        (Some(add), _) => held.operand(add, 0)?,
+                        (None, LinearKind::Q) => Act::Q,
+                        (None, LinearKind::K) => Act::K,
+                        (None, LinearKind::V) => Act::V,
+                        (None, LinearKind::Gate) => Act::Gate,
+                        (None, LinearKind::Up) => Act::Up,
+                        (None, LinearKind::LmHead) => Act::Logits,
+                        (None, LinearKind::O | LinearKind::Down) => {
+                            return Err(Error::Layer {
+                                layer: node.name.clone(),
+                                reason: "its output does not feed a residual add; codegen fuses \
+                                         o_proj/down_proj into one"
+                                    .into(),
+                            })
+                        }
                     };
                     s.linears.push(LinearSlot {
                         name: node.name.clone(),
@@ -286,26 +304,47 @@ impl Schedule {
                             n: l.out_features,
                             k: l.in_features,
                             bias: l.bias.is_some(),
-                            accumulate,
+                            accumulate: residual.is_some(),
                         },
                     });
                     s.steps.push(Step::Linear {
                         linear: s.linears.len() - 1,
-                        src,
+                        src: held.operand(id, 0)?,
                         dst,
                     });
+                    dst
                 }
-                // q's rotation waits for k's: both run in one step after the v projection.
-                Op::Rope { .. } if node.name.ends_with("rope_q") => {}
-                Op::Rope { .. } => s.steps.push(Step::RopeKv {
-                    layer: layer_of(node.layer, &node.name)?,
-                }),
-                Op::Attention { .. } => s.steps.push(Step::Attention {
-                    layer: layer_of(node.layer, &node.name)?,
-                }),
-                Op::SiluMul { .. } => s.steps.push(Step::SiluMul),
-                Op::Add { .. } => check_fused_add(graph, id)?,
-            }
+                // q's rotation waits for k's: both run in one step after the v projection,
+                // in place on the query buffer (the rotated keys go to the KV cache).
+                Op::Rope { .. } if node.name.ends_with("rope_q") => held.expect(id, 0, Act::Q)?,
+                Op::Rope { .. } => {
+                    held.expect(id, 0, Act::K)?;
+                    s.steps.push(Step::RopeKv {
+                        layer: layer_of(node.layer, &node.name)?,
+                    });
+                    Act::K
+                }
+                Op::Attention { .. } => {
+                    for (slot, act) in [(0, Act::Q), (1, Act::K), (2, Act::V)] {
+                        held.expect(id, slot, act)?;
+                    }
+                    s.steps.push(Step::Attention {
+                        layer: layer_of(node.layer, &node.name)?,
+                    });
+                    Act::Att
+                }
+                Op::SiluMul { .. } => {
+                    held.expect(id, 0, Act::Gate)?;
+                    held.expect(id, 1, Act::Up)?;
+                    s.steps.push(Step::SiluMul);
+                    Act::Gate
+                }
+                Op::Add { .. } => {
+                    check_fused_add(graph, id)?;
+                    held.operand(id, 0)?
+                }
+            };
+            held.held[id.index()] = Some(value);
         }
         s.steps.push(Step::Argmax);
         Ok(s)
@@ -377,19 +416,72 @@ fn layer_of(layer: Option<usize>, name: &str) -> Result<usize> {
     })
 }
 
-/// A residual add must add an o_proj / down_proj output to the residual stream: that is the
-/// add the schedule fuses into the linear's epilogue.
-fn check_fused_add(graph: &Graph, id: crate::ir::NodeId) -> Result<()> {
-    let inputs = graph.inputs(id);
-    let fused = inputs.get(1).is_some_and(|&b| {
-        matches!(&graph.node(b).op, Op::Linear(l) if matches!(l.kind, LinearKind::O | LinearKind::Down))
+/// The residual add `linear` is fused into: its only consumer, when that is an add taking it
+/// as the branch operand (slot 1).
+fn fused_residual(graph: &Graph, linear: NodeId) -> Option<NodeId> {
+    let consumers = graph.consumers(linear);
+    match consumers.as_slice() {
+        [add]
+            if matches!(graph.node(*add).op, Op::Add { .. })
+                && graph.inputs(*add).get(1) == Some(&linear) =>
+        {
+            Some(*add)
+        }
+        _ => None,
+    }
+}
+
+/// Which activation buffer holds each node's value during [`Schedule::build`].
+struct Buffers<'g> {
+    graph: &'g Graph,
+    held: Vec<Option<Act>>,
+}
+
+impl Buffers<'_> {
+    /// The buffer holding operand `slot` of `id` (the source of that incoming edge).
+    fn operand(&self, id: NodeId, slot: usize) -> Result<Act> {
+        let g = self.graph;
+        let src = *g.inputs(id).get(slot).ok_or_else(|| Error::Layer {
+            layer: g.node(id).name.clone(),
+            reason: format!("operand {slot} is missing"),
+        })?;
+        self.held[src.index()].ok_or_else(|| Error::Layer {
+            layer: g.node(id).name.clone(),
+            reason: format!(
+                "operand `{}` is not held in a buffer the kernels can read",
+                g.node(src).name
+            ),
+        })
+    }
+
+    /// The buffer of operand `slot`, which must be `want` (the buffer its kernel reads).
+    fn expect(&self, id: NodeId, slot: usize, want: Act) -> Result<Act> {
+        let got = self.operand(id, slot)?;
+        if got == want {
+            Ok(got)
+        } else {
+            Err(Error::Layer {
+                layer: self.graph.node(id).name.clone(),
+                reason: format!(
+                    "operand {slot} is held in buffer {got:?}; its kernel reads {want:?}"
+                ),
+            })
+        }
+    }
+}
+
+/// A residual add must add a linear layer's output (fused as that linear's epilogue) to the
+/// residual stream.
+fn check_fused_add(graph: &Graph, id: NodeId) -> Result<()> {
+    let fused = graph.inputs(id).get(1).is_some_and(|&b| {
+        matches!(graph.node(b).op, Op::Linear(_)) && fused_residual(graph, b) == Some(id)
     });
-    if fused && graph.consumer_count(inputs[1]) == 1 {
+    if fused {
         Ok(())
     } else {
         Err(Error::Layer {
             layer: graph.node(id).name.clone(),
-            reason: "residual add does not follow an o_proj/down_proj; codegen cannot fuse it"
+            reason: "residual add does not follow a linear layer used only by it; codegen cannot fuse it"
                 .into(),
         })
     }

@@ -1,0 +1,219 @@
+//! What fpx's own kernels cost: the latency of a plan computed from its schedule.
+//!
+//! For every step of a decode pass ([`Schedule::work`]: the kernel's DRAM bytes, FLOPs,
+//! decode instructions and instruction path), the time is
+//! `max(bytes / bandwidth, compute) + launch overhead`, where compute is, on the kernel's
+//! instruction path, `(FMAs + decode instructions) / SIMT issue rate` for FP32-FMA kernels
+//! (the issue rate is half the FP32 FLOP rate: one FMA per lane per cycle), or
+//! `flops / tensor peak` of the path's MMA type. A step of `batch` sequences decoding one token
+//! each runs every kernel once over `batch` rows; attention reads each sequence's KV cache of
+//! `context` positions.
+//!
+//! The datasheet [`Roofline`](super::Roofline) is kept beside it as the hardware's bound (the
+//! bytes at peak bandwidth or the FLOPs at the format's tensor peak, whichever is larger): the
+//! report of a plan shows both what fpx's kernels cost and what the chip allows.
+
+use serde::Serialize;
+
+use crate::error::{Error, Result};
+use crate::formats::Format;
+use crate::ir::Graph;
+use crate::lower::{
+    linear_work, Arch, InstructionPath, KernelWork, LinearShape, PrecisionMap, Schedule, Step,
+    WeightFormat,
+};
+
+use super::roofline::{Gpu, GpuSpec};
+use super::{LatencyModel, LatencySource, LayerShape};
+
+/// The kernel cost model of one GPU for one model, at one batch size and context length.
+#[derive(Debug, Clone)]
+pub struct KernelCost {
+    pub gpu: Gpu,
+    pub spec: GpuSpec,
+    pub arch: Arch,
+    /// Sequences decoding one token each per step.
+    pub batch: usize,
+    /// Positions each sequence attends to.
+    pub context: usize,
+    /// The model's schedule with every layer in FP32 (a layer's format is substituted per
+    /// question; shapes, biases and epilogues come from here).
+    schedule: Schedule,
+}
+
+/// One launch of a step, explained.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct KernelRow {
+    /// Index of the step in the schedule.
+    pub step: usize,
+    /// The entry point launched.
+    pub kernel: String,
+    /// The linear layer it runs, if any.
+    pub layer: Option<String>,
+    #[serde(flatten)]
+    pub work: KernelWork,
+    /// Seconds of fpx's kernel (this model).
+    pub seconds: f64,
+    /// Seconds the chip allows (datasheet roofline of the same bytes and FLOPs).
+    pub bound_seconds: f64,
+}
+
+impl KernelCost {
+    /// The cost model of `graph`'s kernels on `gpu`.
+    pub fn new(gpu: Gpu, graph: &Graph, batch: usize, context: usize) -> Result<KernelCost> {
+        if batch == 0 {
+            return Err(Error::invalid(
+                "--batch",
+                "0: a step has at least one token",
+            ));
+        }
+        let spec = gpu.spec();
+        let arch: Arch = spec.arch.parse()?;
+        Ok(KernelCost {
+            gpu,
+            spec,
+            arch,
+            batch,
+            context,
+            schedule: Schedule::build(graph, &PrecisionMap::new())?,
+        })
+    }
+
+    /// Replaces the per-kernel launch overhead (seconds).
+    pub fn with_launch_overhead(mut self, seconds: f64) -> Result<KernelCost> {
+        if !(seconds.is_finite() && seconds >= 0.0) {
+            return Err(Error::invalid(
+                "launch overhead",
+                format!("{seconds}: must be a finite number of seconds >= 0"),
+            ));
+        }
+        self.spec.launch_overhead = seconds;
+        Ok(self)
+    }
+
+    /// Seconds of one launch doing `work` on this GPU with fpx's kernels.
+    pub fn seconds(&self, work: &KernelWork) -> f64 {
+        let s = &self.spec;
+        let compute = match work.path {
+            InstructionPath::SimtF32 => {
+                (work.flops / 2.0 + work.decode_instructions) / (s.fp32_flops / 2.0)
+            }
+            InstructionPath::TensorF16 => work.flops / s.fp16_flops,
+            InstructionPath::TensorFp8 => work.flops / s.fp8_flops,
+            InstructionPath::TensorFp4 => work.flops / s.fp4_flops.unwrap_or(s.fp16_flops),
+        };
+        (work.bytes / s.bandwidth).max(compute) + s.launch_overhead
+    }
+
+    /// Seconds the chip allows for the same bytes and FLOPs: peak bandwidth, or the tensor peak
+    /// of the weights' format (16-bit for FP32 and non-linear kernels), no launch overhead.
+    pub fn bound(&self, work: &KernelWork, format: WeightFormat) -> f64 {
+        let peak = self
+            .spec
+            .peak_flops(format.format().unwrap_or(Format::Fp16));
+        (work.bytes / self.spec.bandwidth).max(work.flops / peak)
+    }
+
+    /// The work of `step` in one decode step of `batch` sequences, `shape` replacing a linear
+    /// step's own.
+    fn step_work(&self, step: &Step, shape: Option<&LinearShape>) -> KernelWork {
+        match shape {
+            Some(shape) => linear_work(shape, self.batch, self.arch),
+            None => self
+                .schedule
+                .work(step, self.batch, self.context, self.arch),
+        }
+    }
+
+    /// The linear shape of layer `name` in `format`.
+    fn shape_of(&self, name: &str, format: WeightFormat) -> Result<LinearShape> {
+        let slot = self
+            .schedule
+            .linears
+            .iter()
+            .find(|l| l.name == name)
+            .ok_or_else(|| Error::Layer {
+                layer: name.to_string(),
+                reason: "not a linear layer of the model the cost model was built for".into(),
+            })?;
+        Ok(LinearShape {
+            format,
+            ..slot.shape
+        })
+    }
+
+    /// Every launch of one decode step under `precision`, in schedule order.
+    pub fn explain(&self, precision: &PrecisionMap) -> Result<Vec<KernelRow>> {
+        if let Some(name) = precision
+            .keys()
+            .find(|n| !self.schedule.linears.iter().any(|l| &l.name == *n))
+        {
+            return Err(Error::Layer {
+                layer: name.clone(),
+                reason: "the plan names a layer that is not a linear layer of this model".into(),
+            });
+        }
+        let mut rows = Vec::with_capacity(self.schedule.steps.len());
+        for (i, step) in self.schedule.steps.iter().enumerate() {
+            let (layer, format, shape) = match step {
+                Step::Linear { linear, .. } => {
+                    let slot = &self.schedule.linears[*linear];
+                    let f = WeightFormat::of(precision.get(&slot.name).map(|p| p.weights));
+                    (
+                        Some(slot.name.clone()),
+                        f,
+                        Some(self.shape_of(&slot.name, f)?),
+                    )
+                }
+                _ => (None, WeightFormat::Fp16, None),
+            };
+            let work = self.step_work(step, shape.as_ref());
+            let kernel = match &shape {
+                Some(s) => s.kernel_for_rows(self.batch).1,
+                None => self.schedule.entry_of(step, self.batch),
+            };
+            rows.push(KernelRow {
+                step: i,
+                kernel,
+                layer,
+                seconds: self.seconds(&work),
+                bound_seconds: self.bound(&work, format),
+                work,
+            });
+        }
+        Ok(rows)
+    }
+}
+
+impl LatencyModel for KernelCost {
+    fn source(&self) -> LatencySource {
+        LatencySource::Kernels {
+            device: self.spec.name.to_string(),
+            device_name: self.spec.full_name.to_string(),
+            arch: self.arch.name().to_string(),
+            batch: self.batch,
+            context: self.context,
+        }
+    }
+
+    fn latency(&self, layer: &LayerShape, format: Format) -> Result<f64> {
+        let shape = self.shape_of(&layer.name, WeightFormat::of(Some(format)))?;
+        Ok(self.seconds(&linear_work(&shape, self.batch, self.arch)))
+    }
+
+    fn fixed_latency(&self, layers: &[LayerShape]) -> f64 {
+        let planned: std::collections::BTreeSet<&str> =
+            layers.iter().map(|l| l.name.as_str()).collect();
+        self.schedule
+            .steps
+            .iter()
+            .filter(|step| match step {
+                Step::Linear { linear, .. } => {
+                    !planned.contains(self.schedule.linears[*linear].name.as_str())
+                }
+                _ => true,
+            })
+            .map(|step| self.seconds(&self.step_work(step, None)))
+            .sum()
+    }
+}

@@ -1,0 +1,169 @@
+//! What each step of a schedule makes the GPU do: the DRAM bytes its kernel moves, the FLOPs it
+//! computes, the extra instructions it spends decoding FP8/FP4 weights in registers, and the
+//! instruction path its inner loop runs on. Read from the kernel's spec, so the latency model
+//! (`latency::KernelCost`) prices exactly the kernels codegen generates: when a kernel changes
+//! (a tensor-core path, 16-bit activations), its [`KernelSpec::path`] or the byte counts here
+//! change with it, and so does the price of every plan that uses it.
+//!
+//! Byte counts are compulsory DRAM traffic: every weight byte (codes, scales, tensor scale,
+//! bias) once per launch, activations read and written once, the KV cache rows attention reads
+//! and RoPE writes. Re-reads served by L1/L2 (the GEMM's K tiles, activations shared by rows)
+//! are not counted.
+
+use serde::Serialize;
+
+use super::arch::Arch;
+use super::schedule::{Act, Schedule, Step};
+use super::spec::{KernelSpec, LinearShape, WeightFormat};
+
+/// Bytes of one element of an activation buffer and of the KV cache, as the kernels store them
+/// (FP32 today).
+pub const ACT_BYTES: usize = 4;
+
+/// The instruction path a kernel's arithmetic runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum InstructionPath {
+    /// FP32 FMA on the CUDA cores (weights decoded to FP32 in registers first).
+    SimtF32,
+    /// FP16/BF16 tensor-core MMA.
+    TensorF16,
+    /// FP8 E4M3 tensor-core MMA.
+    TensorFp8,
+    /// Block-scaled FP4 tensor-core MMA.
+    TensorFp4,
+}
+
+impl InstructionPath {
+    pub fn name(self) -> &'static str {
+        match self {
+            InstructionPath::SimtF32 => "simt_f32",
+            InstructionPath::TensorF16 => "tensor_f16",
+            InstructionPath::TensorFp8 => "tensor_fp8",
+            InstructionPath::TensorFp4 => "tensor_fp4",
+        }
+    }
+}
+
+impl KernelSpec {
+    /// The instruction path of this kernel on `arch`. Every kernel fpx generates today computes
+    /// with FP32 FMA on the CUDA cores (the prefill GEMM included).
+    pub fn path(&self, _arch: Arch) -> InstructionPath {
+        InstructionPath::SimtF32
+    }
+}
+
+/// SASS instructions the decode GEMV spends per weight element beyond the FMA, by format and
+/// target: the weight load, its decode to FP32, the scale and the loop. Measured from the
+/// `_m1` GEMV's SASS (its main loop's instructions divided by the weights one iteration
+/// handles, minus the one FMA per weight) by `fpx codegen --report`; `tests/sass.rs`
+/// recomputes every entry from the compiled kernels and fails when one drifts.
+pub fn decode_instructions_per_weight(format: WeightFormat, arch: Arch) -> f64 {
+    let native_fp4 = arch.has_fp4_cvt();
+    match format {
+        WeightFormat::F32 => 0.75,
+        WeightFormat::Fp16 => 0.75,
+        WeightFormat::Fp8 => 1.0,
+        WeightFormat::Nvfp4 | WeightFormat::Mxfp4 if native_fp4 => 1.0,
+        WeightFormat::Nvfp4 | WeightFormat::Mxfp4 => 2.0,
+    }
+}
+
+/// What one launch does.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct KernelWork {
+    /// DRAM bytes moved (read + written).
+    pub bytes: f64,
+    /// Floating-point operations (an FMA counts two).
+    pub flops: f64,
+    /// Extra SIMT instructions for decoding weights in registers.
+    pub decode_instructions: f64,
+    pub path: InstructionPath,
+}
+
+/// Bytes of a linear layer's parameters as the kernels read them: the format's codes and
+/// scales ([`crate::formats::Format::weight_bytes`]; FP32 weights 4 per element) and an FP32 bias.
+pub fn linear_weight_bytes(shape: &LinearShape) -> usize {
+    let (n, k) = (shape.n, shape.k);
+    let weights = shape
+        .format
+        .format()
+        .map_or(4 * n * k, |f| f.weight_bytes(n, k) as usize);
+    weights + if shape.bias { 4 * n } else { 0 }
+}
+
+/// The work of a linear kernel over `rows` activation rows.
+pub fn linear_work(shape: &LinearShape, rows: usize, arch: Arch) -> KernelWork {
+    let (spec, _) = shape.kernel_for_rows(rows);
+    let (m, n, k) = (rows as f64, shape.n as f64, shape.k as f64);
+    let act = ACT_BYTES as f64;
+    let outputs = if shape.accumulate { 2.0 } else { 1.0 };
+    KernelWork {
+        bytes: linear_weight_bytes(shape) as f64 + act * (m * k + outputs * m * n),
+        flops: 2.0 * m * n * k,
+        decode_instructions: n * k * decode_instructions_per_weight(shape.format, arch),
+        path: spec.path(arch),
+    }
+}
+
+impl Schedule {
+    /// The work of `step` over `rows` independent sequences, one new token each, each attending
+    /// `context` cached positions (a decode step of a batch; `rows = 1` for one sequence).
+    pub fn work(&self, step: &Step, rows: usize, context: usize, arch: Arch) -> KernelWork {
+        let d = &self.dims;
+        let r = rows as f64;
+        let act = ACT_BYTES as f64;
+        let ctx = context.max(1) as f64;
+        let simt = |bytes: f64, flops: f64| KernelWork {
+            bytes,
+            flops,
+            decode_instructions: 0.0,
+            path: self.kernels_of(step)[0].path(arch),
+        };
+        let cols = |a: Act| self.act_cols(a) as f64;
+        let (hidden, q_dim, kv_dim) = (d.hidden as f64, d.q_dim as f64, d.kv_dim as f64);
+        match *step {
+            Step::Linear { linear, .. } => linear_work(&self.linears[linear].shape, rows, arch),
+            // The table rows gathered (FP32) and the residual rows written.
+            Step::Embed => simt(r * hidden * (4.0 + act), 0.0),
+            Step::RmsNorm { src, dst, .. } => simt(
+                r * act * (cols(src) + cols(dst)) + 4.0 * hidden,
+                4.0 * r * hidden,
+            ),
+            // Q rotated in place, K rotated and V copied into the cache, the cos/sin rows read.
+            Step::RopeKv { .. } => simt(
+                r * act * (2.0 * q_dim + 4.0 * kv_dim) + r * 4.0 * d.head_dim as f64,
+                r * 3.0 * (q_dim + kv_dim),
+            ),
+            // Each row's queries against its sequence's `context` cached keys and values.
+            Step::Attention { .. } => simt(
+                r * act * (2.0 * ctx * kv_dim + 2.0 * q_dim),
+                4.0 * r * ctx * q_dim,
+            ),
+            Step::SiluMul => simt(3.0 * r * d.ffn as f64 * act, 5.0 * r * d.ffn as f64),
+            Step::Argmax => simt(r * d.vocab as f64 * act, 0.0),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn linear_work_counts_weights_activations_and_the_epilogue() {
+        let shape = LinearShape {
+            format: WeightFormat::Fp8,
+            n: 96,
+            k: 200,
+            bias: true,
+            accumulate: true,
+        };
+        let w = linear_work(&shape, 1, Arch::Sm90);
+        // codes + per-row FP32 scales + bias, then x read, y read and written.
+        let want = 96 * 200 + 4 * 96 + 4 * 96 + ACT_BYTES * (200 + 2 * 96);
+        assert_eq!(w.bytes, want as f64);
+        assert_eq!(w.flops, 2.0 * 96.0 * 200.0);
+        assert_eq!(w.path, InstructionPath::SimtF32);
+    }
+}
