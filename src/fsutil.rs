@@ -3,7 +3,7 @@
 //! never leaves a partial file that looks finished.
 
 use std::io::Write;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use crate::error::{Error, Result};
 
@@ -73,6 +73,34 @@ pub fn parse_versioned_json(
         )));
     }
     Ok(raw)
+}
+
+/// `site-packages` directories of the project `.venv` (in the current directory, then in the
+/// checkout this binary was built from), where the NVRTC, CUDA header and SASS-tool wheels are:
+/// the one lookup the cuda, emu and report modules share.
+pub fn venv_site_packages() -> Vec<PathBuf> {
+    let roots = [
+        std::env::current_dir().ok(),
+        Some(PathBuf::from(env!("CARGO_MANIFEST_DIR"))),
+    ];
+    let mut out = Vec::new();
+    for root in roots.into_iter().flatten() {
+        let lib = root.join(".venv/lib");
+        let Ok(entries) = std::fs::read_dir(&lib) else {
+            continue;
+        };
+        let mut pythons: Vec<PathBuf> = entries
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| {
+                p.file_name()
+                    .is_some_and(|n| n.to_string_lossy().starts_with("python3"))
+            })
+            .collect();
+        pythons.sort();
+        out.extend(pythons.into_iter().map(|p| p.join("site-packages")));
+    }
+    out
 }
 
 #[cfg(test)]

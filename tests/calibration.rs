@@ -244,9 +244,9 @@ fn cli_rejects_bad_input_and_writes_nothing() {
     );
     assert_eq!(code, 0, "{stderr}");
     let summary: serde_json::Value = serde_json::from_str(&stdout).unwrap();
-    assert_eq!(summary["layers"], 14);
+    assert_eq!(summary["layers"], 15, "7 per block + lm_head");
     let calib = Calibration::read(&out).unwrap();
-    assert_eq!(calib.layers.len(), 14);
+    assert_eq!(calib.layers.len(), 15);
     assert!(calib
         .layers
         .iter()
@@ -296,7 +296,7 @@ fn calibration_files_of_other_schemas_or_models_are_refused() {
     std::fs::write(&out, serde_json::to_vec(&raw).unwrap()).unwrap();
     let err = Calibration::read(&out).unwrap_err().to_string();
     assert!(
-        err.contains("schema_version is 99, this fpx reads version 1"),
+        err.contains("schema_version is 99, this fpx reads version 2"),
         "{err}"
     );
     std::fs::write(&out, b"{ not json").unwrap();
@@ -304,7 +304,7 @@ fn calibration_files_of_other_schemas_or_models_are_refused() {
 }
 
 #[test]
-fn smollm2_calibrates_all_210_linear_layers() {
+fn smollm2_calibrates_all_211_linear_layers() {
     if !have(
         "SmolLM2 and Moby Dick (data/)",
         smollm2().exists() && moby_dick().exists(),
@@ -335,7 +335,11 @@ fn smollm2_calibrates_all_210_linear_layers() {
     assert_eq!(code, 0, "{stderr}");
     assert!(stdout.contains("model.layers.29.mlp.down_proj"), "{stdout}");
     let calib = Calibration::read(&out).unwrap();
-    assert_eq!(calib.layers.len(), 210);
+    assert_eq!(calib.layers.len(), 211, "210 block layers + lm_head");
+    assert!(calib
+        .layers
+        .iter()
+        .any(|l| l.name == "lm_head" && l.layer == 30));
     assert_eq!(calib.text.tokens, 128);
     for l in &calib.layers {
         let (fp8, fp4) = (l.metrics[&Format::Fp8], l.metrics[&Format::Nvfp4]);

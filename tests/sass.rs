@@ -10,11 +10,13 @@
 
 mod common;
 
-use fpx::codegen::report::{analyze, table, SassTools};
+use fpx::codegen::report::{analyze, gemv_instructions_per_weight, table, SassTools};
 use fpx::codegen::{KernelContext, Renderer};
 use fpx::formats::Format;
 use fpx::ir::{Graph, LinearKind};
-use fpx::lower::{Arch, KernelSpec, LinearShape, Schedule, WeightFormat};
+use fpx::lower::{
+    decode_instructions_per_weight, Arch, KernelSpec, LinearShape, Schedule, WeightFormat,
+};
 use fpx::lower::{LinearPrecision, PrecisionMap};
 use fpx::model::synthetic::{tiny_spec, write_gguf, GgmlDType};
 use fpx::model::{load_model, Architecture};
@@ -158,4 +160,61 @@ fn codegen_report_json_carries_the_sass_table() {
     assert_eq!(sass.len(), entries);
     assert!(sass.iter().all(|r| r.registers > 0 && r.arch == "sm_120a"));
     assert!(sass.iter().all(|r| r.spills() == 0));
+}
+
+/// The latency model's decode cost per weight (`lower::decode_instructions_per_weight`) is what
+/// the compiled `_m1` GEMV's main loop issues beyond its FMA, per format and target (every
+/// target the cost model prices), measured on the SASS of a SmolLM2 gate/up shape (1536 x 576).
+#[test]
+fn decode_cost_per_weight_matches_the_sass() {
+    let tools = SassTools::find();
+    let compiler = Compiler::new(CompilerOptions {
+        cache_dir: Some(std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("nvrtc-cache")),
+        ..CompilerOptions::default()
+    });
+    if !common::have(
+        "NVRTC + the nvcc and cuobjdump wheels (.venv)",
+        tools.is_ok() && compiler.is_ok(),
+    ) {
+        return;
+    }
+    let (tools, compiler) = (tools.unwrap(), compiler.unwrap());
+    let renderer = Renderer::new().unwrap();
+    let (mut measured, mut wrong) = (Vec::new(), Vec::new());
+    for arch in Arch::ALL {
+        for format in WeightFormat::ALL {
+            let spec = KernelSpec::Gemv(LinearShape {
+                format,
+                n: 1536,
+                k: 576,
+                bias: false,
+                accumulate: false,
+            });
+            let src = renderer.render(&spec, arch).unwrap();
+            let c = &compiler.compile_all(std::slice::from_ref(&src)).unwrap()[0];
+            let reports = analyze(&tools, arch, &c.ptx, &c.cubin).unwrap();
+            let m1 = reports.iter().find(|r| r.entry.ends_with("_m1")).unwrap();
+            let KernelContext::Gemv(g) = &src.context else {
+                unreachable!()
+            };
+            let per_weight = gemv_instructions_per_weight(m1, g)
+                .unwrap_or_else(|| panic!("{}: no main loop found: {:?}", m1.entry, m1.main_loop));
+            let model = decode_instructions_per_weight(format, arch);
+            let line = format!(
+                "{} on {arch}: {:.4} per weight beyond the FMA (table: {model})",
+                m1.entry,
+                per_weight - 1.0
+            );
+            if (per_weight - 1.0 - model).abs() > 1e-9 {
+                wrong.push(line.clone());
+            }
+            measured.push(line);
+        }
+    }
+    eprintln!("{}", measured.join("\n"));
+    assert!(
+        wrong.is_empty(),
+        "decode_instructions_per_weight (src/lower/work.rs) disagrees with the SASS:\n{}",
+        wrong.join("\n")
+    );
 }

@@ -56,6 +56,9 @@ pub struct PlanSetup {
     /// Context length each sequence attends to (attention's cost).
     #[arg(long, default_value_t = 512)]
     pub context: usize,
+    /// GPUs the model is sharded over, as vLLM's tensor parallelism does (kernel cost model).
+    #[arg(long, default_value_t = 1)]
+    pub tensor_parallel: usize,
     /// Per-kernel launch overhead, microseconds.
     #[arg(long, default_value_t = 2.0)]
     pub launch_overhead_us: f64,
@@ -147,23 +150,39 @@ pub struct Prepared {
     pub ilp: IlpOptions,
     pub memory: Option<u64>,
     pub pins: Option<PinsRef>,
+    /// The kernel cost model, when the latencies come from it.
+    pub kernel_cost: Option<KernelCost>,
 }
 
-fn latency_model(s: &PlanSetup, calib: &Calibration) -> Result<Box<dyn LatencyModel>> {
+/// The latency source of `s`: a measured profile file, the datasheet roofline, or (`None`)
+/// the kernel cost model, which [`PlanSetup::prepare`] builds itself.
+fn measured_or_roofline(
+    s: &PlanSetup,
+    calib: &Calibration,
+) -> Result<Option<Box<dyn LatencyModel>>> {
     let path = Path::new(&s.device);
     if path.is_file() || s.device.ends_with(".json") {
+        if s.tensor_parallel != 1 {
+            bail!("--tensor-parallel needs a named GPU (a profile is measured on one GPU)");
+        }
         let profile = Profile::read(path)?;
         profile.check_model(&calib.model.identity)?;
-        return Ok(Box::new(profile));
+        return Ok(Some(Box::new(profile)));
     }
     let gpu = Gpu::parse(&s.device)?;
-    Ok(match s.cost {
-        CostArg::Kernels => Box::new(s.kernel_cost(gpu, calib)?),
-        CostArg::Roofline => Box::new(
+    match s.cost {
+        CostArg::Kernels => Ok(None),
+        CostArg::Roofline if s.tensor_parallel != 1 => {
+            bail!(
+                "--tensor-parallel {} needs --cost kernels",
+                s.tensor_parallel
+            )
+        }
+        CostArg::Roofline => Ok(Some(Box::new(
             Roofline::new(gpu, s.batch, s.context)?
                 .with_launch_overhead(s.launch_overhead_us * 1e-6)?,
-        ),
-    })
+        ))),
+    }
 }
 
 impl PlanSetup {
@@ -171,7 +190,8 @@ impl PlanSetup {
     pub fn kernel_cost(&self, gpu: Gpu, calib: &Calibration) -> Result<KernelCost> {
         Ok(
             KernelCost::new(gpu, &calib.graph(), self.batch, self.context)?
-                .with_launch_overhead(self.launch_overhead_us * 1e-6)?,
+                .with_launch_overhead(self.launch_overhead_us * 1e-6)?
+                .with_tensor_parallel(self.tensor_parallel)?,
         )
     }
 
@@ -179,7 +199,14 @@ impl PlanSetup {
     pub fn prepare(&self) -> Result<Prepared> {
         let calib = Calibration::read(&self.calib)?;
         let calib_ref = CalibrationRef::from_file(&self.calib, &calib)?;
-        let latency = latency_model(self, &calib)?;
+        let (latency, kernel_cost): (Box<dyn LatencyModel>, _) =
+            match measured_or_roofline(self, &calib)? {
+                Some(latency) => (latency, None),
+                None => {
+                    let cost = self.kernel_cost(Gpu::parse(&self.device)?, &calib)?;
+                    (Box::new(cost.clone()), Some(cost))
+                }
+            };
         let menu = self
             .menu
             .iter()
@@ -202,6 +229,7 @@ impl PlanSetup {
         let options = BuildOptions {
             menu,
             lm_head,
+            tensor_parallel: self.tensor_parallel,
             objective: self.objective.parse::<Objective>()?,
             groups,
             pins,
@@ -240,6 +268,7 @@ impl PlanSetup {
             memory,
             pins: pins_ref,
             options,
+            kernel_cost,
         })
     }
 }
@@ -358,9 +387,15 @@ pub fn run(args: PlanArgs) -> Result<()> {
         _ => bail!("give one of --gamma, --latency-budget, --speedup, --error-budget"),
     };
     let explain = if args.explain {
-        let gpu = Gpu::parse(&args.setup.device)
-            .context("--explain prices fpx's kernels on a named GPU; --device is not one")?;
-        let cost = args.setup.kernel_cost(gpu, &prep.calib)?;
+        let cost = match &prep.kernel_cost {
+            Some(cost) => cost.clone(),
+            None => {
+                let gpu = Gpu::parse(&args.setup.device).context(
+                    "--explain prices fpx's kernels on a named GPU; --device is not one",
+                )?;
+                args.setup.kernel_cost(gpu, &prep.calib)?
+            }
+        };
         Some(cost.explain(&plan.precision_map())?)
     } else {
         None
@@ -534,6 +569,33 @@ fn table(plan: &Plan, prep: &Prepared, out: &Path) -> Result<String> {
                     u.totals.error
                 )?;
             }
+        }
+    }
+    if !prep.report.not_offered.is_empty() {
+        let mut by_format: std::collections::BTreeMap<Format, usize> = Default::default();
+        for (_, f) in &prep.report.not_offered {
+            *by_format.entry(*f).or_default() += 1;
+        }
+        for (f, n) in by_format {
+            writeln!(
+                t,
+                "{f} not offered to {n} row-parallel layers: its scale blocks would straddle the \
+                 {} tensor-parallel shards",
+                prep.options.tensor_parallel
+            )?;
+        }
+    }
+    if let (Some(cost), Some(tot)) = (&prep.kernel_cost, &plan.totals) {
+        let ar = cost.all_reduce_seconds();
+        if ar > 0.0 {
+            writeln!(
+                t,
+                "all-reduce ({}, {} GPUs): {:.3} us per step, {:.1}% of the step",
+                cost.spec.interconnect.name,
+                cost.tensor_parallel,
+                ar * 1e6,
+                100.0 * ar / tot.step_latency
+            )?;
         }
     }
     writeln!(t, "wrote {}", out.display())?;

@@ -12,6 +12,7 @@ use std::process::Command;
 
 use serde::{Deserialize, Serialize};
 
+use super::context::GemvCtx;
 use crate::error::{Error, Result};
 use crate::lower::Arch;
 
@@ -36,19 +37,9 @@ impl SassTools {
         if let Some(d) = std::env::var_os("FPX_CUDA_BIN").filter(|v| !v.is_empty()) {
             dirs.push(PathBuf::from(d));
         }
-        let roots = [
-            std::env::current_dir().ok(),
-            Some(PathBuf::from(env!("CARGO_MANIFEST_DIR"))),
-        ];
-        for root in roots.into_iter().flatten() {
-            let Ok(entries) = std::fs::read_dir(root.join(".venv/lib")) else {
-                continue;
-            };
-            for e in entries.flatten() {
-                let nv = e.path().join("site-packages/nvidia");
-                for sub in ["cuda_nvcc/bin", "cu13/bin", "cuda_cuobjdump/bin"] {
-                    dirs.push(nv.join(sub));
-                }
+        for site in crate::fsutil::venv_site_packages() {
+            for sub in ["cuda_nvcc/bin", "cu13/bin", "cuda_cuobjdump/bin"] {
+                dirs.push(site.join("nvidia").join(sub));
             }
         }
         let find = |tool: &'static str| {
@@ -85,6 +76,45 @@ pub struct KernelReport {
     pub global_loads: BTreeMap<u32, u32>,
     /// GPU-only paths of this kernel that the emulator replaces by its portable fallback.
     pub emulator_cannot_run: Vec<String>,
+    /// The kernel's largest loop (the body of its longest backward branch), if it has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub main_loop: Option<MainLoop>,
+}
+
+/// The body of a kernel's main loop in SASS: what one trip of it issues.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct MainLoop {
+    /// SASS instructions of one trip (the branch included).
+    pub instructions: u32,
+    /// Global loads among them.
+    pub global_loads: u32,
+}
+
+impl MainLoop {
+    /// The largest loop of one function's SASS, given as (address, instruction) in order: the
+    /// span from a backward branch's target to the branch.
+    fn find(code: &[(u32, String)]) -> Option<MainLoop> {
+        let target = |ins: &str| -> Option<u32> {
+            let t = ins.split("BRA").nth(1)?.split(';').next()?.trim();
+            u32::from_str_radix(t.strip_prefix("0x")?, 16).ok()
+        };
+        code.iter()
+            .filter_map(|(addr, ins)| {
+                let to = target(ins).filter(|&t| t < *addr)?;
+                let body = code.iter().filter(|(a, _)| (to..=*addr).contains(a));
+                let (n, loads) = body.fold((0, 0), |(n, l), (_, i)| {
+                    (
+                        n + 1,
+                        l + u32::from(i.split_whitespace().any(|t| t.starts_with("LDG"))),
+                    )
+                });
+                Some(MainLoop {
+                    instructions: n,
+                    global_loads: loads,
+                })
+            })
+            .max_by_key(|l| l.instructions)
+    }
 }
 
 impl KernelReport {
@@ -168,10 +198,21 @@ pub fn analyze(
         &["-sass".as_ref(), cubin_path.as_os_str()],
     )?;
     let mut current: Option<usize> = None;
+    // Per entry point, its instructions as (address, text).
+    let mut code: Vec<Vec<(u32, String)>> = vec![Vec::new(); reports.len()];
     for line in sass.lines() {
         if let Some(name) = line.split("Function : ").nth(1) {
             current = reports.iter().position(|r| r.entry == name.trim());
             continue;
+        }
+        if let (Some(i), Some(addr)) = (current, sass_address(line)) {
+            let ins = line
+                .split("*/")
+                .nth(1)
+                .unwrap_or_default()
+                .trim()
+                .to_string();
+            code[i].push((addr, ins));
         }
         let (Some(i), Some(op)) = (
             current,
@@ -197,10 +238,30 @@ pub fn analyze(
         .filter(|(ins, _)| ptx.contains(ins))
         .map(|(ins, what)| format!("{what} ({ins})"))
         .collect();
-    for r in &mut reports {
+    for (r, code) in reports.iter_mut().zip(&code) {
         r.emulator_cannot_run = gaps.clone();
+        r.main_loop = MainLoop::find(code);
     }
     Ok(reports)
+}
+
+/// SASS instructions the `_m1` GEMV issues per weight element in its main loop (FMA, loads,
+/// decode, scales, loop overhead): one trip reads one weight vector of `epv` elements, its
+/// `epv / xv` activation vectors and, for FP4, one scale per segment, so the trips the
+/// compiler unrolled into the body are its global loads divided by those.
+pub fn gemv_instructions_per_weight(report: &KernelReport, gemv: &GemvCtx) -> Option<f64> {
+    let main = report.main_loop?;
+    let per_trip = 1 + gemv.epv.div_ceil(gemv.xv) + if gemv.block > 0 { gemv.segs } else { 0 };
+    let trips = main.global_loads as usize / per_trip;
+    (trips > 0 && main.global_loads as usize % per_trip == 0)
+        .then(|| main.instructions as f64 / (trips * gemv.epv) as f64)
+}
+
+/// The address of a SASS instruction line (`        /*0140*/   LDG.E.128 ...`).
+fn sass_address(line: &str) -> Option<u32> {
+    let rest = line.trim_start().strip_prefix("/*")?;
+    let (hex, _) = rest.split_once("*/")?;
+    u32::from_str_radix(hex, 16).ok()
 }
 
 /// The report as a text table.

@@ -9,6 +9,13 @@
 //! each runs every kernel once over `batch` rows; attention reads each sequence's KV cache of
 //! `context` positions.
 //!
+//! Tensor parallelism over `N` GPUs, as vLLM shards a decoder: column-parallel layers (q, k,
+//! v, gate, up, lm_head) split their output rows, row-parallel ones (o, down) their input
+//! columns, attention splits its heads and SiLU-gate its FFN columns; norms, embedding and
+//! argmax are not split. Each block ends its attention and its MLP with a ring all-reduce of
+//! the hidden state: `2 (N-1)/N x batch x hidden x ACT_BYTES / link bandwidth + link latency`
+//! ([`super::roofline::Interconnect`]). Times are per GPU (all GPUs run in lockstep).
+//!
 //! The datasheet [`Roofline`](super::Roofline) is kept beside it as the hardware's bound (the
 //! bytes at peak bandwidth or the FLOPs at the format's tensor peak, whichever is larger): the
 //! report of a plan shows both what fpx's kernels cost and what the chip allows.
@@ -17,10 +24,10 @@ use serde::Serialize;
 
 use crate::error::{Error, Result};
 use crate::formats::Format;
-use crate::ir::Graph;
+use crate::ir::{Graph, LinearKind};
 use crate::lower::{
     linear_work, Arch, InstructionPath, KernelWork, LinearShape, PrecisionMap, Schedule, Step,
-    WeightFormat,
+    WeightFormat, ACT_BYTES,
 };
 
 use super::roofline::{Gpu, GpuSpec};
@@ -36,6 +43,8 @@ pub struct KernelCost {
     pub batch: usize,
     /// Positions each sequence attends to.
     pub context: usize,
+    /// GPUs the model is sharded over (1: no tensor parallelism).
+    pub tensor_parallel: usize,
     /// The model's schedule with every layer in FP32 (a layer's format is substituted per
     /// question; shapes, biases and epilogues come from here).
     schedule: Schedule,
@@ -75,26 +84,76 @@ impl KernelCost {
             arch,
             batch,
             context,
+            tensor_parallel: 1,
             schedule: Schedule::build(graph, &PrecisionMap::new())?,
         })
     }
 
-    /// Replaces the per-kernel launch overhead (seconds).
-    pub fn with_launch_overhead(mut self, seconds: f64) -> Result<KernelCost> {
-        if !(seconds.is_finite() && seconds >= 0.0) {
+    /// Shards the model over `n` GPUs; heads, KV heads and FFN columns must divide evenly.
+    pub fn with_tensor_parallel(mut self, n: usize) -> Result<KernelCost> {
+        let d = &self.schedule.dims;
+        let uneven = [("heads", d.heads), ("kv heads", d.kv_heads), ("ffn", d.ffn)]
+            .into_iter()
+            .find(|&(_, v)| n == 0 || v % n != 0);
+        if let Some((what, v)) = uneven {
             return Err(Error::invalid(
-                "launch overhead",
-                format!("{seconds}: must be a finite number of seconds >= 0"),
+                "--tensor-parallel",
+                format!("{n}: the model's {v} {what} do not split evenly over {n} GPUs"),
             ));
         }
-        self.spec.launch_overhead = seconds;
+        self.tensor_parallel = n;
+        Ok(self)
+    }
+
+    /// One all-reduce of the hidden state of `batch` tokens over the interconnect.
+    pub fn all_reduce_work(&self) -> KernelWork {
+        let n = self.tensor_parallel as f64;
+        let message = (self.batch * self.schedule.dims.hidden * ACT_BYTES) as f64;
+        KernelWork {
+            bytes: 2.0 * (n - 1.0) / n * message,
+            flops: 0.0,
+            decode_instructions: 0.0,
+            path: InstructionPath::AllReduce,
+        }
+    }
+
+    /// Seconds of the all-reduces of one step (two per block; 0 without tensor parallelism).
+    pub fn all_reduce_seconds(&self) -> f64 {
+        if self.tensor_parallel == 1 {
+            return 0.0;
+        }
+        2.0 * self.schedule.dims.layers as f64 * self.seconds(&self.all_reduce_work())
+    }
+
+    /// The per-GPU shard of a linear layer of `kind`.
+    fn shard(&self, shape: LinearShape, kind: LinearKind) -> LinearShape {
+        let n = self.tensor_parallel;
+        match kind {
+            LinearKind::O | LinearKind::Down => LinearShape {
+                k: shape.k.div_ceil(n),
+                ..shape
+            },
+            _ => LinearShape {
+                n: shape.n.div_ceil(n),
+                ..shape
+            },
+        }
+    }
+
+    /// Replaces the per-kernel launch overhead (seconds).
+    pub fn with_launch_overhead(mut self, seconds: f64) -> Result<KernelCost> {
+        self.spec = self.spec.with_launch_overhead(seconds)?;
         Ok(self)
     }
 
     /// Seconds of one launch doing `work` on this GPU with fpx's kernels.
     pub fn seconds(&self, work: &KernelWork) -> f64 {
         let s = &self.spec;
+        if work.path == InstructionPath::AllReduce {
+            return work.bytes / s.interconnect.bandwidth + s.interconnect.latency;
+        }
         let compute = match work.path {
+            InstructionPath::AllReduce => 0.0,
             InstructionPath::SimtF32 => {
                 (work.flops / 2.0 + work.decode_instructions) / (s.fp32_flops / 2.0)
             }
@@ -168,9 +227,12 @@ impl KernelCost {
                 _ => (None, WeightFormat::Fp16, None),
             };
             let work = self.step_work(step, shape.as_ref());
-            let kernel = match &shape {
-                Some(s) => s.kernel_for_rows(self.batch).1,
-                None => self.schedule.entry_of(step, self.batch),
+            let kernel = match (&shape, step) {
+                (Some(s), Step::Linear { linear, .. }) => {
+                    let kind = self.schedule.linears[*linear].kind;
+                    self.shard(*s, kind).kernel_for_rows(self.batch).1
+                }
+                _ => self.schedule.entry_of(step, self.batch),
             };
             rows.push(KernelRow {
                 step: i,
@@ -180,6 +242,21 @@ impl KernelCost {
                 bound_seconds: self.bound(&work, format),
                 work,
             });
+            // A row-parallel projection's partial sums are all-reduced before the residual add.
+            let ends_branch = matches!(step, Step::Linear { linear, .. }
+                if matches!(self.schedule.linears[*linear].kind, LinearKind::O | LinearKind::Down));
+            if ends_branch && self.tensor_parallel > 1 {
+                let work = self.all_reduce_work();
+                let seconds = self.seconds(&work);
+                rows.push(KernelRow {
+                    step: i,
+                    kernel: format!("all_reduce ({})", self.spec.interconnect.name),
+                    layer: None,
+                    seconds,
+                    bound_seconds: seconds,
+                    work,
+                });
+            }
         }
         Ok(rows)
     }
@@ -193,12 +270,14 @@ impl LatencyModel for KernelCost {
             arch: self.arch.name().to_string(),
             batch: self.batch,
             context: self.context,
+            tensor_parallel: self.tensor_parallel,
         }
     }
 
     fn latency(&self, layer: &LayerShape, format: Format) -> Result<f64> {
         let shape = self.shape_of(&layer.name, WeightFormat::of(Some(format)))?;
-        Ok(self.seconds(&linear_work(&shape, self.batch, self.arch)))
+        let shard = self.shard(shape, layer.kind);
+        Ok(self.seconds(&linear_work(&shard, self.batch, self.arch)))
     }
 
     fn fixed_latency(&self, layers: &[LayerShape]) -> f64 {
@@ -214,6 +293,7 @@ impl LatencyModel for KernelCost {
                 _ => true,
             })
             .map(|step| self.seconds(&self.step_work(step, None)))
-            .sum()
+            .sum::<f64>()
+            + self.all_reduce_seconds()
     }
 }

@@ -71,6 +71,9 @@ pub enum LatencySource {
         arch: String,
         batch: usize,
         context: usize,
+        /// GPUs the model is sharded over (tensor parallelism; 1 = one GPU).
+        #[serde(default = "one", skip_serializing_if = "is_one")]
+        tensor_parallel: usize,
     },
     /// Datasheet roofline of a named GPU (the hardware's bound).
     Roofline {
@@ -104,11 +107,18 @@ impl std::fmt::Display for LatencySource {
                 arch,
                 batch,
                 context,
+                tensor_parallel,
                 ..
-            } => write!(
-                f,
-                "fpx kernel cost model of {device_name}, {arch} (batch {batch}, context {context})"
-            ),
+            } => {
+                write!(
+                    f,
+                    "fpx kernel cost model of {device_name}, {arch} (batch {batch}, context {context}"
+                )?;
+                if *tensor_parallel > 1 {
+                    write!(f, ", tensor parallel {tensor_parallel}")?;
+                }
+                write!(f, ")")
+            }
             LatencySource::Roofline {
                 device_name,
                 batch,
@@ -128,6 +138,27 @@ impl std::fmt::Display for LatencySource {
                 f,
                 "measured profile {path} on {device} (batch {batch}, context {context})"
             ),
+        }
+    }
+}
+
+fn one() -> usize {
+    1
+}
+
+fn is_one(v: &usize) -> bool {
+    *v == 1
+}
+
+impl LatencySource {
+    /// GPUs the latencies assume the model is sharded over (1 unless a kernel cost model with
+    /// tensor parallelism made them).
+    pub fn tensor_parallel(&self) -> usize {
+        match self {
+            LatencySource::Kernels {
+                tensor_parallel, ..
+            } => *tensor_parallel,
+            _ => 1,
         }
     }
 }

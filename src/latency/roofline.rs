@@ -59,7 +59,45 @@ pub struct GpuSpec {
     pub fp4_flops: Option<f64>,
     /// Seconds added per kernel launch.
     pub launch_overhead: f64,
+    /// The link tensor-parallel GPUs of this kind all-reduce over.
+    pub interconnect: Interconnect,
 }
+
+/// The GPU-to-GPU link of a tensor-parallel group.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct Interconnect {
+    pub name: &'static str,
+    /// Bytes/s per direction per GPU.
+    pub bandwidth: f64,
+    /// Seconds of fixed cost per all-reduce (an estimate of NCCL / custom all-reduce latency
+    /// for the small messages of decode, not a datasheet figure).
+    pub latency: f64,
+}
+
+/// NVLink 4 (H100/H200 SXM): 900 GB/s per GPU, both directions together (datasheets).
+const NVLINK4: Interconnect = Interconnect {
+    name: "NVLink 4",
+    bandwidth: 450e9,
+    latency: 5e-6,
+};
+/// NVLink 5 (B200): 1.8 TB/s per GPU, both directions together (HGX B200 datasheet).
+const NVLINK5: Interconnect = Interconnect {
+    name: "NVLink 5",
+    bandwidth: 900e9,
+    latency: 5e-6,
+};
+/// PCIe 5.0 x16: 64 GB/s per direction (RTX 5090: no NVLink).
+const PCIE5: Interconnect = Interconnect {
+    name: "PCIe 5.0 x16",
+    bandwidth: 64e9,
+    latency: 15e-6,
+};
+/// PCIe 4.0 x16: 32 GB/s per direction (L40S datasheet: 64 GB/s bidirectional; RTX 4090).
+const PCIE4: Interconnect = Interconnect {
+    name: "PCIe 4.0 x16",
+    bandwidth: 32e9,
+    latency: 15e-6,
+};
 
 const TB: f64 = 1e12;
 const TFLOPS: f64 = 1e12;
@@ -94,6 +132,7 @@ impl Gpu {
                 fp8_flops: 1979.0 * TFLOPS,
                 fp4_flops: None,
                 launch_overhead: LAUNCH,
+                interconnect: NVLINK4,
             },
             // NVIDIA H200 Tensor Core GPU datasheet, SXM column: 4.8 TB/s HBM3e; same tensor
             // cores as H100 SXM (FP16 1,979 / FP8 3,958 TFLOPS with sparsity).
@@ -108,6 +147,7 @@ impl Gpu {
                 fp8_flops: 1979.0 * TFLOPS,
                 fp4_flops: None,
                 launch_overhead: LAUNCH,
+                interconnect: NVLINK4,
             },
             // NVIDIA HGX B200 datasheet (8 GPUs): 64 TB/s HBM3e, FP4 144 PFLOPS, FP8 72
             // PFLOPS, FP16 36 PFLOPS, all with sparsity -> per GPU dense: 8 TB/s, 9 / 4.5 /
@@ -123,6 +163,7 @@ impl Gpu {
                 fp8_flops: 4500.0 * TFLOPS,
                 fp4_flops: Some(9000.0 * TFLOPS),
                 launch_overhead: LAUNCH,
+                interconnect: NVLINK5,
             },
             // NVIDIA RTX Blackwell GPU architecture whitepaper, GeForce RTX 5090: 1,792 GB/s
             // GDDR7; 3,352 "AI TOPS" = FP4 with sparsity -> 1,676 dense; FP8 838 dense, FP16
@@ -139,6 +180,7 @@ impl Gpu {
                 fp8_flops: 419.0 * TFLOPS,
                 fp4_flops: Some(1676.0 * TFLOPS),
                 launch_overhead: LAUNCH,
+                interconnect: PCIE5,
             },
             // NVIDIA L40S datasheet: 864 GB/s GDDR6; FP16 tensor 362.05 TFLOPS dense (733
             // with sparsity); FP8 733 TFLOPS dense (1,466 with sparsity).
@@ -153,6 +195,7 @@ impl Gpu {
                 fp8_flops: 733.0 * TFLOPS,
                 fp4_flops: None,
                 launch_overhead: LAUNCH,
+                interconnect: PCIE4,
             },
             // NVIDIA Ada Lovelace architecture whitepaper, appendix, GeForce RTX 4090:
             // 1,008 GB/s GDDR6X; FP16 tensor with FP32 accumulate 165.2 TFLOPS dense; FP8
@@ -168,6 +211,7 @@ impl Gpu {
                 fp8_flops: 330.3 * TFLOPS,
                 fp4_flops: None,
                 launch_overhead: LAUNCH,
+                interconnect: PCIE4,
             },
         }
     }
@@ -204,6 +248,18 @@ impl Gpu {
 }
 
 impl GpuSpec {
+    /// These figures with another per-kernel launch overhead (seconds, finite, >= 0).
+    pub fn with_launch_overhead(mut self, seconds: f64) -> Result<GpuSpec> {
+        if !(seconds.is_finite() && seconds >= 0.0) {
+            return Err(Error::invalid(
+                "launch overhead",
+                format!("{seconds}: must be a finite number of seconds >= 0"),
+            ));
+        }
+        self.launch_overhead = seconds;
+        Ok(self)
+    }
+
     /// The tensor-core rate a layer with weights in `format` computes at.
     pub fn peak_flops(&self, format: Format) -> f64 {
         match format {
@@ -244,13 +300,7 @@ impl Roofline {
 
     /// Replaces the per-kernel launch overhead (seconds).
     pub fn with_launch_overhead(mut self, seconds: f64) -> Result<Roofline> {
-        if !(seconds.is_finite() && seconds >= 0.0) {
-            return Err(Error::invalid(
-                "launch overhead",
-                format!("{seconds}: must be a finite number of seconds >= 0"),
-            ));
-        }
-        self.spec.launch_overhead = seconds;
+        self.spec = self.spec.with_launch_overhead(seconds)?;
         Ok(self)
     }
 

@@ -32,6 +32,8 @@ pub enum InstructionPath {
     TensorFp8,
     /// Block-scaled FP4 tensor-core MMA.
     TensorFp4,
+    /// Not a kernel: a ring all-reduce over the interconnect (tensor parallelism).
+    AllReduce,
 }
 
 impl InstructionPath {
@@ -41,6 +43,7 @@ impl InstructionPath {
             InstructionPath::TensorF16 => "tensor_f16",
             InstructionPath::TensorFp8 => "tensor_fp8",
             InstructionPath::TensorFp4 => "tensor_fp4",
+            InstructionPath::AllReduce => "all_reduce",
         }
     }
 }
@@ -54,18 +57,34 @@ impl KernelSpec {
 }
 
 /// SASS instructions the decode GEMV spends per weight element beyond the FMA, by format and
-/// target: the weight load, its decode to FP32, the scale and the loop. Measured from the
-/// `_m1` GEMV's SASS (its main loop's instructions divided by the weights one iteration
-/// handles, minus the one FMA per weight) by `fpx codegen --report`; `tests/sass.rs`
-/// recomputes every entry from the compiled kernels and fails when one drifts.
+/// target: weight and activation loads, the decode to FP32, the scales, address arithmetic and
+/// the loop. Measured on the `_m1` GEMV of a 1536 x 576 layer: the static instruction count of
+/// its main loop (`codegen::report::MainLoop`, the body of the longest backward branch)
+/// divided by the weights one trip handles, minus the one FMA per weight
+/// (`codegen::report::gemv_instructions_per_weight`); `tests/sass.rs` recomputes every entry
+/// from the compiled kernels and fails when one drifts. The shape's own unrolling makes other
+/// shapes differ by a fraction of an instruction.
 pub fn decode_instructions_per_weight(format: WeightFormat, arch: Arch) -> f64 {
-    let native_fp4 = arch.has_fp4_cvt();
-    match format {
-        WeightFormat::F32 => 0.75,
-        WeightFormat::Fp16 => 0.75,
-        WeightFormat::Fp8 => 1.0,
-        WeightFormat::Nvfp4 | WeightFormat::Mxfp4 if native_fp4 => 1.0,
-        WeightFormat::Nvfp4 | WeightFormat::Mxfp4 => 2.0,
+    use WeightFormat as W;
+    // Measured with NVRTC 12.9 (`cargo test --test sass decode_cost -- --nocapture` prints
+    // them); fractions because the compiler unrolls the loop over several weight vectors.
+    match (arch, format) {
+        (Arch::Sm89, W::F32) => 0.9375,
+        (Arch::Sm90, W::F32) => 1.0625,
+        (Arch::Sm100a, W::F32) => 3.25,
+        (Arch::Sm120a, W::F32) => 1.75,
+        (Arch::Sm89 | Arch::Sm90, W::Fp16) => 1.59375,
+        (Arch::Sm100a, W::Fp16) => 2.25,
+        (Arch::Sm120a, W::Fp16) => 2.0,
+        (Arch::Sm89 | Arch::Sm90 | Arch::Sm100a, W::Fp8) => 2.25,
+        (Arch::Sm120a, W::Fp8) => 2.125,
+        (Arch::Sm89 | Arch::Sm90, W::Nvfp4) => 4.3125,
+        (Arch::Sm100a, W::Nvfp4) => 3.53125,
+        (Arch::Sm120a, W::Nvfp4) => 3.46875,
+        (Arch::Sm89, W::Mxfp4) => 4.0,
+        (Arch::Sm90, W::Mxfp4) => 3.8125,
+        (Arch::Sm100a, W::Mxfp4) => 3.21875,
+        (Arch::Sm120a, W::Mxfp4) => 3.15625,
     }
 }
 

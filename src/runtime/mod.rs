@@ -6,3 +6,6 @@ pub mod cpu;
 pub mod cuda;
 pub mod emu;
 pub mod exec;
+mod loaded;
+
+pub use loaded::LoadedKernels;

@@ -27,6 +27,9 @@ pub struct BuildOptions {
     pub menu: Vec<Format>,
     /// Formats an unpinned lm_head may take.
     pub lm_head: Vec<Format>,
+    /// GPUs the model is sharded over: a row-parallel layer (o, down) is not offered a
+    /// block-scaled format whose blocks would straddle its shards.
+    pub tensor_parallel: usize,
     pub objective: Objective,
     /// Layers that must share a format.
     pub groups: Vec<GroupKind>,
@@ -38,6 +41,7 @@ impl Default for BuildOptions {
         BuildOptions {
             menu: vec![Format::Fp8, Format::Nvfp4],
             lm_head: vec![Format::Fp16],
+            tensor_parallel: 1,
             objective: Objective::Eps,
             groups: Vec::new(),
             pins: None,
@@ -54,6 +58,19 @@ pub struct BuildReport {
     pub pinned: usize,
     /// Pin rules that matched no layer.
     pub unmatched_pins: Vec<String>,
+    /// (layer, format) pairs of the menu not offered because the format's scale blocks would
+    /// straddle the layer's tensor-parallel shards.
+    pub not_offered: Vec<(String, Format)>,
+}
+
+/// Whether `format` keeps whole scale blocks inside each of `tp` shards of a layer of `kind`
+/// with `k` input features (row-parallel layers split K; column-parallel ones split rows,
+/// which never cuts a block).
+pub fn shards_cleanly(kind: LinearKind, k: usize, format: Format, tp: usize) -> bool {
+    if tp <= 1 || !matches!(kind, LinearKind::O | LinearKind::Down) {
+        return true;
+    }
+    k % tp == 0 && format.block_size().is_none_or(|b| (k / tp) % b == 0)
 }
 
 fn group_key(kind: LinearKind, groups: &[GroupKind]) -> Option<u8> {
@@ -101,13 +118,49 @@ pub fn build_problem(
         }
         None => None,
     };
-    let allowed: Vec<Vec<Format>> = (0..shapes.len())
-        .map(|i| match resolution.as_ref().and_then(|r| r.pinned[i]) {
+    let mut not_offered = Vec::new();
+    let mut allowed: Vec<Vec<Format>> = Vec::with_capacity(shapes.len());
+    for (i, shape) in shapes.iter().enumerate() {
+        let clean =
+            |f: &Format| shards_cleanly(shape.kind, shape.in_features, *f, o.tensor_parallel);
+        let formats = match resolution.as_ref().and_then(|r| r.pinned[i]) {
+            Some((f, rule)) if !clean(&f) => {
+                return Err(Error::Layer {
+                    layer: shape.name.clone(),
+                    reason: format!(
+                        "pinned to {f} by pin rule {}, but its {}-element scale blocks straddle \
+                         the layer's {} tensor-parallel shards of K = {}",
+                        rule + 1,
+                        f.block_size().unwrap_or(1),
+                        o.tensor_parallel,
+                        shape.in_features
+                    ),
+                })
+            }
             Some((f, _)) => vec![f],
-            None if shapes[i].kind == LinearKind::LmHead => o.lm_head.clone(),
-            None => o.menu.clone(),
-        })
-        .collect();
+            None => {
+                let menu = if shape.kind == LinearKind::LmHead {
+                    &o.lm_head
+                } else {
+                    &o.menu
+                };
+                let (ok, dropped): (Vec<Format>, Vec<Format>) =
+                    menu.iter().copied().partition(|f| clean(f));
+                not_offered.extend(dropped.into_iter().map(|f| (shape.name.clone(), f)));
+                if ok.is_empty() {
+                    return Err(Error::Layer {
+                        layer: shape.name.clone(),
+                        reason: format!(
+                            "no format of the menu shards cleanly over {} GPUs (K = {})",
+                            o.tensor_parallel, shape.in_features
+                        ),
+                    });
+                }
+                ok
+            }
+        };
+        allowed.push(formats);
+    }
     // Ask the latency source about every pair first, so a profile reports all it misses
     // (layers grouped by their allowed formats: lm_head is asked only its own menu).
     let mut by_menu: BTreeMap<&[Format], Vec<LayerShape>> = BTreeMap::new();
@@ -174,7 +227,29 @@ pub fn build_problem(
             .as_ref()
             .map_or(0, |r| r.pinned.iter().filter(|x| x.is_some()).count()),
         unmatched_pins: resolution.map(|r| r.unmatched).unwrap_or_default(),
+        not_offered,
         layers: shapes,
     };
     Ok((p, report))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn row_parallel_layers_keep_whole_scale_blocks_per_shard() {
+        // K = 1000 over 2 GPUs: 500 columns each, not a multiple of 16 or 32.
+        for f in [Format::Nvfp4, Format::Mxfp4] {
+            assert!(!shards_cleanly(LinearKind::Down, 1000, f, 2), "{f}");
+            assert!(shards_cleanly(LinearKind::Down, 1000, f, 1), "{f}");
+            // Column-parallel layers split rows: blocks stay whole.
+            assert!(shards_cleanly(LinearKind::Up, 1000, f, 2), "{f}");
+        }
+        assert!(shards_cleanly(LinearKind::O, 1000, Format::Fp8, 2));
+        // K not divisible by the GPU count at all.
+        assert!(!shards_cleanly(LinearKind::O, 1001, Format::Fp8, 2));
+        // Qwen2.5-14B's down_proj (K = 13824) at TP 2: 6912 = 216 x 32.
+        assert!(shards_cleanly(LinearKind::Down, 13824, Format::Mxfp4, 2));
+    }
 }

@@ -31,7 +31,7 @@ use serde::{Deserialize, Serialize};
 use crate::error::{Error, Result};
 use crate::formats::Format;
 
-pub use build::{build_problem, BuildOptions, BuildReport};
+pub use build::{build_problem, shards_cleanly, BuildOptions, BuildReport};
 pub use greedy::{greedy, GreedyOptions, GreedyRule, GreedySolution};
 pub use ilp::{ilp, IlpOptions, IlpSolution, IlpStatus};
 

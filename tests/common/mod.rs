@@ -19,7 +19,8 @@ pub fn moby_dick() -> PathBuf {
 }
 
 /// Returns `true` when the resource exists. When it does not, a test that needs it is skipped
-/// with a printed reason, or fails when FPX_REQUIRE_DATA=1 (the README's test command sets it).
+/// with a `SKIPPED <test>: <reason>` line in the `cargo test` output (passing tests included),
+/// or fails when FPX_REQUIRE_DATA=1 (the README's test command sets it).
 pub fn have(what: &str, ok: bool) -> bool {
     if ok {
         return true;
@@ -27,7 +28,15 @@ pub fn have(what: &str, ok: bool) -> bool {
     if std::env::var("FPX_REQUIRE_DATA").is_ok_and(|v| v == "1") {
         panic!("{what} is missing and FPX_REQUIRE_DATA=1 (run `make fetch tools`)");
     }
-    eprintln!("skipped: {what} is missing (run `make fetch tools`, or set FPX_REQUIRE_DATA=1 to fail instead)");
+    // Written to the process's stderr directly, not through `eprintln!`, which the test
+    // harness captures and shows only for failing tests: a skip must be visible in the
+    // `cargo test` output of a passing run.
+    use std::io::Write as _;
+    let test = std::thread::current().name().unwrap_or("?").to_string();
+    let _ = writeln!(
+        std::io::stderr(),
+        "SKIPPED {test}: {what} is missing (run `make fetch tools`, or set FPX_REQUIRE_DATA=1 to fail instead)"
+    );
     false
 }
 

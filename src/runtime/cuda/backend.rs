@@ -4,7 +4,6 @@
 //! can be captured once as a CUDA graph: its launches depend on nothing but device buffers
 //! (the position and the previous token are read on the device).
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use cudarc::driver::{
@@ -13,10 +12,11 @@ use cudarc::driver::{
 };
 
 use super::compile::{Compiler, CompilerOptions};
-use crate::codegen::{KernelContext, Renderer};
+use crate::codegen::Renderer;
 use crate::error::{Error, Result};
 use crate::lower::{Act, Arch, KernelSpec, Param, Step};
-use crate::runtime::exec::{Backend, ExecutablePlan, PackedScales};
+use crate::runtime::exec::{Backend, ExecutablePlan};
+use crate::runtime::LoadedKernels;
 
 pub(crate) fn driver_err(call: &str) -> impl Fn(DriverError) -> Error + '_ {
     move |e| Error::Cuda {
@@ -31,8 +31,7 @@ pub struct Device {
     pub stream: Arc<CudaStream>,
     pub arch: Arch,
     pub name: String,
-    functions: BTreeMap<String, CudaFunction>,
-    contexts: BTreeMap<String, KernelContext>,
+    kernels: LoadedKernels<CudaFunction>,
 }
 
 impl Device {
@@ -68,8 +67,7 @@ impl Device {
             stream,
             arch,
             name,
-            functions: BTreeMap::new(),
-            contexts: BTreeMap::new(),
+            kernels: LoadedKernels::default(),
         })
     }
 
@@ -78,7 +76,7 @@ impl Device {
         let renderer = Renderer::new()?;
         let sources = specs
             .iter()
-            .filter(|s| !self.contexts.contains_key(&s.name()))
+            .filter(|s| !self.kernels.has(&s.name()))
             .map(|s| renderer.render(s, self.arch))
             .collect::<Result<Vec<_>>>()?;
         if sources.is_empty() {
@@ -90,13 +88,11 @@ impl Device {
                 .ctx
                 .load_module(cudarc::nvrtc::Ptx::from_binary(bin.cubin))
                 .map_err(driver_err("cuModuleLoadData"))?;
-            for entry in &src.entry_points {
-                let f = module
+            self.kernels.add(src, |entry| {
+                module
                     .load_function(entry)
-                    .map_err(driver_err("cuModuleGetFunction"))?;
-                self.functions.insert(entry.clone(), f);
-            }
-            self.contexts.insert(src.name.clone(), src.context.clone());
+                    .map_err(driver_err("cuModuleGetFunction"))
+            })?;
         }
         Ok(())
     }
@@ -108,7 +104,7 @@ impl Device {
             if !matches!(spec, KernelSpec::Attention { .. }) {
                 continue;
             }
-            let Some(ctx) = self.contexts.get(&spec.name()) else {
+            let Some(ctx) = self.kernels.context(&spec) else {
                 continue;
             };
             let bytes = ctx.launch(1, plan.max_seq).shared_bytes as i32;
@@ -127,7 +123,7 @@ impl Device {
                     ),
                 ));
             }
-            if let Some(f) = self.functions.get(&spec.name()) {
+            if let Ok(f) = self.kernels.function(&spec.name()) {
                 f.set_attribute(
                     sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
                     bytes,
@@ -146,16 +142,7 @@ impl Device {
         rows: usize,
         context: usize,
     ) -> Result<(&CudaFunction, LaunchConfig)> {
-        let missing = || Error::Codegen {
-            kernel: entry.to_string(),
-            reason: "kernel not loaded".into(),
-        };
-        let f = self.functions.get(entry).ok_or_else(missing)?;
-        let l = self
-            .contexts
-            .get(&spec.name())
-            .ok_or_else(missing)?
-            .launch(rows, context);
+        let (f, l) = self.kernels.get(spec, entry, rows, context)?;
         Ok((
             f,
             LaunchConfig {
@@ -227,14 +214,9 @@ pub(crate) fn upload_linear(
     dev: &Device,
     l: &crate::runtime::exec::PackedLinear,
 ) -> Result<DevLinear> {
-    let scales: Vec<u8> = match &l.scales {
-        PackedScales::None => Vec::new(),
-        PackedScales::Row(s) => s.iter().flat_map(|v| v.to_le_bytes()).collect(),
-        PackedScales::Block(b) => b.clone(),
-    };
     Ok(DevLinear {
         codes: dev.upload(&l.codes)?,
-        scales: dev.upload(&scales)?,
+        scales: dev.upload(&l.scales.kernel_bytes())?,
         global: l.global,
         bias: dev.upload(l.bias.as_deref().unwrap_or(&[]))?,
     })

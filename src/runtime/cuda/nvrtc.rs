@@ -74,36 +74,10 @@ fn load() -> std::result::Result<(), String> {
 /// `libnvrtc.so.12` inside `.venv/lib/python3*/site-packages/nvidia/cuda_nvrtc/lib` of the
 /// current directory and of the source checkout.
 fn venv_candidates() -> Vec<PathBuf> {
-    venv_site_packages()
+    crate::fsutil::venv_site_packages()
         .into_iter()
         .map(|site| site.join("nvidia/cuda_nvrtc/lib").join(LIB_NAME))
         .collect()
-}
-
-/// `site-packages` directories of the project venvs (current directory, then the checkout).
-pub(crate) fn venv_site_packages() -> Vec<PathBuf> {
-    let roots = [
-        std::env::current_dir().ok(),
-        Some(PathBuf::from(env!("CARGO_MANIFEST_DIR"))),
-    ];
-    let mut out = Vec::new();
-    for root in roots.into_iter().flatten() {
-        let lib = root.join(".venv/lib");
-        let Ok(entries) = std::fs::read_dir(&lib) else {
-            continue;
-        };
-        let mut pythons: Vec<PathBuf> = entries
-            .flatten()
-            .map(|e| e.path())
-            .filter(|p| {
-                p.file_name()
-                    .is_some_and(|n| n.to_string_lossy().starts_with("python3"))
-            })
-            .collect();
-        pythons.sort();
-        out.extend(pythons.into_iter().map(|p| p.join("site-packages")));
-    }
-    out
 }
 
 /// NVRTC's (major, minor) version.
@@ -261,7 +235,7 @@ pub fn find_cuda_include(explicit: Option<&Path>) -> Result<PathBuf> {
     }
     tried.push(PathBuf::from("/usr/local/cuda/include"));
     tried.extend(
-        venv_site_packages()
+        crate::fsutil::venv_site_packages()
             .into_iter()
             .map(|s| s.join("nvidia/cuda_runtime/include")),
     );

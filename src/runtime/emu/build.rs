@@ -65,7 +65,7 @@ impl Toolchain {
             _ => {
                 let mut found = Vec::new();
                 for (wheel, file) in needed {
-                    let dir = site_packages()
+                    let dir = crate::fsutil::venv_site_packages()
                         .into_iter()
                         .map(|s| s.join("nvidia").join(wheel).join("include"))
                         .find(|d| d.join(file).exists());
@@ -88,28 +88,6 @@ impl Toolchain {
         };
         Ok(Toolchain { cxx, includes })
     }
-}
-
-/// `site-packages` of `.venv` in the current directory and in this checkout.
-fn site_packages() -> Vec<PathBuf> {
-    let roots = [
-        std::env::current_dir().ok(),
-        Some(PathBuf::from(env!("CARGO_MANIFEST_DIR"))),
-    ];
-    let mut out = Vec::new();
-    for root in roots.into_iter().flatten() {
-        let Ok(entries) = std::fs::read_dir(root.join(".venv/lib")) else {
-            continue;
-        };
-        let mut dirs: Vec<PathBuf> = entries
-            .flatten()
-            .map(|e| e.path().join("site-packages"))
-            .filter(|p| p.is_dir())
-            .collect();
-        dirs.sort();
-        out.extend(dirs);
-    }
-    out
 }
 
 /// `extern __shared__ [__align__(N)|alignas(N)] T name[];`: a kernel's dynamic shared memory.

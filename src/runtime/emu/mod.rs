@@ -3,7 +3,9 @@
 //! `kernels/emu/fpx_emu.h` (fibers per thread, barriers, warp shuffles, shared memory) into a
 //! shared library ([`build`]), loads it with libloading and launches every step of an
 //! [`ExecutablePlan`](crate::runtime::exec::ExecutablePlan) with the launch dimensions of
-//! [`KernelContext::launch`], the ones the cuda backend uses. Inline PTX sits behind `__CUDA_ARCH__` guards, so the portable paths run.
+//! [`KernelContext::launch`](crate::codegen::KernelContext::launch), the ones the cuda backend
+//! uses (both look kernels up through [`LoadedKernels`]). Inline PTX sits behind
+//! `__CUDA_ARCH__` guards, so the portable paths run.
 //!
 //! Launches are serialised process-wide: the emulator keeps the running block in globals.
 
@@ -13,17 +15,17 @@ pub mod build;
 pub use backend::EmuBackend;
 pub use build::{translate, Toolchain, EMU_HEADER};
 
-use std::collections::BTreeMap;
 use std::ffi::{c_char, c_void};
 use std::path::PathBuf;
 use std::sync::Mutex;
 
 use libloading::Library;
 
-use crate::codegen::{KernelContext, KernelSource, Launch, Renderer};
+use crate::codegen::{KernelSource, Launch, Renderer};
 use crate::error::{Error, Result};
 use crate::lower::{Arch, KernelSpec, LinearShape};
-use crate::runtime::exec::{PackedLinear, PackedScales};
+use crate::runtime::exec::PackedLinear;
+use crate::runtime::LoadedKernels;
 
 /// `fpx_emu_run_<entry>(dims, args, err, err_len)`: dims = grid xyz, block xyz, shared bytes.
 type RunFn = unsafe extern "C" fn(*const u32, *mut *mut c_void, *mut c_char, usize) -> i32;
@@ -63,15 +65,14 @@ pub fn arg<T>(v: &T) -> *mut c_void {
 
 /// Kernels built for the emulator and loaded.
 pub struct EmuKernels {
-    functions: BTreeMap<String, RunFn>,
-    contexts: BTreeMap<String, KernelContext>,
+    kernels: LoadedKernels<RunFn>,
     /// Keeps the functions valid; unloaded under the launch lock.
     lib: Option<Library>,
 }
 
 impl Drop for EmuKernels {
     fn drop(&mut self) {
-        self.functions.clear();
+        self.kernels.clear();
         let _guard = LAUNCH.lock().unwrap_or_else(|p| p.into_inner());
         drop(self.lib.take());
     }
@@ -99,22 +100,18 @@ impl EmuKernels {
         // SAFETY: the library is ours (built above); its initialisers only define globals.
         let lib =
             unsafe { Library::new(&path) }.map_err(|e| err(format!("{}: {e}", path.display())))?;
-        let mut functions = BTreeMap::new();
-        let mut contexts = BTreeMap::new();
+        let mut kernels = LoadedKernels::default();
         for src in sources {
-            for entry in &src.entry_points {
+            kernels.add(src, |entry| {
                 let sym = format!("fpx_emu_run_{entry}");
                 // SAFETY: `translate` defines this symbol with exactly the RunFn signature.
-                let f: RunFn = unsafe { lib.get::<RunFn>(sym.as_bytes()) }
+                unsafe { lib.get::<RunFn>(sym.as_bytes()) }
                     .map(|s| *s)
-                    .map_err(|e| err(format!("{sym}: {e}")))?;
-                functions.insert(entry.clone(), f);
-            }
-            contexts.insert(src.name.clone(), src.context.clone());
+                    .map_err(|e| err(format!("{sym}: {e}")))
+            })?;
         }
         Ok(EmuKernels {
-            functions,
-            contexts,
+            kernels,
             lib: Some(lib),
         })
     }
@@ -133,11 +130,7 @@ impl EmuKernels {
         context: usize,
         args: &mut [*mut c_void],
     ) -> Result<()> {
-        let l = self
-            .contexts
-            .get(&spec.name())
-            .ok_or_else(|| not_loaded(entry))?
-            .launch(rows, context);
+        let (_, l) = self.kernels.get(spec, entry, rows, context)?;
         self.launch_with(entry, l, args)
     }
 
@@ -152,7 +145,7 @@ impl EmuKernels {
         l: Launch,
         args: &mut [*mut c_void],
     ) -> Result<()> {
-        let f = self.functions.get(entry).ok_or_else(|| not_loaded(entry))?;
+        let f = self.kernels.function(entry)?;
         let dims = [
             l.grid.0,
             l.grid.1,
@@ -211,13 +204,6 @@ impl EmuKernels {
     }
 }
 
-fn not_loaded(entry: &str) -> Error {
-    Error::Codegen {
-        kernel: entry.to_string(),
-        reason: "kernel not loaded in the emulator".into(),
-    }
-}
-
 /// A linear layer's buffers as the kernels read them (never empty).
 pub(crate) struct HostLinear {
     codes: Vec<u8>,
@@ -228,11 +214,7 @@ pub(crate) struct HostLinear {
 
 impl HostLinear {
     pub(crate) fn new(l: &PackedLinear) -> HostLinear {
-        let mut scales: Vec<u8> = match &l.scales {
-            PackedScales::None => Vec::new(),
-            PackedScales::Row(s) => s.iter().flat_map(|v| v.to_le_bytes()).collect(),
-            PackedScales::Block(b) => b.clone(),
-        };
+        let mut scales = l.scales.kernel_bytes();
         scales.resize(scales.len().max(4), 0);
         let mut codes = l.codes.clone();
         codes.resize(codes.len().max(16), 0);

@@ -41,6 +41,19 @@ pub enum PackedScales {
     Block(Vec<u8>),
 }
 
+impl PackedScales {
+    /// The scales as the kernels' `scales` argument reads them: fp8 row scales as little-endian
+    /// FP32 bytes, FP4 block scales as stored, nothing for f32/fp16. Every backend uploads
+    /// these bytes.
+    pub fn kernel_bytes(&self) -> Vec<u8> {
+        match self {
+            PackedScales::None => Vec::new(),
+            PackedScales::Row(s) => s.iter().flat_map(|v| v.to_le_bytes()).collect(),
+            PackedScales::Block(b) => b.clone(),
+        }
+    }
+}
+
 /// A linear layer's parameters in its format's byte layout.
 #[derive(Debug, Clone)]
 pub struct PackedLinear {

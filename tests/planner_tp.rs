@@ -1,0 +1,164 @@
+//! Tensor-parallel planning through the `fpx` binary: a 14B-class model planned from its
+//! shapes alone (a calibration file carries the model's spec), sharded as vLLM shards it.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use fpx::calib::{Calibration, LayerCalibration, LayerMetrics, ModelRef, TextRef};
+use fpx::formats::Format;
+use fpx::model::{Architecture, ModelSpec};
+use fpx::plan::Plan;
+
+fn ok(args: &[&str]) -> String {
+    let (code, out, err) = common::fpx(args);
+    assert_eq!(code, 0, "fpx {args:?} failed:\n{err}");
+    out
+}
+
+fn fails(args: &[&str]) -> String {
+    let (code, _, err) = common::fpx(args);
+    assert_ne!(code, 0, "fpx {args:?} should fail");
+    err
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+/// A calibration of any model shape with pseudo-random eps: one record per linear layer of the
+/// spec's graph (lm_head included).
+fn calibration_of(spec: ModelSpec) -> Calibration {
+    let graph = fpx::ir::Graph::build(&spec);
+    let mut seed = 99u64;
+    let mut next = move || {
+        seed = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (seed >> 11) as f64 / (1u64 << 53) as f64
+    };
+    let layers = graph
+        .linears()
+        .map(|(id, l)| {
+            let node = graph.node(id);
+            let mut metrics = BTreeMap::new();
+            for (f, scale) in [
+                (Format::Fp8, 0.02),
+                (Format::Nvfp4, 0.1),
+                (Format::Mxfp4, 0.13),
+            ] {
+                let eps = scale * (0.5 + next());
+                let m = LayerMetrics {
+                    eps,
+                    eps_wa: eps * 1.5,
+                    weight_error: eps * 0.8,
+                    kl: None,
+                };
+                metrics.insert(f, m);
+            }
+            LayerCalibration {
+                name: node.name.clone(),
+                layer: node.layer.unwrap_or(spec.num_layers),
+                kind: l.kind,
+                out_features: l.out_features,
+                in_features: l.in_features,
+                metrics,
+            }
+        })
+        .collect();
+    Calibration {
+        schema_version: fpx::calib::SCHEMA_VERSION,
+        fpx_version: "test".into(),
+        model: ModelRef {
+            identity: "synthetic-identity".into(),
+            path: "synthetic".into(),
+        },
+        spec,
+        text: TextRef {
+            sha256: "0".repeat(64),
+            path: "synthetic.txt".into(),
+            tokens: 1024,
+        },
+        seq_len: 256,
+        windows: 4,
+        formats: vec![Format::Fp8, Format::Nvfp4, Format::Mxfp4],
+        kl: None,
+        layers,
+    }
+}
+
+/// Shapes alone suffice to plan a 14B-class model, here Qwen2.5-14B's at tensor parallel 2 on
+/// two RTX 5090s (PCIe): the plan records the sharding, the report shows the all-reduce share,
+/// and each GPU's step is faster than one GPU's (half the weights) despite the all-reduces.
+#[test]
+fn qwen25_14b_plans_at_tensor_parallel_2_on_rtx5090() {
+    let spec = ModelSpec {
+        architecture: Architecture::Qwen2,
+        hidden_size: 5120,
+        intermediate_size: 13824,
+        num_layers: 48,
+        num_heads: 40,
+        num_kv_heads: 8,
+        head_dim: 128,
+        vocab_size: 152064,
+        rope_theta: 1e6,
+        rms_norm_eps: 1e-6,
+        tie_word_embeddings: false,
+        attention_bias: true,
+        max_position_embeddings: 32768,
+        bos_token_id: None,
+        eos_token_id: None,
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let calib = dir.path().join("qwen14b.calib.json");
+    calibration_of(spec).write(&calib).unwrap();
+    let plan_at = |tp: &str| -> (Plan, String) {
+        let out = dir.path().join(format!("tp{tp}.plan.json"));
+        let args = [
+            "plan",
+            "--calib",
+            s(&calib),
+            "--device",
+            "rtx5090",
+            "--tensor-parallel",
+            tp,
+            "--solver",
+            "ilp",
+            "--gamma",
+            "0.5",
+            "-o",
+            s(&out),
+        ];
+        let text = ok(&args);
+        (Plan::read(&out).unwrap(), text)
+    };
+    let (one, _) = plan_at("1");
+    let (two, text) = plan_at("2");
+    assert_eq!(two.layers.len(), 48 * 7 + 1);
+    let source = &two.provenance.as_ref().unwrap().latency;
+    assert_eq!(source.tensor_parallel(), 2);
+    assert!(text.contains("tensor parallel 2"), "{text}");
+    assert!(text.contains("all-reduce (PCIe 5.0 x16, 2 GPUs)"), "{text}");
+    let step = |p: &Plan| p.totals.as_ref().unwrap().step_latency;
+    assert!(step(&two) < step(&one), "{} vs {}", step(&two), step(&one));
+    // Heads that do not split evenly are refused by name.
+    let out = dir.path().join("tp3.plan.json");
+    let e = fails(&[
+        "plan",
+        "--calib",
+        s(&calib),
+        "--device",
+        "rtx5090",
+        "--tensor-parallel",
+        "3",
+        "--solver",
+        "greedy",
+        "--gamma",
+        "0.5",
+        "-o",
+        s(&out),
+    ]);
+    assert!(e.contains("do not split evenly over 3 GPUs"), "{e}");
+    assert!(!out.exists());
+}
