@@ -1,5 +1,6 @@
-//! Tensor-parallel planning through the `fpx` binary: a 14B-class model planned from its
-//! shapes alone (a calibration file carries the model's spec), sharded as vLLM shards it.
+//! The kernel cost model through the `fpx` binary: `plan --explain` (the step as a table of
+//! kernels, and as JSON), `--cost roofline` beside it, and tensor-parallel planning of a
+//! 14B-class model from its shapes alone (a calibration file carries the model's spec).
 
 mod common;
 
@@ -161,4 +162,104 @@ fn qwen25_14b_plans_at_tensor_parallel_2_on_rtx5090() {
     ]);
     assert!(e.contains("do not split evenly over 3 GPUs"), "{e}");
     assert!(!out.exists());
+}
+
+fn smollm2_shaped(blocks: usize) -> ModelSpec {
+    ModelSpec {
+        architecture: Architecture::Llama,
+        hidden_size: 576,
+        intermediate_size: 1536,
+        num_layers: blocks,
+        num_heads: 9,
+        num_kv_heads: 3,
+        head_dim: 64,
+        vocab_size: 49152,
+        rope_theta: 100000.0,
+        rms_norm_eps: 1e-5,
+        tie_word_embeddings: true,
+        attention_bias: false,
+        max_position_embeddings: 8192,
+        bos_token_id: None,
+        eos_token_id: None,
+    }
+}
+
+/// `--explain` lists one row per launch of the decode step, with fpx's cost never below the
+/// chip's bound and lm_head in its default fp16; `--cost roofline` names its source, and
+/// `--lm-head` moves lm_head.
+#[test]
+fn explain_lists_the_kernels_of_the_step() {
+    let dir = tempfile::tempdir().unwrap();
+    let calib = dir.path().join("c.json");
+    calibration_of(smollm2_shaped(2)).write(&calib).unwrap();
+    let out = dir.path().join("p.json");
+    let base = [
+        "plan",
+        "--calib",
+        s(&calib),
+        "--device",
+        "h100",
+        "--solver",
+        "greedy",
+        "--gamma",
+        "0.5",
+        "-o",
+        s(&out),
+        "--explain",
+    ];
+    let text = ok(&base);
+    assert!(text.contains("kernels of one decode step"), "{text}");
+    assert!(
+        text.contains("gemv_f32_49152x576_m1") || text.contains("gemv_fp16_49152x576_m1"),
+        "{text}"
+    );
+    assert!(
+        text.contains("launches:") && text.contains("at the chip's bound"),
+        "{text}"
+    );
+    let json: serde_json::Value =
+        serde_json::from_str(&ok(&[&base[..], &["--json"]].concat())).unwrap();
+    let rows = json["explain"].as_array().unwrap();
+    // Per block: 2 norms, 7 linears, RoPE + KV store, attention, SiLU-gate = 12; plus the
+    // embedding, the final norm, lm_head and argmax.
+    assert_eq!(rows.len(), 2 * 12 + 4);
+    for r in rows {
+        assert!(
+            r["seconds"].as_f64().unwrap() >= r["bound_seconds"].as_f64().unwrap(),
+            "{r}"
+        );
+    }
+    let lm = rows.iter().find(|r| r["layer"] == "lm_head").unwrap();
+    assert_eq!(
+        lm["kernel"], "gemv_fp16_49152x576_m1",
+        "lm_head defaults to fp16"
+    );
+    // The roofline source says so.
+    let roof = ok(&[
+        "plan",
+        "--calib",
+        s(&calib),
+        "--device",
+        "h100",
+        "--cost",
+        "roofline",
+        "--solver",
+        "greedy",
+        "--gamma",
+        "0.5",
+        "-o",
+        s(&out),
+    ]);
+    assert!(roof.contains("datasheet roofline of NVIDIA H100"), "{roof}");
+    // lm_head in fp8 through --lm-head.
+    let json: serde_json::Value =
+        serde_json::from_str(&ok(&[&base[..], &["--json", "--lm-head", "fp8"]].concat())).unwrap();
+    let lm = json["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|l| l["name"] == "lm_head")
+        .unwrap()
+        .clone();
+    assert_eq!(lm["format"], "fp8");
 }
