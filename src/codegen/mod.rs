@@ -26,6 +26,7 @@ use crate::lower::{Arch, Schedule};
 
 /// Every kernel of `schedule` rendered for `arch`, sorted by spec (each spec once).
 pub fn generate(schedule: &Schedule, arch: Arch) -> Result<Vec<KernelSource>> {
+    schedule.check_kernels()?;
     let renderer = Renderer::new()?;
     schedule
         .kernels()

@@ -13,6 +13,7 @@ use serde::Serialize;
 use super::spec::{KernelSpec, LinearShape, WeightFormat};
 use super::PrecisionMap;
 use crate::error::{Error, Result};
+use crate::formats::Format;
 use crate::ir::{Graph, LinearKind, NodeId, Op};
 
 /// The shapes of the decoder the steps run.
@@ -74,6 +75,10 @@ pub struct LinearSlot {
     pub bias_tensor: Option<String>,
     pub kind: LinearKind,
     pub shape: LinearShape,
+    /// Activations quantized to this format before the product (the CPU interpreter runs it;
+    /// the generated kernels do not yet: [`Schedule::check_kernels`]).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub activations: Option<Format>,
 }
 
 /// One step of a forward pass.
@@ -202,6 +207,10 @@ pub struct Schedule {
     pub norms: Vec<String>,
     pub linears: Vec<LinearSlot>,
     pub steps: Vec<Step>,
+    /// Residual-stream nodes (the embedding and each block's output) and the number of steps
+    /// after which their value is in [`Act::X`]: where a pass can start or stop.
+    #[serde(skip)]
+    pub boundaries: std::collections::BTreeMap<NodeId, usize>,
 }
 
 impl Schedule {
@@ -238,6 +247,7 @@ impl Schedule {
             norms: Vec::new(),
             linears: Vec::new(),
             steps: Vec::new(),
+            boundaries: Default::default(),
         };
         // The buffer holding each node's value, assigned while walking the graph: every step
         // reads its operands from the buffers of the nodes its incoming edges come from.
@@ -266,14 +276,6 @@ impl Schedule {
                 }
                 Op::Linear(l) => {
                     let p = precision.get(&node.name);
-                    if let Some(a) = p.and_then(|p| p.activations) {
-                        return Err(Error::Layer {
-                            layer: node.name.clone(),
-                            reason: format!(
-                                "activation quantization ({a}) is not supported by the generated kernels"
-                            ),
-                        });
-                    }
                     // A projection whose only consumer is a residual add writes into the
                     // residual stream: the add is the linear's accumulate epilogue.
                     let residual = fused_residual(graph, id);
@@ -306,6 +308,7 @@ impl Schedule {
                             bias: l.bias.is_some(),
                             accumulate: residual.is_some(),
                         },
+                        activations: p.and_then(|p| p.activations),
                     });
                     s.steps.push(Step::Linear {
                         linear: s.linears.len() - 1,
@@ -345,9 +348,25 @@ impl Schedule {
                 }
             };
             held.held[id.index()] = Some(value);
+            if value == Act::X {
+                s.boundaries.insert(id, s.steps.len());
+            }
         }
         s.steps.push(Step::Argmax);
         Ok(s)
+    }
+
+    /// Refuses what the generated kernels cannot run yet: activation quantization.
+    pub fn check_kernels(&self) -> Result<()> {
+        match self.linears.iter().find_map(|l| Some((l, l.activations?))) {
+            Some((l, a)) => Err(Error::Layer {
+                layer: l.name.clone(),
+                reason: format!(
+                    "activation quantization ({a}) is not supported by the generated kernels"
+                ),
+            }),
+            None => Ok(()),
+        }
     }
 
     /// The kernels `step` launches (a linear step: its GEMV and its GEMM).

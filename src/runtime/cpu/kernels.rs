@@ -1,10 +1,28 @@
 //! The non-linear ops of a decoder on FP32 row-major matrices `[tokens, features]`:
-//! RMSNorm, rotary embedding, causal grouped-query attention, SiLU-gate multiply, residual add.
+//! embedding gather, RMSNorm, rotary embedding, causal grouped-query attention, SiLU-gate
+//! multiply, residual add.
 //! Rows (tokens) or heads run in parallel with rayon; products use [`super::mat`].
 
 use rayon::prelude::*;
 
 use super::mat::{matmul_into, Mat, Threads, View};
+use crate::error::{Error, Result};
+
+/// Rows of the `[vocab, hidden]` table for `tokens`.
+pub fn embed(table: &[f32], vocab: usize, hidden: usize, tokens: &[u32]) -> Result<Mat> {
+    let mut x = Mat::zeros(tokens.len(), hidden);
+    for (row, &tok) in x.data.chunks_mut(hidden).zip(tokens) {
+        let t = tok as usize;
+        if t >= vocab {
+            return Err(Error::invalid(
+                "token id",
+                format!("{t} is outside the vocabulary of {vocab}"),
+            ));
+        }
+        row.copy_from_slice(&table[t * hidden..(t + 1) * hidden]);
+    }
+    Ok(x)
+}
 
 /// `x * rsqrt(mean(x^2) + eps) * weight`, per row.
 pub fn rms_norm(x: &Mat, weight: &[f32], eps: f32) -> Mat {

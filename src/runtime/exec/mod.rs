@@ -136,6 +136,7 @@ impl ExecutablePlan {
         max_seq: usize,
     ) -> Result<ExecutablePlan> {
         let schedule = Schedule::build(graph, precision)?;
+        schedule.check_kernels()?;
         let d = schedule.dims.clone();
         if max_seq == 0 || max_seq > graph.spec().max_position_embeddings.max(1) {
             return Err(Error::invalid(

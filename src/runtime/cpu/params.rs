@@ -1,0 +1,145 @@
+//! The parameters the CPU interpreter runs on, loaded per schedule slot: the embedding table,
+//! each RMSNorm weight and each linear layer's FP32 weights (fake-quantized where the precision
+//! map assigns a format: quantized to the format's byte layout and dequantized, so the values
+//! are exactly the ones the kernels decode). A `keep` predicate selects the nodes whose
+//! parameters are loaded, which is how calibration streams one stage at a time.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use super::{mat, Mat};
+use crate::error::{Error, Result};
+use crate::formats::Format;
+use crate::ir::{Graph, Linear, Node, Op};
+use crate::lower::{LinearPrecision, PrecisionMap, Schedule};
+use crate::model::{Tensor, WeightSource};
+
+/// A linear layer's parameters as the CPU interpreter runs them.
+#[derive(Debug, Clone)]
+pub struct LinearWeights {
+    /// Row-major `[out, in]`, already fake-quantized when the layer has a format.
+    pub weight: Arc<Vec<f32>>,
+    pub bias: Option<Arc<Vec<f32>>>,
+    /// Activations are quantized to this format before the product.
+    pub activations: Option<Format>,
+}
+
+impl LinearWeights {
+    /// These weights fake-quantized to `precision` (bias unchanged).
+    pub fn quantized(&self, l: &Linear, precision: LinearPrecision) -> LinearWeights {
+        LinearWeights {
+            weight: Arc::new(precision.weights.fake_quantize_weights(
+                &self.weight,
+                l.out_features,
+                l.in_features,
+            )),
+            bias: self.bias.clone(),
+            activations: precision.activations,
+        }
+    }
+
+    /// `x W^T + b`, quantizing `x` first when the layer quantizes activations.
+    pub fn apply(&self, l: &Linear, x: &Mat) -> Mat {
+        let mut y = match self.activations {
+            Some(f) => {
+                let mut xq = x.clone();
+                f.fake_quantize_activations(&mut xq.data, xq.rows, xq.cols);
+                mat::matmul_wt(&xq, &self.weight, l.out_features)
+            }
+            None => mat::matmul_wt(x, &self.weight, l.out_features),
+        };
+        if let Some(b) = &self.bias {
+            for row in y.data.chunks_mut(l.out_features) {
+                row.iter_mut().zip(b.iter()).for_each(|(v, b)| *v += b);
+            }
+        }
+        y
+    }
+}
+
+/// The loaded parameters, by schedule slot (`None`: not loaded).
+pub(super) struct Params {
+    pub embedding: Option<Arc<Vec<f32>>>,
+    pub norms: Vec<Option<Arc<Vec<f32>>>>,
+    pub linears: Vec<Option<LinearWeights>>,
+}
+
+fn load_tensor(weights: &dyn WeightSource, name: &str, expected: &[usize]) -> Result<Tensor> {
+    let t = weights.tensor(name)?;
+    if t.shape != expected {
+        return Err(Error::Layer {
+            layer: name.to_string(),
+            reason: format!(
+                "tensor has shape {:?}, the graph expects {:?}",
+                t.shape, expected
+            ),
+        });
+    }
+    Ok(t)
+}
+
+impl Params {
+    /// Loads the parameters of the nodes `keep` selects, in `schedule`'s slots.
+    pub fn load(
+        graph: &Graph,
+        schedule: &Schedule,
+        weights: &dyn WeightSource,
+        precision: &PrecisionMap,
+        keep: &dyn Fn(&Node) -> bool,
+    ) -> Result<Params> {
+        // Tied embeddings: lm_head reads the embedding table; load it once.
+        let mut tables: HashMap<String, Arc<Vec<f32>>> = HashMap::new();
+        let mut table = |name: &str, shape: &[usize]| -> Result<Arc<Vec<f32>>> {
+            if let Some(t) = tables.get(name) {
+                return Ok(t.clone());
+            }
+            let t = Arc::new(load_tensor(weights, name, shape)?.data);
+            tables.insert(name.to_string(), t.clone());
+            Ok(t)
+        };
+        let mut p = Params {
+            embedding: None,
+            norms: vec![None; schedule.norms.len()],
+            linears: vec![None; schedule.linears.len()],
+        };
+        // RMSNorm nodes fill the schedule's norm slots in topological order.
+        let mut norm = 0;
+        for &id in graph.topo_order() {
+            let node = graph.node(id);
+            match &node.op {
+                Op::Embedding {
+                    tensor,
+                    vocab,
+                    hidden,
+                } if keep(node) => p.embedding = Some(table(tensor, &[*vocab, *hidden])?),
+                Op::RmsNorm { tensor, dim, .. } => {
+                    if keep(node) {
+                        p.norms[norm] = Some(table(tensor, &[*dim])?);
+                    }
+                    norm += 1;
+                }
+                Op::Linear(l) if keep(node) => {
+                    let slot = schedule
+                        .linears
+                        .iter()
+                        .position(|s| s.name == node.name)
+                        .expect("the schedule has a slot per linear node");
+                    let full = LinearWeights {
+                        weight: table(&l.weight, &[l.out_features, l.in_features])?,
+                        bias: match &l.bias {
+                            Some(b) => Some(table(b, &[l.out_features])?),
+                            None => None,
+                        },
+                        activations: None,
+                    };
+                    p.linears[slot] = Some(match precision.get(&node.name) {
+                        Some(&prec) => full.quantized(l, prec),
+                        None => full,
+                    });
+                }
+                _ => {}
+            }
+        }
+        Ok(p)
+    }
+}
