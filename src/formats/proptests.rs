@@ -67,7 +67,7 @@ proptest! {
                 (Scales::Nvfp4 { global, .. }, _) => {
                     fp4::quantize_with_bytes::<Nvfp4Block>(&back, r, c, *global, row_bytes(&q))
                 }
-                (_, _) => fp4::quantize_with_bytes::<Mxfp4Block>(&back, r, c, (), row_bytes(&q)),
+                (_, _) => fp4::quantize_with_bytes::<Mxfp4Block>(&back, r, c, super::mx_scale_rule(), row_bytes(&q)),
             };
             // NaN blocks hold zero codes and dequantize to NaN; their codes cannot round trip.
             let stride = q.row_stride_bytes();
