@@ -120,8 +120,9 @@ pub struct ExportReport {
 
 /// Where a unit's bytes come from.
 enum Source {
-    /// A tensor written in the export dtype.
-    Dense(String),
+    /// A tensor written in the export dtype; `f16` rounds it through IEEE half first (a
+    /// linear the plan puts in fp16, as fpx evaluates it).
+    Dense { tensor: String, f16: bool },
     /// A linear weight quantized to a format.
     Quantized {
         tensor: String,
@@ -233,7 +234,9 @@ pub fn export(
                     dtype: opts.dtype.dtype(),
                     shape,
                 };
-                sources.push((Unit { parts: vec![part] }, Source::Dense(name)));
+                let f16 = precision.get(layer).is_some_and(|p| p.0 == Format::Fp16);
+                let source = Source::Dense { tensor: name, f16 };
+                sources.push((Unit { parts: vec![part] }, source));
             }
         }
     }
@@ -367,7 +370,14 @@ fn quantized_unit(layer: &str, format: Format, rows: usize, cols: usize) -> Unit
 /// The bytes of one unit: fpx's quantized matrix re-laid, or a tensor in the export dtype.
 fn produce(model: &Model, source: &Source, dtype: ExportDtype) -> Result<Vec<Vec<u8>>> {
     match source {
-        Source::Dense(name) => Ok(vec![dtype.encode(&model.weights.tensor(name)?.data)]),
+        Source::Dense { tensor, f16 } => {
+            let mut data = model.weights.tensor(tensor)?.data;
+            if *f16 {
+                let n = data.len();
+                data = Format::Fp16.fake_quantize_weights(&data, 1, n);
+            }
+            Ok(vec![dtype.encode(&data)])
+        }
         Source::Quantized {
             tensor,
             format,
