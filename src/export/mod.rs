@@ -291,17 +291,17 @@ pub fn export(
 }
 
 /// A layer's (weight format, activation format).
-type Precision = BTreeMap<String, (Format, Option<Format>)>;
+type LayerPrecision = (Format, Option<Format>);
+type Precision = BTreeMap<String, LayerPrecision>;
 
 /// The precision of a layer the plan may leave out (16 bits).
-fn key(p: Option<&(Format, Option<Format>)>) -> (Format, Option<Format>) {
+fn key(p: Option<&LayerPrecision>) -> LayerPrecision {
     p.copied().unwrap_or((Format::Fp16, None))
 }
 
 /// q/k/v and gate/up of a block must share weights and activations: the engines fuse them.
 fn check_fused(graph: &Graph, precision: &Precision) -> Result<()> {
-    let mut by_block: BTreeMap<(usize, bool), Vec<(&str, (Format, Option<Format>))>> =
-        BTreeMap::new();
+    let mut by_block: BTreeMap<(usize, bool), Vec<(&str, LayerPrecision)>> = BTreeMap::new();
     for (id, l) in graph.linears() {
         let n = graph.node(id);
         let attn = match l.kind {
