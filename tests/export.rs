@@ -311,3 +311,63 @@ fn checkpoints_in_formats_fpx_does_not_read_are_refused_by_name() {
         assert!(e.contains(expect) && e.contains("config.json"), "{e}");
     }
 }
+
+#[test]
+fn plan_target_vllm_groups_fused_layers_and_records_the_rule() {
+    let text = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("data/text/moby-dick.txt");
+    if !text.is_file() {
+        assert!(
+            std::env::var("FPX_REQUIRE_DATA").as_deref() != Ok("1"),
+            "Moby Dick text missing and FPX_REQUIRE_DATA=1"
+        );
+        eprintln!("skipped: data/text/moby-dick.txt is missing (make fetch)");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (model, _) = setup(dir.path(), &[]);
+    let calib = dir.path().join("calib.json");
+    ok(&[
+        "calibrate",
+        "--model",
+        s(&model),
+        "--text",
+        s(&text),
+        "--seq-len",
+        "32",
+        "--windows",
+        "1",
+        "--kl-windows",
+        "0",
+        "-o",
+        s(&calib),
+    ]);
+    let plan = dir.path().join("p.json");
+    ok(&[
+        "plan",
+        "--calib",
+        s(&calib),
+        "--device",
+        "h100",
+        "--solver",
+        "ilp",
+        "--gamma",
+        "0.5",
+        "--target",
+        "vllm",
+        "-o",
+        s(&plan),
+    ]);
+    let p: Value = serde_json::from_str(&std::fs::read_to_string(&plan).unwrap()).unwrap();
+    assert_eq!(p["provenance"]["groups"], json!(["qkv", "gate_up"]));
+    assert_eq!(p["provenance"]["mx_scale_rule"], "round");
+    let out = dir.path().join("out");
+    ok(&[
+        "export",
+        "--model",
+        s(&model),
+        "--plan",
+        s(&plan),
+        "-o",
+        s(&out),
+    ]);
+}
