@@ -2,6 +2,8 @@
 #   data/         models and text        (scripts/fetch.sh)
 #   .venv/        Python tools for tests (scripts/setup-tools.sh, scripts/requirements-test.txt)
 #   .venv-bench/  PyTorch baseline       (scripts/setup-bench.sh, scripts/requirements-bench.txt)
+#   .venv-ct/     compressed-tensors, transformers, torch for the export checks
+#                                        (scripts/setup-ct.sh, scripts/requirements-ct.txt)
 
 SHELL := bash
 .SHELLFLAGS := -euo pipefail -c
@@ -16,13 +18,14 @@ SEQ_LEN ?= 512
 WINDOWS ?= 4
 THREADS ?= 2
 
-.PHONY: help run test fetch tools bench bench-tools bench-torch
+.PHONY: help run test fetch tools ct-tools bench bench-tools bench-torch
 
 help:
 	@echo "make run          fetch data + tools, then the main job on the default model (scripts/main-job.sh)"
 	@echo "make test         fetch data + test tools, then cargo test --all-targets"
 	@echo "make fetch        download model and text into data/ (idempotent)"
 	@echo "make tools        create/update .venv (numpy, gguf) for the reference scripts"
+	@echo "make ct-tools     create/update .venv-ct (compressed-tensors, transformers, torch) for the export checks"
 	@echo "make bench        fpx CPU forward tokens/s (SEQ_LEN=$(SEQ_LEN) WINDOWS=$(WINDOWS) THREADS=$(THREADS))"
 	@echo "make bench-tools  create/update .venv-bench (torch, transformers)"
 	@echo "make bench-torch  PyTorch CPU fp32 baseline (SEQ_LEN=$(SEQ_LEN) WINDOWS=$(WINDOWS) THREADS=$(THREADS))"
@@ -32,6 +35,9 @@ fetch:
 
 tools:
 	bash scripts/setup-tools.sh
+
+ct-tools:
+	bash scripts/setup-ct.sh
 
 bench-tools:
 	bash scripts/setup-bench.sh
@@ -58,8 +64,9 @@ CUDA_ENV = ld="$$(bash scripts/setup-tools.sh --print-ld-path)"; \
 	if [[ -n "$$ld" ]]; then export LD_LIBRARY_PATH="$$ld$${LD_LIBRARY_PATH:+:$$LD_LIBRARY_PATH}"; fi; \
 	if [[ -n "$$inc" ]]; then export FPX_CUDA_INCLUDE="$$inc"; fi;
 
-test: fetch tools
-	$(BUILD_ENV) $(CUDA_ENV) FPX_REQUIRE_DATA=1 FPX_PYTHON=$(CURDIR)/.venv/bin/python $(CARGO) test --all-targets
+test: fetch tools ct-tools
+	$(BUILD_ENV) $(CUDA_ENV) FPX_REQUIRE_DATA=1 FPX_PYTHON=$(CURDIR)/.venv/bin/python \
+		FPX_CT_PYTHON=$(CURDIR)/.venv-ct/bin/python $(CARGO) test --all-targets
 
 bench-torch: fetch bench-tools
 	.venv-bench/bin/python scripts/bench_torch.py --gguf $(MODEL) --text $(TEXT) \

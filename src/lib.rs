@@ -9,6 +9,7 @@ pub mod calib;
 pub mod codegen;
 pub mod error;
 pub mod eval;
+pub mod export;
 pub mod formats;
 pub mod fsutil;
 pub mod ir;

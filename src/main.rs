@@ -17,6 +17,7 @@ mod cli {
     pub mod calibrate;
     pub mod codegen;
     pub mod compare;
+    pub mod export;
     pub mod plan;
     pub mod profile;
     pub mod run;
@@ -67,6 +68,8 @@ enum Command {
     Run(cli::run::RunArgs),
     /// Measure per-layer, per-format kernel times on a GPU; write a latency profile.
     Profile(cli::profile::ProfileArgs),
+    /// Write a plan's model as a compressed-tensors checkpoint (vLLM, SGLang, transformers).
+    Export(cli::export::ExportArgs),
 }
 
 /// The model and the text a command runs on.
@@ -146,6 +149,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Eval(args) => eval_cmd(args),
         Command::Calibrate(args) => cli::calibrate::run(args),
         Command::Plan(args) => cli::plan::run(args),
+        Command::Export(args) => cli::export::run(args),
         Command::Sweep(args) => cli::sweep::run(args),
         Command::Compare(args) => cli::compare::run(args),
         Command::Codegen(args) => cli::codegen::run(args),
@@ -322,6 +326,7 @@ fn eval_cmd(args: EvalArgs) -> Result<()> {
         Some(path) => {
             let plan = Plan::read(path)?;
             plan.check_model(path, &model.identity)?;
+            plan.use_mx_scale_rule();
             Some(CpuModel::load(
                 &graph,
                 model.weights.as_ref(),

@@ -81,6 +81,7 @@ fn calibration(blocks: usize, with_kl: bool) -> Calibration {
         seq_len: 256,
         windows: 4,
         formats: vec![Format::Fp8, Format::Nvfp4, Format::Mxfp4],
+        mx_scale_rule: fpx::formats::MxScaleRule::Round,
         kl: with_kl.then_some(KlSetup {
             seq_len: 256,
             windows: 1,

@@ -84,6 +84,7 @@ fn calibration_of(spec: ModelSpec) -> Calibration {
         seq_len: 256,
         windows: 4,
         formats: vec![Format::Fp8, Format::Nvfp4, Format::Mxfp4],
+        mx_scale_rule: fpx::formats::MxScaleRule::Round,
         kl: None,
         layers,
     }

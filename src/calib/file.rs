@@ -12,7 +12,7 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
-use crate::formats::Format;
+use crate::formats::{Format, MxScaleRule};
 use crate::ir::{Graph, Op};
 use crate::model::ModelSpec;
 
@@ -58,9 +58,18 @@ pub struct Calibration {
     pub seq_len: usize,
     pub windows: usize,
     pub formats: Vec<Format>,
+    /// The MXFP4 scale rule the quantizers used. Files without it were written before the
+    /// rule was selectable, always with the OCP floor rule, and read as such.
+    #[serde(default = "legacy_mx_scale_rule")]
+    pub mx_scale_rule: MxScaleRule,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub kl: Option<KlSetup>,
     pub layers: Vec<LayerCalibration>,
+}
+
+/// The rule every fpx before the selectable rule used: OCP MX v1.0's floor.
+pub(crate) fn legacy_mx_scale_rule() -> MxScaleRule {
+    MxScaleRule::OcpFloor
 }
 
 impl Calibration {

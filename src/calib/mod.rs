@@ -23,6 +23,7 @@ use serde::{Deserialize, Serialize};
 use crate::formats::Format;
 use crate::ir::LinearKind;
 
+pub(crate) use file::legacy_mx_scale_rule;
 pub use file::{Calibration, KlSetup, ModelRef, TextRef, SCHEMA_VERSION};
 
 /// Metrics of one layer in one format.

@@ -65,6 +65,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         Some(path) => {
             let plan = Plan::read(path)?;
             plan.check_model(path, &model.identity)?;
+            plan.use_mx_scale_rule();
             plan.precision_map()
         }
         None => PrecisionMap::new(),

@@ -10,7 +10,7 @@ use sha2::{Digest, Sha256};
 
 use fpx::calib::{self, Calibration, KlSetup, LayerCalibration, ModelRef, TextRef};
 use fpx::eval;
-use fpx::formats::Format;
+use fpx::formats::{Format, MxScaleRule};
 use fpx::ir::Graph;
 use fpx::lower::PrecisionMap;
 use fpx::runtime::cpu::CpuModel;
@@ -40,6 +40,10 @@ pub struct CalibrateArgs {
     /// Tokens per KL window.
     #[arg(long, default_value_t = 256)]
     pub(crate) kl_seq_len: usize,
+    /// MXFP4 scale rule: round (compressed-tensors' rule, no clipping) or ocp-floor (the OCP
+    /// MX spec's floor(log2 amax), which clips a block's largest values). Recorded in the file.
+    #[arg(long, default_value_t = MxScaleRule::Round)]
+    pub(crate) mx_scale_rule: MxScaleRule,
     /// Calibration file to write.
     #[arg(short, long)]
     pub(crate) output: PathBuf,
@@ -69,6 +73,7 @@ struct Summary<'a> {
 }
 
 pub fn run(args: CalibrateArgs) -> Result<()> {
+    fpx::formats::set_mx_scale_rule(args.mx_scale_rule);
     let formats: Vec<Format> = args
         .formats
         .iter()
@@ -144,6 +149,7 @@ pub fn run(args: CalibrateArgs) -> Result<()> {
         seq_len: args.seq_len,
         windows: windows.len(),
         formats: formats.clone(),
+        mx_scale_rule: args.mx_scale_rule,
         kl,
         layers,
     };

@@ -57,6 +57,7 @@ pub(crate) fn precision_of(plan: Option<&Path>, identity: &str) -> Result<Precis
         Some(path) => {
             let plan = Plan::read(path)?;
             plan.check_model(path, identity)?;
+            plan.use_mx_scale_rule();
             plan.precision_map()
         }
         None => PrecisionMap::new(),

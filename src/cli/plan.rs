@@ -20,6 +20,13 @@ use fpx::solve::{
 
 use crate::emit;
 
+/// A serving engine whose layer fusions a plan must respect (`--target`).
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum EngineTarget {
+    Vllm,
+    Sglang,
+}
+
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum SolverArg {
     /// The FPX paper's rule: the fraction gamma of layers with the lowest eps in FP4.
@@ -71,6 +78,10 @@ pub struct PlanSetup {
     /// Layers that must share a format: qkv, gate_up (comma-separated).
     #[arg(long, value_delimiter = ',')]
     pub group: Vec<String>,
+    /// Plan for a serving engine's constraints: vllm or sglang fuse q/k/v and gate/up, so
+    /// both groups are on (what `fpx export` needs).
+    #[arg(long, value_enum)]
+    pub target: Option<EngineTarget>,
     /// TOML file of pin rules (regex or block range -> format).
     #[arg(long)]
     pub pins: Option<PathBuf>,
@@ -213,11 +224,31 @@ impl PlanSetup {
             .map(|f| f.parse::<Format>())
             .collect::<Result<Vec<_>, _>>()
             .context("--menu")?;
-        let groups = self
+        let mut groups = self
             .group
             .iter()
             .map(|g| g.parse::<GroupKind>())
             .collect::<Result<Vec<_>, _>>()?;
+        if self.target.is_some() {
+            // Both engines fuse q/k/v into qkv_proj and gate/up into gate_up_proj.
+            for g in [GroupKind::Qkv, GroupKind::GateUp] {
+                if !groups.contains(&g) {
+                    groups.push(g);
+                }
+            }
+        }
+        if calib.mx_scale_rule != fpx::formats::MxScaleRule::default()
+            && calib.formats.contains(&Format::Mxfp4)
+        {
+            eprintln!(
+                "note: {} was calibrated with the MXFP4 `{}` scale rule; the plan records it and \
+                 its evaluation and export use it (recalibrate for the default `{}` rule)",
+                self.calib.display(),
+                calib.mx_scale_rule,
+                fpx::formats::MxScaleRule::default()
+            );
+        }
+        fpx::formats::set_mx_scale_rule(calib.mx_scale_rule);
         let pins = self.pins.as_deref().map(Pins::read).transpose()?;
         let pins_ref = pins.as_ref().map(PinsRef::from);
         let lm_head = self
@@ -285,6 +316,7 @@ impl Prepared {
             memory_budget: self.memory,
             latency: self.latency.source(),
             menu: self.options.menu.clone(),
+            mx_scale_rule: self.calib.mx_scale_rule,
             groups: self.options.groups.clone(),
             pins: self.pins.clone(),
         }

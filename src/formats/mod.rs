@@ -9,7 +9,7 @@
 //! | fp16   | `cols` little-endian IEEE f16 (2 bytes each)      | none                                        |
 //! | fp8    | `cols` E4M3 bytes                                 | one FP32 per row, `amax(row)/448`           |
 //! | nvfp4  | `ceil(cols/16) * 8` bytes of packed E2M1          | E4M3 byte per (row, 16-block) + FP32 global |
-//! | mxfp4  | `ceil(cols/32) * 16` bytes of packed E2M1         | E8M0 byte per (row, 32-block)               |
+//! | mxfp4  | `ceil(cols/32) * 16` bytes of packed E2M1         | E8M0 byte per (row, 32-block), [`MxScaleRule`] |
 //!
 //! FP4 packing: two E2M1 codes per byte, the even element in the LOW nibble. When `cols` is
 //! not a multiple of the block, the last, partial block of each row gets its own scale,
@@ -50,8 +50,30 @@ mod tests;
 
 pub use e2m1::{e2m1_decode, e2m1_encode};
 pub use fp8::{e4m3_decode, e4m3_encode};
-pub use mxfp4::e8m0_decode;
+pub use mxfp4::{e8m0_decode, ScaleRule as MxScaleRule};
 pub use quantized::{QuantizedMatrix, Scales};
+
+/// The MXFP4 scale rule this process's quantizers use (0: round, 1: ocp-floor).
+static MX_SCALE_RULE: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
+
+/// Chooses the MXFP4 scale rule for every later quantization in this process (weights and
+/// activations, calibration, evaluation, export). The CLI sets it once from the calibration
+/// or plan it works on, which record it; the default is [`MxScaleRule::Round`].
+pub fn set_mx_scale_rule(rule: MxScaleRule) {
+    let v = match rule {
+        MxScaleRule::Round => 0,
+        MxScaleRule::OcpFloor => 1,
+    };
+    MX_SCALE_RULE.store(v, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// The MXFP4 scale rule in force (see [`set_mx_scale_rule`]).
+pub fn mx_scale_rule() -> MxScaleRule {
+    match MX_SCALE_RULE.load(std::sync::atomic::Ordering::Relaxed) {
+        0 => MxScaleRule::Round,
+        _ => MxScaleRule::OcpFloor,
+    }
+}
 
 use mxfp4::Mxfp4Block;
 use nvfp4::Nvfp4Block;
@@ -177,7 +199,7 @@ impl Format {
                 (codes, Scales::Nvfp4 { block, global })
             }
             Format::Mxfp4 => {
-                let (codes, block) = fp4::quantize::<Mxfp4Block>(w, rows, cols, ());
+                let (codes, block) = fp4::quantize::<Mxfp4Block>(w, rows, cols, mx_scale_rule());
                 (codes, Scales::Mxfp4 { block })
             }
         };
@@ -201,7 +223,7 @@ impl Format {
                 let global = nvfp4::global_scale_of(x);
                 fp4::fake_quantize::<Nvfp4Block>(x, cols, global);
             }
-            Format::Mxfp4 => fp4::fake_quantize::<Mxfp4Block>(x, cols, ()),
+            Format::Mxfp4 => fp4::fake_quantize::<Mxfp4Block>(x, cols, mx_scale_rule()),
         }
     }
 }

@@ -134,9 +134,13 @@ impl QuantizedMatrix {
             Scales::Nvfp4 { block, global } => {
                 fp4::dequantize::<Nvfp4Block>(&self.codes, block, rows, cols, *global)
             }
-            Scales::Mxfp4 { block } => {
-                fp4::dequantize::<Mxfp4Block>(&self.codes, block, rows, cols, ())
-            }
+            Scales::Mxfp4 { block } => fp4::dequantize::<Mxfp4Block>(
+                &self.codes,
+                block,
+                rows,
+                cols,
+                super::mx_scale_rule(),
+            ),
         }
     }
 }

@@ -6,6 +6,7 @@
 //! the GGUF reader maps llama.cpp names onto them and undoes llama.cpp's q/k row permutation,
 //! so every later stage sees one naming and one layout (linear weights row-major `[out, in]`).
 
+pub mod compressed;
 pub mod config;
 pub mod gguf;
 mod gguf_header;
@@ -187,8 +188,13 @@ fn has_gguf_magic(path: &Path) -> bool {
 }
 
 fn load_hf(dir: &Path) -> Result<Model> {
-    let spec = config::load_config(&dir.join("config.json"))?;
-    let source = safetensors::SafetensorsSource::open(dir)?;
+    let config_path = dir.join("config.json");
+    let spec = config::load_config(&config_path)?;
+    // Decodes compressed-tensors FP8/FP4 layers; a pass-through for plain checkpoints.
+    let source = compressed::CompressedSource::open(
+        &config_path,
+        safetensors::SafetensorsSource::open(dir)?,
+    )?;
     let headers = check_tensors(&spec, dir, &source, |n| source.header(n))?;
     let tokenizer = Tokenizer::from_file(&dir.join("tokenizer.json"))?;
     check_vocab(&spec, &tokenizer, &dir.join("tokenizer.json"))?;

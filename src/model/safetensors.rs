@@ -168,6 +168,15 @@ impl SafetensorsSource {
         })
     }
 
+    /// A tensor's stored dtype, shape and bytes, and its file (for readers of encodings on
+    /// top of safetensors, e.g. compressed-tensors' packed FP4).
+    pub(crate) fn raw(&self, name: &str) -> Result<(Dtype, &[usize], &[u8], &Path)> {
+        let e = self.entry(name)?;
+        let shard = &self.shards[e.shard];
+        let bytes = &shard.mmap[shard.data_start + e.start..shard.data_start + e.end];
+        Ok((e.dtype, &e.shape, bytes, &shard.path))
+    }
+
     /// Header of one tensor (file, stored dtype, shape), if present.
     pub(crate) fn header(&self, name: &str) -> Option<TensorHeader> {
         let e = self.entries.get(name)?;
@@ -180,7 +189,7 @@ impl SafetensorsSource {
     }
 }
 
-fn convert(bytes: &[u8], dtype: Dtype) -> Option<Vec<f32>> {
+pub(crate) fn convert(bytes: &[u8], dtype: Dtype) -> Option<Vec<f32>> {
     let out = match dtype {
         Dtype::F32 => bytes
             .chunks_exact(4)

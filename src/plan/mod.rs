@@ -17,7 +17,7 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
-use crate::formats::Format;
+use crate::formats::{Format, MxScaleRule};
 use crate::latency::LatencySource;
 use crate::lower::{LinearPrecision, PrecisionMap};
 use crate::solve::ilp::{IlpOptions, IlpStatus};
@@ -134,6 +134,10 @@ pub struct Provenance {
     pub memory_budget: Option<u64>,
     pub latency: LatencySource,
     pub menu: Vec<Format>,
+    /// The MXFP4 scale rule of the calibration, which evaluation and export of the plan
+    /// quantize with (absent in plans made before it was recorded: the OCP floor rule).
+    #[serde(default = "crate::calib::legacy_mx_scale_rule")]
+    pub mx_scale_rule: MxScaleRule,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub groups: Vec<GroupKind>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -194,6 +198,28 @@ impl Plan {
             }),
             _ => Ok(()),
         }
+    }
+
+    /// The MXFP4 scale rule this plan's formats mean (see [`Provenance::mx_scale_rule`];
+    /// plans without provenance predate the choice and used the OCP floor rule).
+    pub fn mx_scale_rule(&self) -> MxScaleRule {
+        self.provenance
+            .as_ref()
+            .map_or_else(crate::calib::legacy_mx_scale_rule, |p| p.mx_scale_rule)
+    }
+
+    /// GPUs the plan was made for (tensor parallelism; 1 for plans of one GPU or without
+    /// provenance).
+    pub fn tensor_parallel(&self) -> usize {
+        self.provenance
+            .as_ref()
+            .map_or(1, |p| p.latency.tensor_parallel())
+    }
+
+    /// Makes this process quantize MXFP4 with the plan's rule
+    /// ([`crate::formats::set_mx_scale_rule`]); call before evaluating or exporting it.
+    pub fn use_mx_scale_rule(&self) {
+        crate::formats::set_mx_scale_rule(self.mx_scale_rule());
     }
 
     /// The layer -> precision map the CPU backend takes.

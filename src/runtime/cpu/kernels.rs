@@ -27,9 +27,15 @@ pub fn embed(table: &[f32], vocab: usize, hidden: usize, tokens: &[u32]) -> Resu
 /// `x * rsqrt(mean(x^2) + eps) * weight`, per row.
 pub fn rms_norm(x: &Mat, weight: &[f32], eps: f32) -> Mat {
     let mut y = Mat::zeros(x.rows, x.cols);
-    y.data
-        .par_chunks_mut(x.cols)
-        .zip(x.data.par_chunks(x.cols))
+    rms_norm_rows(&x.data, x.cols, weight, eps, &mut y.data);
+    y
+}
+
+/// [`rms_norm`] of the rows of `x` (`cols` each) into `out`: the mean of squares in f64, then
+/// `v * inv * w` in f32 (the kernel's arithmetic).
+pub fn rms_norm_rows(x: &[f32], cols: usize, weight: &[f32], eps: f32, out: &mut [f32]) {
+    out.par_chunks_mut(cols)
+        .zip(x.par_chunks(cols))
         .for_each(|(out, row)| {
             let ms = row.iter().map(|&v| (v as f64) * (v as f64)).sum::<f64>() / row.len() as f64;
             let inv = (1.0 / (ms + eps as f64).sqrt()) as f32;
@@ -37,34 +43,63 @@ pub fn rms_norm(x: &Mat, weight: &[f32], eps: f32) -> Mat {
                 *o = v * inv * w;
             }
         });
-    y
 }
 
 /// Rotary embedding in the rotate-half convention (Hugging Face Llama): within each head,
 /// element `i` pairs with `i + head_dim/2`; token `t` is at position `t`.
 pub fn rope(x: &mut Mat, heads: usize, head_dim: usize, theta: f32) {
+    let (cos, sin) = rope_tables(x.rows, head_dim, theta);
+    rope_rows(&mut x.data, heads * head_dim, head_dim, &cos, &sin, 0);
+}
+
+/// cos and sin of `pos * theta^(-2i/head_dim)` for every position below `positions` and
+/// `i < head_dim / 2` (f32, `sin_cos`): the tables [`rope_rows`] reads and the kernels get.
+pub fn rope_tables(positions: usize, head_dim: usize, theta: f32) -> (Vec<f32>, Vec<f32>) {
     let half = head_dim / 2;
     let inv_freq: Vec<f32> = (0..half)
         .map(|i| 1.0 / theta.powf((2 * i) as f32 / head_dim as f32))
         .collect();
-    x.data
-        .par_chunks_mut(heads * head_dim)
-        .enumerate()
-        .for_each(|(pos, row)| {
-            let (sin, cos): (Vec<f32>, Vec<f32>) =
-                inv_freq.iter().map(|&f| (pos as f32 * f).sin_cos()).unzip();
-            for head in row.chunks_mut(head_dim) {
-                let (lo, hi) = head.split_at_mut(half);
-                for i in 0..half {
-                    let (a, b) = (lo[i], hi[i]);
-                    lo[i] = a * cos[i] - b * sin[i];
-                    hi[i] = b * cos[i] + a * sin[i];
-                }
-            }
-        });
+    let mut cos = Vec::with_capacity(positions * half);
+    let mut sin = Vec::with_capacity(positions * half);
+    for pos in 0..positions {
+        for &f in &inv_freq {
+            let (s, c) = (pos as f32 * f).sin_cos();
+            sin.push(s);
+            cos.push(c);
+        }
+    }
+    (cos, sin)
 }
 
-/// Causal attention with grouped KV heads: query head `h` reads KV head
+/// Rotates each head of the rows of `x` (`width` elements each, heads of `head_dim`); row `r`
+/// is at position `pos0 + r` of the tables.
+pub fn rope_rows(
+    x: &mut [f32],
+    width: usize,
+    head_dim: usize,
+    cos: &[f32],
+    sin: &[f32],
+    pos0: usize,
+) {
+    let half = head_dim / 2;
+    x.par_chunks_mut(width).enumerate().for_each(|(r, row)| {
+        let p = pos0 + r;
+        let (cos, sin) = (
+            &cos[p * half..(p + 1) * half],
+            &sin[p * half..(p + 1) * half],
+        );
+        for head in row.chunks_mut(head_dim) {
+            let (lo, hi) = head.split_at_mut(half);
+            for i in 0..half {
+                let (a, b) = (lo[i], hi[i]);
+                lo[i] = a * cos[i] - b * sin[i];
+                hi[i] = b * cos[i] + a * sin[i];
+            }
+        }
+    });
+}
+
+/// Causal attention with grouped KV heads over one window: query head `h` reads KV head
 /// `h / (heads / kv_heads)`. `q: [t, heads*head_dim]`, `k, v: [t, kv_heads*head_dim]`.
 pub fn causal_attention(
     q: &Mat,
@@ -74,23 +109,59 @@ pub fn causal_attention(
     kv_heads: usize,
     head_dim: usize,
 ) -> Mat {
-    let t = q.rows;
+    let shape = AttentionShape {
+        heads,
+        kv_heads,
+        head_dim,
+    };
+    let mut y = Mat::zeros(q.rows, heads * head_dim);
+    attention_rows(&q.data, q.rows, &k.data, &v.data, 0, shape, &mut y.data);
+    y
+}
+
+/// The head layout of an attention op.
+#[derive(Debug, Clone, Copy)]
+pub struct AttentionShape {
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+}
+
+/// Causal attention of `m` query rows at positions `pos0..pos0 + m` over the keys and values
+/// of positions `0..pos0 + m` (a KV cache, row-major `[positions, kv_heads * head_dim]`), into
+/// `out: [m, heads * head_dim]`. Probabilities are normalised before the value product, as the
+/// kernel does.
+pub fn attention_rows(
+    q: &[f32],
+    m: usize,
+    k: &[f32],
+    v: &[f32],
+    pos0: usize,
+    shape: AttentionShape,
+    out: &mut [f32],
+) {
+    let AttentionShape {
+        heads,
+        kv_heads,
+        head_dim,
+    } = shape;
+    let (q_dim, kv_dim, len) = (heads * head_dim, kv_heads * head_dim, pos0 + m);
     let group = heads / kv_heads;
     let scale = 1.0 / (head_dim as f32).sqrt();
     let per_head: Vec<Vec<f32>> = (0..heads)
         .into_par_iter()
         .map(|h| {
             let kvh = h / group;
-            let qh = View::cols_of(&q.data, t, q.cols, h * head_dim, head_dim);
-            let kh = View::cols_of(&k.data, t, k.cols, kvh * head_dim, head_dim);
-            let vh = View::cols_of(&v.data, t, v.cols, kvh * head_dim, head_dim);
-            let mut scores = vec![0.0f32; t * t];
-            matmul_into(&mut scores, t, qh, kh.t(), Threads::Single);
-            for (i, row) in scores.chunks_mut(t).enumerate() {
-                let live = &mut row[..=i];
+            let qh = View::cols_of(q, m, q_dim, h * head_dim, head_dim);
+            let kh = View::cols_of(k, len, kv_dim, kvh * head_dim, head_dim);
+            let vh = View::cols_of(v, len, kv_dim, kvh * head_dim, head_dim);
+            let mut scores = vec![0.0f32; m * len];
+            matmul_into(&mut scores, len, qh, kh.t(), Threads::Single);
+            for (i, row) in scores.chunks_mut(len).enumerate() {
+                let live = &mut row[..=pos0 + i];
                 let max = live
                     .iter()
-                    .fold(f32::NEG_INFINITY, |m, &s| m.max(s * scale));
+                    .fold(f32::NEG_INFINITY, |mx, &s| mx.max(s * scale));
                 let mut sum = 0.0f32;
                 for s in live.iter_mut() {
                     *s = (*s * scale - max).exp();
@@ -98,31 +169,33 @@ pub fn causal_attention(
                 }
                 let inv = 1.0 / sum;
                 live.iter_mut().for_each(|s| *s *= inv);
-                row[i + 1..].fill(0.0);
+                row[pos0 + i + 1..].fill(0.0);
             }
-            let mut out = vec![0.0f32; t * head_dim];
-            let p = View::cols_of(&scores, t, t, 0, t);
-            matmul_into(&mut out, head_dim, p, vh, Threads::Single);
-            out
+            let mut o = vec![0.0f32; m * head_dim];
+            let p = View::cols_of(&scores, m, len, 0, len);
+            matmul_into(&mut o, head_dim, p, vh, Threads::Single);
+            o
         })
         .collect();
-    let mut y = Mat::zeros(t, heads * head_dim);
-    for (h, out) in per_head.iter().enumerate() {
-        for (r, src) in out.chunks(head_dim).enumerate() {
-            let dst = r * y.cols + h * head_dim;
-            y.data[dst..dst + head_dim].copy_from_slice(src);
+    for (h, o) in per_head.iter().enumerate() {
+        for (r, src) in o.chunks(head_dim).enumerate() {
+            let dst = r * q_dim + h * head_dim;
+            out[dst..dst + head_dim].copy_from_slice(src);
         }
     }
-    y
 }
 
 /// `silu(gate) * up`, elementwise; consumes `gate`.
 pub fn silu_mul(mut gate: Mat, up: &Mat) -> Mat {
-    gate.data
-        .par_iter_mut()
-        .zip(up.data.par_iter())
-        .for_each(|(g, &u)| *g = *g / (1.0 + (-*g).exp()) * u);
+    silu_mul_in_place(&mut gate.data, &up.data);
     gate
+}
+
+/// `gate = silu(gate) * up`, elementwise over equally long slices.
+pub fn silu_mul_in_place(gate: &mut [f32], up: &[f32]) {
+    gate.par_iter_mut()
+        .zip(up.par_iter())
+        .for_each(|(g, &u)| *g = *g / (1.0 + (-*g).exp()) * u);
 }
 
 /// `a + b`, elementwise; consumes `a`.

@@ -1,10 +1,9 @@
 //! The cpu backend of an [`ExecutablePlan`]: runs the schedule's steps in Rust on the packed
 //! weights, with the kernels' buffer layouts (activations `[m, cols]` row-major, a KV cache of
-//! `[max_seq, kv_dim]` per layer) and the kernels' arithmetic (see `linear.rs`; RMSNorm with a
-//! double accumulator; RoPE from the plan's tables; attention normalising probabilities before
-//! the value product).
-
-use rayon::prelude::*;
+//! `[max_seq, kv_dim]` per layer). Its non-linear ops are the CPU reference's own
+//! ([`crate::runtime::cpu::kernels`]: RMSNorm with a double accumulator, RoPE from the plan's
+//! tables, attention over the KV cache normalising probabilities before the value product);
+//! its linear layer decodes the packed bytes as the kernels do (`linear.rs`).
 
 use super::generate::Backend;
 use super::host::{HostBackend, HostState};
@@ -12,6 +11,7 @@ use super::linear::{argmax, linear_forward};
 use super::ExecutablePlan;
 use crate::error::{Error, Result};
 use crate::lower::{Act, Step};
+use crate::runtime::cpu::kernels;
 
 /// Activations and KV cache of one sequence on the CPU.
 pub struct CpuBackend<'a> {
@@ -61,13 +61,15 @@ impl<'a> CpuBackend<'a> {
             } => {
                 let x = self.take(src);
                 let (first, rows) = if last_row { (m - 1, 1) } else { (0, m) };
-                let y = self.buf(dst);
-                let w = &plan.norms[norm];
                 let h = d.hidden;
-                y[..rows * h]
-                    .par_chunks_mut(h)
-                    .zip(x[first * h..(first + rows) * h].par_chunks(h))
-                    .for_each(|(out, row)| rms_norm_row(row, w, d.eps, out));
+                let y = self.buf(dst);
+                kernels::rms_norm_rows(
+                    &x[first * h..(first + rows) * h],
+                    h,
+                    &plan.norms[norm],
+                    d.eps,
+                    &mut y[..rows * h],
+                );
                 self.put(src, x);
             }
             Step::Linear { linear, src, dst } => {
@@ -79,53 +81,38 @@ impl<'a> CpuBackend<'a> {
                 self.put(src, x);
             }
             Step::RopeKv { layer } => {
-                let half = d.head_dim / 2;
-                let rotate = |v: &mut [f32], p: usize| {
-                    let (cos, sin) = (
-                        &plan.rope_cos[p * half..(p + 1) * half],
-                        &plan.rope_sin[p * half..(p + 1) * half],
-                    );
-                    for head in v.chunks_mut(d.head_dim) {
-                        let (lo, hi) = head.split_at_mut(half);
-                        for i in 0..half {
-                            let (a, b) = (lo[i], hi[i]);
-                            lo[i] = a * cos[i] - b * sin[i];
-                            hi[i] = b * cos[i] + a * sin[i];
-                        }
-                    }
-                };
+                let (cos, sin) = (&plan.rope_cos, &plan.rope_sin);
                 let q = self.buf(Act::Q);
-                for r in 0..m {
-                    rotate(&mut q[r * d.q_dim..(r + 1) * d.q_dim], pos + r);
-                }
+                kernels::rope_rows(&mut q[..m * d.q_dim], d.q_dim, d.head_dim, cos, sin, pos);
                 let k = self.take(Act::K);
                 let v = self.take(Act::V);
                 let (kc, vc) = (
                     &mut self.state.k_cache[layer],
                     &mut self.state.v_cache[layer],
                 );
-                for r in 0..m {
-                    let p = pos + r;
-                    let dst = &mut kc[p * d.kv_dim..(p + 1) * d.kv_dim];
-                    dst.copy_from_slice(&k[r * d.kv_dim..(r + 1) * d.kv_dim]);
-                    rotate(dst, p);
-                    vc[p * d.kv_dim..(p + 1) * d.kv_dim]
-                        .copy_from_slice(&v[r * d.kv_dim..(r + 1) * d.kv_dim]);
-                }
+                let span = pos * d.kv_dim..(pos + m) * d.kv_dim;
+                kc[span.clone()].copy_from_slice(&k[..m * d.kv_dim]);
+                kernels::rope_rows(&mut kc[span.clone()], d.kv_dim, d.head_dim, cos, sin, pos);
+                vc[span].copy_from_slice(&v[..m * d.kv_dim]);
                 self.put(Act::K, k);
                 self.put(Act::V, v);
             }
             Step::Attention { layer } => {
                 let q = self.take(Act::Q);
                 let mut out = self.take(Act::Att);
-                attention(
-                    plan,
-                    &q,
+                let shape = kernels::AttentionShape {
+                    heads: d.heads,
+                    kv_heads: d.kv_heads,
+                    head_dim: d.head_dim,
+                };
+                kernels::attention_rows(
+                    &q[..m * d.q_dim],
+                    m,
                     &self.state.k_cache[layer],
                     &self.state.v_cache[layer],
                     pos,
-                    m,
-                    &mut out,
+                    shape,
+                    &mut out[..m * d.q_dim],
                 );
                 self.put(Act::Q, q);
                 self.put(Act::Att, out);
@@ -133,10 +120,7 @@ impl<'a> CpuBackend<'a> {
             Step::SiluMul => {
                 let up = self.take(Act::Up);
                 let gate = self.buf(Act::Gate);
-                gate[..m * d.ffn]
-                    .par_iter_mut()
-                    .zip(up[..m * d.ffn].par_iter())
-                    .for_each(|(g, &u)| *g = *g / (1.0 + (-*g).exp()) * u);
+                kernels::silu_mul_in_place(&mut gate[..m * d.ffn], &up[..m * d.ffn]);
                 self.put(Act::Up, up);
             }
             Step::Argmax => {
@@ -145,60 +129,6 @@ impl<'a> CpuBackend<'a> {
             }
         }
     }
-}
-
-/// One row of RMSNorm, as the kernel: mean of squares in f64, `v * inv * w`.
-fn rms_norm_row(row: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
-    let ms = row.iter().map(|&v| (v as f64) * (v as f64)).sum::<f64>() / row.len() as f64;
-    let inv = (1.0 / (ms + eps as f64).sqrt()) as f32;
-    for ((o, &v), &w) in out.iter_mut().zip(row).zip(w) {
-        *o = v * inv * w;
-    }
-}
-
-/// Causal GQA of `m` query rows at positions `pos..pos + m` over the cache.
-fn attention(
-    plan: &ExecutablePlan,
-    q: &[f32],
-    kc: &[f32],
-    vc: &[f32],
-    pos: usize,
-    m: usize,
-    out: &mut [f32],
-) {
-    let d = &plan.schedule.dims;
-    let (hd, group) = (d.head_dim, d.heads / d.kv_heads);
-    let scale = 1.0 / (hd as f32).sqrt();
-    out[..m * d.q_dim]
-        .par_chunks_mut(hd)
-        .enumerate()
-        .for_each(|(i, o)| {
-            let (r, h) = (i / d.heads, i % d.heads);
-            let g = h / group;
-            let qh = &q[r * d.q_dim + h * hd..r * d.q_dim + (h + 1) * hd];
-            let len = pos + r + 1;
-            let mut sc: Vec<f32> = (0..len)
-                .map(|j| {
-                    let kr = &kc[j * d.kv_dim + g * hd..j * d.kv_dim + (g + 1) * hd];
-                    qh.iter().zip(kr).map(|(a, b)| a * b).sum::<f32>() * scale
-                })
-                .collect();
-            let max = sc.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
-            let mut sum = 0f32;
-            for s in sc.iter_mut() {
-                *s = (*s - max).exp();
-                sum += *s;
-            }
-            let inv = 1.0 / sum;
-            o.fill(0.0);
-            for (j, &s) in sc.iter().enumerate() {
-                let p = s * inv;
-                let vr = &vc[j * d.kv_dim + g * hd..j * d.kv_dim + (g + 1) * hd];
-                for (a, &v) in o.iter_mut().zip(vr) {
-                    *a += p * v;
-                }
-            }
-        });
 }
 
 impl Backend for CpuBackend<'_> {

@@ -180,7 +180,8 @@ impl ExecutablePlan {
                 Ok(PackedLinear::pack(l.shape.format, &w, n, k, bias))
             })
             .collect::<Result<Vec<_>>>()?;
-        let (rope_cos, rope_sin) = rope_tables(max_seq, d.head_dim, d.rope_theta);
+        let (rope_cos, rope_sin) =
+            crate::runtime::cpu::kernels::rope_tables(max_seq, d.head_dim, d.rope_theta);
         Ok(ExecutablePlan {
             schedule,
             max_seq,
@@ -196,23 +197,4 @@ impl ExecutablePlan {
     pub fn linear_weight_bytes(&self) -> usize {
         self.linears.iter().map(PackedLinear::weight_bytes).sum()
     }
-}
-
-/// cos and sin of `pos * theta^(-2i/head_dim)` for every position and `i < head_dim / 2`,
-/// computed exactly as the CPU reference's RoPE (f32, `sin_cos`).
-pub fn rope_tables(positions: usize, head_dim: usize, theta: f32) -> (Vec<f32>, Vec<f32>) {
-    let half = head_dim / 2;
-    let inv_freq: Vec<f32> = (0..half)
-        .map(|i| 1.0 / theta.powf((2 * i) as f32 / head_dim as f32))
-        .collect();
-    let mut cos = Vec::with_capacity(positions * half);
-    let mut sin = Vec::with_capacity(positions * half);
-    for pos in 0..positions {
-        for &f in &inv_freq {
-            let (s, c) = (pos as f32 * f).sin_cos();
-            sin.push(s);
-            cos.push(c);
-        }
-    }
-    (cos, sin)
 }

@@ -1,0 +1,175 @@
+#!/usr/bin/env python3
+"""Checks an `fpx export` directory with compressed-tensors' and transformers' own code.
+
+Run by the Rust tests (tests/export_ct.rs) with the interpreter of .venv-ct
+(scripts/setup-ct.sh); prints one JSON object on stdout.
+
+  ct_check.py compare --export DIR --weights W.safetensors
+      W holds, per checked linear layer L, `L.source` (the FP32 weight fpx quantized) and
+      `L.fpx` (fpx's dequantization of its quantized bytes). For each layer of DIR's
+      quantization_config found in W:
+        * decompression: compressed-tensors' compressor for the group's format decompresses
+          DIR's tensors; compared with `L.fpx` rounded to the dtype it decompresses to;
+        * quantizer: compressed-tensors' scale rules (calculate_qparams / generate_gparam, as
+          its min-max observer feeds them) and the compressor's compress() applied to
+          `L.source`; its tensors compared byte for byte with DIR's.
+  ct_check.py ppl --model DIR --tokens T.json --seq-len N
+      transformers' AutoModelForCausalLM.from_pretrained(DIR) in FP32 on the CPU (the
+      compressed-tensors integration decompresses it); perplexity over the windows of N
+      tokens in T.json (as `fpx eval --save-tokens` writes them; each window predicts its
+      tokens 1..N-1, as fpx eval does).
+"""
+
+import argparse
+import json
+import math
+import os
+import sys
+
+import torch
+from safetensors import safe_open
+
+
+def load_export(path):
+    """All tensors of an exported directory, by name (via its shard index)."""
+    with open(os.path.join(path, "model.safetensors.index.json")) as f:
+        index = json.load(f)
+    out = {}
+    for shard in sorted(set(index["weight_map"].values())):
+        with safe_open(os.path.join(path, shard), framework="pt") as f:
+            for k in f.keys():
+                out[k] = f.get_tensor(k)
+    return out
+
+
+def schemes(path):
+    """layer name -> (QuantizationScheme, format) from the export's quantization_config."""
+    from compressed_tensors.quantization import QuantizationConfig
+
+    with open(os.path.join(path, "config.json")) as f:
+        qc = QuantizationConfig.model_validate(json.load(f)["quantization_config"])
+    out = {}
+    for scheme in qc.config_groups.values():
+        for t in scheme.targets:
+            out[t] = scheme
+    return out
+
+
+def ct_quantize(weight, scheme):
+    """compressed-tensors' quantization of an FP32 weight under `scheme`: the min-max
+    observer's statistics through its own qparam rules, then the compressor's compress()."""
+    from compressed_tensors.compressors import BaseCompressor
+    from compressed_tensors.quantization.quant_args import QuantizationStrategy
+    from compressed_tensors.quantization.utils import calculate_qparams, generate_gparam
+
+    args = scheme.weights
+    sd = {"weight": weight}
+    global_scale = None
+    if args.strategy == QuantizationStrategy.CHANNEL:
+        lo, hi = weight.amin(dim=1, keepdim=True), weight.amax(dim=1, keepdim=True)
+    else:
+        groups = weight.unflatten(-1, (weight.shape[-1] // args.group_size, args.group_size))
+        lo, hi = groups.amin(dim=-1), groups.amax(dim=-1)
+        if args.strategy == QuantizationStrategy.TENSOR_GROUP:
+            global_scale = generate_gparam(weight.amin(), weight.amax())
+            sd["weight_global_scale"] = global_scale
+    scale, _ = calculate_qparams(lo, hi, args, global_scale=global_scale)
+    sd["weight_scale"] = scale
+    compressor = BaseCompressor.get_value_from_registry(scheme.format)
+    return compressor.compress(sd, scheme)
+
+
+def ct_decompress(tensors, layer, scheme):
+    from compressed_tensors.compressors import BaseCompressor
+
+    prefix = layer + "."
+    sd = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+    sd.pop("bias", None)
+    compressor = BaseCompressor.get_value_from_registry(scheme.format)
+    return compressor.decompress(sd, scheme)["weight"]
+
+
+def compare(args):
+    tensors = load_export(args.export)
+    by_layer = schemes(args.export)
+    layers = []
+    with safe_open(args.weights, framework="pt") as w:
+        names = set(w.keys())
+        for layer, scheme in sorted(by_layer.items()):
+            if layer + ".source" not in names:
+                continue
+            source = w.get_tensor(layer + ".source")
+            fpx = w.get_tensor(layer + ".fpx")
+            dec = ct_decompress(tensors, layer, scheme)
+            want = fpx.to(dec.dtype)
+            diff = (dec.float() - want.float()).abs()
+            ulp = want.float().abs() * (2.0 ** -7 if dec.dtype == torch.bfloat16 else 2.0 ** -23)
+            ours = ct_quantize(source, scheme)
+            byte_diffs = {}
+            for k, v in ours.items():
+                mine = tensors[f"{layer}.{k}"]
+                a = v.contiguous().view(torch.uint8).flatten()
+                b = mine.contiguous().view(torch.uint8).flatten()
+                byte_diffs[k] = int((a != b).sum()) if a.shape == b.shape else -1
+            layers.append({
+                "layer": layer,
+                "format": scheme.format,
+                "decompressed_dtype": str(dec.dtype).replace("torch.", ""),
+                "elements": dec.numel(),
+                "decompress_mismatches": int((diff > 0).sum()),
+                "decompress_beyond_one_ulp": int((diff > ulp).sum()),
+                "decompress_max_abs": float(diff.max()),
+                "quantizer_byte_mismatches": byte_diffs,
+                "tensor_bytes": {k: v.numel() * v.element_size() for k, v in ours.items()},
+            })
+    json.dump({"layers": layers}, sys.stdout)
+
+
+def ppl(args):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
+    if getattr(model, "hf_quantizer", None) is not None:
+        # The integration decompresses on the first forward (a pre-hook); compressed-tensors'
+        # FP4 decompression yields bfloat16 weights, which an FP32 model cannot multiply.
+        # Decompress now with the same compressor, then compute in FP32 like fpx eval.
+        model.hf_quantizer.compressor.decompress_model(model)
+        for p in model.parameters():
+            p.data = p.data.float()
+    model.eval()
+    with open(args.tokens) as f:
+        tokens = json.load(f)
+    # `fpx eval --save-tokens` writes the evaluated windows back to back.
+    n = args.seq_len
+    windows = [tokens[i:i + n] for i in range(0, len(tokens) - n + 1, n)]
+    nll, count = 0.0, 0
+    with torch.no_grad():
+        for w in windows:
+            ids = torch.tensor([w])
+            logits = model(ids).logits[0].double()
+            logp = torch.log_softmax(logits[:-1], dim=-1)
+            nll -= float(logp.gather(1, ids[0, 1:, None]).sum())
+            count += len(w) - 1
+    weights = {type(m.weight).__name__ for m in model.modules() if isinstance(m, torch.nn.Linear)}
+    json.dump({"ppl": math.exp(nll / count), "tokens": count,
+               "quantized": bool(getattr(model.config, "quantization_config", None)),
+               "linear_weight_types": sorted(weights)}, sys.stdout)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    sub = p.add_subparsers(dest="cmd", required=True)
+    c = sub.add_parser("compare")
+    c.add_argument("--export", required=True)
+    c.add_argument("--weights", required=True)
+    q = sub.add_parser("ppl")
+    q.add_argument("--model", required=True)
+    q.add_argument("--tokens", required=True)
+    q.add_argument("--seq-len", type=int, required=True)
+    a = p.parse_args()
+    torch.set_num_threads(int(os.environ.get("FPX_THREADS", "2")))
+    {"compare": compare, "ppl": ppl}[a.cmd](a)
+
+
+if __name__ == "__main__":
+    main()
