@@ -5,140 +5,16 @@
 
 mod common;
 
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use common::fpx;
-use fpx::calib::{Calibration, KlSetup, LayerCalibration, LayerMetrics, ModelRef, TextRef};
+use fpx::calib::Calibration;
 use fpx::formats::Format;
-use fpx::ir::LinearKind;
-use fpx::model::{Architecture, ModelSpec};
 use fpx::plan::{BudgetRecord, Plan, SolverRecord};
-
-const KINDS: [(LinearKind, &str, usize, usize); 7] = [
-    (LinearKind::Q, "self_attn.q_proj", 576, 576),
-    (LinearKind::K, "self_attn.k_proj", 192, 576),
-    (LinearKind::V, "self_attn.v_proj", 192, 576),
-    (LinearKind::O, "self_attn.o_proj", 576, 576),
-    (LinearKind::Gate, "mlp.gate_proj", 1536, 576),
-    (LinearKind::Up, "mlp.up_proj", 1536, 576),
-    (LinearKind::Down, "mlp.down_proj", 576, 1536),
-];
 
 /// A calibration of a SmolLM2-shaped model with `blocks` blocks and pseudo-random eps.
 fn calibration(blocks: usize, with_kl: bool) -> Calibration {
-    let mut seed = 12345u64;
-    let mut next = move || {
-        seed = seed
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        (seed >> 11) as f64 / (1u64 << 53) as f64
-    };
-    let mut layers = Vec::new();
-    for b in 0..blocks {
-        for (kind, suffix, out, inp) in KINDS {
-            let mut metrics = BTreeMap::new();
-            for (f, scale) in [
-                (Format::Fp8, 0.02),
-                (Format::Nvfp4, 0.1),
-                (Format::Mxfp4, 0.13),
-            ] {
-                let eps = scale * (0.5 + next());
-                metrics.insert(
-                    f,
-                    LayerMetrics {
-                        eps,
-                        eps_wa: eps * 1.5,
-                        weight_error: eps * 0.8,
-                        kl: with_kl.then_some(eps * eps * 0.1),
-                    },
-                );
-            }
-            layers.push(LayerCalibration {
-                name: format!("model.layers.{b}.{suffix}"),
-                layer: b,
-                kind,
-                out_features: out,
-                in_features: inp,
-                metrics,
-            });
-        }
-    }
-    layers.push(lm_head_record(blocks, with_kl, &mut next));
-    Calibration {
-        schema_version: fpx::calib::SCHEMA_VERSION,
-        fpx_version: "test".into(),
-        model: ModelRef {
-            identity: "synthetic-identity".into(),
-            path: "synthetic".into(),
-        },
-        spec: smollm2_spec(blocks),
-        text: TextRef {
-            sha256: "0".repeat(64),
-            path: "synthetic.txt".into(),
-            tokens: 1024,
-        },
-        seq_len: 256,
-        windows: 4,
-        formats: vec![Format::Fp8, Format::Nvfp4, Format::Mxfp4],
-        mx_scale_rule: fpx::formats::MxScaleRule::Round,
-        kl: with_kl.then_some(KlSetup {
-            seq_len: 256,
-            windows: 1,
-            tokens: 255,
-        }),
-        layers,
-    }
-}
-
-/// SmolLM2-135M's hyper-parameters with `blocks` blocks.
-fn smollm2_spec(blocks: usize) -> ModelSpec {
-    ModelSpec {
-        architecture: Architecture::Llama,
-        hidden_size: 576,
-        intermediate_size: 1536,
-        num_layers: blocks,
-        num_heads: 9,
-        num_kv_heads: 3,
-        head_dim: 64,
-        vocab_size: 49152,
-        rope_theta: 100000.0,
-        rms_norm_eps: 1e-5,
-        tie_word_embeddings: true,
-        attention_bias: false,
-        max_position_embeddings: 8192,
-        bos_token_id: None,
-        eos_token_id: None,
-    }
-}
-
-/// lm_head's record (the stage after the last block), pseudo-random eps like the others.
-fn lm_head_record(blocks: usize, with_kl: bool, next: &mut dyn FnMut() -> f64) -> LayerCalibration {
-    let mut metrics = BTreeMap::new();
-    for (f, scale) in [
-        (Format::Fp8, 0.02),
-        (Format::Nvfp4, 0.1),
-        (Format::Mxfp4, 0.13),
-    ] {
-        let eps = scale * (0.5 + next());
-        metrics.insert(
-            f,
-            LayerMetrics {
-                eps,
-                eps_wa: eps * 1.5,
-                weight_error: eps * 0.8,
-                kl: with_kl.then_some(eps * eps * 0.1),
-            },
-        );
-    }
-    LayerCalibration {
-        name: "lm_head".into(),
-        layer: blocks,
-        kind: LinearKind::LmHead,
-        out_features: 49152,
-        in_features: 576,
-        metrics,
-    }
+    common::calib::synthetic(common::calib::smollm2_spec(blocks), with_kl, 12345)
 }
 
 fn write_calib(dir: &Path, blocks: usize, with_kl: bool) -> PathBuf {

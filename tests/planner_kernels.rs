@@ -4,11 +4,9 @@
 
 mod common;
 
-use std::collections::BTreeMap;
 use std::path::Path;
 
-use fpx::calib::{Calibration, LayerCalibration, LayerMetrics, ModelRef, TextRef};
-use fpx::formats::Format;
+use fpx::calib::Calibration;
 use fpx::model::{Architecture, ModelSpec};
 use fpx::plan::Plan;
 
@@ -28,66 +26,8 @@ fn s(p: &Path) -> &str {
     p.to_str().unwrap()
 }
 
-/// A calibration of any model shape with pseudo-random eps: one record per linear layer of the
-/// spec's graph (lm_head included).
 fn calibration_of(spec: ModelSpec) -> Calibration {
-    let graph = fpx::ir::Graph::build(&spec);
-    let mut seed = 99u64;
-    let mut next = move || {
-        seed = seed
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        (seed >> 11) as f64 / (1u64 << 53) as f64
-    };
-    let layers = graph
-        .linears()
-        .map(|(id, l)| {
-            let node = graph.node(id);
-            let mut metrics = BTreeMap::new();
-            for (f, scale) in [
-                (Format::Fp8, 0.02),
-                (Format::Nvfp4, 0.1),
-                (Format::Mxfp4, 0.13),
-            ] {
-                let eps = scale * (0.5 + next());
-                let m = LayerMetrics {
-                    eps,
-                    eps_wa: eps * 1.5,
-                    weight_error: eps * 0.8,
-                    kl: None,
-                };
-                metrics.insert(f, m);
-            }
-            LayerCalibration {
-                name: node.name.clone(),
-                layer: node.layer.unwrap_or(spec.num_layers),
-                kind: l.kind,
-                out_features: l.out_features,
-                in_features: l.in_features,
-                metrics,
-            }
-        })
-        .collect();
-    Calibration {
-        schema_version: fpx::calib::SCHEMA_VERSION,
-        fpx_version: "test".into(),
-        model: ModelRef {
-            identity: "synthetic-identity".into(),
-            path: "synthetic".into(),
-        },
-        spec,
-        text: TextRef {
-            sha256: "0".repeat(64),
-            path: "synthetic.txt".into(),
-            tokens: 1024,
-        },
-        seq_len: 256,
-        windows: 4,
-        formats: vec![Format::Fp8, Format::Nvfp4, Format::Mxfp4],
-        mx_scale_rule: fpx::formats::MxScaleRule::Round,
-        kl: None,
-        layers,
-    }
+    common::calib::synthetic(spec, false, 99)
 }
 
 /// Shapes alone suffice to plan a 14B-class model, here Qwen2.5-14B's at tensor parallel 2 on
@@ -166,23 +106,7 @@ fn qwen25_14b_plans_at_tensor_parallel_2_on_rtx5090() {
 }
 
 fn smollm2_shaped(blocks: usize) -> ModelSpec {
-    ModelSpec {
-        architecture: Architecture::Llama,
-        hidden_size: 576,
-        intermediate_size: 1536,
-        num_layers: blocks,
-        num_heads: 9,
-        num_kv_heads: 3,
-        head_dim: 64,
-        vocab_size: 49152,
-        rope_theta: 100000.0,
-        rms_norm_eps: 1e-5,
-        tie_word_embeddings: true,
-        attention_bias: false,
-        max_position_embeddings: 8192,
-        bos_token_id: None,
-        eos_token_id: None,
-    }
+    common::calib::smollm2_spec(blocks)
 }
 
 /// `--explain` lists one row per launch of the decode step, with fpx's cost never below the
