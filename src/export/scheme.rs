@@ -8,7 +8,7 @@
 //! | fpx   | weights args                                                     | group `format`         | tensors |
 //! |-------|------------------------------------------------------------------|------------------------|---------|
 //! | fp8   | 8-bit float, `channel`                                           | `float-quantized`      | `weight` F8_E4M3, `weight_scale` [N, 1] |
-//! | nvfp4 | 4-bit float, `tensor_group` 16, `scale_dtype` float8_e4m3fn      | `nvfp4-pack-quantized` | `weight_packed` U8 [N, K/2], `weight_scale` F8_E4M3 [N, K/16], `weight_global_scale` F32 [1] |
+//! | nvfp4 | 4-bit float, `tensor_group` 16, `scale_dtype` float8_e4m3fn      | `nvfp4-pack-quantized` | `weight_packed` U8 [N, K/2], `weight_scale` F8_E4M3 [N, K/16], `weight_global_scale` F32 `[1]` |
 //! | mxfp4 | 4-bit float, `group` 32, `scale_dtype` uint8                     | `mxfp4-pack-quantized` | `weight_packed` U8 [N, K/2], `weight_scale` U8 [N, K/32] |
 //!
 //! Dynamic activations: fp8 per `token`, mxfp4 per `group` 32 (both dynamic, as fpx's). fpx's
