@@ -8,7 +8,7 @@
 
 pub mod config;
 pub mod gguf;
-mod gguf_header;
+pub(crate) mod gguf_header;
 pub mod llama_cpp;
 pub mod safetensors;
 pub mod synthetic;
@@ -153,6 +153,50 @@ pub fn expected_tensors(spec: &ModelSpec) -> Vec<(String, Vec<usize>)> {
     out
 }
 
+/// How many tensors [`expected_tensors`] lists for `spec`, computed without building the list
+/// (saturating: a count beyond `usize` is simply too many).
+pub fn expected_tensor_count(spec: &ModelSpec) -> usize {
+    let per_layer = if spec.attention_bias { 12 } else { 9 };
+    let ends = 2 + usize::from(!spec.tie_word_embeddings);
+    spec.num_layers
+        .saturating_mul(per_layer)
+        .saturating_add(ends)
+}
+
+/// Refuses a spec that needs more tensors than the checkpoint holds, before the expected
+/// tensor list is built (a 2^40-layer config would otherwise allocate it in full).
+pub(crate) fn check_tensor_count(path: &Path, spec: &ModelSpec, held: usize) -> Result<()> {
+    let needed = expected_tensor_count(spec);
+    if needed > held {
+        return Err(Error::Config {
+            path: path.to_path_buf(),
+            reason: format!(
+                "{} layers need {needed} tensors but the checkpoint holds {held}",
+                spec.num_layers
+            ),
+        });
+    }
+    Ok(())
+}
+
+/// Refuses a tensor holding NaN or infinity, naming it: such a weight poisons every
+/// output it reaches, and fpx would otherwise report a NaN perplexity or a zero error.
+pub(crate) fn check_finite(path: &Path, tensor: &str, data: &[f32]) -> Result<()> {
+    let bad = data.iter().filter(|v| !v.is_finite()).count();
+    if bad > 0 {
+        let first = data.iter().position(|v| !v.is_finite()).unwrap_or(0);
+        return Err(Error::Tensor {
+            path: path.to_path_buf(),
+            tensor: tensor.to_string(),
+            reason: format!(
+                "{bad} non-finite values (NaN or infinity), the first at element {first} ({})",
+                data[first]
+            ),
+        });
+    }
+    Ok(())
+}
+
 /// Load a checkpoint: a Hugging Face directory or a `.gguf` file.
 ///
 /// Validates the spec, and that every tensor in [`expected_tensors`] exists with the right
@@ -163,6 +207,8 @@ pub fn load_model(path: &Path) -> Result<Model> {
     if meta.is_dir() {
         return load_hf(path);
     }
+    // A FIFO or device would block the magic-byte read below (or never end).
+    crate::fsutil::open_regular(path)?;
     let is_gguf_name = path
         .extension()
         .is_some_and(|e| e.eq_ignore_ascii_case("gguf"));
@@ -186,8 +232,10 @@ fn has_gguf_magic(path: &Path) -> bool {
 }
 
 fn load_hf(dir: &Path) -> Result<Model> {
-    let spec = config::load_config(&dir.join("config.json"))?;
+    let config = dir.join("config.json");
+    let spec = config::load_config(&config)?;
     let source = safetensors::SafetensorsSource::open(dir)?;
+    check_tensor_count(&config, &spec, source.names().len())?;
     let headers = check_tensors(&spec, dir, &source, |n| source.header(n))?;
     let tokenizer = Tokenizer::from_file(&dir.join("tokenizer.json"))?;
     check_vocab(&spec, &tokenizer, &dir.join("tokenizer.json"))?;
@@ -203,6 +251,11 @@ fn load_hf(dir: &Path) -> Result<Model> {
 
 fn load_gguf(path: &Path) -> Result<Model> {
     let file = gguf::GgufSource::open(path)?;
+    gguf_model(path, file)
+}
+
+/// A [`Model`] from an opened GGUF file: tensor checks and the tokenizer of its metadata.
+pub(crate) fn gguf_model(path: &Path, file: gguf::GgufFile) -> Result<Model> {
     let source = file.source;
     let headers = check_tensors(&file.spec, path, &source, |n| source.header(n))?;
     let tokenizer = Tokenizer::from_gguf_metadata(path, &file.metadata)?;
