@@ -94,13 +94,13 @@ impl ModelText {
     /// model's context first, and a shortage of tokens reported with the text's path.
     pub(crate) fn windows<'t>(
         &self,
-        spec: &ModelSpec,
+        model: &Model,
         tokens: &'t [u32],
         flag: &str,
         seq_len: usize,
         max_windows: Option<usize>,
     ) -> Result<Vec<&'t [u32]>> {
-        cli::args::window(flag, seq_len, spec)?;
+        cli::args::window(flag, seq_len, model)?;
         eval::windows(tokens, seq_len, max_windows)
             .with_context(|| format!("{}: {flag} {seq_len}", self.text.display()))
     }
@@ -350,7 +350,7 @@ fn eval_cmd(args: EvalArgs) -> Result<()> {
     }
     let (model, _, tokens) = args.input.load()?;
     let windows = args.input.windows(
-        &model.spec,
+        &model,
         &tokens,
         "--seq-len",
         args.seq_len,

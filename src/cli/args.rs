@@ -6,7 +6,7 @@
 use anyhow::{bail, Result};
 
 use fpx::formats::Format;
-use fpx::model::ModelSpec;
+use fpx::model::Model;
 
 /// A finite `f64` (no NaN, no infinity).
 pub(crate) fn finite(s: &str) -> Result<f64, String> {
@@ -44,14 +44,15 @@ pub(crate) fn formats(flag: &str, names: &[String]) -> Result<Vec<Format>> {
 
 /// Refuses a window of `len` tokens (given by `flag`) longer than the model's context, or
 /// shorter than the 2 tokens a prediction needs.
-pub(crate) fn window(flag: &str, len: usize, spec: &ModelSpec) -> Result<()> {
+pub(crate) fn window(flag: &str, len: usize, model: &Model) -> Result<()> {
     if len < 2 {
         bail!("{flag} {len}: a window needs at least 2 tokens");
     }
-    if len > spec.max_position_embeddings {
+    let context = model.spec.max_position_embeddings;
+    if len > context {
         bail!(
-            "{flag} {len} is longer than the model's context of {} tokens",
-            spec.max_position_embeddings
+            "{flag} {len} is longer than the model's context of {context} tokens ({})",
+            model.path.display()
         );
     }
     Ok(())

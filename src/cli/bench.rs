@@ -52,7 +52,7 @@ struct BenchReport {
 pub fn run(args: BenchArgs) -> Result<()> {
     let (model, _, tokens) = args.input.load()?;
     let windows = args.input.windows(
-        &model.spec,
+        &model,
         &tokens,
         "--seq-len",
         args.seq_len,

@@ -73,9 +73,9 @@ pub fn run(args: CalibrateArgs) -> Result<()> {
     // Checked before the (long) calibration, so a bad -o loses no work.
     fpx::fsutil::prepare_output_file(&args.output)?;
     let (model, text, tokens) = args.input.load()?;
-    crate::cli::args::window("--seq-len", args.seq_len, &model.spec)?;
+    crate::cli::args::window("--seq-len", args.seq_len, &model)?;
     if args.kl_windows > 0 {
-        crate::cli::args::window("--kl-seq-len", args.kl_seq_len, &model.spec)?;
+        crate::cli::args::window("--kl-seq-len", args.kl_seq_len, &model)?;
     }
     // Saturating: a product beyond usize is more tokens than any text holds.
     let need = args

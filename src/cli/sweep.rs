@@ -227,7 +227,7 @@ pub fn run(args: SweepArgs) -> Result<()> {
                     0
                 }
             });
-            crate::cli::args::window("--eval-seq-len", args.eval_seq_len, &model.spec)?;
+            crate::cli::args::window("--eval-seq-len", args.eval_seq_len, &model)?;
             let tokens = model.tokenizer.encode(&text)?;
             if tokens.len() <= skip {
                 bail!(
