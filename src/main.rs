@@ -349,13 +349,9 @@ fn eval_cmd(args: EvalArgs) -> Result<()> {
         fpx::fsutil::prepare_output_file(path)?;
     }
     let (model, _, tokens) = args.input.load()?;
-    let windows = args.input.windows(
-        &model,
-        &tokens,
-        "--seq-len",
-        args.seq_len,
-        args.windows,
-    )?;
+    let windows = args
+        .input
+        .windows(&model, &tokens, "--seq-len", args.seq_len, args.windows)?;
     let graph = Graph::build(&model.spec);
     let reference = CpuModel::load(&graph, model.weights.as_ref(), &PrecisionMap::new())?;
     let planned = match &args.plan {

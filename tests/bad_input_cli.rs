@@ -22,7 +22,11 @@ fn setup() -> Setup {
     let model = dir.path().join("m.gguf");
     write_gguf(&model, &tiny_spec(Architecture::Llama), 1, GgmlDType::F32).unwrap();
     let text = dir.path().join("t.txt");
-    std::fs::write(&text, "the quick brown fox jumps over the lazy dog. ".repeat(40)).unwrap();
+    std::fs::write(
+        &text,
+        "the quick brown fox jumps over the lazy dog. ".repeat(40),
+    )
+    .unwrap();
     Setup { dir, model, text }
 }
 
@@ -58,7 +62,10 @@ fn windows_longer_than_the_context_are_refused_before_allocating() {
     refused(
         1,
         &["eval", "--model", m, "--text", txt, "--seq-len", "100000"],
-        &["--seq-len 100000 is longer than the model's context of 256 tokens", "m.gguf"],
+        &[
+            "--seq-len 100000 is longer than the model's context of 256 tokens",
+            "m.gguf",
+        ],
     );
     // A GGUF whose context_length is 4 does not evaluate 64-token windows.
     edit_gguf(
@@ -88,8 +95,14 @@ fn calibrate_checks_numbers_formats_and_its_output_before_working() {
             calibrate(&["--seq-len", "4294967296", "--windows", "4294967296"]),
             "--seq-len 4294967296 is longer than the model's context",
         ),
-        (calibrate(&["--seq-len", "32", "--kl-seq-len", "1"]), "--kl-seq-len 1: a window needs at least 2"),
-        (calibrate(&["--formats", "fp8,fp8"]), "--formats: fp8 is listed twice"),
+        (
+            calibrate(&["--seq-len", "32", "--kl-seq-len", "1"]),
+            "--kl-seq-len 1: a window needs at least 2",
+        ),
+        (
+            calibrate(&["--formats", "fp8,fp8"]),
+            "--formats: fp8 is listed twice",
+        ),
         (
             calibrate(&["--seq-len", "40", "--windows", "1000000000000"]),
             "1000000000000 calibration windows of 40",
@@ -121,37 +134,86 @@ fn calibrate_checks_numbers_formats_and_its_output_before_working() {
 fn non_finite_and_out_of_range_numbers_are_refused_by_the_parser() {
     let t = setup();
     let m = s(&t.model);
-    let calib = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus/calibration/seed-two-layers");
+    let calib =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus/calibration/seed-two-layers");
     let c = s(&calib);
     let out = t.dir.path().join("p.json");
     let o = s(&out);
     for (args, expected) in [
         (
-            vec!["run", "--model", m, "--prompt", "a", "--backend", "emu", "--check-kernels", "--tolerance", "nan"],
+            vec![
+                "run",
+                "--model",
+                m,
+                "--prompt",
+                "a",
+                "--backend",
+                "emu",
+                "--check-kernels",
+                "--tolerance",
+                "nan",
+            ],
             "--tolerance",
         ),
         (
-            vec!["plan", "--calib", c, "--solver", "ilp", "--latency-budget", "inf", "-o", o],
+            vec![
+                "plan",
+                "--calib",
+                c,
+                "--solver",
+                "ilp",
+                "--latency-budget",
+                "inf",
+                "-o",
+                o,
+            ],
             "inf is not a finite number",
         ),
         (
-            vec!["plan", "--calib", c, "--solver", "greedy", "--gamma", "NaN", "-o", o],
+            vec![
+                "plan", "--calib", c, "--solver", "greedy", "--gamma", "NaN", "-o", o,
+            ],
             "NaN is not a finite number",
         ),
-        (vec!["run", "--model", m, "--prompt", "a", "--max-tokens", "0"], "--max-tokens"),
         (
-            vec!["sweep", "--calib", c, "--points", "18446744073709551615", "-o", o],
+            vec!["run", "--model", m, "--prompt", "a", "--max-tokens", "0"],
+            "--max-tokens",
+        ),
+        (
+            vec![
+                "sweep",
+                "--calib",
+                c,
+                "--points",
+                "18446744073709551615",
+                "-o",
+                o,
+            ],
             "--points",
         ),
-        (vec!["sweep", "--calib", c, "--points", "10000000", "-o", o], "--points"),
+        (
+            vec!["sweep", "--calib", c, "--points", "10000000", "-o", o],
+            "--points",
+        ),
     ] {
         refused(2, &args, &[expected]);
     }
     assert!(!out.exists());
     refused(
         1,
-        &["run", "--model", m, "--prompt", "a", "--max-tokens", "18446744073709551615"],
-        &["--max-tokens 18446744073709551615", "more than the model's context of 256"],
+        &[
+            "run",
+            "--model",
+            m,
+            "--prompt",
+            "a",
+            "--max-tokens",
+            "18446744073709551615",
+        ],
+        &[
+            "--max-tokens 18446744073709551615",
+            "more than the model's context of 256",
+        ],
     );
     refused(
         1,
@@ -175,7 +237,8 @@ fn directory_outputs_are_staged_and_keep_the_previous_result() {
     let manifest = std::fs::read(out.join("manifest.json")).unwrap();
     // A failing run (a plan for another model) leaves the previous result untouched and no
     // temporary beside it.
-    let plan = Path::new(env!("CARGO_MANIFEST_DIR")).join("plans/smollm2-ilp-gamma0.5-h100.plan.json");
+    let plan =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("plans/smollm2-ilp-gamma0.5-h100.plan.json");
     let (code, _, stderr) = codegen(&["--plan", s(&plan)]);
     assert_eq!(code, 1, "{stderr}");
     assert_eq!(std::fs::read(out.join("manifest.json")).unwrap(), manifest);
@@ -193,13 +256,19 @@ fn directory_outputs_are_staged_and_keep_the_previous_result() {
     );
     assert_eq!(names(&other), vec!["notes.txt"]);
     // A sweep that fails after it started leaves nothing.
-    let calib = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus/calibration/seed-two-layers");
+    let calib =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus/calibration/seed-two-layers");
     let sweep_out = t.dir.path().join("sweep");
     refused(
         1,
         &[
-            "sweep", "--calib", s(&calib), "--pins", s(&t.dir.path().join("missing.toml")),
-            "-o", s(&sweep_out),
+            "sweep",
+            "--calib",
+            s(&calib),
+            "--pins",
+            s(&t.dir.path().join("missing.toml")),
+            "-o",
+            s(&sweep_out),
         ],
         &["missing.toml"],
     );
@@ -211,12 +280,22 @@ fn directory_outputs_are_staged_and_keep_the_previous_result() {
 fn eval_writes_its_token_file_only_after_it_succeeds() {
     let t = setup();
     let tokens = t.dir.path().join("tokens.json");
-    let plan = Path::new(env!("CARGO_MANIFEST_DIR")).join("plans/smollm2-ilp-gamma0.5-h100.plan.json");
+    let plan =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("plans/smollm2-ilp-gamma0.5-h100.plan.json");
     refused(
         1,
         &[
-            "eval", "--model", s(&t.model), "--text", s(&t.text), "--seq-len", "32",
-            "--plan", s(&plan), "--save-tokens", s(&tokens),
+            "eval",
+            "--model",
+            s(&t.model),
+            "--text",
+            s(&t.text),
+            "--seq-len",
+            "32",
+            "--plan",
+            s(&plan),
+            "--save-tokens",
+            s(&tokens),
         ],
         &["smollm2-ilp-gamma0.5-h100.plan.json"],
     );
@@ -229,20 +308,38 @@ fn messages_name_the_file_once_and_the_right_remedy() {
     // The OS error is printed once, not twice.
     let missing = t.dir.path().join("missing.gguf");
     let stderr = refused(1, &["inspect", s(&missing)], &["missing.gguf"]);
-    assert_eq!(stderr.matches("No such file or directory").count(), 1, "{stderr}");
+    assert_eq!(
+        stderr.matches("No such file or directory").count(),
+        1,
+        "{stderr}"
+    );
     // A 1-byte text names the text file.
     let tiny = t.dir.path().join("one-byte.txt");
     std::fs::write(&tiny, "a").unwrap();
     refused(
         1,
-        &["eval", "--model", s(&t.model), "--text", s(&tiny), "--seq-len", "16"],
+        &[
+            "eval",
+            "--model",
+            s(&t.model),
+            "--text",
+            s(&tiny),
+            "--seq-len",
+            "16",
+        ],
         &["one-byte.txt", "fewer than one window of 16"],
     );
     // `profile` has no CPU backend to suggest.
     if fpx::runtime::cuda::probe_driver().is_err() {
         let stderr = refused(
             1,
-            &["profile", "--model", s(&t.model), "-o", s(&t.dir.path().join("p.json"))],
+            &[
+                "profile",
+                "--model",
+                s(&t.model),
+                "-o",
+                s(&t.dir.path().join("p.json")),
+            ],
             &["no CUDA driver", "--device h100"],
         );
         assert!(!stderr.contains("--backend cpu"), "{stderr}");
@@ -253,14 +350,18 @@ fn messages_name_the_file_once_and_the_right_remedy() {
 fn fifos_and_non_finite_weights_fail_cleanly_through_the_cli() {
     let t = setup();
     let fifo = t.dir.path().join("pipe.txt");
-    assert!(std::process::Command::new("mkfifo").arg(&fifo).status().unwrap().success());
-    let (code, _, stderr) = fpx_within(
-        60,
-        &["eval", "--model", s(&t.model), "--text", s(&fifo)],
-    )
-    .expect("fpx hung on a FIFO");
+    assert!(std::process::Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .unwrap()
+        .success());
+    let (code, _, stderr) = fpx_within(60, &["eval", "--model", s(&t.model), "--text", s(&fifo)])
+        .expect("fpx hung on a FIFO");
     assert_eq!(code, 1, "{stderr}");
-    assert!(stderr.contains("pipe.txt") && stderr.contains("is a FIFO"), "{stderr}");
+    assert!(
+        stderr.contains("pipe.txt") && stderr.contains("is a FIFO"),
+        "{stderr}"
+    );
     // A NaN in a weight: named with the tensor instead of "perplexity NaN".
     let mut bytes = std::fs::read(&t.model).unwrap();
     let norm = fpx::model::synthetic::random_weights(&tiny_spec(Architecture::Llama), 1)
@@ -268,13 +369,28 @@ fn fifos_and_non_finite_weights_fail_cleanly_through_the_cli() {
         .find(|(n, _)| n == "model.norm.weight")
         .unwrap()
         .1;
-    let first: Vec<u8> = norm.data[..4].iter().flat_map(|v| v.to_le_bytes()).collect();
+    let first: Vec<u8> = norm.data[..4]
+        .iter()
+        .flat_map(|v| v.to_le_bytes())
+        .collect();
     let at = bytes.windows(16).position(|w| w == first).unwrap();
     bytes[at..at + 4].copy_from_slice(&f32::INFINITY.to_le_bytes());
     std::fs::write(&t.model, bytes).unwrap();
     refused(
         1,
-        &["eval", "--model", s(&t.model), "--text", s(&t.text), "--seq-len", "32"],
-        &["m.gguf", "model.norm.weight (output_norm.weight)", "non-finite"],
+        &[
+            "eval",
+            "--model",
+            s(&t.model),
+            "--text",
+            s(&t.text),
+            "--seq-len",
+            "32",
+        ],
+        &[
+            "m.gguf",
+            "model.norm.weight (output_norm.weight)",
+            "non-finite",
+        ],
     );
 }

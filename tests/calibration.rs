@@ -212,7 +212,11 @@ fn cli_rejects_bad_input_and_writes_nothing() {
             vec!["--seq-len", "40", "--windows", "100"],
             "tokens;",
         ),
-        (text.clone(), vec!["--windows", "0"], "calibration windows"),
+        (
+            text.clone(),
+            vec!["--seq-len", "32", "--windows", "0"],
+            "calibration windows",
+        ),
         (
             dir.path().join("missing.txt").to_str().unwrap().to_string(),
             vec![],

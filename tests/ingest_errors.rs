@@ -9,8 +9,7 @@ use std::path::{Path, PathBuf};
 
 use common::{edit_gguf, set_meta};
 
-use candle_core::quantized::gguf_file::{self, Value};
-use candle_core::quantized::QTensor;
+use candle_core::quantized::gguf_file::Value;
 use fpx::model::synthetic::{tiny_spec, write_gguf, write_hf_checkpoint, GgmlDType, HfDtype};
 use fpx::model::{load_model, Architecture, ModelSpec};
 use fpx::Error;
