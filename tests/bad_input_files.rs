@@ -298,7 +298,8 @@ fn bad_calibrations_are_refused_with_the_layer() {
     )
     .unwrap();
     let base: serde_json::Value = serde_json::from_slice(&seed).unwrap();
-    let cases: [(&str, fn(&mut serde_json::Value), &str); 3] = [
+    type Edit = fn(&mut serde_json::Value);
+    let cases: [(&str, Edit, &str); 3] = [
         (
             "huge.json",
             |v| v["layers"][0]["in_features"] = serde_json::json!(1_000_000_000_000_000u64),

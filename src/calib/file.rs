@@ -70,7 +70,7 @@ impl Calibration {
             reason,
         };
         let raw =
-            crate::fsutil::parse_versioned_json(&bytes, path, "calibration", &[SCHEMA_VERSION])?;
+            crate::fsutil::parse_versioned_json(bytes, path, "calibration", &[SCHEMA_VERSION])?;
         let calib: Calibration = serde_json::from_value(raw).map_err(|e| err(e.to_string()))?;
         let mut formats = std::collections::BTreeSet::new();
         if let Some(f) = calib.formats.iter().find(|&&f| !formats.insert(f)) {
