@@ -5,10 +5,7 @@
 fn main() {
     let target = std::env::var("FPX_FUZZ_TARGET").unwrap_or_default();
     if !fpx::parsers::TARGETS.contains(&target.as_str()) {
-        eprintln!(
-            "set FPX_FUZZ_TARGET to one of {:?}",
-            fpx::parsers::TARGETS
-        );
+        eprintln!("set FPX_FUZZ_TARGET to one of {:?}", fpx::parsers::TARGETS);
         std::process::exit(2);
     }
     loop {
