@@ -13,6 +13,7 @@ use serde::Serialize;
 
 /// Subcommands too large to sit in this file.
 mod cli {
+    pub mod args;
     pub mod bench;
     pub mod calibrate;
     pub mod codegen;
@@ -91,6 +92,21 @@ impl ModelText {
         let tokens = model.tokenizer.encode(&text)?;
         Ok((model, text, tokens))
     }
+
+    /// Whole windows of `seq_len` tokens (given by `flag`): the length checked against the
+    /// model's context first, and a shortage of tokens reported with the text's path.
+    pub(crate) fn windows<'t>(
+        &self,
+        model: &Model,
+        tokens: &'t [u32],
+        flag: &str,
+        seq_len: usize,
+        max_windows: Option<usize>,
+    ) -> Result<Vec<&'t [u32]>> {
+        cli::args::window(flag, seq_len, model)?;
+        eval::windows(tokens, seq_len, max_windows)
+            .with_context(|| format!("{}: {flag} {seq_len}", self.text.display()))
+    }
 }
 
 #[derive(Args)]
@@ -132,13 +148,32 @@ fn main() {
         .with_writer(std::io::stderr)
         .init();
     if let Err(e) = run(Cli::parse()) {
-        eprintln!("error: {e:#}");
+        eprintln!("error: {}", message(&e));
         std::process::exit(1);
     }
 }
 
+/// The error and its causes joined by ": ", leaving out a cause that its parent's message
+/// already ends with (fpx's I/O errors print their OS error and also return it as the
+/// source, which `{:#}` would print twice).
+fn message(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if out.ends_with(&text) {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push_str(": ");
+        }
+        out.push_str(&text);
+    }
+    out
+}
+
 fn run(cli: Cli) -> Result<()> {
     if let Some(n) = cli.threads {
+        let n = fpx::limits::threads(n).map_err(anyhow::Error::msg)?;
         rayon::ThreadPoolBuilder::new()
             .num_threads(n)
             .build_global()
@@ -314,12 +349,13 @@ struct EvalOutput<'a> {
 }
 
 fn eval_cmd(args: EvalArgs) -> Result<()> {
-    let (model, _, tokens) = args.input.load()?;
-    let windows = eval::windows(&tokens, args.seq_len, args.windows)?;
     if let Some(path) = &args.save_tokens {
-        let used: Vec<u32> = windows.iter().flat_map(|w| w.iter().copied()).collect();
-        fpx::fsutil::write_json_atomic(path, &used)?;
+        fpx::fsutil::prepare_output_file(path)?;
     }
+    let (model, _, tokens) = args.input.load()?;
+    let windows = args
+        .input
+        .windows(&model, &tokens, "--seq-len", args.seq_len, args.windows)?;
     let graph = Graph::build(&model.spec);
     let reference = CpuModel::load(&graph, model.weights.as_ref(), &PrecisionMap::new())?;
     let planned = match &args.plan {
@@ -343,6 +379,11 @@ fn eval_cmd(args: EvalArgs) -> Result<()> {
     };
     bar.finish_and_clear();
     let seconds = start.elapsed().as_secs_f64();
+    // Written only once the evaluation succeeded, so a failed run leaves no token file.
+    if let Some(path) = &args.save_tokens {
+        let used: Vec<u32> = windows.iter().flat_map(|w| w.iter().copied()).collect();
+        fpx::fsutil::write_json_atomic(path, &used)?;
+    }
     let forwards = if planned.is_some() { 2 } else { 1 };
     let out = EvalOutput {
         model: args.input.model.display().to_string(),

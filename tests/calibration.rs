@@ -209,9 +209,18 @@ fn cli_rejects_bad_input_and_writes_nothing() {
         (
             text.clone(),
             vec!["--seq-len", "100000", "--windows", "1"],
+            "--seq-len 100000 is longer than the model's context of 256 tokens",
+        ),
+        (
+            text.clone(),
+            vec!["--seq-len", "40", "--windows", "100"],
             "tokens;",
         ),
-        (text.clone(), vec!["--windows", "0"], "calibration windows"),
+        (
+            text.clone(),
+            vec!["--seq-len", "32", "--windows", "0"],
+            "calibration windows",
+        ),
         (
             dir.path().join("missing.txt").to_str().unwrap().to_string(),
             vec![],

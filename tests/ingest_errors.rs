@@ -2,11 +2,14 @@
 //! where there is one), never a panic. Each test starts from a valid synthetic checkpoint and
 //! breaks one thing.
 
+mod common;
+
 use std::fs::File;
 use std::path::{Path, PathBuf};
 
-use candle_core::quantized::gguf_file::{self, Value};
-use candle_core::quantized::QTensor;
+use common::{edit_gguf, set_meta};
+
+use candle_core::quantized::gguf_file::Value;
 use fpx::model::synthetic::{tiny_spec, write_gguf, write_hf_checkpoint, GgmlDType, HfDtype};
 use fpx::model::{load_model, Architecture, ModelSpec};
 use fpx::Error;
@@ -62,42 +65,6 @@ fn edit_safetensors(path: &Path, edit: impl Fn(&mut Vec<(String, Dtype, Vec<usiz
         .map(|(n, d, s, b)| (n.clone(), TensorView::new(*d, s.clone(), b).unwrap()))
         .collect();
     safetensors::serialize_to_file(views, None, path).unwrap();
-}
-
-/// Rewrite a GGUF through candle's reader and writer, editing metadata and tensors.
-fn edit_gguf(
-    path: &Path,
-    edit_meta: impl Fn(&mut Vec<(String, Value)>),
-    drop_tensor: Option<&str>,
-) {
-    let mut f = File::open(path).unwrap();
-    let content = gguf_file::Content::read(&mut f).unwrap();
-    let mut meta: Vec<(String, Value)> = content.metadata.clone().into_iter().collect();
-    meta.sort_by(|a, b| a.0.cmp(&b.0));
-    edit_meta(&mut meta);
-    let mut names: Vec<&String> = content.tensor_infos.keys().collect();
-    names.sort();
-    let tensors: Vec<(String, QTensor)> = names
-        .into_iter()
-        .filter(|n| Some(n.as_str()) != drop_tensor)
-        .map(|n| {
-            (
-                n.clone(),
-                content
-                    .tensor(&mut f, n, &candle_core::Device::Cpu)
-                    .unwrap(),
-            )
-        })
-        .collect();
-    drop(f);
-    let mut out = File::create(path).unwrap();
-    let m: Vec<(&str, &Value)> = meta.iter().map(|(k, v)| (k.as_str(), v)).collect();
-    let t: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
-    gguf_file::write(&mut out, &m, &t).unwrap();
-}
-
-fn set_meta(meta: &mut [(String, Value)], key: &str, value: Value) {
-    meta.iter_mut().find(|(k, _)| k == key).unwrap().1 = value;
 }
 
 fn truncate(path: &Path, len: u64) {

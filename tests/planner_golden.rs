@@ -68,6 +68,10 @@ fn example_plans_regenerate_byte_for_byte() {
         );
         // And they stay readable by `fpx eval --plan`.
         let plan = Plan::read(&repo.join(path)).unwrap();
-        assert_eq!(plan.precision_map().len(), 211, "210 block layers + lm_head");
+        assert_eq!(
+            plan.precision_map().len(),
+            211,
+            "210 block layers + lm_head"
+        );
     }
 }

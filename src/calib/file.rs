@@ -75,18 +75,36 @@ pub(crate) fn legacy_mx_scale_rule() -> MxScaleRule {
 impl Calibration {
     /// Reads a calibration file, refusing other schema versions.
     pub fn read(path: &Path) -> Result<Calibration> {
-        let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+        Self::parse(&crate::fsutil::read_regular(path)?, path)
+    }
+
+    /// Parses and validates calibration bytes (`path` names them in errors): known schema,
+    /// every layer once with metrics for every format and a shape whose size is computable,
+    /// formats listed once.
+    pub fn parse(bytes: &[u8], path: &Path) -> Result<Calibration> {
         let err = |reason: String| Error::File {
             path: path.to_path_buf(),
             what: "calibration",
             reason,
         };
         let raw =
-            crate::fsutil::parse_versioned_json(&bytes, path, "calibration", &[SCHEMA_VERSION])?;
+            crate::fsutil::parse_versioned_json(bytes, path, "calibration", &[SCHEMA_VERSION])?;
         let calib: Calibration = serde_json::from_value(raw).map_err(|e| err(e.to_string()))?;
-        crate::model::config::validate_spec(&calib.spec).map_err(|e| err(format!("spec: {e}")))?;
-        calib.check_layers().map_err(err)?;
+        let mut formats = std::collections::BTreeSet::new();
+        if let Some(f) = calib.formats.iter().find(|&&f| !formats.insert(f)) {
+            return Err(err(format!("formats: {f} is listed twice")));
+        }
+        let mut names = std::collections::BTreeSet::new();
         for l in &calib.layers {
+            if !names.insert(l.name.as_str()) {
+                return Err(err(format!("layer `{}` appears twice", l.name)));
+            }
+            crate::limits::tensor_elements(&[l.out_features, l.in_features]).map_err(|e| {
+                err(format!(
+                    "layer `{}`: out_features x in_features: {e}",
+                    l.name
+                ))
+            })?;
             if let Some(f) = calib.formats.iter().find(|f| !l.metrics.contains_key(f)) {
                 return Err(err(format!(
                     "layer `{}` has no metrics for format {f}",
@@ -94,6 +112,9 @@ impl Calibration {
                 )));
             }
         }
+        // The spec must be one fpx builds a graph for, and every record a layer of it.
+        crate::model::config::validate_spec(&calib.spec).map_err(|e| err(format!("spec: {e}")))?;
+        calib.check_layers().map_err(err)?;
         Ok(calib)
     }
 
@@ -102,10 +123,9 @@ impl Calibration {
         Graph::build(&self.spec)
     }
 
-    /// Every record names a linear layer of the spec's graph with its shape, once.
+    /// Every record names a linear layer of the spec's graph, with its shape.
     fn check_layers(&self) -> std::result::Result<(), String> {
         let graph = self.graph();
-        let mut seen = std::collections::BTreeSet::new();
         for l in &self.layers {
             let linear = graph.find(&l.name).and_then(|id| match &graph.node(id).op {
                 Op::Linear(lin) => Some(lin),
@@ -127,9 +147,6 @@ impl Calibration {
                     ))
                 }
                 Some(_) => {}
-            }
-            if !seen.insert(l.name.as_str()) {
-                return Err(format!("layer `{}` is recorded twice", l.name));
             }
         }
         Ok(())

@@ -10,7 +10,6 @@ use anyhow::Result;
 use clap::Args;
 use serde::Serialize;
 
-use fpx::eval;
 use fpx::ir::Graph;
 use fpx::lower::PrecisionMap;
 use fpx::plan::Plan;
@@ -52,7 +51,13 @@ struct BenchReport {
 
 pub fn run(args: BenchArgs) -> Result<()> {
     let (model, _, tokens) = args.input.load()?;
-    let windows = eval::windows(&tokens, args.seq_len, Some(args.windows + 1))?;
+    let windows = args.input.windows(
+        &model,
+        &tokens,
+        "--seq-len",
+        args.seq_len,
+        Some(args.windows.saturating_add(1)),
+    )?;
     if windows.len() < 2 {
         anyhow::bail!(
             "{}: the text holds fewer than 2 windows of {} tokens (1 warm-up + 1 timed)",

@@ -74,16 +74,19 @@ struct Summary<'a> {
 
 pub fn run(args: CalibrateArgs) -> Result<()> {
     fpx::formats::set_mx_scale_rule(args.mx_scale_rule);
-    let formats: Vec<Format> = args
-        .formats
-        .iter()
-        .map(|f| f.parse())
-        .collect::<Result<_, _>>()?;
-    if formats.is_empty() {
-        anyhow::bail!("--formats: give at least one format");
-    }
+    let formats = crate::cli::args::formats("--formats", &args.formats)?;
+    // Checked before the (long) calibration, so a bad -o loses no work.
+    fpx::fsutil::prepare_output_file(&args.output)?;
     let (model, text, tokens) = args.input.load()?;
-    let need = args.seq_len * args.windows + args.kl_seq_len * args.kl_windows;
+    crate::cli::args::window("--seq-len", args.seq_len, &model)?;
+    if args.kl_windows > 0 {
+        crate::cli::args::window("--kl-seq-len", args.kl_seq_len, &model)?;
+    }
+    // Saturating: a product beyond usize is more tokens than any text holds.
+    let need = args
+        .seq_len
+        .saturating_mul(args.windows)
+        .saturating_add(args.kl_seq_len.saturating_mul(args.kl_windows));
     if args.windows == 0 || tokens.len() < need {
         anyhow::bail!(
             "{}: the text has {} tokens; {} calibration windows of {} and {} KL windows of {} need {need}",

@@ -64,8 +64,18 @@ pub(crate) fn precision_of(plan: Option<&Path>, identity: &str) -> Result<Precis
     })
 }
 
+/// Where NVRTC dumps the source of a kernel it could not compile: `DIR.failed` beside DIR.
+fn failed_dir(out: &std::path::Path) -> PathBuf {
+    let mut name = out.file_name().unwrap_or_default().to_os_string();
+    name.push(".failed");
+    out.with_file_name(name)
+}
+
 pub(crate) fn run(args: CodegenArgs) -> Result<()> {
     let arch: Arch = args.arch.parse()?;
+    // Built in a temporary sibling and renamed into place at the end: a failure (a full
+    // disk, an NVRTC error, Ctrl-C) leaves the previous result or nothing.
+    let staged = fpx::fsutil::StagedDir::new(&args.output, "manifest.json")?;
     let model = load(&args.model)?;
     let precision = precision_of(args.plan.as_deref(), &model.identity)?;
     let graph = Graph::build(&model.spec);
@@ -73,7 +83,7 @@ pub(crate) fn run(args: CodegenArgs) -> Result<()> {
     let start = Instant::now();
     let kernels = codegen::generate(&schedule, arch)?;
     let render_seconds = start.elapsed().as_secs_f64();
-    let out = &args.output;
+    let out = staged.path();
     for k in &kernels {
         write_atomic(&out.join(&k.file_name), k.source.as_bytes())?;
     }
@@ -99,7 +109,8 @@ pub(crate) fn run(args: CodegenArgs) -> Result<()> {
         };
         let compiler = Compiler::new(CompilerOptions {
             cache_dir: cache_dir.clone(),
-            dump_dir: Some(out.join("failed")),
+            // Failed sources stay for the user to read, beside the (unwritten) output.
+            dump_dir: Some(failed_dir(&args.output)),
             cuda_include: None,
         })?;
         let start = Instant::now();
@@ -139,10 +150,15 @@ pub(crate) fn run(args: CodegenArgs) -> Result<()> {
         )?;
     }
     write_json_atomic(&out.join("manifest.json"), &manifest)?;
+    staged.commit()?;
     if args.json {
         emit(&(serde_json::to_string_pretty(&manifest)? + "\n"));
     } else {
-        writeln!(summary, "wrote {}", out.join("manifest.json").display())?;
+        writeln!(
+            summary,
+            "wrote {}",
+            args.output.join("manifest.json").display()
+        )?;
         emit(&summary);
     }
     Ok(())

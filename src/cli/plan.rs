@@ -67,7 +67,7 @@ pub struct PlanSetup {
     #[arg(long, default_value_t = 1)]
     pub tensor_parallel: usize,
     /// Per-kernel launch overhead, microseconds.
-    #[arg(long, default_value_t = 2.0)]
+    #[arg(long, default_value_t = 2.0, value_parser = crate::cli::args::finite)]
     pub launch_overhead_us: f64,
     /// Formats unpinned layers may take, comma-separated.
     #[arg(long, value_delimiter = ',', default_values = ["fp8", "nvfp4"])]
@@ -101,13 +101,13 @@ pub struct PlanSetup {
     #[arg(long)]
     pub greedy_rank_by_error: bool,
     /// Weight-memory budget, MiB.
-    #[arg(long)]
+    #[arg(long, value_parser = crate::cli::args::finite)]
     pub memory_budget_mib: Option<f64>,
     /// ILP relative optimality gap (HiGHS stops within it; 0 = prove optimality).
-    #[arg(long, default_value_t = 1e-4)]
+    #[arg(long, default_value_t = 1e-4, value_parser = crate::cli::args::finite)]
     pub mip_gap: f64,
     /// ILP time limit, seconds.
-    #[arg(long)]
+    #[arg(long, value_parser = crate::cli::args::finite)]
     pub time_limit: Option<f64>,
 }
 
@@ -116,16 +116,16 @@ pub struct PlanSetup {
 #[group(required = true, multiple = false)]
 pub struct BudgetArgs {
     /// Greedy: fraction of layers in FP4. ILP: the latency greedy reaches at this gamma.
-    #[arg(long)]
+    #[arg(long, value_parser = crate::cli::args::finite)]
     pub gamma: Option<f64>,
     /// Latency budget of the planned layers, milliseconds per step.
-    #[arg(long)]
+    #[arg(long, value_parser = crate::cli::args::finite)]
     pub latency_budget: Option<f64>,
     /// Whole-step speedup over every layer in the menu's most precise format.
-    #[arg(long)]
+    #[arg(long, value_parser = crate::cli::args::finite)]
     pub speedup: Option<f64>,
     /// Budget on the total objective error.
-    #[arg(long)]
+    #[arg(long, value_parser = crate::cli::args::finite)]
     pub error_budget: Option<f64>,
 }
 
@@ -218,12 +218,7 @@ impl PlanSetup {
                     (Box::new(cost.clone()), Some(cost))
                 }
             };
-        let menu = self
-            .menu
-            .iter()
-            .map(|f| f.parse::<Format>())
-            .collect::<Result<Vec<_>, _>>()
-            .context("--menu")?;
+        let menu = crate::cli::args::formats("--menu", &self.menu)?;
         let mut groups = self
             .group
             .iter()
@@ -367,6 +362,7 @@ impl Prepared {
 }
 
 pub fn run(args: PlanArgs) -> Result<()> {
+    fpx::fsutil::prepare_output_file(&args.output)?;
     let prep = args.setup.prepare()?;
     let b = &args.budget;
     let p = &prep.problem;

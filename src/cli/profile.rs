@@ -53,13 +53,20 @@ pub(crate) struct ProfileArgs {
 }
 
 pub(crate) fn run(args: ProfileArgs) -> Result<()> {
-    // Fail fast, before loading the model, on a machine without a GPU.
-    probe_driver()?;
-    let formats: Vec<WeightFormat> = args
-        .formats
-        .iter()
-        .map(|f| f.parse().map(|f| WeightFormat::of(Some(f))))
-        .collect::<fpx::Result<_>>()?;
+    // Fail fast, before loading the model, on a machine without a GPU. The library's hint
+    // (`--backend cpu`) is for `run`; `profile` has no CPU backend.
+    probe_driver().map_err(|e| match e {
+        fpx::Error::CudaUnavailable { what, .. } => anyhow::anyhow!(
+            "{what}: `fpx profile` times kernels on an NVIDIA GPU and this machine has no \
+             CUDA driver; plan without a profile with a roofline instead (`fpx plan --device h100`)"
+        ),
+        other => other.into(),
+    })?;
+    let formats: Vec<WeightFormat> = crate::cli::args::formats("--formats", &args.formats)?
+        .into_iter()
+        .map(|f| WeightFormat::of(Some(f)))
+        .collect();
+    fpx::fsutil::prepare_output_file(&args.output)?;
     if args.repeats == 0 {
         anyhow::bail!("--repeats must be at least 1");
     }

@@ -38,7 +38,8 @@ pub(crate) struct RunArgs {
     #[arg(long)]
     prompt: String,
     /// New tokens to generate (fewer when the model emits its end-of-sequence token).
-    #[arg(long, default_value_t = 32)]
+    #[arg(long, default_value_t = 32,
+          value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
     max_tokens: usize,
     #[arg(long, value_enum, default_value_t = BackendKind::Cpu)]
     backend: BackendKind,
@@ -57,7 +58,7 @@ pub(crate) struct RunArgs {
     check_kernels: bool,
     /// Largest difference --check-kernels accepts, relative to the largest reference value
     /// of the step.
-    #[arg(long, default_value_t = 1e-4)]
+    #[arg(long, default_value_t = 1e-4, value_parser = crate::cli::args::finite_f32)]
     tolerance: f32,
 }
 
@@ -170,7 +171,19 @@ pub(crate) fn run(args: RunArgs) -> Result<()> {
     let model = load(&args.model)?;
     let precision = precision_of(args.plan.as_deref(), &model.identity)?;
     let prompt = model.tokenizer.encode(&args.prompt)?;
-    let max_seq = args.max_seq.unwrap_or(prompt.len() + args.max_tokens);
+    let context = model.spec.max_position_embeddings;
+    let max_seq = match args.max_seq {
+        Some(n) => n,
+        None => prompt.len().saturating_add(args.max_tokens),
+    };
+    if max_seq > context {
+        anyhow::bail!(
+            "{} prompt tokens + --max-tokens {} (or --max-seq) need {max_seq} positions, more \
+             than the model's context of {context}",
+            prompt.len(),
+            args.max_tokens
+        );
+    }
     let graph = Graph::build(&model.spec);
     if args.check_kernels {
         if args.backend != BackendKind::Emu {

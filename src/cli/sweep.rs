@@ -35,8 +35,9 @@ use crate::{emit, load, progress_bar};
 pub struct SweepArgs {
     #[command(flatten)]
     pub setup: PlanSetup,
-    /// Number of gamma values, evenly spaced from 0 to 1.
-    #[arg(long, default_value_t = 11)]
+    /// Number of gamma values, evenly spaced from 0 to 1 (2..=1001: a step of 0.001).
+    #[arg(long, default_value_t = 11,
+          value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(2..=1001))]
     pub points: usize,
     /// Model to evaluate each plan with (needs --eval-text).
     #[arg(long, requires = "eval_text")]
@@ -159,9 +160,10 @@ impl<'m> Evaluator<'m> {
 }
 
 pub fn run(args: SweepArgs) -> Result<()> {
-    if args.points < 2 {
-        bail!("--points: {} (need at least 2: gamma 0 and 1)", args.points);
-    }
+    // Built in a temporary sibling and renamed into place at the end: an error or an
+    // interrupt leaves the previous result or nothing, never a half-written sweep.
+    let staged = fpx::fsutil::StagedDir::new(&args.output, "sweep.json")?;
+    let out = staged.path();
     let prep = args.setup.prepare()?;
     let options = SweepOptions {
         gammas: gamma_grid(args.points),
@@ -170,7 +172,7 @@ pub fn run(args: SweepArgs) -> Result<()> {
         memory: prep.memory,
     };
     let mut points = sweep(&prep.problem, &options)?;
-    let plans_dir = args.output.join("plans");
+    let plans_dir = out.join("plans");
     for (point, solution) in points.iter_mut() {
         let (solver, budget) = match point.solver {
             SolverKind::Greedy => (
@@ -225,6 +227,7 @@ pub fn run(args: SweepArgs) -> Result<()> {
                     0
                 }
             });
+            crate::cli::args::window("--eval-seq-len", args.eval_seq_len, &model)?;
             let tokens = model.tokenizer.encode(&text)?;
             if tokens.len() <= skip {
                 bail!(
@@ -294,9 +297,9 @@ pub fn run(args: SweepArgs) -> Result<()> {
         "greedy-gamma (paper)"
     };
     let title = format!("{} — {}", args.setup.calib.display(), source);
-    fpx::fsutil::write_atomic(&args.output.join("sweep.csv"), csv(&pts).as_bytes())?;
+    fpx::fsutil::write_atomic(&out.join("sweep.csv"), csv(&pts).as_bytes())?;
     fpx::fsutil::write_atomic(
-        &args.output.join("sweep.svg"),
+        &out.join("sweep.svg"),
         svg(&pts, &title, error_label, greedy_label).as_bytes(),
     )?;
     let report = Report {
@@ -309,7 +312,8 @@ pub fn run(args: SweepArgs) -> Result<()> {
         eval: eval_setup,
         points: &pts,
     };
-    fpx::fsutil::write_json_atomic(&args.output.join("sweep.json"), &report)?;
+    fpx::fsutil::write_json_atomic(&out.join("sweep.json"), &report)?;
+    staged.commit()?;
     if args.json {
         emit(&(serde_json::to_string_pretty(&report)? + "\n"));
     } else {

@@ -1,7 +1,8 @@
 //! Loading evaluation / calibration text: one UTF-8 file, or every regular file under a
-//! directory (recursively, in sorted path order, joined by a blank line).
+//! directory (recursively, in sorted path order, joined by a blank line; each file once,
+//! however many symlinks reach it; FIFOs and devices refused).
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use crate::error::{Error, Result};
 
@@ -12,26 +13,11 @@ fn text_err(path: &Path, reason: impl Into<String>) -> Error {
     }
 }
 
-fn collect_files(dir: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
-    let entries = std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))?;
-    for entry in entries {
-        let path = entry.map_err(|e| Error::io(dir, e))?.path();
-        if path.is_dir() {
-            collect_files(&path, out)?;
-        } else if path.is_file() {
-            out.push(path);
-        }
-    }
-    Ok(())
-}
-
 /// Reads a text file or a directory of text files. Fails on missing paths, non-UTF-8 bytes
 /// (naming the file and byte offset) and text that is empty or only whitespace.
 pub fn load_text(path: &Path) -> Result<String> {
     let files = if path.is_dir() {
-        let mut files = Vec::new();
-        collect_files(path, &mut files)?;
-        files.sort();
+        let files = crate::fsutil::walk_files(path)?;
         if files.is_empty() {
             return Err(text_err(path, "the directory holds no files"));
         }
@@ -41,7 +27,7 @@ pub fn load_text(path: &Path) -> Result<String> {
     };
     let mut text = String::new();
     for file in &files {
-        let bytes = std::fs::read(file).map_err(|e| Error::io(file, e))?;
+        let bytes = crate::fsutil::read_regular(file)?;
         let s = String::from_utf8(bytes).map_err(|e| {
             text_err(
                 file,

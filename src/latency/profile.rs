@@ -67,7 +67,7 @@ pub struct Profile {
 impl Profile {
     /// Reads and validates a profile file.
     pub fn read(path: &Path) -> Result<Profile> {
-        let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+        let bytes = crate::fsutil::read_regular(path)?;
         Profile::parse(&bytes, path)
     }
 

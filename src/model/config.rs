@@ -93,8 +93,12 @@ impl ConfigError {
 impl HfConfig {
     /// Read and parse `config.json` (no validation beyond types).
     pub fn read(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-        serde_json::from_str(&text).map_err(|e| Error::Config {
+        Self::parse(&crate::fsutil::read_regular(path)?, path)
+    }
+
+    /// Parse the bytes of a `config.json` (`path` names them in errors).
+    pub fn parse(bytes: &[u8], path: &Path) -> Result<Self> {
+        serde_json::from_slice(bytes).map_err(|e| Error::Config {
             path: path.to_path_buf(),
             reason: e.to_string(),
         })
@@ -234,6 +238,22 @@ pub fn validate_spec(s: &ModelSpec) -> Result<(), String> {
         if v == 0 {
             return Err(format!("{name} must be > 0"));
         }
+    }
+    crate::limits::at_most(s.num_layers, crate::limits::MAX_LAYERS, "num_layers")?;
+    // Every weight's element count must be computable: q/kv widths, then each matrix.
+    let q = crate::limits::mul(s.num_heads, s.head_dim, "num_heads x head_dim")?;
+    let kv = crate::limits::mul(s.num_kv_heads, s.head_dim, "num_kv_heads x head_dim")?;
+    for (name, rows, cols) in [
+        (
+            "embedding (vocab_size x hidden_size)",
+            s.vocab_size,
+            s.hidden_size,
+        ),
+        ("q_proj", q, s.hidden_size),
+        ("k_proj", kv, s.hidden_size),
+        ("gate_proj", s.intermediate_size, s.hidden_size),
+    ] {
+        crate::limits::tensor_elements(&[rows, cols]).map_err(|e| format!("{name}: {e}"))?;
     }
     if s.num_heads % s.num_kv_heads != 0 {
         return Err(format!(

@@ -14,7 +14,6 @@
 //! [`super::tokenizer`].
 
 use std::collections::{BTreeMap, HashMap};
-use std::fs::File;
 use std::path::{Path, PathBuf};
 
 use candle_core::quantized::gguf_file::Value;
@@ -42,10 +41,13 @@ struct Entry {
     permuted_heads: Option<usize>,
 }
 
+/// The bytes of a GGUF file: a memory map, or (for tests and fuzzing) bytes in memory.
+pub type Bytes = Box<dyn std::ops::Deref<Target = [u8]> + Send + Sync>;
+
 /// Weights of a GGUF file, by Hugging Face name.
 pub struct GgufSource {
     path: PathBuf,
-    mmap: Mmap,
+    mmap: Bytes,
     entries: BTreeMap<String, Entry>,
 }
 
@@ -155,9 +157,14 @@ fn spec_from_metadata(
 impl GgufSource {
     /// Open a GGUF file: parse its header, build the spec, map tensor names.
     pub fn open(path: &Path) -> Result<GgufFile> {
-        let file = File::open(path).map_err(|e| Error::io(path, e))?;
+        let file = crate::fsutil::open_regular(path)?;
         // SAFETY: read-only map; the file is assumed not to change while fpx runs.
         let mmap = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
+        Self::from_bytes(path, Box::new(mmap))
+    }
+
+    /// The same from bytes already in memory (`path` names them in errors).
+    pub fn from_bytes(path: &Path, mmap: Bytes) -> Result<GgufFile> {
         let corrupt = |reason: String| Error::Corrupt {
             path: path.to_path_buf(),
             reason,
@@ -226,6 +233,7 @@ impl GgufSource {
                 return Err(corrupt(format!("tensor `{name}` appears twice")));
             }
         }
+        check_no_overlap(&entries).map_err(corrupt)?;
         let source = GgufSource {
             path: path.to_path_buf(),
             mmap,
@@ -257,6 +265,26 @@ impl GgufSource {
     }
 }
 
+/// Tensors may not share bytes: llama.cpp never writes such a file, and reading one would
+/// silently alias two weights.
+fn check_no_overlap(entries: &BTreeMap<String, Entry>) -> std::result::Result<(), String> {
+    let mut ranges: Vec<(usize, usize, &str)> = entries
+        .values()
+        .filter_map(|e| e.range.map(|(s, end)| (s, end, e.gguf_name.as_str())))
+        .filter(|(s, end, _)| end > s)
+        .collect();
+    ranges.sort_unstable();
+    for w in ranges.windows(2) {
+        let ((_, a_end, a), (b_start, _, b)) = (w[0], w[1]);
+        if b_start < a_end {
+            return Err(format!(
+                "tensors `{a}` and `{b}` overlap (bytes {b_start}..{a_end})"
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// `hf (gguf)` for error messages, so a user can find the tensor in either naming.
 fn describe(hf: &str) -> String {
     match gguf_name(hf) {
@@ -280,6 +308,7 @@ impl WeightSource for GgufSource {
         };
         let n: usize = e.shape.iter().product();
         let mut data = gguf_header::dequantize(dtype, &self.mmap[start..end], n);
+        super::check_finite(&self.path, &describe(name), &data)?;
         if let Some(n_head) = e.permuted_heads {
             let rows = e.shape[0];
             if n_head == 0 || rows % n_head != 0 || (rows / n_head) % 2 != 0 {

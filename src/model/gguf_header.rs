@@ -16,9 +16,12 @@ use candle_core::quantized::gguf_file::Value;
 use candle_core::quantized::k_quants::{self, GgmlType};
 use candle_core::quantized::GgmlDType;
 
+use crate::limits;
+
 const MAX_DIMS: u32 = 4;
 const MAX_DEPTH: usize = 8;
 const DEFAULT_ALIGNMENT: usize = 32;
+const MAX_ALIGNMENT: usize = 1 << 20;
 
 /// One entry of the tensor table, as stored (dims in GGUF order: `ne[0]` = innermost).
 #[derive(Debug, Clone)]
@@ -44,6 +47,9 @@ struct Cursor<'a> {
     pos: usize,
     /// GGUF v1 uses 32-bit lengths and counts, v2/v3 use 64-bit ones.
     wide: bool,
+    /// Metadata elements (scalars and array items) read so far, against
+    /// [`limits::MAX_METADATA_ELEMENTS`].
+    elements: usize,
 }
 
 impl<'a> Cursor<'a> {
@@ -96,6 +102,12 @@ impl<'a> Cursor<'a> {
     }
 
     fn value(&mut self, ty: u32, key: &str, depth: usize) -> Result<Value, String> {
+        self.elements += 1;
+        limits::at_most(
+            self.elements,
+            limits::MAX_METADATA_ELEMENTS,
+            "the number of metadata elements",
+        )?;
         let v = match ty {
             0 => Value::U8(self.array::<1>(key)?[0]),
             1 => Value::I8(self.array::<1>(key)?[0] as i8),
@@ -113,12 +125,18 @@ impl<'a> Cursor<'a> {
                 let elem_ty = self.u32(key)?;
                 let n = self.len(key)?;
                 // Every element takes at least one byte: reject impossible counts before
-                // allocating.
+                // allocating, and counts whose in-memory values would be far larger than
+                // the file.
                 if n > self.remaining() {
                     return Err(format!(
                         "metadata `{key}`: array of {n} elements runs past the end of the file"
                     ));
                 }
+                limits::at_most(
+                    n,
+                    limits::MAX_METADATA_ARRAY,
+                    &format!("metadata `{key}`: array length"),
+                )?;
                 let mut items = Vec::with_capacity(n);
                 for _ in 0..n {
                     items.push(self.value(elem_ty, key, depth + 1)?);
@@ -140,6 +158,7 @@ pub(crate) fn parse(bytes: &[u8]) -> Result<GgufHeader, String> {
         bytes,
         pos: 0,
         wide: true,
+        elements: 0,
     };
     let magic = c.array::<4>("magic")?;
     if &magic != b"GGUF" {
@@ -168,6 +187,9 @@ pub(crate) fn parse(bytes: &[u8]) -> Result<GgufHeader, String> {
         let key = c.string("metadata key")?;
         let ty = c.u32(&key)?;
         let value = c.value(ty, &key, 0)?;
+        if metadata.contains_key(&key) {
+            return Err(format!("metadata key `{key}` appears twice"));
+        }
         metadata.insert(key, value);
     }
     let mut tensors = Vec::with_capacity(n_tensors);
@@ -181,13 +203,8 @@ pub(crate) fn parse(bytes: &[u8]) -> Result<GgufHeader, String> {
         for _ in 0..n_dims {
             dims.push(c.len(&name)?);
         }
-        if dims
-            .iter()
-            .try_fold(1usize, |acc, &d| acc.checked_mul(d))
-            .is_none()
-        {
-            return Err(format!("tensor `{name}` has an impossible shape {dims:?}"));
-        }
+        limits::tensor_elements(&dims)
+            .map_err(|e| format!("tensor `{name}` has an impossible shape: {e}"))?;
         let ggml_type = c.u32(&name)?;
         let offset = c.u64(&name)?;
         let offset =
@@ -199,13 +216,26 @@ pub(crate) fn parse(bytes: &[u8]) -> Result<GgufHeader, String> {
             offset,
         });
     }
+    // The GGUF spec requires a multiple of 8; a power of two keeps offsets computable.
     let alignment = match metadata.get("general.alignment") {
-        Some(Value::U32(a)) if *a > 0 => *a as usize,
-        Some(Value::U64(a)) if *a > 0 => *a as usize,
-        Some(Value::I32(a)) if *a > 0 => *a as usize,
         None => DEFAULT_ALIGNMENT,
-        Some(v) => return Err(format!("invalid general.alignment {v:?}")),
+        Some(v) => match as_usize(v) {
+            Some(a) if a % 8 == 0 && a.is_power_of_two() && a <= MAX_ALIGNMENT => a,
+            _ => {
+                return Err(format!(
+                    "general.alignment {v:?} is not a power of two between 8 and {MAX_ALIGNMENT}"
+                ))
+            }
+        },
     };
+    for t in &tensors {
+        if t.offset % alignment != 0 {
+            return Err(format!(
+                "tensor `{}`: offset {} is not a multiple of the alignment {alignment}",
+                t.name, t.offset
+            ));
+        }
+    }
     let data_offset = c.pos.div_ceil(alignment) * alignment;
     Ok(GgufHeader {
         metadata,
@@ -280,7 +310,7 @@ pub(crate) fn byte_size(t: GgmlDType, n: usize) -> Result<usize, String> {
             "{n} elements are not a whole number of {t:?} blocks ({block})"
         ));
     }
-    Ok(n / block * t.type_size())
+    limits::mul(n / block, t.type_size(), "byte size")
 }
 
 fn decode_blocks<T: GgmlType>(bytes: &[u8], n: usize) -> Vec<f32> {

@@ -9,7 +9,7 @@
 pub mod compressed;
 pub mod config;
 pub mod gguf;
-mod gguf_header;
+pub(crate) mod gguf_header;
 pub mod llama_cpp;
 pub mod safetensors;
 pub mod synthetic;
@@ -155,6 +155,24 @@ pub fn expected_tensors(spec: &ModelSpec) -> Vec<(String, Vec<usize>)> {
     out
 }
 
+/// Refuses a tensor holding NaN or infinity, naming it: such a weight poisons every
+/// output it reaches, and fpx would otherwise report a NaN perplexity or a zero error.
+pub(crate) fn check_finite(path: &Path, tensor: &str, data: &[f32]) -> Result<()> {
+    let bad = data.iter().filter(|v| !v.is_finite()).count();
+    if bad > 0 {
+        let first = data.iter().position(|v| !v.is_finite()).unwrap_or(0);
+        return Err(Error::Tensor {
+            path: path.to_path_buf(),
+            tensor: tensor.to_string(),
+            reason: format!(
+                "{bad} non-finite values (NaN or infinity), the first at element {first} ({})",
+                data[first]
+            ),
+        });
+    }
+    Ok(())
+}
+
 /// Load a checkpoint: a Hugging Face directory or a `.gguf` file.
 ///
 /// Validates the spec, and that every tensor in [`expected_tensors`] exists with the right
@@ -165,6 +183,8 @@ pub fn load_model(path: &Path) -> Result<Model> {
     if meta.is_dir() {
         return load_hf(path);
     }
+    // A FIFO or device would block the magic-byte read below (or never end).
+    crate::fsutil::open_regular(path)?;
     let is_gguf_name = path
         .extension()
         .is_some_and(|e| e.eq_ignore_ascii_case("gguf"));
@@ -210,6 +230,11 @@ fn load_hf(dir: &Path) -> Result<Model> {
 
 fn load_gguf(path: &Path) -> Result<Model> {
     let file = gguf::GgufSource::open(path)?;
+    gguf_model(path, file)
+}
+
+/// A [`Model`] from an opened GGUF file: tensor checks and the tokenizer of its metadata.
+pub(crate) fn gguf_model(path: &Path, file: gguf::GgufFile) -> Result<Model> {
     let source = file.source;
     let headers = check_tensors(&file.spec, path, &source, |n| source.header(n))?;
     let tokenizer = Tokenizer::from_gguf_metadata(path, &file.metadata)?;

@@ -7,7 +7,6 @@
 //! whose header does not parse or whose length disagrees with it is [`Error::Corrupt`].
 
 use std::collections::{BTreeMap, HashMap};
-use std::fs::File;
 use std::path::{Path, PathBuf};
 
 use memmap2::Mmap;
@@ -29,7 +28,7 @@ struct Shard {
     data_start: usize,
 }
 
-struct Entry {
+pub(crate) struct Entry {
     shard: usize,
     dtype: Dtype,
     shape: Vec<usize>,
@@ -43,8 +42,9 @@ pub struct SafetensorsSource {
     entries: BTreeMap<String, Entry>,
 }
 
+/// `model.safetensors.index.json` (only the field fpx reads).
 #[derive(Deserialize)]
-struct Index {
+pub struct Index {
     weight_map: HashMap<String, String>,
 }
 
@@ -56,7 +56,7 @@ fn corrupt(path: &Path, reason: impl Into<String>) -> Error {
 }
 
 fn map_file(path: &Path) -> Result<Mmap> {
-    let file = File::open(path).map_err(|e| Error::io(path, e))?;
+    let file = crate::fsutil::open_regular(path)?;
     // SAFETY: the map is read-only; like every memory-mapped loader we assume the checkpoint
     // is not modified while fpx runs.
     unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))
@@ -68,13 +68,8 @@ impl SafetensorsSource {
         let index_path = dir.join(INDEX_FILE);
         let single = dir.join(SINGLE_FILE);
         let (files, index) = if index_path.is_file() {
-            let text =
-                std::fs::read_to_string(&index_path).map_err(|e| Error::io(&index_path, e))?;
-            let index: Index = serde_json::from_str(&text)
-                .map_err(|e| corrupt(&index_path, format!("invalid shard index: {e}")))?;
-            let mut files: Vec<String> = index.weight_map.values().cloned().collect();
-            files.sort();
-            files.dedup();
+            let bytes = crate::fsutil::read_regular(&index_path)?;
+            let (files, index) = parse_index(&bytes, &index_path)?;
             (files, Some(index))
         } else if single.is_file() {
             (vec![SINGLE_FILE.to_string()], None)
@@ -98,14 +93,6 @@ impl SafetensorsSource {
                 reason: format!("no {SINGLE_FILE}, {INDEX_FILE} or *.safetensors files"),
             });
         }
-        for f in &files {
-            if f.contains('/') || f.contains('\\') || f.contains("..") {
-                return Err(corrupt(
-                    &index_path,
-                    format!("shard name `{f}` is not a plain file name"),
-                ));
-            }
-        }
 
         let mut shards = Vec::with_capacity(files.len());
         let mut entries = BTreeMap::new();
@@ -113,16 +100,8 @@ impl SafetensorsSource {
         for (i, f) in files.iter().enumerate() {
             let path = dir.join(f);
             let mmap = map_file(&path)?;
-            let (n, meta) = SafeTensors::read_metadata(&mmap)
-                .map_err(|e| corrupt(&path, format!("safetensors header: {e}")))?;
-            for (name, info) in meta.tensors() {
-                let entry = Entry {
-                    shard: i,
-                    dtype: info.dtype,
-                    shape: info.shape.clone(),
-                    start: info.data_offsets.0,
-                    end: info.data_offsets.1,
-                };
+            let (n, shard_entries) = parse_shard(&mmap, &path, i)?;
+            for (name, entry) in shard_entries {
                 if entries.insert(name.clone(), entry).is_some() {
                     return Err(corrupt(
                         &path,
@@ -189,6 +168,52 @@ impl SafetensorsSource {
     }
 }
 
+/// Parses a shard index: the shard files it names (sorted, each once, plain file names).
+pub fn parse_index(bytes: &[u8], path: &Path) -> Result<(Vec<String>, Index)> {
+    let index: Index = serde_json::from_slice(bytes)
+        .map_err(|e| corrupt(path, format!("invalid shard index: {e}")))?;
+    let mut files: Vec<String> = index.weight_map.values().cloned().collect();
+    files.sort();
+    files.dedup();
+    for f in &files {
+        if f.is_empty() || f.contains('/') || f.contains('\\') || f.contains("..") {
+            return Err(corrupt(
+                path,
+                format!("shard name `{f}` is not a plain file name"),
+            ));
+        }
+    }
+    Ok((files, index))
+}
+
+/// Parses the header of one safetensors file (`bytes`: the whole file) into its tensors,
+/// returning the header length too. The `safetensors` crate checks that the offsets tile
+/// the data section without gaps or overlaps and that each shape matches its byte size.
+pub(crate) fn parse_shard(
+    bytes: &[u8],
+    path: &Path,
+    shard: usize,
+) -> Result<(usize, Vec<(String, Entry)>)> {
+    let (n, meta) = SafeTensors::read_metadata(bytes)
+        .map_err(|e| corrupt(path, format!("safetensors header: {e}")))?;
+    let mut out = Vec::new();
+    for (name, info) in meta.tensors() {
+        crate::limits::tensor_elements(&info.shape)
+            .map_err(|e| corrupt(path, format!("tensor `{name}`: {e}")))?;
+        out.push((
+            name.clone(),
+            Entry {
+                shard,
+                dtype: info.dtype,
+                shape: info.shape.clone(),
+                start: info.data_offsets.0,
+                end: info.data_offsets.1,
+            },
+        ));
+    }
+    Ok((n, out))
+}
+
 pub(crate) fn convert(bytes: &[u8], dtype: Dtype) -> Option<Vec<f32>> {
     let out = match dtype {
         Dtype::F32 => bytes
@@ -219,6 +244,7 @@ impl WeightSource for SafetensorsSource {
             tensor: name.to_string(),
             dtype: format!("{:?}", e.dtype),
         })?;
+        super::check_finite(&shard.path, name, &data)?;
         Ok(Tensor {
             shape: e.shape.clone(),
             data,

@@ -161,7 +161,7 @@ pub struct Plan {
 impl Plan {
     /// Reads and validates a plan file.
     pub fn read(path: &Path) -> Result<Plan> {
-        let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+        let bytes = crate::fsutil::read_regular(path)?;
         Plan::parse(&bytes, path)
     }
 
@@ -174,18 +174,61 @@ impl Plan {
         };
         let raw = crate::fsutil::parse_versioned_json(bytes, path, "plan", &READS)?;
         let plan: Plan = serde_json::from_value(raw).map_err(|e| err(e.to_string()))?;
-        let mut seen = std::collections::BTreeSet::new();
-        for l in &plan.layers {
-            if !seen.insert(&l.name) {
-                return Err(err(format!("layer `{}` is assigned twice", l.name)));
-            }
-        }
+        plan.validate().map_err(err)?;
         Ok(plan)
     }
 
-    /// Writes the plan atomically as pretty JSON.
+    /// What a reader requires beyond the schema: every layer once, every number finite
+    /// (JSON has no infinity: serde writes it as `null`, which no reader takes back).
+    fn validate(&self) -> std::result::Result<(), String> {
+        let mut seen = std::collections::BTreeSet::new();
+        for l in &self.layers {
+            if !seen.insert(&l.name) {
+                return Err(format!("layer `{}` is assigned twice", l.name));
+            }
+            for (field, v) in [("eps", l.eps), ("error", l.error), ("latency", l.latency)] {
+                if let Some(v) = v.filter(|v| !v.is_finite()) {
+                    return Err(format!("layer `{}`: {field} is {v}", l.name));
+                }
+            }
+        }
+        if let Some(t) = &self.totals {
+            for (field, v) in [
+                ("total_latency", t.total_latency),
+                ("fixed_latency", t.fixed_latency),
+                ("step_latency", t.step_latency),
+                ("total_error", t.total_error),
+                ("total_eps", t.total_eps),
+            ] {
+                if !v.is_finite() {
+                    return Err(format!("totals.{field} is {v}, not a finite number"));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes the plan atomically as pretty JSON, after checking that [`Plan::parse`] reads
+    /// it back: fpx never writes a plan it would refuse.
     pub fn write(&self, path: &Path) -> Result<()> {
-        crate::fsutil::write_json_atomic(path, self)
+        self.validate().map_err(|reason| Error::File {
+            path: path.to_path_buf(),
+            what: "plan (not written)",
+            reason,
+        })?;
+        let mut bytes = serde_json::to_vec_pretty(self).map_err(|e| Error::File {
+            path: path.to_path_buf(),
+            what: "plan (not written)",
+            reason: e.to_string(),
+        })?;
+        bytes.push(b'\n');
+        // Anything else a reader refuses (a NaN in the solver record, written as null).
+        Plan::parse(&bytes, path).map_err(|e| Error::File {
+            path: path.to_path_buf(),
+            what: "plan (not written)",
+            reason: format!("fpx would not read it back: {e}"),
+        })?;
+        crate::fsutil::write_atomic(path, &bytes)
     }
 
     /// Checks the plan against a model's identity hash.

@@ -185,7 +185,7 @@ impl PinRule {
 impl Pins {
     /// Reads and validates a pins file.
     pub fn read(path: &Path) -> Result<Pins> {
-        let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+        let bytes = crate::fsutil::read_regular(path)?;
         Pins::parse(&bytes, path)
     }
 

@@ -8,6 +8,9 @@ pub mod calib;
 use std::path::PathBuf;
 use std::process::Command;
 
+use candle_core::quantized::gguf_file::{self, Value};
+use candle_core::quantized::QTensor;
+
 pub fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
@@ -89,6 +92,44 @@ pub fn fpx(args: &[&str]) -> (i32, String, String) {
         String::from_utf8_lossy(&out.stdout).into_owned(),
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
+}
+
+/// Runs the `fpx` binary like [`fpx`], but kills it after `seconds` (an input that makes
+/// fpx hang fails the test instead of hanging the suite); `None` when it was killed.
+pub fn fpx_within(seconds: u64, args: &[&str]) -> Option<(i32, String, String)> {
+    use std::io::Read;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_fpx"))
+        .args(args)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("fpx runs");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(seconds);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if std::time::Instant::now() > deadline {
+            child.kill().unwrap();
+            child.wait().unwrap();
+            return None;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    let (mut out, mut err) = (String::new(), String::new());
+    child
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut out)
+        .unwrap();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
+    Some((status.code().unwrap_or(-1), out, err))
 }
 
 /// The mixed plan of the backend tests: FP8 q/k/v and lm_head, FP16 o_proj, NVFP4 gate/up,
@@ -184,4 +225,40 @@ pub fn compare_with_cpu<F>(
         "greedy tokens {} vs cpu",
         other.name()
     );
+}
+
+/// Rewrite a GGUF through candle's reader and writer, editing metadata and tensors.
+pub fn edit_gguf(
+    path: &std::path::Path,
+    edit_meta: impl Fn(&mut Vec<(String, Value)>),
+    drop_tensor: Option<&str>,
+) {
+    let mut f = std::fs::File::open(path).unwrap();
+    let content = gguf_file::Content::read(&mut f).unwrap();
+    let mut meta: Vec<(String, Value)> = content.metadata.clone().into_iter().collect();
+    meta.sort_by(|a, b| a.0.cmp(&b.0));
+    edit_meta(&mut meta);
+    let mut names: Vec<&String> = content.tensor_infos.keys().collect();
+    names.sort();
+    let tensors: Vec<(String, QTensor)> = names
+        .into_iter()
+        .filter(|n| Some(n.as_str()) != drop_tensor)
+        .map(|n| {
+            (
+                n.clone(),
+                content
+                    .tensor(&mut f, n, &candle_core::Device::Cpu)
+                    .unwrap(),
+            )
+        })
+        .collect();
+    drop(f);
+    let mut out = std::fs::File::create(path).unwrap();
+    let m: Vec<(&str, &Value)> = meta.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    let t: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    gguf_file::write(&mut out, &m, &t).unwrap();
+}
+
+pub fn set_meta(meta: &mut [(String, Value)], key: &str, value: Value) {
+    meta.iter_mut().find(|(k, _)| k == key).unwrap().1 = value;
 }
