@@ -20,6 +20,7 @@ mod cli {
     pub mod compare;
     pub mod export;
     pub mod plan;
+    pub mod plan_report;
     pub mod profile;
     pub mod run;
     pub mod sweep;

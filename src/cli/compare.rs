@@ -11,7 +11,7 @@ use serde::Serialize;
 use fpx::plan::compare::{compare, PlanDiff};
 use fpx::plan::Plan;
 
-use crate::cli::plan::describe;
+use crate::cli::plan_report::describe;
 use crate::emit;
 
 #[derive(Args)]
