@@ -85,7 +85,7 @@ fn main() {
         })
         .unwrap(),
         "text": {"sha256": "cd34", "path": "t.txt", "tokens": 128},
-        "seq_len": 64, "windows": 2, "formats": ["fp8", "nvfp4"],
+        "seq_len": 64, "windows": 2, "formats": ["fp8", "nvfp4"], "mx_scale_rule": "round",
         "kl": {"seq_len": 32, "windows": 1, "tokens": 31},
         "layers": [
             {"name": "model.layers.0.self_attn.q_proj", "layer": 0, "kind": "q",

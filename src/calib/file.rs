@@ -58,16 +58,17 @@ pub struct Calibration {
     pub seq_len: usize,
     pub windows: usize,
     pub formats: Vec<Format>,
-    /// The MXFP4 scale rule the quantizers used. Files without it were written before the
-    /// rule was selectable, always with the OCP floor rule, and read as such.
-    #[serde(default = "legacy_mx_scale_rule")]
+    /// The MXFP4 scale rule the quantizers used. Required: schema-1 files (made before the
+    /// rule was selectable, with the OCP floor rule) are refused by version, so a calibration
+    /// is never read under a rule it was not made with.
     pub mx_scale_rule: MxScaleRule,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub kl: Option<KlSetup>,
     pub layers: Vec<LayerCalibration>,
 }
 
-/// The rule every fpx before the selectable rule used: OCP MX v1.0's floor.
+/// The rule every fpx before the selectable rule used: OCP MX v1.0's floor (what a plan
+/// without a recorded rule means).
 pub(crate) fn legacy_mx_scale_rule() -> MxScaleRule {
     MxScaleRule::OcpFloor
 }
