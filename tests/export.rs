@@ -69,6 +69,32 @@ fn full_plan() -> Vec<(String, &'static str)> {
     v
 }
 
+/// `fpx export --model MODEL --plan PLAN -o OUT`, expected to fail: its stderr.
+fn export_err(model: &Path, plan: &Path, out: &Path) -> String {
+    err(&[
+        "export",
+        "--model",
+        s(model),
+        "--plan",
+        s(plan),
+        "-o",
+        s(out),
+    ])
+}
+
+/// `fpx export --model MODEL --plan PLAN -o OUT`, expected to succeed: its stdout.
+fn export_ok(model: &Path, plan: &Path, out: &Path) -> String {
+    ok(&[
+        "export",
+        "--model",
+        s(model),
+        "--plan",
+        s(plan),
+        "-o",
+        s(out),
+    ])
+}
+
 fn s(p: &Path) -> &str {
     p.to_str().unwrap()
 }
@@ -162,15 +188,7 @@ fn export_writes_shards_config_and_reads_back_as_the_plan_dequantizes() {
     }
 
     // An existing non-empty directory is refused, and left as it was; --force replaces it.
-    let e = err(&[
-        "export",
-        "--model",
-        s(&model),
-        "--plan",
-        s(&plan),
-        "-o",
-        s(&out),
-    ]);
+    let e = export_err(&model, &plan, &out);
     assert!(e.contains("--force"), "{e}");
     assert!(out.join("config.json").is_file());
     ok(&[
@@ -199,15 +217,7 @@ fn export_refuses_split_fused_layers_other_models_and_inexpressible_schemes() {
         ],
     );
     let out = dir.path().join("out");
-    let e = err(&[
-        "export",
-        "--model",
-        s(&model),
-        "--plan",
-        s(&plan),
-        "-o",
-        s(&out),
-    ]);
+    let e = export_err(&model, &plan, &out);
     assert!(
         e.contains("model.layers.0.self_attn.q_proj = nvfp4")
             && e.contains("model.layers.0.self_attn.v_proj = fp16")
@@ -223,15 +233,7 @@ fn export_refuses_split_fused_layers_other_models_and_inexpressible_schemes() {
         r#"{"schema_version": 2, "model": "abc", "layers": []}"#,
     )
     .unwrap();
-    let e = err(&[
-        "export",
-        "--model",
-        s(&model),
-        "--plan",
-        s(&other),
-        "-o",
-        s(&out),
-    ]);
+    let e = export_err(&model, &other, &out);
     assert!(e.contains("made for model abc"), "{e}");
     let named = dir.path().join("named.json");
     std::fs::write(
@@ -239,15 +241,7 @@ fn export_refuses_split_fused_layers_other_models_and_inexpressible_schemes() {
         r#"{"schema_version": 2, "layers": [{"name": "model.layers.9.mlp.up_proj", "format": "fp8"}]}"#,
     )
     .unwrap();
-    let e = err(&[
-        "export",
-        "--model",
-        s(&model),
-        "--plan",
-        s(&named),
-        "-o",
-        s(&out),
-    ]);
+    let e = export_err(&model, &named, &out);
     assert!(
         e.contains("model.layers.9.mlp.up_proj") && e.contains("another model"),
         "{e}"
@@ -260,15 +254,7 @@ fn export_refuses_split_fused_layers_other_models_and_inexpressible_schemes() {
         r#"{"schema_version": 2, "layers": [{"name": "model.layers.0.mlp.down_proj", "format": "fp8", "activations": "nvfp4"}]}"#,
     )
     .unwrap();
-    let e = err(&[
-        "export",
-        "--model",
-        s(&model),
-        "--plan",
-        s(&acts),
-        "-o",
-        s(&out),
-    ]);
+    let e = export_err(&model, &acts, &out);
     assert!(
         e.contains("model.layers.0.mlp.down_proj") && e.contains("input_global_scale"),
         "{e}"
@@ -281,15 +267,7 @@ fn checkpoints_in_formats_fpx_does_not_read_are_refused_by_name() {
     let dir = tempfile::tempdir().unwrap();
     let (model, plan) = setup(dir.path(), &[("model.layers.0.mlp.down_proj", "fp8")]);
     let out = dir.path().join("out");
-    ok(&[
-        "export",
-        "--model",
-        s(&model),
-        "--plan",
-        s(&plan),
-        "-o",
-        s(&out),
-    ]);
+    export_ok(&model, &plan, &out);
     assert!(load_model(&out).is_ok());
     let path = out.join("config.json");
     let config: Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
@@ -361,13 +339,5 @@ fn plan_target_vllm_groups_fused_layers_and_records_the_rule() {
     assert_eq!(p["provenance"]["groups"], json!(["qkv", "gate_up"]));
     assert_eq!(p["provenance"]["mx_scale_rule"], "round");
     let out = dir.path().join("out");
-    ok(&[
-        "export",
-        "--model",
-        s(&model),
-        "--plan",
-        s(&plan),
-        "-o",
-        s(&out),
-    ]);
+    export_ok(&model, &plan, &out);
 }
