@@ -1,11 +1,14 @@
-// fpx_common.cuh: integer types, read-only vector loads and warp / block reductions shared
-// by every kernel that fpx generates (templates/*.cu.tera).
+// fpx_common.cuh: integer types, read-only vector loads, activation storage types and warp /
+// block reductions shared by every kernel that fpx generates (templates/*.cu.tera).
 //
 // Only standard CUDA C++ is used here (no inline PTX), so a host C++ emulation of the CUDA
 // execution model (grid/block indices, __syncthreads, warp shuffles) can run these helpers
 // unchanged. Reductions take the full warp mask: callers make sure every lane of the warp
 // reaches them (no early return before a shuffle).
 #pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
 
 namespace fpx {
 
@@ -58,6 +61,52 @@ template <int N> __device__ __forceinline__ void load_f32(const float* __restric
     out[0] = __ldg(p);
   }
 }
+
+// ---- activations -----------------------------------------------------------------------------
+// Activation buffers and the KV cache hold `act_t`: float, or the 16-bit types of CUDA's own
+// headers (fpx::bf16 = __nv_bfloat16, fpx::f16 = __half; src/lower/dtype.rs). The rule of
+// every kernel: load and widen to FP32, compute in FP32, round to nearest even when storing
+// (the header's __float2bfloat16_rn / __float2half_rn: cvt.rn on the device, the same rounding
+// in software on the host, which is what the emulator runs).
+typedef __nv_bfloat16 bf16;
+typedef __half f16;
+
+__device__ __forceinline__ float to_f32(float v) { return v; }
+__device__ __forceinline__ float to_f32(bf16 v) { return __bfloat162float(v); }
+__device__ __forceinline__ float to_f32(f16 v) { return __half2float(v); }
+
+// Element i of an activation buffer that no thread of the launch writes (read-only path).
+template <typename T> __device__ __forceinline__ float load_act(const T* __restrict__ p, size_t i) {
+  return to_f32(__ldg(p + i));
+}
+
+// A 16-bit activation's bits widened to FP32 (exactly), the type chosen by the pointer.
+__device__ __forceinline__ float widen_bits(unsigned short b, const bf16*) {
+  return __uint_as_float(static_cast<u32>(b) << 16);
+}
+__device__ __forceinline__ float widen_bits(unsigned short b, const f16*) {
+  return __half2float(__ushort_as_half(b));
+}
+
+// N consecutive activations (N = 1, 2 or 4; the address N-element aligned), widened to FP32,
+// with one vector load.
+template <int N, typename T> __device__ __forceinline__ void load_acts(const T* __restrict__ p, float* out) {
+  if constexpr (sizeof(T) == 4) {
+    load_f32<N>(reinterpret_cast<const float*>(p), out);
+  } else {
+    static_assert(sizeof(T) == 2 && (N == 1 || N == 2 || N == 4), "16-bit activation vector");
+    const Vec<2 * N> v = load_vec<2 * N>(reinterpret_cast<const u8*>(p));
+#pragma unroll
+    for (int i = 0; i < N; ++i) {
+      const unsigned short bits = static_cast<unsigned short>(v.w[i / 2] >> (16 * (i & 1)));
+      out[i] = widen_bits(bits, p);
+    }
+  }
+}
+
+__device__ __forceinline__ void store_act(float* p, float v) { *p = v; }
+__device__ __forceinline__ void store_act(bf16* p, float v) { *p = __float2bfloat16_rn(v); }
+__device__ __forceinline__ void store_act(f16* p, float v) { *p = __float2half_rn(v); }
 
 // Sum over aligned groups of WIDTH lanes (WIDTH a power of two <= 32); every lane of the
 // group gets the group's sum.

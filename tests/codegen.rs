@@ -12,7 +12,7 @@ use common::have;
 use fpx::codegen::{self, KernelSource, Renderer};
 use fpx::formats::Format;
 use fpx::ir::Graph;
-use fpx::lower::{Arch, KernelSpec, LinearShape, Param, Schedule, Step, WeightFormat};
+use fpx::lower::{ActDtype, Arch, KernelSpec, LinearShape, Param, Schedule, Step, WeightFormat};
 use fpx::lower::{LinearPrecision, PrecisionMap};
 use fpx::model::synthetic::tiny_spec;
 use fpx::model::Architecture;
@@ -89,6 +89,7 @@ fn generated_sources_match_snapshots() {
         k: 64,
         bias: false,
         accumulate: false,
+        act: ActDtype::F32,
     });
     let k = Renderer::new()
         .unwrap()
@@ -109,6 +110,7 @@ fn linear_shapes() -> Vec<LinearShape> {
                 k,
                 bias,
                 accumulate,
+                act: ActDtype::F32,
             });
         }
     }
@@ -125,25 +127,38 @@ fn all_specs() -> Vec<KernelSpec> {
         KernelSpec::Embedding {
             vocab: 300,
             hidden: 64,
+            act: ActDtype::F32,
         },
-        KernelSpec::RmsNorm { dim: 576 },
+        KernelSpec::RmsNorm {
+            dim: 576,
+            act: ActDtype::F32,
+        },
         KernelSpec::RopeKv {
             heads: 9,
             kv_heads: 3,
             head_dim: 64,
+            act: ActDtype::F32,
         },
         KernelSpec::Attention {
             heads: 9,
             kv_heads: 3,
             head_dim: 64,
+            act: ActDtype::F32,
         },
         KernelSpec::Attention {
             heads: 4,
             kv_heads: 2,
             head_dim: 16,
+            act: ActDtype::F32,
         },
-        KernelSpec::SiluMul { dim: 1536 },
-        KernelSpec::Argmax { vocab: 49152 },
+        KernelSpec::SiluMul {
+            dim: 1536,
+            act: ActDtype::F32,
+        },
+        KernelSpec::Argmax {
+            vocab: 49152,
+            act: ActDtype::F32,
+        },
     ]);
     specs
 }
@@ -247,7 +262,13 @@ fn nvrtc_error_carries_log_options_and_dumped_source() {
         .replace("gate[i] = g /", "gate[i] = g / undeclared_name /");
     let renderer = Renderer::with_overrides(&[("silu_mul.cu.tera", &broken)]).unwrap();
     let src = renderer
-        .render(&KernelSpec::SiluMul { dim: 64 }, Arch::Sm90)
+        .render(
+            &KernelSpec::SiluMul {
+                dim: 64,
+                act: ActDtype::F32,
+            },
+            Arch::Sm90,
+        )
         .unwrap();
     let dump = tempfile::tempdir().unwrap();
     let compiler = Compiler::new(CompilerOptions {
@@ -286,13 +307,22 @@ fn ptxas_rejects_native_fp4_conversion_where_the_chip_lacks_it() {
     let compiler = compiler();
     for arch in Arch::ALL {
         let src = KernelSource {
-            spec: KernelSpec::SiluMul { dim: 1 },
+            spec: KernelSpec::SiluMul {
+                dim: 1,
+                act: ActDtype::F32,
+            },
             arch,
             name: "unguarded_fp4".into(),
             file_name: "unguarded_fp4.cu".into(),
             source: source.into(),
             entry_points: vec!["k".into()],
-            context: fpx::codegen::KernelContext::new(&KernelSpec::SiluMul { dim: 1 }, arch),
+            context: fpx::codegen::KernelContext::new(
+                &KernelSpec::SiluMul {
+                    dim: 1,
+                    act: ActDtype::F32,
+                },
+                arch,
+            ),
             headers: fpx::codegen::HelperHeaders::embedded(),
         };
         let r = compiler.compile(&src);

@@ -9,7 +9,7 @@ mod common;
 use common::{fpx, have, smollm2};
 use fpx::formats::Format;
 use fpx::ir::Graph;
-use fpx::lower::{LinearPrecision, PrecisionMap};
+use fpx::lower::{ActDtype, LinearPrecision, PrecisionMap};
 use fpx::model::synthetic::{tiny_spec, write_gguf, GgmlDType};
 use fpx::model::{load_model, Architecture, Model};
 use fpx::runtime::cpu::CpuModel;
@@ -28,8 +28,14 @@ fn uniform(graph: &Graph, format: Option<Format>) -> PrecisionMap {
 /// Greedy tokens of the executable plan (cpu backend) and of the reference forward.
 fn both(model: &Model, map: &PrecisionMap, prompt: &[u32], n: usize) -> (Vec<u32>, Vec<u32>) {
     let graph = Graph::build(&model.spec);
-    let plan =
-        ExecutablePlan::build(&graph, model.weights.as_ref(), map, prompt.len() + n).unwrap();
+    let plan = ExecutablePlan::build(
+        &graph,
+        model.weights.as_ref(),
+        map,
+        prompt.len() + n,
+        ActDtype::F32,
+    )
+    .unwrap();
     let mut backend = CpuBackend::new(&plan);
     let ours = generate(&mut backend, prompt, n, None).unwrap();
     assert_eq!(ours.step_seconds.len(), n - 1);
@@ -79,7 +85,8 @@ fn decode_steps_continue_the_prefill_exactly() {
     let model = load_model(&path).unwrap();
     let graph = Graph::build(&model.spec);
     let map = common::mixed_precision(&graph);
-    let plan = ExecutablePlan::build(&graph, model.weights.as_ref(), &map, 32).unwrap();
+    let plan =
+        ExecutablePlan::build(&graph, model.weights.as_ref(), &map, 32, ActDtype::F32).unwrap();
     let prompt = [3u32, 141, 59, 26, 5];
     let mut a = CpuBackend::new(&plan);
     let g = generate(&mut a, &prompt, 3, None).unwrap();

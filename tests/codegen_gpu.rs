@@ -6,11 +6,11 @@
 mod common;
 
 use common::smollm2;
-use fpx::lower::{LinearShape, WeightFormat};
+use fpx::lower::{ActDtype, LinearShape, WeightFormat};
 use fpx::model::synthetic::{tiny_spec, write_gguf, GgmlDType};
 use fpx::model::Architecture;
 use fpx::runtime::cuda::{probe_driver, CudaBackend, Device};
-use fpx::runtime::exec::{linear_forward, PackedLinear};
+use fpx::runtime::exec::{reference_linear, PackedLinear};
 
 /// Whether a GPU is usable; prints why not, or panics under FPX_REQUIRE_GPU=1.
 fn gpu() -> bool {
@@ -60,6 +60,7 @@ fn gpu_linear_kernels_match_the_cpu_backend() {
                 k,
                 bias,
                 accumulate,
+                act: ActDtype::F32,
             };
             for rows in [1, 5, 8, 20] {
                 let x: Vec<f32> = (0..rows * k)
@@ -67,8 +68,7 @@ fn gpu_linear_kernels_match_the_cpu_backend() {
                     .collect();
                 let y0: Vec<f32> = (0..rows * n).map(|i| (i % 3) as f32).collect();
                 let got = dev.run_linear(shape, &packed, &x, rows, &y0).unwrap();
-                let mut want = y0.clone();
-                linear_forward(&packed, &shape, &x, rows, &mut want);
+                let want = reference_linear(&packed, &shape, &x, rows, &y0);
                 close(&format!("{format} {n}x{k} rows {rows}"), &got, &want, 1e-4);
             }
         }

@@ -8,7 +8,7 @@ mod common;
 use fpx::formats::Format;
 use fpx::ir::{Graph, LinearKind};
 use fpx::latency::{Gpu, KernelCost, LatencyModel, LayerShape};
-use fpx::lower::{LinearPrecision, PrecisionMap, Schedule, Step, ACT_BYTES};
+use fpx::lower::{ActDtype, LinearPrecision, PrecisionMap, Schedule, Step};
 use fpx::model::synthetic::{tiny_spec, write_gguf, GgmlDType};
 use fpx::model::{load_model, Architecture};
 use fpx::runtime::exec::ExecutablePlan;
@@ -34,10 +34,13 @@ fn explained_kernels_are_the_schedules_and_their_bytes_the_packed_ones() {
     let model = load_model(&path).unwrap();
     let graph = Graph::build(&model.spec);
     let precision = common::mixed_precision(&graph);
-    let schedule = Schedule::build(&graph, &precision).unwrap();
-    let plan = ExecutablePlan::build(&graph, model.weights.as_ref(), &precision, 64).unwrap();
+    // BF16 activations and KV cache, as `fpx run` executes a BF16 checkpoint.
+    let act = ActDtype::Bf16;
+    let schedule = Schedule::build(&graph, &precision).unwrap().with_act(act);
+    let plan = ExecutablePlan::build(&graph, model.weights.as_ref(), &precision, 64, act).unwrap();
+    assert_eq!(plan.schedule.kernels(), schedule.kernels());
     for gpu in [Gpu::H100, Gpu::Rtx5090] {
-        let cost = KernelCost::new(gpu, &graph, 1, 32).unwrap();
+        let cost = KernelCost::new(gpu, &graph, 1, 32).unwrap().with_act(act);
         let rows = cost.explain(&precision).unwrap();
         assert_eq!(rows.len(), schedule.steps.len(), "one launch per step");
         for (row, step) in rows.iter().zip(&schedule.steps) {
@@ -62,7 +65,7 @@ fn explained_kernels_are_the_schedules_and_their_bytes_the_packed_ones() {
             let bias = packed.bias.as_ref().map_or(0, |b| 4 * b.len());
             let weights = packed.weight_bytes() + tensor_scale + bias;
             let outputs = if slot.shape.accumulate { 2 } else { 1 };
-            let acts = ACT_BYTES * (k + outputs * n);
+            let acts = 2 * (k + outputs * n);
             assert_eq!(row.work.bytes, (weights + acts) as f64, "{}", slot.name);
             assert_eq!(row.layer.as_deref(), Some(slot.name.as_str()));
         }

@@ -16,7 +16,7 @@ mod common;
 use std::ffi::c_void;
 
 use fpx::codegen::{HelperHeaders, KernelContext, KernelSource, Launch};
-use fpx::lower::{Arch, KernelSpec};
+use fpx::lower::{ActDtype, Arch, KernelSpec};
 use fpx::runtime::emu::{arg, EmuKernels, EmuOptions, Toolchain};
 
 const SOURCE: &str = r#"
@@ -93,7 +93,10 @@ extern "C" __global__ void deadlock(unsigned* out) {
 "#;
 
 fn probe_source(arch: Arch) -> KernelSource {
-    let spec = KernelSpec::SiluMul { dim: 1 };
+    let spec = KernelSpec::SiluMul {
+        dim: 1,
+        act: ActDtype::F32,
+    };
     KernelSource {
         spec,
         arch,

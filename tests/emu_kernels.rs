@@ -1,5 +1,6 @@
 //! The generated kernels run on the CPU by the CUDA emulator (`runtime::emu`), checked kernel
-//! by kernel against the cpu backend:
+//! by kernel against the cpu backend, with FP32 and with 16-bit (BF16, FP16) activations and KV
+//! cache:
 //! - every linear kernel (GEMV `_m1`, `_m8`, GEMM) in every format on shapes that are and are
 //!   not multiples of the block and tile sizes, on the same packed bytes;
 //! - every kernel family (embedding, RMSNorm, RoPE + KV store, attention, SiLU-gate, the
@@ -17,11 +18,14 @@ mod common;
 
 use fpx::codegen::Renderer;
 use fpx::ir::Graph;
-use fpx::lower::{Arch, KernelSpec, LinearShape, WeightFormat};
+use fpx::lower::{ActDtype, Arch, KernelSpec, LinearShape, WeightFormat};
 use fpx::model::synthetic::{tiny_spec, write_gguf, GgmlDType};
 use fpx::model::{load_model, Architecture, ModelSpec};
 use fpx::runtime::emu::{EmuBackend, EmuKernels, EmuOptions, Toolchain};
-use fpx::runtime::exec::{compare_steps, linear_forward, CpuBackend, ExecutablePlan, PackedLinear};
+use fpx::runtime::exec::{
+    compare_steps, reference_linear, CpuBackend, ExecutablePlan, PackedLinear,
+};
+use fpx::runtime::launch::run_linear;
 
 pub fn emu_opts(arch: Arch) -> Option<EmuOptions> {
     let ok = Toolchain::find().is_ok()
@@ -58,8 +62,9 @@ fn inputs(n: usize, k: usize, rows: usize) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
     (w, x, y0)
 }
 
-/// Max relative error over rows of every (shape, rows) of `format` with `kernels`.
-fn linear_errors(kernels: &EmuKernels, format: WeightFormat) -> Vec<(String, f32)> {
+/// Max relative error over rows of every (shape, rows) of `format` on `act` activations with
+/// `kernels`.
+fn linear_errors(kernels: &EmuKernels, format: WeightFormat, act: ActDtype) -> Vec<(String, f32)> {
     let mut out = Vec::new();
     for (n, k, bias, accumulate) in SHAPES {
         let shape = LinearShape {
@@ -68,16 +73,16 @@ fn linear_errors(kernels: &EmuKernels, format: WeightFormat) -> Vec<(String, f32
             k,
             bias,
             accumulate,
+            act,
         };
         for rows in ROWS {
             let (w, x, y0) = inputs(n, k, rows);
             let b = bias.then(|| (0..n).map(|i| i as f32 * 0.01).collect::<Vec<f32>>());
             let packed = PackedLinear::pack(format, &w, n, k, b);
-            let got = kernels.run_linear(shape, &packed, &x, rows, &y0).unwrap();
-            let mut want = y0.clone();
-            linear_forward(&packed, &shape, &x, rows, &mut want);
+            let got = run_linear(kernels, shape, &packed, &x, rows, &y0).unwrap();
+            let want = reference_linear(&packed, &shape, &x, rows, &y0);
             out.push((
-                format!("{format} {n}x{k} rows {rows}"),
+                format!("{format} {n}x{k} rows {rows} ({act})"),
                 rel_err(&got, &want),
             ));
         }
@@ -85,7 +90,7 @@ fn linear_errors(kernels: &EmuKernels, format: WeightFormat) -> Vec<(String, f32
     out
 }
 
-fn specs(formats: &[WeightFormat]) -> Vec<KernelSpec> {
+fn specs(formats: &[WeightFormat], act: ActDtype) -> Vec<KernelSpec> {
     let mut v = Vec::new();
     for &format in formats {
         for (n, k, bias, accumulate) in SHAPES {
@@ -95,6 +100,7 @@ fn specs(formats: &[WeightFormat]) -> Vec<KernelSpec> {
                 k,
                 bias,
                 accumulate,
+                act,
             };
             v.push(KernelSpec::Gemv(shape));
             v.push(KernelSpec::Gemm(shape));
@@ -117,19 +123,40 @@ fn build(renderer: &Renderer, specs: &[KernelSpec], opts: &EmuOptions) -> EmuKer
 /// so FP32 rounding differs; 1e-5 of the largest output is far below one FP8/FP4 step.
 const TOL: f32 = 1e-5;
 
+/// Tolerance on `act` outputs: [`TOL`], plus one unit in the last place of a 16-bit type
+/// relative to the largest output (the FP32 sums, a few FP32 ulp apart, may round to
+/// neighbouring 16-bit values: one ulp is at most 2^-7 of a BF16 value, 7 stored significand
+/// bits, and 2^-10 of an FP16 value).
+fn tol(act: ActDtype) -> f32 {
+    TOL + match act {
+        ActDtype::F32 => 0.0,
+        ActDtype::Bf16 => 2f32.powi(-7),
+        ActDtype::F16 => 2f32.powi(-10),
+    }
+}
+
 #[test]
 fn emu_linear_kernels_match_the_cpu_backend_in_every_format() {
-    for arch in [Arch::Sm90, Arch::Sm120a] {
+    let runs = [
+        (Arch::Sm90, ActDtype::F32),
+        (Arch::Sm120a, ActDtype::F32),
+        (Arch::Sm90, ActDtype::Bf16),
+        (Arch::Sm120a, ActDtype::F16),
+    ];
+    for (arch, act) in runs {
         let Some(opts) = emu_opts(arch) else { return };
-        let kernels = EmuKernels::load(&specs(&WeightFormat::ALL), &opts).unwrap();
+        let kernels = EmuKernels::load(&specs(&WeightFormat::ALL, act), &opts).unwrap();
         let mut checked = 0;
         for format in WeightFormat::ALL {
-            for (what, err) in linear_errors(&kernels, format) {
-                assert!(err <= TOL, "{arch:?} {what}: relative error {err}");
+            for (what, err) in linear_errors(&kernels, format, act) {
+                assert!(err <= tol(act), "{arch:?} {what}: relative error {err}");
                 checked += 1;
             }
         }
-        eprintln!("{arch:?}: {checked} linear launches within {TOL}");
+        eprintln!(
+            "{arch:?} {act}: {checked} linear launches within {}",
+            tol(act)
+        );
     }
 }
 
@@ -145,11 +172,11 @@ fn emu_catches_a_broken_tail_loop() {
     );
     let renderer = Renderer::with_overrides(&[("gemv.cu.tera", &broken)]).unwrap();
     let formats = [WeightFormat::Nvfp4, WeightFormat::Fp8];
-    let kernels = build(&renderer, &specs(&formats), &opts);
+    let kernels = build(&renderer, &specs(&formats, ActDtype::F32), &opts);
     for format in formats {
-        for (what, err) in linear_errors(&kernels, format) {
+        for (what, err) in linear_errors(&kernels, format, ActDtype::F32) {
             // GEMV launches (rows <= 8) must be caught; the GEMM (20 rows) is not broken.
-            if what.ends_with("rows 20") {
+            if what.contains("rows 20 ") {
                 assert!(err <= TOL, "{what}: {err}");
             } else {
                 assert!(
@@ -204,9 +231,9 @@ fn emu_catches_swapped_fp4_nibbles() {
         .unwrap();
     assert!(typo.to_string().contains("fpx_format.cuh"), "{typo}");
     let formats = [WeightFormat::Nvfp4, WeightFormat::Mxfp4, WeightFormat::Fp8];
-    let kernels = build(&renderer, &specs(&formats), &opts);
+    let kernels = build(&renderer, &specs(&formats, ActDtype::F32), &opts);
     for format in formats {
-        for (what, err) in linear_errors(&kernels, format) {
+        for (what, err) in linear_errors(&kernels, format, ActDtype::F32) {
             if format == WeightFormat::Fp8 {
                 assert!(err <= TOL, "{what}: FP8 does not use nibbles, yet {err}");
             } else {
@@ -244,11 +271,13 @@ fn step_models() -> Vec<ModelSpec> {
 }
 
 /// Largest relative error of each launched entry point over three passes of `spec` (12 rows
-/// at position 0: GEMM; 3 rows: GEMV `_m8`; one row: GEMV `_m1`), every step compared on the
-/// cpu backend's inputs (`compare_steps`); the emulated kernels come from `renderer`.
+/// at position 0: GEMM; 3 rows: GEMV `_m8`; one row: GEMV `_m1`) on `act` activations, every
+/// step compared on the cpu backend's inputs (`compare_steps`); the emulated kernels come from
+/// `renderer`.
 fn step_errors(
     spec: &ModelSpec,
     seed: u64,
+    act: ActDtype,
     renderer: &Renderer,
     opts: &EmuOptions,
 ) -> Vec<(String, f32)> {
@@ -262,10 +291,12 @@ fn step_errors(
         model.weights.as_ref(),
         &common::mixed_precision(&graph),
         16,
+        act,
     )
     .unwrap();
     let mut cpu = CpuBackend::new(&plan);
-    let mut emu = EmuBackend::with_kernels(&plan, build(renderer, &plan.schedule.kernels(), opts));
+    let mut emu =
+        EmuBackend::with_kernels(&plan, build(renderer, &plan.schedule.kernels(), opts)).unwrap();
     let vocab = spec.vocab_size as u32;
     let tokens: Vec<u32> = (0..16u32).map(|t| (t * 97 + 13) % vocab).collect();
     let mut out = Vec::new();
@@ -278,8 +309,9 @@ fn step_errors(
 }
 
 /// Kernel families whose arithmetic is the cpu backend's, operation for operation (copies,
-/// RoPE from the same tables, RMSNorm's double accumulator, SiLU with the same libm, argmax):
-/// exact in the emulator. Attention and the linear kernels sum in other orders: within [`TOL`].
+/// RoPE from the same tables, RMSNorm's double accumulator, SiLU with the same libm, argmax),
+/// with the same rounding at the store: exact in the emulator, in FP32 and in 16 bits.
+/// Attention and the linear kernels sum in other orders: within [`tol`].
 const EXACT_FAMILIES: [&str; 5] = ["embedding", "rmsnorm", "rope", "silu", "argmax"];
 
 #[test]
@@ -291,13 +323,22 @@ fn emu_every_kernel_family_matches_the_cpu_backend_step_by_step() {
     // family -> (launches, largest relative error)
     let mut worst: std::collections::BTreeMap<String, (usize, f32)> = Default::default();
     let mut entries = std::collections::BTreeSet::new();
-    for (i, spec) in step_models().iter().enumerate() {
-        for (kernel, err) in step_errors(spec, 5 + i as u64, &renderer, &opts) {
+    let models = step_models();
+    let runs = models
+        .iter()
+        .enumerate()
+        .flat_map(|(i, m)| [(i, m, ActDtype::F32), (i, m, ActDtype::Bf16)])
+        .chain([(0, &models[0], ActDtype::F16)]);
+    for (i, spec, act) in runs {
+        for (kernel, err) in step_errors(spec, 5 + i as u64, act, &renderer, &opts) {
             let family = kernel.split('_').next().unwrap().to_string();
             if EXACT_FAMILIES.contains(&family.as_str()) {
-                assert_eq!(err, 0.0, "{kernel} in model {i}: not exact");
+                assert_eq!(err, 0.0, "{kernel} in model {i} ({act}): not exact");
             } else {
-                assert!(err <= TOL, "{kernel} in model {i}: relative error {err}");
+                assert!(
+                    err <= tol(act),
+                    "{kernel} in model {i} ({act}): relative error {err}"
+                );
             }
             let e = worst.entry(family).or_default();
             e.0 += 1;
@@ -339,7 +380,13 @@ fn emu_step_comparison_catches_a_broken_causal_mask() {
         "const int len = *pos + r;",
     );
     let renderer = Renderer::with_overrides(&[("attention.cu.tera", &broken)]).unwrap();
-    let errors = step_errors(&tiny_spec(Architecture::Llama), 5, &renderer, &opts);
+    let errors = step_errors(
+        &tiny_spec(Architecture::Llama),
+        5,
+        ActDtype::F32,
+        &renderer,
+        &opts,
+    );
     for (kernel, err) in errors {
         if kernel.starts_with("attention") {
             assert!(

@@ -15,7 +15,7 @@ use fpx::codegen::{KernelContext, Renderer};
 use fpx::formats::Format;
 use fpx::ir::{Graph, LinearKind};
 use fpx::lower::{
-    decode_instructions_per_weight, Arch, KernelSpec, LinearShape, Schedule, WeightFormat,
+    decode_instructions_per_weight, ActDtype, Arch, KernelSpec, LinearShape, Schedule, WeightFormat,
 };
 use fpx::lower::{LinearPrecision, PrecisionMap};
 use fpx::model::synthetic::{tiny_spec, write_gguf, GgmlDType};
@@ -47,6 +47,7 @@ fn specs() -> Vec<KernelSpec> {
                 k,
                 bias: false,
                 accumulate: false,
+                act: ActDtype::F32,
             };
             v.push(KernelSpec::Gemv(shape));
             v.push(KernelSpec::Gemm(shape));
@@ -189,6 +190,7 @@ fn decode_cost_per_weight_matches_the_sass() {
                 k: 576,
                 bias: false,
                 accumulate: false,
+                act: ActDtype::F32,
             });
             let src = renderer.render(&spec, arch).unwrap();
             let c = &compiler.compile_all(std::slice::from_ref(&src)).unwrap()[0];

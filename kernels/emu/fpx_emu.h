@@ -27,6 +27,7 @@
 #include <vector>
 #include <vector_types.h>
 #include <map>
+#include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #if !defined(__x86_64__)
 #include <ucontext.h>

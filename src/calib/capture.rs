@@ -143,8 +143,8 @@ pub fn measure_eps(
                 for (f, wo, wa) in &v.per_format {
                     let s = sums.entry((id, *f)).or_default();
                     s.reference += bias_sq;
-                    s.weight_only += sum_sq_diff(&wo.apply(l, x), y);
-                    s.weight_act += sum_sq_diff(&wa.apply(l, x), y);
+                    s.weight_only += sum_sq_diff(&wo.apply(l.out_features, x), y);
+                    s.weight_act += sum_sq_diff(&wa.apply(l.out_features, x), y);
                 }
             };
             let out = block.execute(window, run, &mut observe)?;

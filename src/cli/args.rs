@@ -9,6 +9,22 @@ use fpx::formats::Format;
 use fpx::model::Model;
 
 /// A finite `f64` (no NaN, no infinity).
+/// `--act-dtype` of the commands that execute a plan: the checkpoint's type when not given.
+#[derive(clap::Args, Clone, Copy)]
+pub(crate) struct ActDtypeArg {
+    /// Element type of activations and KV cache: f32, bf16 or f16 (default: the checkpoint's
+    /// stored type, e.g. bf16 for SmolLM2; f32 for GGUF files).
+    #[arg(long = "act-dtype", value_enum)]
+    pub act_dtype: Option<fpx::lower::ActDtype>,
+}
+
+impl ActDtypeArg {
+    pub fn resolve(self, graph: &fpx::ir::Graph, model: &Model) -> fpx::lower::ActDtype {
+        self.act_dtype
+            .unwrap_or_else(|| fpx::lower::ActDtype::of_checkpoint(graph, model.weights.as_ref()))
+    }
+}
+
 pub(crate) fn finite(s: &str) -> Result<f64, String> {
     let v: f64 = s.trim().parse().map_err(|e| format!("{e}"))?;
     if !v.is_finite() {

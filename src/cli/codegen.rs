@@ -36,6 +36,8 @@ pub(crate) struct CodegenArgs {
     /// Write the sources only (no NVRTC).
     #[arg(long)]
     no_compile: bool,
+    #[command(flatten)]
+    act: crate::cli::args::ActDtypeArg,
     /// Kernel cache directory (default: FPX_CACHE_DIR, else ~/.cache/fpx/kernels).
     #[arg(long, conflicts_with = "no_cache")]
     cache_dir: Option<PathBuf>,
@@ -79,7 +81,7 @@ pub(crate) fn run(args: CodegenArgs) -> Result<()> {
     let model = load(&args.model)?;
     let precision = precision_of(args.plan.as_deref(), &model.identity)?;
     let graph = Graph::build(&model.spec);
-    let schedule = Schedule::build(&graph, &precision)?;
+    let schedule = Schedule::build(&graph, &precision)?.with_act(args.act.resolve(&graph, &model));
     let start = Instant::now();
     let kernels = codegen::generate(&schedule, arch)?;
     let render_seconds = start.elapsed().as_secs_f64();

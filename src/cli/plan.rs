@@ -10,6 +10,7 @@ use clap::{Args, ValueEnum};
 use fpx::calib::Calibration;
 use fpx::formats::Format;
 use fpx::latency::{Gpu, KernelCost, LatencyModel, Profile, Roofline};
+use fpx::lower::ActDtype;
 use fpx::plan::{BudgetRecord, CalibrationRef, Plan, Provenance, SolverRecord};
 use fpx::solve::pins::{Pins, PinsRef};
 use fpx::solve::{
@@ -66,6 +67,10 @@ pub struct PlanSetup {
     /// GPUs the model is sharded over, as vLLM's tensor parallelism does (kernel cost model).
     #[arg(long, default_value_t = 1)]
     pub tensor_parallel: usize,
+    /// Element type of activations and KV cache the kernel cost model prices: bf16 (what
+    /// engines and `fpx run` use for BF16 checkpoints), f16, or f32.
+    #[arg(long, value_enum, default_value_t = ActDtype::Bf16)]
+    pub act_dtype: ActDtype,
     /// Per-kernel launch overhead, microseconds.
     #[arg(long, default_value_t = 2.0, value_parser = crate::cli::args::finite)]
     pub launch_overhead_us: f64,
@@ -202,7 +207,8 @@ impl PlanSetup {
         Ok(
             KernelCost::new(gpu, &calib.graph(), self.batch, self.context)?
                 .with_launch_overhead(self.launch_overhead_us * 1e-6)?
-                .with_tensor_parallel(self.tensor_parallel)?,
+                .with_tensor_parallel(self.tensor_parallel)?
+                .with_act(self.act_dtype),
         )
     }
 

@@ -50,6 +50,8 @@ pub(crate) struct ProfileArgs {
     /// Bytes of weight copies to rotate through (default 512 MiB, several L2 sizes).
     #[arg(long, default_value_t = 512 << 20)]
     rotate_bytes: usize,
+    #[command(flatten)]
+    act: crate::cli::args::ActDtypeArg,
 }
 
 pub(crate) fn run(args: ProfileArgs) -> Result<()> {
@@ -72,7 +74,8 @@ pub(crate) fn run(args: ProfileArgs) -> Result<()> {
     }
     let model = load(&args.model)?;
     let graph = Graph::build(&model.spec);
-    let schedule = Schedule::build(&graph, &PrecisionMap::new())?;
+    let act = args.act.resolve(&graph, &model);
+    let schedule = Schedule::build(&graph, &PrecisionMap::new())?.with_act(act);
     let opts = ProfileOptions {
         formats: formats.clone(),
         batch: args.batch,
@@ -93,6 +96,7 @@ pub(crate) fn run(args: ProfileArgs) -> Result<()> {
         model.weights.as_ref(),
         &PrecisionMap::new(),
         args.context + 1,
+        act,
     )?;
     let other_seconds = profile_rest(&plan, args.device, args.context, &opts)?;
     let mut layers = BTreeMap::new();

@@ -49,6 +49,8 @@ pub(crate) struct RunArgs {
     /// KV-cache positions (default: prompt + max tokens).
     #[arg(long)]
     max_seq: Option<usize>,
+    #[command(flatten)]
+    act: crate::cli::args::ActDtypeArg,
     /// Print one JSON object.
     #[arg(long)]
     json: bool,
@@ -93,7 +95,7 @@ fn check_kernels(args: &RunArgs, plan: &ExecutablePlan, prompt: &[u32]) -> Resul
     };
     record(compare_steps(plan, &mut cpu, &mut emu, prompt, 0)?);
     if plan.max_seq > prompt.len() {
-        let next = cpu.state().next as u32;
+        let next = cpu.state().next() as u32;
         record(compare_steps(
             plan,
             &mut cpu,
@@ -145,12 +147,14 @@ fn plan_of(
     model: &fpx::model::Model,
     precision: &fpx::lower::PrecisionMap,
     max_seq: usize,
+    act: fpx::lower::ActDtype,
 ) -> Result<ExecutablePlan> {
     Ok(ExecutablePlan::build(
         graph,
         model.weights.as_ref(),
         precision,
         max_seq,
+        act,
     )?)
 }
 
@@ -185,6 +189,7 @@ pub(crate) fn run(args: RunArgs) -> Result<()> {
         );
     }
     let graph = Graph::build(&model.spec);
+    let act = args.act.resolve(&graph, &model);
     if args.check_kernels {
         if args.backend != BackendKind::Emu {
             anyhow::bail!(
@@ -192,7 +197,13 @@ pub(crate) fn run(args: RunArgs) -> Result<()> {
             );
         }
         fpx::runtime::emu::Toolchain::find()?;
-        let plan = plan_of(&graph, &model, &precision, max_seq.max(prompt.len() + 1))?;
+        let plan = plan_of(
+            &graph,
+            &model,
+            &precision,
+            max_seq.max(prompt.len() + 1),
+            act,
+        )?;
         return check_kernels(&args, &plan, &prompt);
     }
     let start = Instant::now();
@@ -200,7 +211,7 @@ pub(crate) fn run(args: RunArgs) -> Result<()> {
     let (generation, backend_name, build_seconds): (Generation, &'static str, f64) =
         match args.backend {
             BackendKind::Cpu => {
-                let plan = &plan_of(&graph, &model, &precision, max_seq)?;
+                let plan = &plan_of(&graph, &model, &precision, max_seq, act)?;
                 let mut b = CpuBackend::new(plan);
                 let build = start.elapsed().as_secs_f64();
                 (
@@ -212,7 +223,7 @@ pub(crate) fn run(args: RunArgs) -> Result<()> {
             BackendKind::Cuda => {
                 // Probe the driver before the (slow) packing of the weights.
                 fpx::runtime::cuda::probe_driver()?;
-                let plan = &plan_of(&graph, &model, &precision, max_seq)?;
+                let plan = &plan_of(&graph, &model, &precision, max_seq, act)?;
                 let mut b = fpx::runtime::cuda::CudaBackend::new(plan, args.device, None)?;
                 let build = start.elapsed().as_secs_f64();
                 (
@@ -224,7 +235,7 @@ pub(crate) fn run(args: RunArgs) -> Result<()> {
             BackendKind::Emu => {
                 // Find the host headers before the (slow) packing of the weights.
                 fpx::runtime::emu::Toolchain::find()?;
-                let plan = &plan_of(&graph, &model, &precision, max_seq)?;
+                let plan = &plan_of(&graph, &model, &precision, max_seq, act)?;
                 let opts = fpx::runtime::emu::EmuOptions::default();
                 let mut b = fpx::runtime::emu::EmuBackend::new(plan, &opts)?;
                 let build = start.elapsed().as_secs_f64();

@@ -6,7 +6,7 @@
 
 use serde::Serialize;
 
-use crate::lower::Arch;
+use crate::lower::{ActDtype, Arch};
 use crate::lower::{KernelSpec, LinearShape, WeightFormat, GEMV_ROW_TILES};
 
 /// Threads per block of the GEMV kernels (4 warps).
@@ -52,6 +52,11 @@ pub struct Common {
     pub arch: &'static str,
     /// The spec as one line of JSON (printed in the generated file's header comment).
     pub spec: String,
+    /// Element type of the activation buffers and KV cache, and its C++ storage type
+    /// (`float`, `fpx::bf16`, `fpx::f16` from `kernels/fpx_common.cuh`): templates declare
+    /// those pointers as `act_t`, load with `fpx::load_act` and store with `fpx::store_act`.
+    pub act: ActDtype,
+    pub act_t: &'static str,
 }
 
 /// Decode GEMV: each row of W is read by a group of `lanes` lanes with `vec_bytes` loads.
@@ -178,6 +183,12 @@ impl KernelContext {
             family: spec.family(),
             arch: arch.name(),
             spec: serde_json::to_string(spec).unwrap_or_default(),
+            act: spec.act(),
+            act_t: match spec.act() {
+                ActDtype::F32 => "float",
+                ActDtype::Bf16 => "fpx::bf16",
+                ActDtype::F16 => "fpx::f16",
+            },
         };
         let simple = |dim, vocab, threads| {
             KernelContext::Simple(SimpleCtx {
@@ -190,14 +201,15 @@ impl KernelContext {
         match *spec {
             KernelSpec::Gemv(s) => KernelContext::Gemv(gemv(common, s, arch)),
             KernelSpec::Gemm(s) => KernelContext::Gemm(gemm(common, s)),
-            KernelSpec::Embedding { vocab, hidden } => simple(hidden, vocab, ROW_THREADS),
-            KernelSpec::RmsNorm { dim } => simple(dim, 0, ROW_THREADS),
-            KernelSpec::SiluMul { dim } => simple(dim, 0, ELEMENTWISE_THREADS),
-            KernelSpec::Argmax { vocab } => simple(0, vocab, ARGMAX_THREADS),
+            KernelSpec::Embedding { vocab, hidden, .. } => simple(hidden, vocab, ROW_THREADS),
+            KernelSpec::RmsNorm { dim, .. } => simple(dim, 0, ROW_THREADS),
+            KernelSpec::SiluMul { dim, .. } => simple(dim, 0, ELEMENTWISE_THREADS),
+            KernelSpec::Argmax { vocab, .. } => simple(0, vocab, ARGMAX_THREADS),
             KernelSpec::RopeKv {
                 heads,
                 kv_heads,
                 head_dim,
+                ..
             } => KernelContext::Heads(heads_ctx(
                 common,
                 (heads, kv_heads, head_dim),
@@ -207,6 +219,7 @@ impl KernelContext {
                 heads,
                 kv_heads,
                 head_dim,
+                ..
             } => KernelContext::Heads(heads_ctx(
                 common,
                 (heads, kv_heads, head_dim),
@@ -402,6 +415,7 @@ mod tests {
             k,
             bias: false,
             accumulate: false,
+            act: ActDtype::F32,
         });
         match KernelContext::new(&spec, Arch::Sm90) {
             KernelContext::Gemv(c) => c,

@@ -13,7 +13,7 @@
 //! v, gate, up, lm_head) split their output rows, row-parallel ones (o, down) their input
 //! columns, attention splits its heads and SiLU-gate its FFN columns; norms, embedding and
 //! argmax are not split. Each block ends its attention and its MLP with a ring all-reduce of
-//! the hidden state: `2 (N-1)/N x batch x hidden x ACT_BYTES / link bandwidth + link latency`
+//! the hidden state: `2 (N-1)/N x batch x hidden x activation bytes / link bandwidth + link latency`
 //! ([`super::roofline::Interconnect`]). Times are per GPU (all GPUs run in lockstep).
 //!
 //! The datasheet [`Roofline`](super::Roofline) is kept beside it as the hardware's bound (the
@@ -26,8 +26,8 @@ use crate::error::{Error, Result};
 use crate::formats::Format;
 use crate::ir::{Graph, LinearKind};
 use crate::lower::{
-    linear_work, Arch, InstructionPath, KernelWork, LinearShape, PrecisionMap, Schedule, Step,
-    WeightFormat, ACT_BYTES,
+    linear_work, ActDtype, Arch, InstructionPath, KernelWork, LinearShape, PrecisionMap, Schedule,
+    Step, WeightFormat,
 };
 
 use super::roofline::{Gpu, GpuSpec};
@@ -89,6 +89,12 @@ impl KernelCost {
         })
     }
 
+    /// Prices activations and KV cache in `act` (FP32 until set).
+    pub fn with_act(mut self, act: ActDtype) -> KernelCost {
+        self.schedule = self.schedule.with_act(act);
+        self
+    }
+
     /// Shards the model over `n` GPUs; heads, KV heads and FFN columns must divide evenly.
     pub fn with_tensor_parallel(mut self, n: usize) -> Result<KernelCost> {
         let d = &self.schedule.dims;
@@ -108,7 +114,7 @@ impl KernelCost {
     /// One all-reduce of the hidden state of `batch` tokens over the interconnect.
     pub fn all_reduce_work(&self) -> KernelWork {
         let n = self.tensor_parallel as f64;
-        let message = (self.batch * self.schedule.dims.hidden * ACT_BYTES) as f64;
+        let message = (self.batch * self.schedule.dims.hidden * self.schedule.act.bytes()) as f64;
         KernelWork {
             bytes: 2.0 * (n - 1.0) / n * message,
             flops: 0.0,
@@ -271,6 +277,7 @@ impl LatencyModel for KernelCost {
             batch: self.batch,
             context: self.context,
             tensor_parallel: self.tensor_parallel,
+            activations: self.schedule.act,
         }
     }
 

@@ -74,6 +74,10 @@ pub enum LatencySource {
         /// GPUs the model is sharded over (tensor parallelism; 1 = one GPU).
         #[serde(default = "one", skip_serializing_if = "is_one")]
         tensor_parallel: usize,
+        /// Element type of the activations and KV cache priced (plans written before 16-bit
+        /// activations priced FP32).
+        #[serde(default)]
+        activations: crate::lower::ActDtype,
     },
     /// Datasheet roofline of a named GPU (the hardware's bound).
     Roofline {
@@ -108,11 +112,12 @@ impl std::fmt::Display for LatencySource {
                 batch,
                 context,
                 tensor_parallel,
+                activations,
                 ..
             } => {
                 write!(
                     f,
-                    "fpx kernel cost model of {device_name}, {arch} (batch {batch}, context {context}"
+                    "fpx kernel cost model of {device_name}, {arch} (batch {batch}, context {context}, {activations} activations"
                 )?;
                 if *tensor_parallel > 1 {
                     write!(f, ", tensor parallel {tensor_parallel}")?;

@@ -14,16 +14,17 @@
 //! solve / plan -> codegen -> runtime -> cli. See `docs/architecture.md`.
 
 pub mod arch;
+pub mod dtype;
 pub mod schedule;
 pub mod spec;
 pub mod work;
 
 pub use arch::Arch;
+pub use dtype::ActDtype;
 pub use schedule::{Act, Dims, LinearSlot, Param, Schedule, Step};
 pub use spec::{KernelSpec, LinearShape, WeightFormat, GEMV_MAX_ROWS, GEMV_ROW_TILES};
 pub use work::{
     decode_instructions_per_weight, linear_weight_bytes, linear_work, InstructionPath, KernelWork,
-    ACT_BYTES,
 };
 
 use std::collections::BTreeMap;

@@ -10,6 +10,7 @@
 
 use serde::Serialize;
 
+use super::dtype::ActDtype;
 use super::spec::{KernelSpec, LinearShape, WeightFormat};
 use super::PrecisionMap;
 use crate::error::{Error, Result};
@@ -32,7 +33,8 @@ pub struct Dims {
     pub rope_theta: f32,
 }
 
-/// Activation buffers (FP32, row-major, one row per token of the pass).
+/// Activation buffers (row-major, one row per token of the pass, elements of the schedule's
+/// [`ActDtype`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Act {
@@ -106,22 +108,23 @@ pub enum Step {
     Argmax,
 }
 
-/// One kernel parameter of a non-linear step, in the order of its template's signature. Every
-/// backend maps the same list to its buffers and values, so the argument order lives here once
-/// (and the emulator's tests check it for the cuda backend too).
+/// One kernel parameter of a step, in the order of its template's signature. Every backend
+/// binds the same list to its buffers and values (`runtime::launch::KernelBackend::args`), so
+/// the argument order lives here once (and the emulator's tests check it for the cuda backend
+/// too).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Param {
-    /// An activation buffer (`float*`).
+    /// An activation buffer (`act_t*`).
     Act(Act),
     /// The prompt's token ids (`const int*`).
     Tokens,
     /// The greedy next token (`int*`, one element): argmax's output, a decode step's input.
     Next,
-    /// The embedding table (`const float*`).
+    /// The embedding table (`const act_t*`).
     Embedding,
     /// RMSNorm weight `i` (`const float*`).
     Norm(usize),
-    /// Layer `i`'s K or V cache (`float*`).
+    /// Layer `i`'s K or V cache (`act_t*`).
     KCache(usize),
     VCache(usize),
     /// RoPE tables (`const float*`).
@@ -135,12 +138,17 @@ pub enum Param {
     Eps,
     /// Value: the first row a last-row RMSNorm reads (`int`).
     Row0,
+    /// Linear layer `i`'s codes (`const u8*`), scales (`const void*`), NVFP4 tensor scale
+    /// (value, `float`) and bias (`const float*`).
+    LinearCodes(usize),
+    LinearScales(usize),
+    LinearGlobal(usize),
+    LinearBias(usize),
 }
 
 impl Step {
-    /// The kernel parameters of this non-linear step (linear steps: `w, scales, global, bias, x,
-    /// y, m`, launched by each backend's linear helper); `decode`: the embedding reads the
-    /// previous argmax's token.
+    /// The kernel parameters of this step; `decode`: the embedding reads the previous argmax's
+    /// token.
     pub fn params(&self, decode: bool) -> Vec<Param> {
         use Param as P;
         match *self {
@@ -172,7 +180,15 @@ impl Step {
             ],
             Step::SiluMul => vec![P::Act(Act::Gate), P::Act(Act::Up), P::Rows],
             Step::Argmax => vec![P::Act(Act::Logits), P::Next],
-            Step::Linear { .. } => Vec::new(),
+            Step::Linear { linear, src, dst } => vec![
+                P::LinearCodes(linear),
+                P::LinearScales(linear),
+                P::LinearGlobal(linear),
+                P::LinearBias(linear),
+                P::Act(src),
+                P::Act(dst),
+                P::Rows,
+            ],
         }
     }
 
@@ -207,6 +223,8 @@ pub struct Schedule {
     pub norms: Vec<String>,
     pub linears: Vec<LinearSlot>,
     pub steps: Vec<Step>,
+    /// Element type of every activation buffer and of the KV cache.
+    pub act: ActDtype,
     /// Residual-stream nodes (the embedding and each block's output) and the number of steps
     /// after which their value is in [`Act::X`]: where a pass can start or stop.
     #[serde(skip)]
@@ -214,8 +232,18 @@ pub struct Schedule {
 }
 
 impl Schedule {
+    /// This schedule with activations and KV cache in `act` (every kernel spec follows).
+    pub fn with_act(mut self, act: ActDtype) -> Schedule {
+        self.act = act;
+        for l in &mut self.linears {
+            l.shape.act = act;
+        }
+        self
+    }
+
     /// The steps of `graph` with each linear layer in the format `precision` assigns (FP32
-    /// where it assigns none). Activation quantization is not supported by the kernels yet.
+    /// where it assigns none), on FP32 activations ([`Schedule::with_act`] changes that).
+    /// Activation quantization is not supported by the kernels yet.
     pub fn build(graph: &Graph, precision: &PrecisionMap) -> Result<Schedule> {
         let spec = graph.spec();
         let dims = Dims {
@@ -247,6 +275,7 @@ impl Schedule {
             norms: Vec::new(),
             linears: Vec::new(),
             steps: Vec::new(),
+            act: ActDtype::F32,
             boundaries: Default::default(),
         };
         // The buffer holding each node's value, assigned while walking the graph: every step
@@ -307,6 +336,7 @@ impl Schedule {
                             k: l.in_features,
                             bias: l.bias.is_some(),
                             accumulate: residual.is_some(),
+                            act: ActDtype::F32,
                         },
                         activations: p.and_then(|p| p.activations),
                     });
@@ -372,12 +402,14 @@ impl Schedule {
     /// The kernels `step` launches (a linear step: its GEMV and its GEMM).
     pub fn kernels_of(&self, step: &Step) -> Vec<KernelSpec> {
         let d = &self.dims;
+        let act = self.act;
         match *step {
             Step::Embed => vec![KernelSpec::Embedding {
                 vocab: d.vocab,
                 hidden: d.hidden,
+                act,
             }],
-            Step::RmsNorm { .. } => vec![KernelSpec::RmsNorm { dim: d.hidden }],
+            Step::RmsNorm { .. } => vec![KernelSpec::RmsNorm { dim: d.hidden, act }],
             Step::Linear { linear, .. } => {
                 let shape = self.linears[linear].shape;
                 vec![KernelSpec::Gemv(shape), KernelSpec::Gemm(shape)]
@@ -386,14 +418,19 @@ impl Schedule {
                 heads: d.heads,
                 kv_heads: d.kv_heads,
                 head_dim: d.head_dim,
+                act,
             }],
             Step::Attention { .. } => vec![KernelSpec::Attention {
                 heads: d.heads,
                 kv_heads: d.kv_heads,
                 head_dim: d.head_dim,
+                act,
             }],
-            Step::SiluMul => vec![KernelSpec::SiluMul { dim: d.ffn }],
-            Step::Argmax => vec![KernelSpec::Argmax { vocab: d.vocab }],
+            Step::SiluMul => vec![KernelSpec::SiluMul { dim: d.ffn, act }],
+            Step::Argmax => vec![KernelSpec::Argmax {
+                vocab: d.vocab,
+                act,
+            }],
         }
     }
 

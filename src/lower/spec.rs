@@ -5,6 +5,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use super::dtype::ActDtype;
 use crate::formats::Format;
 
 /// How a linear layer's weights are stored on the device: one of the plan formats, or FP32
@@ -106,6 +107,9 @@ pub struct LinearShape {
     pub bias: bool,
     /// The epilogue adds into `y` (fused residual add) instead of overwriting it.
     pub accumulate: bool,
+    /// Element type of `x` and `y`.
+    #[serde(default)]
+    pub act: ActDtype,
 }
 
 impl LinearShape {
@@ -130,6 +134,7 @@ impl LinearShape {
         if self.accumulate {
             s.push_str("_acc");
         }
+        s.push_str(&act_suffix(self.act));
         s
     }
 }
@@ -142,48 +147,99 @@ pub enum KernelSpec {
     Gemv(LinearShape),
     /// Tiled linear (GEMM) for prefill, any number of rows.
     Gemm(LinearShape),
-    /// Gathers rows of the FP32 embedding table by token id.
-    Embedding { vocab: usize, hidden: usize },
+    /// Gathers rows of the embedding table (stored in the activation type) by token id.
+    Embedding {
+        vocab: usize,
+        hidden: usize,
+        #[serde(default)]
+        act: ActDtype,
+    },
     /// `x * rsqrt(mean(x^2) + eps) * w` per row.
-    RmsNorm { dim: usize },
+    RmsNorm {
+        dim: usize,
+        #[serde(default)]
+        act: ActDtype,
+    },
     /// Rotary embedding of q in place, and of k into the KV cache (v copied alongside).
     RopeKv {
         heads: usize,
         kv_heads: usize,
         head_dim: usize,
+        #[serde(default)]
+        act: ActDtype,
     },
     /// Causal grouped-query attention of new query rows over the KV cache.
     Attention {
         heads: usize,
         kv_heads: usize,
         head_dim: usize,
+        #[serde(default)]
+        act: ActDtype,
     },
     /// `gate = silu(gate) * up`, elementwise over rows of `dim`.
-    SiluMul { dim: usize },
+    SiluMul {
+        dim: usize,
+        #[serde(default)]
+        act: ActDtype,
+    },
     /// Index of the largest logit (the first one on ties).
-    Argmax { vocab: usize },
+    Argmax {
+        vocab: usize,
+        #[serde(default)]
+        act: ActDtype,
+    },
 }
 
 impl KernelSpec {
     /// Stable, unique name: the `.cu` file stem and the entry-point prefix.
     pub fn name(&self) -> String {
-        match self {
-            KernelSpec::Gemv(s) => format!("gemv_{}", s.suffix()),
-            KernelSpec::Gemm(s) => format!("gemm_{}", s.suffix()),
-            KernelSpec::Embedding { vocab, hidden } => format!("embedding_{vocab}x{hidden}"),
-            KernelSpec::RmsNorm { dim } => format!("rmsnorm_{dim}"),
+        let base = match self {
+            KernelSpec::Gemv(s) => return format!("gemv_{}", s.suffix()),
+            KernelSpec::Gemm(s) => return format!("gemm_{}", s.suffix()),
+            KernelSpec::Embedding { vocab, hidden, .. } => format!("embedding_{vocab}x{hidden}"),
+            KernelSpec::RmsNorm { dim, .. } => format!("rmsnorm_{dim}"),
             KernelSpec::RopeKv {
                 heads,
                 kv_heads,
                 head_dim,
+                ..
             } => format!("rope_kv_h{heads}_kv{kv_heads}_d{head_dim}"),
             KernelSpec::Attention {
                 heads,
                 kv_heads,
                 head_dim,
+                ..
             } => format!("attention_h{heads}_kv{kv_heads}_d{head_dim}"),
-            KernelSpec::SiluMul { dim } => format!("silu_mul_{dim}"),
-            KernelSpec::Argmax { vocab } => format!("argmax_{vocab}"),
+            KernelSpec::SiluMul { dim, .. } => format!("silu_mul_{dim}"),
+            KernelSpec::Argmax { vocab, .. } => format!("argmax_{vocab}"),
+        };
+        base + &act_suffix(self.act())
+    }
+
+    /// This kernel on `act` activations.
+    pub fn with_act(mut self, to: ActDtype) -> KernelSpec {
+        match &mut self {
+            KernelSpec::Gemv(s) | KernelSpec::Gemm(s) => s.act = to,
+            KernelSpec::Embedding { act, .. }
+            | KernelSpec::RmsNorm { act, .. }
+            | KernelSpec::RopeKv { act, .. }
+            | KernelSpec::Attention { act, .. }
+            | KernelSpec::SiluMul { act, .. }
+            | KernelSpec::Argmax { act, .. } => *act = to,
+        }
+        self
+    }
+
+    /// The element type of the activation buffers (and KV cache) the kernel reads and writes.
+    pub fn act(&self) -> ActDtype {
+        match *self {
+            KernelSpec::Gemv(s) | KernelSpec::Gemm(s) => s.act,
+            KernelSpec::Embedding { act, .. }
+            | KernelSpec::RmsNorm { act, .. }
+            | KernelSpec::RopeKv { act, .. }
+            | KernelSpec::Attention { act, .. }
+            | KernelSpec::SiluMul { act, .. }
+            | KernelSpec::Argmax { act, .. } => act,
         }
     }
 
@@ -214,6 +270,15 @@ impl KernelSpec {
     }
 }
 
+/// The name suffix of a kernel on `act` activations (none for FP32, so FP32 names stay as
+/// they were).
+fn act_suffix(act: ActDtype) -> String {
+    match act {
+        ActDtype::F32 => String::new(),
+        a => format!("_a{a}"),
+    }
+}
+
 /// Activation rows the GEMV entry points are compiled for: `_m1` (decode) and `_m8` (any
 /// 1..=8 rows; prefill of short prompts). More rows use the GEMM.
 pub const GEMV_ROW_TILES: [usize; 2] = [1, 8];
@@ -236,16 +301,25 @@ mod tests {
                     k: 96,
                     bias,
                     accumulate,
+                    act: ActDtype::F32,
                 };
                 specs.push(KernelSpec::Gemv(s));
                 specs.push(KernelSpec::Gemm(s));
+                let s16 = LinearShape {
+                    act: ActDtype::Bf16,
+                    ..s
+                };
+                specs.push(KernelSpec::Gemv(s16));
             }
         }
-        specs.push(KernelSpec::SiluMul { dim: 64 });
-        specs.push(KernelSpec::RmsNorm { dim: 64 });
+        for act in ActDtype::ALL {
+            specs.push(KernelSpec::SiluMul { dim: 64, act });
+            specs.push(KernelSpec::RmsNorm { dim: 64, act });
+        }
         let names: std::collections::BTreeSet<String> = specs.iter().map(|s| s.name()).collect();
         assert_eq!(names.len(), specs.len());
-        assert_eq!(specs[2].name(), "gemv_f32_64x96_bias");
+        assert_eq!(specs[3].name(), "gemv_f32_64x96_bias");
+        assert_eq!(specs[5].name(), "gemv_f32_64x96_bias_abf16");
     }
 
     #[test]

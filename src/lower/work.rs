@@ -16,10 +16,6 @@ use super::arch::Arch;
 use super::schedule::{Act, Schedule, Step};
 use super::spec::{KernelSpec, LinearShape, WeightFormat};
 
-/// Bytes of one element of an activation buffer and of the KV cache, as the kernels store them
-/// (FP32 today).
-pub const ACT_BYTES: usize = 4;
-
 /// The instruction path a kernel's arithmetic runs on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -115,7 +111,7 @@ pub fn linear_weight_bytes(shape: &LinearShape) -> usize {
 pub fn linear_work(shape: &LinearShape, rows: usize, arch: Arch) -> KernelWork {
     let (spec, _) = shape.kernel_for_rows(rows);
     let (m, n, k) = (rows as f64, shape.n as f64, shape.k as f64);
-    let act = ACT_BYTES as f64;
+    let act = shape.act.bytes() as f64;
     let outputs = if shape.accumulate { 2.0 } else { 1.0 };
     KernelWork {
         bytes: linear_weight_bytes(shape) as f64 + act * (m * k + outputs * m * n),
@@ -131,7 +127,7 @@ impl Schedule {
     pub fn work(&self, step: &Step, rows: usize, context: usize, arch: Arch) -> KernelWork {
         let d = &self.dims;
         let r = rows as f64;
-        let act = ACT_BYTES as f64;
+        let act = self.act.bytes() as f64;
         let ctx = context.max(1) as f64;
         let simt = |bytes: f64, flops: f64| KernelWork {
             bytes,
@@ -143,8 +139,9 @@ impl Schedule {
         let (hidden, q_dim, kv_dim) = (d.hidden as f64, d.q_dim as f64, d.kv_dim as f64);
         match *step {
             Step::Linear { linear, .. } => linear_work(&self.linears[linear].shape, rows, arch),
-            // The table rows gathered (FP32) and the residual rows written.
-            Step::Embed => simt(r * hidden * (4.0 + act), 0.0),
+            // The table rows gathered (stored in the activation type) and the residual rows
+            // written.
+            Step::Embed => simt(r * hidden * 2.0 * act, 0.0),
             Step::RmsNorm { src, dst, .. } => simt(
                 r * act * (cols(src) + cols(dst)) + 4.0 * hidden,
                 4.0 * r * hidden,
@@ -168,6 +165,7 @@ impl Schedule {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::lower::ActDtype;
 
     #[test]
     fn linear_work_counts_weights_activations_and_the_epilogue() {
@@ -177,10 +175,11 @@ mod tests {
             k: 200,
             bias: true,
             accumulate: true,
+            act: ActDtype::Bf16,
         };
         let w = linear_work(&shape, 1, Arch::Sm90);
-        // codes + per-row FP32 scales + bias, then x read, y read and written.
-        let want = 96 * 200 + 4 * 96 + 4 * 96 + ACT_BYTES * (200 + 2 * 96);
+        // codes + per-row FP32 scales + bias, then x read, y read and written in BF16.
+        let want = 96 * 200 + 4 * 96 + 4 * 96 + 2 * (200 + 2 * 96);
         assert_eq!(w.bytes, want as f64);
         assert_eq!(w.flops, 2.0 * 96.0 * 200.0);
         assert_eq!(w.path, InstructionPath::SimtF32);

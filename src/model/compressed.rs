@@ -317,4 +317,11 @@ impl WeightSource for CompressedSource {
         names.dedup();
         names
     }
+
+    fn stored_dtype(&self, name: &str) -> Option<String> {
+        match self.module_of(name) {
+            Some(_) => None,
+            None => self.inner.stored_dtype(name),
+        }
+    }
 }

@@ -73,6 +73,10 @@ pub trait WeightSource: Send + Sync {
     fn contains(&self, name: &str) -> bool;
     /// All Hugging Face tensor names, sorted.
     fn names(&self) -> Vec<String>;
+    /// The type a tensor is stored in (`BF16`, `F16`, `F32`, a GGUF block type), when known.
+    fn stored_dtype(&self, _name: &str) -> Option<String> {
+        None
+    }
 }
 
 /// Where a [`Model`] was read from.

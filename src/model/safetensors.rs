@@ -262,6 +262,10 @@ impl WeightSource for SafetensorsSource {
     fn names(&self) -> Vec<String> {
         self.entries.keys().cloned().collect()
     }
+
+    fn stored_dtype(&self, name: &str) -> Option<String> {
+        Some(format!("{:?}", self.entries.get(name)?.dtype))
+    }
 }
 
 #[cfg(test)]

@@ -169,9 +169,10 @@ pub fn rel_err(got: &[f32], want: &[f32]) -> f32 {
         .fold(0.0, f32::max)
 }
 
-/// A backend under test next to the cpu backend on the mixed plan of `model_path`: the
-/// prompt's prefill logits within `logit_tol` of the largest logit, then `n` greedy tokens
-/// identical. `prompt`: text, or 11 fixed token ids. `new_backend` makes a fresh backend.
+/// A backend under test next to the cpu backend on the mixed plan of `model_path`, with
+/// activations in the checkpoint's type (as `fpx run` executes it): the prompt's prefill
+/// logits within `logit_tol` of the largest logit, then `n` greedy tokens identical.
+/// `prompt`: text, or 11 fixed token ids. `new_backend` makes a fresh backend.
 pub fn compare_with_cpu<F>(
     model_path: &std::path::Path,
     prompt: Option<&str>,
@@ -195,6 +196,7 @@ pub fn compare_with_cpu<F>(
         model.weights.as_ref(),
         &mixed_precision(&graph),
         prompt.len() + n,
+        fpx::lower::ActDtype::of_checkpoint(&graph, model.weights.as_ref()),
     )
     .unwrap();
     let (mut cpu, mut other) = (CpuBackend::new(&plan), new_backend(&plan));
@@ -212,8 +214,9 @@ pub fn compare_with_cpu<F>(
     let t1 = std::time::Instant::now();
     let got = generate(other.as_mut(), &prompt, n, None).unwrap();
     eprintln!(
-        "{}: {} prompt tokens, {n} new; logits rel err {err:.2e}; cpu {:.2}s, {} {:.2}s",
+        "{} ({} activations): {} prompt tokens, {n} new; logits rel err {err:.2e}; cpu {:.2}s, {} {:.2}s",
         model_path.file_name().unwrap().to_string_lossy(),
+        plan.schedule.act,
         prompt.len(),
         (t1 - t0).as_secs_f64(),
         other.name(),

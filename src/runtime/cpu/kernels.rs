@@ -1,6 +1,6 @@
 //! The non-linear ops of a decoder on FP32 row-major matrices `[tokens, features]`:
 //! embedding gather, RMSNorm, rotary embedding, causal grouped-query attention, SiLU-gate
-//! multiply, residual add.
+//! multiply, residual add, greedy argmax.
 //! Rows (tokens) or heads run in parallel with rayon; products use [`super::mat`].
 
 use rayon::prelude::*;
@@ -207,6 +207,20 @@ pub fn add(mut a: Mat, b: &Mat) -> Mat {
     a
 }
 
+/// Index of the largest value, the first on ties; NaN never wins; 0 when all are NaN (as the
+/// argmax kernel).
+pub fn argmax(v: &[f32]) -> u32 {
+    let mut best = f32::NEG_INFINITY;
+    let mut idx: Option<usize> = None;
+    for (i, &x) in v.iter().enumerate() {
+        if x > best || (idx.is_none() && x == best) {
+            best = x;
+            idx = Some(i);
+        }
+    }
+    idx.unwrap_or(0) as u32
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -243,5 +257,13 @@ mod tests {
         assert_eq!(x.row(0), orig.row(0));
         let n = |r: &[f32]| r.iter().map(|v| v * v).sum::<f32>();
         assert!((n(x.row(1)) - n(orig.row(1))).abs() < 1e-3);
+    }
+
+    #[test]
+    fn argmax_takes_the_first_maximum_and_skips_nan() {
+        assert_eq!(argmax(&[1.0, 3.0, 3.0, 2.0]), 1);
+        assert_eq!(argmax(&[f32::NAN, 1.0, f32::NAN]), 1);
+        assert_eq!(argmax(&[f32::NAN, f32::NAN]), 0);
+        assert_eq!(argmax(&[f32::NEG_INFINITY, f32::NEG_INFINITY]), 0);
     }
 }

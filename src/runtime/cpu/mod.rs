@@ -1,6 +1,9 @@
 //! The CPU reference forward: an interpreter of the plan's [`Schedule`] (the same lowering the
-//! kernels are generated from and every backend runs), in FP32 over a window of tokens, with
-//! each step's op implemented once in [`kernels`].
+//! kernels are generated from and every backend runs) over a window of tokens, with each
+//! step's op implemented once in [`kernels`]. It computes in FP32 and, with
+//! [`CpuModel::with_act`], rounds every activation buffer and K/V row it stores to BF16/FP16,
+//! the kernels' rule (`crate::lower::ActDtype`); by default it stays FP32, the reference that
+//! calibration measures quantization error against.
 //!
 //! It differs from the kernels' execution only where a reference must: every position's
 //! logits are computed (the final norm and lm_head run on all rows, not the last one), and
@@ -21,7 +24,7 @@ mod params;
 
 use crate::error::{Error, Result};
 use crate::ir::{Graph, Node, NodeId, Op};
-use crate::lower::{Act, PrecisionMap, Schedule, Step};
+use crate::lower::{Act, ActDtype, PrecisionMap, Schedule, Step};
 use crate::model::WeightSource;
 
 pub use mat::Mat;
@@ -49,9 +52,11 @@ pub struct CpuModel {
     params: Params,
 }
 
-/// The activation buffers of one pass (`[tokens, cols]` each; the K/V of the running block).
+/// The activation buffers of one pass (`[tokens, cols]` each; the K/V of the running block),
+/// each stored value rounded to `act`.
 #[derive(Default)]
 struct Buffers {
+    act: ActDtype,
     acts: [Option<Mat>; Act::ALL.len()],
     k: Option<Mat>,
     v: Option<Mat>,
@@ -76,7 +81,8 @@ impl Buffers {
         })
     }
 
-    fn put(&mut self, a: Act, m: Mat) {
+    fn put(&mut self, a: Act, mut m: Mat) {
+        self.act.round_slice(&mut m.data);
         self.acts[a as usize] = Some(m);
     }
 }
@@ -117,6 +123,12 @@ impl CpuModel {
             linear_nodes,
             params,
         })
+    }
+
+    /// This model storing activations and K/V in `act` (FP32 unless set).
+    pub fn with_act(mut self, act: ActDtype) -> CpuModel {
+        self.schedule = self.schedule.with_act(act);
+        self
     }
 
     pub fn graph(&self) -> &Graph {
@@ -166,7 +178,10 @@ impl CpuModel {
             until,
             replace,
         } = run;
-        let mut b = Buffers::default();
+        let mut b = Buffers {
+            act: self.schedule.act,
+            ..Buffers::default()
+        };
         let start = match from {
             Some((id, value)) => {
                 b.put(Act::X, value);
@@ -227,7 +242,7 @@ impl CpuModel {
                 let Op::Linear(l) = &self.graph.node(id).op else {
                     unreachable!("schedule linear slots are linear nodes")
                 };
-                let y = weights.apply(l, b.get(src, index)?);
+                let y = weights.apply(l.out_features, b.get(src, index)?);
                 observe(id, b.get(src, index)?, &y);
                 if slot.shape.accumulate {
                     let acc = b.take(dst, index)?;
@@ -242,6 +257,7 @@ impl CpuModel {
                 b.put(Act::Q, q);
                 let mut k = b.take(Act::K, index)?;
                 kernels::rope(&mut k, d.kv_heads, d.head_dim, d.rope_theta);
+                b.act.round_slice(&mut k.data);
                 b.k = Some(k);
                 b.v = Some(b.take(Act::V, index)?);
             }

@@ -38,18 +38,19 @@ impl LinearWeights {
         }
     }
 
-    /// `x W^T + b`, quantizing `x` first when the layer quantizes activations.
-    pub fn apply(&self, l: &Linear, x: &Mat) -> Mat {
+    /// `x W^T + b` for a layer of `out_features` outputs, quantizing `x` first when the layer
+    /// quantizes activations.
+    pub fn apply(&self, out_features: usize, x: &Mat) -> Mat {
         let mut y = match self.activations {
             Some(f) => {
                 let mut xq = x.clone();
                 f.fake_quantize_activations(&mut xq.data, xq.rows, xq.cols);
-                mat::matmul_wt(&xq, &self.weight, l.out_features)
+                mat::matmul_wt(&xq, &self.weight, out_features)
             }
-            None => mat::matmul_wt(x, &self.weight, l.out_features),
+            None => mat::matmul_wt(x, &self.weight, out_features),
         };
         if let Some(b) = &self.bias {
-            for row in y.data.chunks_mut(l.out_features) {
+            for row in y.data.chunks_mut(out_features) {
                 row.iter_mut().zip(b.iter()).for_each(|(v, b)| *v += b);
             }
         }

@@ -11,13 +11,12 @@
 
 use std::collections::BTreeMap;
 
-use super::backend::{
-    driver_err, launch_linear, timing_event as event, upload_linear, CudaBackend, Device,
-};
+use super::backend::{driver_err, timing_event as event, CudaBackend, Device};
 use super::compile::CompilerOptions;
 use crate::error::{Error, Result};
 use crate::lower::{KernelSpec, LinearShape, Schedule, WeightFormat};
 use crate::runtime::exec::{Backend, ExecutablePlan, PackedLinear};
+use crate::runtime::launch::{linear_args, Launcher, LinearBuffers, Memory};
 
 /// What to measure.
 #[derive(Debug, Clone)]
@@ -86,12 +85,18 @@ pub fn profile_linears(
             .div_ceil(packed.weight_bytes().max(1))
             .clamp(1, 64);
         let dev_copies = (0..copies)
-            .map(|_| upload_linear(dev, &packed))
+            .map(|_| LinearBuffers::upload(&*dev, &packed))
             .collect::<Result<Vec<_>>>()?;
-        let x = dev.upload(&vec![0.5f32; opts.batch * k])?;
-        let mut y = dev.zeros::<f32>(opts.batch * n)?;
+        let x = dev.upload(&shape.act.encode(&vec![0.5f32; opts.batch * k]))?;
+        let y = dev.zeros(opts.batch * n * shape.act.bytes())?;
+        let (spec, entry) = shape.kernel_for_rows(opts.batch);
+        let launch = |i: usize| {
+            let args = linear_args(&dev_copies[i % copies], &x, &y, opts.batch);
+            // SAFETY: x and y hold `batch` rows of the layer's k and n activations.
+            unsafe { dev.launch(&spec, &entry, opts.batch, 0, &args) }
+        };
         for i in 0..opts.warmup {
-            launch_linear(dev, shape, &dev_copies[i % copies], &x, &mut y, opts.batch)?;
+            launch(i)?;
         }
         let mut times = Vec::with_capacity(opts.repeats);
         for i in 0..opts.repeats {
@@ -99,7 +104,7 @@ pub fn profile_linears(
             start
                 .record(&dev.stream)
                 .map_err(driver_err("cuEventRecord"))?;
-            launch_linear(dev, shape, &dev_copies[i % copies], &x, &mut y, opts.batch)?;
+            launch(i)?;
             end.record(&dev.stream)
                 .map_err(driver_err("cuEventRecord"))?;
             let ms = start
@@ -127,7 +132,7 @@ pub fn profile_rest(
         ));
     }
     let mut backend = CudaBackend::new(plan, ordinal, Some(opts.compiler.clone()))?;
-    backend.use_graph = false;
+    backend.launcher.use_graph = false;
     let prompt = vec![0u32; context.max(1)];
     backend.forward(&prompt, 0)?;
     let mut rest = Vec::with_capacity(opts.repeats);

@@ -23,8 +23,9 @@ use libloading::Library;
 
 use crate::codegen::{KernelSource, Launch, Renderer};
 use crate::error::{Error, Result};
-use crate::lower::{Arch, KernelSpec, LinearShape};
-use crate::runtime::exec::PackedLinear;
+use crate::lower::{Arch, KernelSpec};
+use crate::runtime::exec::{HostBuf, HostMemory};
+use crate::runtime::launch::{Arg, Launcher, Memory, RunPass};
 use crate::runtime::LoadedKernels;
 
 /// `fpx_emu_run_<entry>(dims, args, err, err_len)`: dims = grid xyz, block xyz, shared bytes.
@@ -117,12 +118,12 @@ impl EmuKernels {
     }
 
     /// Launches entry `entry` of `spec` for `rows` rows (and `context` KV positions) with the
-    /// cuda backend's launch dimensions.
+    /// cuda backend's launch dimensions; `args` in cuLaunchKernel's convention.
     ///
     /// # Safety
     /// `args` must point to values matching the kernel's parameters, and every pointer among
     /// them must be valid for what the kernel reads and writes.
-    pub unsafe fn launch(
+    unsafe fn launch_raw(
         &self,
         spec: &KernelSpec,
         entry: &str,
@@ -174,82 +175,57 @@ impl EmuKernels {
         }
         Ok(())
     }
+}
 
-    /// Runs one linear layer (the `_m1` GEMV for one row, `_m8` up to eight, else the GEMM;
-    /// both kernels of `shape` must be loaded): `y_init` is the `[rows, n]` output before the
-    /// kernel; returns it after.
-    pub fn run_linear(
+impl Memory for EmuKernels {
+    type Buf = HostBuf;
+
+    fn upload(&self, bytes: &[u8]) -> Result<HostBuf> {
+        HostMemory.upload(bytes)
+    }
+
+    fn zeros(&self, bytes: usize) -> Result<HostBuf> {
+        HostMemory.zeros(bytes)
+    }
+
+    fn write(&self, buf: &mut HostBuf, bytes: &[u8]) -> Result<()> {
+        HostMemory.write(buf, bytes)
+    }
+
+    fn read(&self, buf: &HostBuf, len: usize) -> Result<Vec<u8>> {
+        HostMemory.read(buf, len)
+    }
+}
+
+impl Launcher for EmuKernels {
+    unsafe fn launch(
         &self,
-        shape: LinearShape,
-        packed: &PackedLinear,
-        x: &[f32],
+        spec: &KernelSpec,
+        entry: &str,
         rows: usize,
-        y_init: &[f32],
-    ) -> Result<Vec<f32>> {
-        if x.len() < rows * shape.k || y_init.len() < rows * shape.n {
-            return Err(Error::invalid(
-                "linear input",
-                format!(
-                    "{rows} rows need {} x and {} y values",
-                    rows * shape.k,
-                    rows * shape.n
-                ),
-            ));
-        }
-        let l = HostLinear::new(packed);
-        let mut y = y_init.to_vec();
-        // SAFETY: the buffers hold rows x k and rows x n floats and the packed layer.
-        unsafe { launch_linear(self, shape, &l, x.as_ptr(), y.as_mut_ptr(), rows)? };
-        Ok(y)
+        context: usize,
+        args: &[Arg<'_, HostBuf>],
+    ) -> Result<()> {
+        // cuLaunchKernel's convention: one pointer per parameter, to the parameter's value (for
+        // a buffer, to the pointer itself).
+        let pointers: Vec<*mut u8> = args
+            .iter()
+            .map(|a| match a {
+                Arg::Buf(b) => b.ptr(),
+                _ => std::ptr::null_mut(),
+            })
+            .collect();
+        let mut values: Vec<*mut c_void> = args
+            .iter()
+            .zip(&pointers)
+            .map(|(a, p)| match a {
+                Arg::Buf(_) => arg(p),
+                Arg::I32(v) => arg(v),
+                Arg::F32(v) => arg(v),
+            })
+            .collect();
+        self.launch_raw(spec, entry, rows, context, &mut values)
     }
 }
 
-/// A linear layer's buffers as the kernels read them (never empty).
-pub(crate) struct HostLinear {
-    codes: Vec<u8>,
-    scales: Vec<u8>,
-    global: f32,
-    bias: Vec<f32>,
-}
-
-impl HostLinear {
-    pub(crate) fn new(l: &PackedLinear) -> HostLinear {
-        let mut scales = l.scales.kernel_bytes();
-        scales.resize(scales.len().max(4), 0);
-        let mut codes = l.codes.clone();
-        codes.resize(codes.len().max(16), 0);
-        HostLinear {
-            codes,
-            scales,
-            global: l.global,
-            bias: l.bias.clone().unwrap_or_else(|| vec![0.0]),
-        }
-    }
-}
-
-/// Launches one linear step (same kernel choice as the cuda backend).
-///
-/// # Safety
-/// `x` and `y` must hold `rows` rows of `shape.k` and `shape.n` floats.
-pub(crate) unsafe fn launch_linear(
-    k: &EmuKernels,
-    shape: LinearShape,
-    l: &HostLinear,
-    x: *const f32,
-    y: *mut f32,
-    rows: usize,
-) -> Result<()> {
-    let (spec, entry) = shape.kernel_for_rows(rows);
-    let (w, s, b) = (l.codes.as_ptr(), l.scales.as_ptr(), l.bias.as_ptr());
-    let m = rows as i32;
-    let mut args = [
-        arg(&w),
-        arg(&s),
-        arg(&l.global),
-        arg(&b),
-        arg(&x),
-        arg(&y),
-        arg(&m),
-    ];
-    k.launch(&spec, &entry, rows, 0, &mut args)
-}
+impl RunPass for EmuKernels {}

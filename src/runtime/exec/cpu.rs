@@ -1,57 +1,104 @@
-//! The cpu backend of an [`ExecutablePlan`]: runs the schedule's steps in Rust on the packed
-//! weights, with the kernels' buffer layouts (activations `[m, cols]` row-major, a KV cache of
-//! `[max_seq, kv_dim]` per layer). Its non-linear ops are the CPU reference's own
-//! ([`crate::runtime::cpu::kernels`]: RMSNorm with a double accumulator, RoPE from the plan's
-//! tables, attention over the KV cache normalising probabilities before the value product);
-//! its linear layer decodes the packed bytes as the kernels do (`linear.rs`).
+//! The cpu backend of an [`ExecutablePlan`]: runs the schedule's steps in Rust with the kernels'
+//! buffer layouts and element type (a [`HostState`]: activations `[m, cols]` row-major and a
+//! KV cache of `[max_seq, kv_dim]` per layer, in the schedule's activation type). Every op is
+//! the CPU interpreter's own ([`crate::runtime::cpu::kernels`] and [`LinearWeights::apply`] on
+//! the FP32 weights the packed bytes decode to): each step widens its inputs to FP32,
+//! computes in FP32 and rounds once when it stores, the rule every kernel follows.
 
 use super::generate::Backend;
-use super::host::{HostBackend, HostState};
-use super::linear::{argmax, linear_forward};
-use super::ExecutablePlan;
+use super::host::{HostBackend, HostBuf, HostState};
+use super::{ExecutablePlan, PackedLinear};
 use crate::error::{Error, Result};
-use crate::lower::{Act, Step};
+use crate::lower::{Act, ActDtype, LinearShape, Step};
 use crate::runtime::cpu::kernels;
+use crate::runtime::cpu::{LinearWeights, Mat};
 
 /// Activations and KV cache of one sequence on the CPU.
 pub struct CpuBackend<'a> {
     plan: &'a ExecutablePlan,
+    /// Each linear layer's decoded weights.
+    linears: Vec<LinearWeights>,
     state: HostState,
+}
+
+/// The first `n` values of `buf`.
+fn read(buf: &HostBuf, act: ActDtype, n: usize) -> Vec<f32> {
+    HostState::values(buf, act, n)
+}
+
+/// Stores `v` (rounded to `act`) at element `at` of `buf`.
+fn write(buf: &mut HostBuf, act: ActDtype, at: usize, v: &[f32]) {
+    let e = act.bytes();
+    buf.bytes_mut()[at * e..(at + v.len()) * e].copy_from_slice(&act.encode(v));
+}
+
+/// The weights a packed layer decodes to, as the CPU interpreter applies them.
+fn decoded(p: &PackedLinear, shape: &LinearShape) -> LinearWeights {
+    LinearWeights {
+        weight: std::sync::Arc::new(p.dequantize(shape.n, shape.k)),
+        bias: p.bias.clone().map(std::sync::Arc::new),
+        activations: None,
+    }
+}
+
+/// The cpu backend's linear step on values: `y (+)= x W^T + b` over `rows` rows of `x`
+/// (`[rows, k]`, already in the activation type), `y` (`[rows, n]`) rounded as stored.
+fn linear_rows(w: &LinearWeights, shape: &LinearShape, x: Vec<f32>, rows: usize, y: &mut [f32]) {
+    let out = w.apply(shape.n, &Mat::from_vec(rows, shape.k, x)).data;
+    for (d, v) in y.iter_mut().zip(out) {
+        *d = shape.act.round(if shape.accumulate { *d + v } else { v });
+    }
+}
+
+/// One linear layer as the cpu backend runs it, on standalone buffers: `x` (`[rows, k]`) and
+/// `y_init` (`[rows, n]`, the output before the step) rounded to the layer's activation type
+/// on the way in, as a kernel's inputs would be; returns `y` after the step. The reference the
+/// generated linear kernels are checked against.
+pub fn reference_linear(
+    packed: &PackedLinear,
+    shape: &LinearShape,
+    x: &[f32],
+    rows: usize,
+    y_init: &[f32],
+) -> Vec<f32> {
+    let round = |v: &[f32]| v.iter().map(|&v| shape.act.round(v)).collect::<Vec<f32>>();
+    let mut y = round(&y_init[..rows * shape.n]);
+    linear_rows(
+        &decoded(packed, shape),
+        shape,
+        round(&x[..rows * shape.k]),
+        rows,
+        &mut y,
+    );
+    y
 }
 
 impl<'a> CpuBackend<'a> {
     pub fn new(plan: &'a ExecutablePlan) -> CpuBackend<'a> {
+        let linears = plan
+            .linears
+            .iter()
+            .zip(&plan.schedule.linears)
+            .map(|(p, slot)| decoded(p, &slot.shape))
+            .collect();
         CpuBackend {
             plan,
+            linears,
             state: HostState::new(plan),
         }
     }
 
-    fn buf(&mut self, act: Act) -> &mut Vec<f32> {
-        &mut self.state.acts[act as usize]
-    }
-
-    /// The buffer of `act` moved out (so that another one can be borrowed mutably).
-    fn take(&mut self, act: Act) -> Vec<f32> {
-        std::mem::take(self.buf(act))
-    }
-
-    fn put(&mut self, act: Act, v: Vec<f32>) {
-        self.state.acts[act as usize] = v;
-    }
-
-    fn step(&mut self, step: Step, tokens: &[u32], pos: usize) {
+    fn step(&mut self, step: Step, tokens: &[u32], pos: usize) -> Result<()> {
         let plan = self.plan;
-        let d = &plan.schedule.dims;
+        let s = &plan.schedule;
+        let (d, act) = (&s.dims, s.act);
         let m = tokens.len();
+        let st = &mut self.state;
+        let buf = |a: Act| a as usize;
         match step {
             Step::Embed => {
-                let x = self.buf(Act::X);
-                for (r, &t) in tokens.iter().enumerate() {
-                    let t = t as usize;
-                    x[r * d.hidden..(r + 1) * d.hidden]
-                        .copy_from_slice(&plan.embedding[t * d.hidden..(t + 1) * d.hidden]);
-                }
+                let x = kernels::embed(&plan.embedding, d.vocab, d.hidden, tokens)?;
+                write(&mut st.acts[buf(Act::X)], act, 0, &x.data);
             }
             Step::RmsNorm {
                 norm,
@@ -59,75 +106,58 @@ impl<'a> CpuBackend<'a> {
                 dst,
                 last_row,
             } => {
-                let x = self.take(src);
-                let (first, rows) = if last_row { (m - 1, 1) } else { (0, m) };
                 let h = d.hidden;
-                let y = self.buf(dst);
-                kernels::rms_norm_rows(
-                    &x[first * h..(first + rows) * h],
-                    h,
-                    &plan.norms[norm],
-                    d.eps,
-                    &mut y[..rows * h],
-                );
-                self.put(src, x);
+                let (first, rows) = if last_row { (m - 1, 1) } else { (0, m) };
+                let x = read(&st.acts[buf(src)], act, (first + rows) * h);
+                let mut y = vec![0f32; rows * h];
+                kernels::rms_norm_rows(&x[first * h..], h, &plan.norms[norm], d.eps, &mut y);
+                write(&mut st.acts[buf(dst)], act, 0, &y);
             }
             Step::Linear { linear, src, dst } => {
-                let slot = &plan.schedule.linears[linear];
+                let shape = s.linears[linear].shape;
                 let rows = step.rows(m);
-                let x = self.take(src);
-                let y = self.buf(dst);
-                linear_forward(&plan.linears[linear], &slot.shape, &x, rows, y);
-                self.put(src, x);
+                let x = read(&st.acts[buf(src)], act, rows * shape.k);
+                let mut y = read(&st.acts[buf(dst)], act, rows * shape.n);
+                linear_rows(&self.linears[linear], &shape, x, rows, &mut y);
+                write(&mut st.acts[buf(dst)], act, 0, &y);
             }
             Step::RopeKv { layer } => {
                 let (cos, sin) = (&plan.rope_cos, &plan.rope_sin);
-                let q = self.buf(Act::Q);
-                kernels::rope_rows(&mut q[..m * d.q_dim], d.q_dim, d.head_dim, cos, sin, pos);
-                let k = self.take(Act::K);
-                let v = self.take(Act::V);
-                let (kc, vc) = (
-                    &mut self.state.k_cache[layer],
-                    &mut self.state.v_cache[layer],
-                );
-                let span = pos * d.kv_dim..(pos + m) * d.kv_dim;
-                kc[span.clone()].copy_from_slice(&k[..m * d.kv_dim]);
-                kernels::rope_rows(&mut kc[span.clone()], d.kv_dim, d.head_dim, cos, sin, pos);
-                vc[span].copy_from_slice(&v[..m * d.kv_dim]);
-                self.put(Act::K, k);
-                self.put(Act::V, v);
+                let mut q = read(&st.acts[buf(Act::Q)], act, m * d.q_dim);
+                kernels::rope_rows(&mut q, d.q_dim, d.head_dim, cos, sin, pos);
+                write(&mut st.acts[buf(Act::Q)], act, 0, &q);
+                let mut k = read(&st.acts[buf(Act::K)], act, m * d.kv_dim);
+                kernels::rope_rows(&mut k, d.kv_dim, d.head_dim, cos, sin, pos);
+                let v = read(&st.acts[buf(Act::V)], act, m * d.kv_dim);
+                write(&mut st.k_cache[layer], act, pos * d.kv_dim, &k);
+                write(&mut st.v_cache[layer], act, pos * d.kv_dim, &v);
             }
             Step::Attention { layer } => {
-                let q = self.take(Act::Q);
-                let mut out = self.take(Act::Att);
+                let q = read(&st.acts[buf(Act::Q)], act, m * d.q_dim);
+                let k = read(&st.k_cache[layer], act, (pos + m) * d.kv_dim);
+                let v = read(&st.v_cache[layer], act, (pos + m) * d.kv_dim);
                 let shape = kernels::AttentionShape {
                     heads: d.heads,
                     kv_heads: d.kv_heads,
                     head_dim: d.head_dim,
                 };
-                kernels::attention_rows(
-                    &q[..m * d.q_dim],
-                    m,
-                    &self.state.k_cache[layer],
-                    &self.state.v_cache[layer],
-                    pos,
-                    shape,
-                    &mut out[..m * d.q_dim],
-                );
-                self.put(Act::Q, q);
-                self.put(Act::Att, out);
+                let mut out = vec![0f32; m * d.q_dim];
+                kernels::attention_rows(&q, m, &k, &v, pos, shape, &mut out);
+                write(&mut st.acts[buf(Act::Att)], act, 0, &out);
             }
             Step::SiluMul => {
-                let up = self.take(Act::Up);
-                let gate = self.buf(Act::Gate);
-                kernels::silu_mul_in_place(&mut gate[..m * d.ffn], &up[..m * d.ffn]);
-                self.put(Act::Up, up);
+                let mut gate = read(&st.acts[buf(Act::Gate)], act, m * d.ffn);
+                let up = read(&st.acts[buf(Act::Up)], act, m * d.ffn);
+                kernels::silu_mul_in_place(&mut gate, &up);
+                write(&mut st.acts[buf(Act::Gate)], act, 0, &gate);
             }
             Step::Argmax => {
-                let logits = self.buf(Act::Logits);
-                self.state.next = argmax(&logits[..d.vocab]) as i32;
+                let logits = read(&st.acts[buf(Act::Logits)], act, d.vocab);
+                let next = kernels::argmax(&logits) as i32;
+                st.next.bytes_mut()[..4].copy_from_slice(&next.to_le_bytes());
             }
         }
+        Ok(())
     }
 }
 
@@ -139,14 +169,18 @@ impl Backend for CpuBackend<'_> {
     fn forward(&mut self, tokens: &[u32], pos: usize) -> Result<u32> {
         check_pass(self.plan, tokens, pos)?;
         for &step in &self.plan.schedule.steps {
-            self.step(step, tokens, pos);
+            self.step(step, tokens, pos)?;
         }
-        Ok(self.state.next as u32)
+        Ok(self.state.next() as u32)
     }
 
     fn logits(&mut self) -> Result<Vec<f32>> {
-        let vocab = self.plan.schedule.dims.vocab;
-        Ok(self.state.act(Act::Logits)[..vocab].to_vec())
+        let s = &self.plan.schedule;
+        Ok(read(
+            &self.state.acts[Act::Logits as usize],
+            s.act,
+            s.dims.vocab,
+        ))
     }
 }
 
@@ -161,8 +195,7 @@ impl HostBackend for CpuBackend<'_> {
 
     fn run_step(&mut self, index: usize, tokens: &[u32], pos: usize) -> Result<()> {
         let step = self.plan.schedule.steps[index];
-        self.step(step, tokens, pos);
-        Ok(())
+        self.step(step, tokens, pos)
     }
 }
 

@@ -87,7 +87,7 @@ pub fn greedy_reference(model: &CpuModel, prompt: &[u32], max_new: usize) -> Res
     let mut out = Vec::with_capacity(max_new);
     for _ in 0..max_new {
         let logits = model.forward(&window)?;
-        let next = super::linear::argmax(logits.row(logits.rows - 1));
+        let next = crate::runtime::cpu::kernels::argmax(logits.row(logits.rows - 1));
         out.push(next);
         window.push(next);
     }

@@ -1,73 +1,167 @@
-//! The buffers of one sequence in host memory, laid out as the cuda backend's device buffers
-//! (activations `[max_seq, cols]` by [`Act`], logits one row, a `[max_seq, kv_dim]` KV cache
-//! per layer, the greedy next token), shared by the two host backends (cpu, emu); and a
-//! kernel-by-kernel comparison of two such backends: before every step the backend under test
-//! gets a copy of the reference's buffers, so each kernel runs on exactly the reference's
-//! inputs and a difference points at that kernel alone, not at an error carried from earlier.
+//! Host memory laid out as a backend's device memory ([`HostBuf`], [`HostMemory`]): the emu
+//! backend's kernels and the cpu backend's ops run on the same [`HostState`] (one sequence's
+//! [`SequenceBuffers`] in host memory); and a kernel-by-kernel comparison of two such backends:
+//! before every step the backend under test gets a copy of the reference's buffers, so each
+//! kernel runs on exactly the reference's inputs and a difference points at that kernel alone,
+//! not at an error carried from earlier.
 
 use super::generate::Backend;
 use super::ExecutablePlan;
 use crate::error::Result;
-use crate::lower::{Act, Step};
+use crate::lower::{Act, ActDtype, Step};
+use crate::runtime::launch::{Memory, SequenceBuffers};
 
-/// Activations, KV cache and next token of one sequence.
-#[derive(Debug, Clone, PartialEq)]
-pub struct HostState {
-    /// Activation buffers by [`Act`] (index `act as usize`), `[max_seq, cols]` (logits: 1 row).
-    pub acts: Vec<Vec<f32>>,
-    pub k_cache: Vec<Vec<f32>>,
-    pub v_cache: Vec<Vec<f32>>,
-    /// The token the last argmax step chose.
-    pub next: i32,
+/// 16 bytes, 16-aligned: the unit of a [`HostBuf`], so that the kernels' vector loads (up to
+/// 16 bytes) are aligned as on a device.
+#[derive(Clone, Copy, Default)]
+#[repr(C, align(16))]
+struct Chunk([u8; 16]);
+
+/// A buffer in host memory that kernels write through raw pointers, as through device
+/// pointers: the bytes live behind a raw pointer (not a Rust reference), so a kernel may write
+/// them while the buffer is shared (`&HostBuf`), as long as no slice from [`HostBuf::bytes`]
+/// is alive during the launch.
+pub struct HostBuf {
+    ptr: *mut Chunk,
+    chunks: usize,
+    len: usize,
 }
 
-impl HostState {
-    /// Zeroed buffers for `plan` (each at least one element, so every pointer is valid).
-    pub fn new(plan: &ExecutablePlan) -> HostState {
-        let s = &plan.schedule;
-        let acts = Act::ALL
-            .iter()
-            .map(|&a| {
-                let rows = if a == Act::Logits { 1 } else { plan.max_seq };
-                vec![0f32; (rows * s.act_cols(a)).max(1)]
-            })
-            .collect();
-        let layers = s.dims.layers;
-        let cache = || vec![0f32; (plan.max_seq * s.dims.kv_dim).max(1)];
-        HostState {
-            acts,
-            k_cache: (0..layers).map(|_| cache()).collect(),
-            v_cache: (0..layers).map(|_| cache()).collect(),
-            next: 0,
+// SAFETY: a HostBuf owns its allocation exclusively, like a Vec.
+unsafe impl Send for HostBuf {}
+
+impl HostBuf {
+    /// `len` zero bytes (at least 16 are allocated).
+    pub fn zeros(len: usize) -> HostBuf {
+        let chunks = len.div_ceil(16).max(1);
+        let b: Box<[Chunk]> = vec![Chunk::default(); chunks].into_boxed_slice();
+        HostBuf {
+            ptr: Box::into_raw(b).cast(),
+            chunks,
+            len,
         }
     }
 
-    /// The buffer of `act`.
-    pub fn act(&self, act: Act) -> &[f32] {
-        &self.acts[act as usize]
+    pub fn from_bytes(bytes: &[u8]) -> HostBuf {
+        let mut b = HostBuf::zeros(bytes.len());
+        b.bytes_mut().copy_from_slice(bytes);
+        b
     }
 
-    /// What `step` wrote in a pass of `m` rows at position `pos`, copied out: its destination
-    /// rows (RoPE: the rotated queries, then the pass's rows of the K and V cache; argmax: the
-    /// token).
+    /// The address kernels get.
+    pub fn ptr(&self) -> *mut u8 {
+        self.ptr.cast()
+    }
+
+    pub fn bytes(&self) -> &[u8] {
+        // SAFETY: `len <= 16 * chunks` initialised bytes owned by self.
+        unsafe { std::slice::from_raw_parts(self.ptr.cast(), self.len) }
+    }
+
+    pub fn bytes_mut(&mut self) -> &mut [u8] {
+        // SAFETY: as in `bytes`, borrowed mutably through self.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.cast(), self.len) }
+    }
+}
+
+impl Clone for HostBuf {
+    fn clone(&self) -> HostBuf {
+        HostBuf::from_bytes(self.bytes())
+    }
+
+    fn clone_from(&mut self, src: &HostBuf) {
+        if self.len == src.len {
+            self.bytes_mut().copy_from_slice(src.bytes());
+        } else {
+            *self = src.clone();
+        }
+    }
+}
+
+impl Drop for HostBuf {
+    fn drop(&mut self) {
+        // SAFETY: `ptr` came from Box::into_raw of a boxed slice of `chunks` chunks.
+        unsafe {
+            drop(Box::from_raw(std::ptr::slice_from_raw_parts_mut(
+                self.ptr,
+                self.chunks,
+            )))
+        };
+    }
+}
+
+/// Host memory as a [`Memory`]: what the cpu backend and the emulator allocate.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct HostMemory;
+
+impl Memory for HostMemory {
+    type Buf = HostBuf;
+
+    fn upload(&self, bytes: &[u8]) -> Result<HostBuf> {
+        Ok(HostBuf::from_bytes(bytes))
+    }
+
+    fn zeros(&self, bytes: usize) -> Result<HostBuf> {
+        Ok(HostBuf::zeros(bytes))
+    }
+
+    fn write(&self, buf: &mut HostBuf, bytes: &[u8]) -> Result<()> {
+        buf.bytes_mut()[..bytes.len()].copy_from_slice(bytes);
+        Ok(())
+    }
+
+    fn read(&self, buf: &HostBuf, len: usize) -> Result<Vec<u8>> {
+        Ok(buf.bytes()[..len].to_vec())
+    }
+}
+
+/// One sequence's activations, KV cache, tokens, position and next token in host memory.
+pub type HostState = SequenceBuffers<HostBuf>;
+
+impl HostState {
+    /// Zeroed buffers for `plan`.
+    pub fn new(plan: &ExecutablePlan) -> HostState {
+        SequenceBuffers::zeros(&HostMemory, plan).expect("host allocation does not fail")
+    }
+
+    /// The first `n` values of `buf` (elements of `act`), widened.
+    pub fn values(buf: &HostBuf, act: ActDtype, n: usize) -> Vec<f32> {
+        act.decode(&buf.bytes()[..n * act.bytes()])
+    }
+
+    /// The greedy next token the last argmax left.
+    pub fn next(&self) -> i32 {
+        let b = self.next.bytes();
+        i32::from_le_bytes([b[0], b[1], b[2], b[3]])
+    }
+
+    /// What `step` wrote in a pass of `m` rows at position `pos`, widened to FP32: its
+    /// destination rows (RoPE: the rotated queries, then the pass's rows of the K and V cache;
+    /// argmax: the token).
     pub fn step_output(&self, plan: &ExecutablePlan, step: Step, m: usize, pos: usize) -> Vec<f32> {
         let s = &plan.schedule;
-        let rows_of = |a: Act, rows: usize| self.act(a)[..rows * s.act_cols(a)].to_vec();
+        let act = s.act;
+        let rows_of = |a: Act, rows: usize| {
+            HostState::values(&self.acts[a as usize], act, rows * s.act_cols(a))
+        };
         let rows = step.rows(m);
         match step {
             Step::Embed => rows_of(Act::X, rows),
             Step::RmsNorm { dst, .. } | Step::Linear { dst, .. } => rows_of(dst, rows),
             Step::RopeKv { layer } => {
                 let kv = s.dims.kv_dim;
-                let span = pos * kv..(pos + m) * kv;
+                let span = |c: &HostBuf| {
+                    let all = HostState::values(c, act, (pos + m) * kv);
+                    all[pos * kv..].to_vec()
+                };
                 let mut v = rows_of(Act::Q, rows);
-                v.extend_from_slice(&self.k_cache[layer][span.clone()]);
-                v.extend_from_slice(&self.v_cache[layer][span]);
+                v.extend(span(&self.k_cache[layer]));
+                v.extend(span(&self.v_cache[layer]));
                 v
             }
             Step::Attention { .. } => rows_of(Act::Att, rows),
             Step::SiluMul => rows_of(Act::Gate, rows),
-            Step::Argmax => vec![self.next as f32],
+            Step::Argmax => vec![self.next() as f32],
         }
     }
 }

@@ -2,32 +2,32 @@
 //! together with the buffers it runs on, the weights packed in each layer's format byte layout
 //! (the layout the kernels read), the RoPE tables, and the KV-cache size.
 //!
-//! The same steps run on every backend ([`Backend`]): `cpu` (this module, in Rust, on the
-//! packed bytes, decoding FP8/FP4 exactly as the kernels do), `cuda` (the generated kernels)
-//! and `emu` (the generated kernels on the CPU, `runtime::emu`). The two host backends share
-//! their buffers' layout ([`HostState`]) and run step by step ([`HostBackend`]), so
-//! [`compare_steps`] can check every kernel launch against the cpu backend on identical inputs. Prefill runs the steps over the prompt's `m` tokens; one decode step runs them
-//! over one token; both leave the greedy next token. [`generate`] drives a backend and times
-//! it.
+//! The same steps run on every backend ([`Backend`]): `cpu` (this module, in Rust: the CPU
+//! interpreter's own ops on the weights the packed bytes decode to), `cuda` (the generated
+//! kernels) and `emu` (the generated kernels on the CPU, `runtime::emu`); the last two through
+//! one launcher ([`crate::runtime::launch`]). Every backend keeps activations and the KV cache
+//! in the schedule's [`crate::lower::ActDtype`]. The two host backends share their buffers'
+//! layout ([`HostState`]) and run step by step ([`HostBackend`]), so [`compare_steps`] can
+//! check every kernel launch against the cpu backend on identical inputs. Prefill runs the
+//! steps over the prompt's `m` tokens; one decode step runs them over one token; both leave
+//! the greedy next token. [`generate`] drives a backend and times it.
 
 mod cpu;
 mod generate;
 mod host;
-mod linear;
 
+pub use crate::runtime::cpu::kernels::argmax;
 pub(crate) use cpu::check_pass;
-pub use cpu::CpuBackend;
+pub use cpu::{reference_linear, CpuBackend};
 pub use generate::{generate, greedy_reference, Backend, Generation};
-pub use host::{compare_steps, HostBackend, HostState, StepComparison};
-pub use linear::{argmax, linear_forward};
+pub use host::{compare_steps, HostBackend, HostBuf, HostMemory, HostState, StepComparison};
 
 use std::sync::Arc;
 
 use crate::error::{Error, Result};
-use crate::formats::Scales;
+use crate::formats::{Format, QuantizedMatrix, Scales};
 use crate::ir::Graph;
-use crate::lower::PrecisionMap;
-use crate::lower::{Schedule, WeightFormat};
+use crate::lower::{ActDtype, PrecisionMap, Schedule, WeightFormat};
 use crate::model::{Tensor, WeightSource};
 
 /// Scales of a packed linear layer, as the kernels read them.
@@ -100,6 +100,31 @@ impl PackedLinear {
         }
     }
 
+    /// The FP32 `[n, k]` weights these bytes decode to: exactly the values the kernels compute
+    /// with (the formats' own decoders, `crate::formats`).
+    pub fn dequantize(&self, n: usize, k: usize) -> Vec<f32> {
+        let Some(format) = self.format.format() else {
+            return crate::lower::ActDtype::F32.decode(&self.codes);
+        };
+        let scales = match (&self.scales, format) {
+            (PackedScales::None, _) => Scales::None,
+            (PackedScales::Row(s), _) => Scales::Row(s.clone()),
+            (PackedScales::Block(b), Format::Nvfp4) => Scales::Nvfp4 {
+                block: b.clone(),
+                global: self.global,
+            },
+            (PackedScales::Block(b), _) => Scales::Mxfp4 { block: b.clone() },
+        };
+        QuantizedMatrix {
+            format,
+            rows: n,
+            cols: k,
+            codes: self.codes.clone(),
+            scales,
+        }
+        .dequantize()
+    }
+
     /// Bytes of codes and scales (what a decode step streams from memory).
     pub fn weight_bytes(&self) -> usize {
         self.codes.len()
@@ -116,7 +141,7 @@ pub struct ExecutablePlan {
     pub schedule: Schedule,
     /// Positions the KV cache holds (prompt + generated tokens).
     pub max_seq: usize,
-    /// FP32 embedding table `[vocab, hidden]`.
+    /// Embedding table `[vocab, hidden]` (FP32; backends store it in the activation type).
     pub embedding: Arc<Vec<f32>>,
     /// RMSNorm weights, by [`crate::lower::Step::RmsNorm`]'s `norm`.
     pub norms: Vec<Vec<f32>>,
@@ -128,14 +153,16 @@ pub struct ExecutablePlan {
 }
 
 impl ExecutablePlan {
-    /// Loads and packs every parameter `graph` needs, in the formats `precision` assigns.
+    /// Loads and packs every parameter `graph` needs, in the formats `precision` assigns, for
+    /// activations and KV cache in `act`.
     pub fn build(
         graph: &Graph,
         weights: &dyn WeightSource,
         precision: &PrecisionMap,
         max_seq: usize,
+        act: ActDtype,
     ) -> Result<ExecutablePlan> {
-        let schedule = Schedule::build(graph, precision)?;
+        let schedule = Schedule::build(graph, precision)?.with_act(act);
         schedule.check_kernels()?;
         let d = schedule.dims.clone();
         if max_seq == 0 || max_seq > graph.spec().max_position_embeddings.max(1) {

@@ -1,0 +1,339 @@
+//! One launcher for the generated kernels. A backend that runs them (cuda on a GPU, emu on the
+//! CPU) implements [`Launcher`]: allocate and fill buffers, read them back, launch one entry
+//! point with a list of [`Arg`]s. Everything else is written once, here:
+//!
+//! - [`PlanBuffers`]: the plan's parameters in the kernels' byte layouts (packed linear layers,
+//!   the embedding table in the activation type, FP32 norms and RoPE tables) and one sequence's
+//!   activations, KV cache, tokens, position and next token;
+//! - [`KernelBackend::args`]: the binding of a step's [`Param`]s to those buffers (the kernel
+//!   argument order lives in [`Step::params`]);
+//! - [`KernelBackend`]: a [`Backend`] over any launcher: prefill, decode steps reading their
+//!   token from the previous argmax, logits read back and widened.
+//!
+//! A new backend is a [`Launcher`] implementation: a page of code.
+
+use super::exec::{check_pass, Backend, ExecutablePlan, PackedLinear};
+use crate::error::Result;
+use crate::lower::{Act, KernelSpec, LinearShape, Param, Step};
+
+/// One kernel argument: a buffer (passed as its device pointer) or a value.
+pub enum Arg<'a, B> {
+    Buf(&'a B),
+    I32(i32),
+    F32(f32),
+}
+
+/// A backend's memory: buffers it allocates, fills and reads back.
+pub trait Memory {
+    /// A buffer in the backend's memory (device memory, or host memory for the emulator).
+    type Buf;
+
+    /// A buffer holding `bytes` (at least one element's worth is allocated for empty data, so
+    /// that every pointer is valid).
+    fn upload(&self, bytes: &[u8]) -> Result<Self::Buf>;
+    /// A zeroed buffer of `bytes` bytes.
+    fn zeros(&self, bytes: usize) -> Result<Self::Buf>;
+    /// Overwrites the first `bytes.len()` bytes of `buf`.
+    fn write(&self, buf: &mut Self::Buf, bytes: &[u8]) -> Result<()>;
+    /// The first `len` bytes of `buf`.
+    fn read(&self, buf: &Self::Buf, len: usize) -> Result<Vec<u8>>;
+}
+
+/// What a backend must do to run generated kernels: its memory, and one launch.
+pub trait Launcher: Memory {
+    /// Launches entry point `entry` of kernel `spec` for `rows` activation rows over `context`
+    /// KV positions (the launch dimensions come from the kernel's context).
+    ///
+    /// # Safety
+    /// `args` must match the kernel's signature, and every buffer must be as large as the
+    /// spec's shapes imply.
+    unsafe fn launch(
+        &self,
+        spec: &KernelSpec,
+        entry: &str,
+        rows: usize,
+        context: usize,
+        args: &[Arg<'_, Self::Buf>],
+    ) -> Result<()>;
+}
+
+/// A linear layer's buffers as the kernels read them.
+pub struct LinearBuffers<B> {
+    pub codes: B,
+    /// fp8 row scales as FP32 bytes, FP4 block-scale bytes, or nothing.
+    pub scales: B,
+    pub global: f32,
+    pub bias: B,
+}
+
+impl<B> LinearBuffers<B> {
+    pub fn upload<L: Memory<Buf = B>>(l: &L, packed: &PackedLinear) -> Result<Self> {
+        let bias: Vec<u8> = packed
+            .bias
+            .iter()
+            .flatten()
+            .flat_map(|v| v.to_le_bytes())
+            .collect();
+        Ok(LinearBuffers {
+            codes: l.upload(&packed.codes)?,
+            scales: l.upload(&packed.scales.kernel_bytes())?,
+            global: packed.global,
+            bias: l.upload(&bias)?,
+        })
+    }
+}
+
+/// The buffers of one sequence: activations `[max_seq, cols]` by [`Act`] (logits: one row)
+/// and a `[max_seq, kv_dim]` K and V cache per layer, all in the schedule's activation type;
+/// the prompt's token ids, the pass's first position and the greedy next token (`i32`).
+#[derive(Clone)]
+pub struct SequenceBuffers<B> {
+    pub acts: Vec<B>,
+    pub k_cache: Vec<B>,
+    pub v_cache: Vec<B>,
+    pub tokens: B,
+    pub pos: B,
+    pub next: B,
+}
+
+impl<B> SequenceBuffers<B> {
+    /// Zeroed buffers for `plan`.
+    pub fn zeros<L: Memory<Buf = B>>(l: &L, plan: &ExecutablePlan) -> Result<Self> {
+        let s = &plan.schedule;
+        let e = s.act.bytes();
+        let acts = Act::ALL
+            .iter()
+            .map(|&a| l.zeros(act_rows(plan, a) * s.act_cols(a) * e))
+            .collect::<Result<_>>()?;
+        let cache = || -> Result<Vec<B>> {
+            (0..s.dims.layers)
+                .map(|_| l.zeros(plan.max_seq * s.dims.kv_dim * e))
+                .collect()
+        };
+        Ok(SequenceBuffers {
+            acts,
+            k_cache: cache()?,
+            v_cache: cache()?,
+            tokens: l.zeros(4 * plan.max_seq)?,
+            pos: l.zeros(4)?,
+            next: l.zeros(4)?,
+        })
+    }
+}
+
+/// Rows of activation buffer `a` (the logits keep one row).
+pub fn act_rows(plan: &ExecutablePlan, a: Act) -> usize {
+    if a == Act::Logits {
+        1
+    } else {
+        plan.max_seq
+    }
+}
+
+/// The plan's parameters in a backend's memory.
+pub struct ParamBuffers<B> {
+    /// `[vocab, hidden]` in the activation type.
+    pub embedding: B,
+    pub norms: Vec<B>,
+    pub linears: Vec<LinearBuffers<B>>,
+    pub rope_cos: B,
+    pub rope_sin: B,
+}
+
+impl<B> ParamBuffers<B> {
+    pub fn upload<L: Memory<Buf = B>>(l: &L, plan: &ExecutablePlan) -> Result<Self> {
+        let f32s = |v: &[f32]| l.upload(&crate::lower::ActDtype::F32.encode(v));
+        Ok(ParamBuffers {
+            embedding: l.upload(&plan.schedule.act.encode(&plan.embedding))?,
+            norms: plan.norms.iter().map(|n| f32s(n)).collect::<Result<_>>()?,
+            linears: plan
+                .linears
+                .iter()
+                .map(|p| LinearBuffers::upload(l, p))
+                .collect::<Result<_>>()?,
+            rope_cos: f32s(&plan.rope_cos)?,
+            rope_sin: f32s(&plan.rope_sin)?,
+        })
+    }
+}
+
+/// The arguments of a linear kernel (the order of [`Step::params`] for a linear step) on
+/// standalone buffers: `x` and `y` hold `rows` rows.
+pub fn linear_args<'b, B>(
+    w: &'b LinearBuffers<B>,
+    x: &'b B,
+    y: &'b B,
+    rows: usize,
+) -> [Arg<'b, B>; 7] {
+    [
+        Arg::Buf(&w.codes),
+        Arg::Buf(&w.scales),
+        Arg::F32(w.global),
+        Arg::Buf(&w.bias),
+        Arg::Buf(x),
+        Arg::Buf(y),
+        Arg::I32(rows as i32),
+    ]
+}
+
+/// Runs one linear layer on `l` (its kernels loaded): `y_init` is the `[rows, n]` output before
+/// the kernel (it matters for `accumulate`); returns it after, widened to FP32. `x` and `y_init`
+/// are rounded to `shape.act` on the way in.
+pub fn run_linear<L: Launcher>(
+    l: &L,
+    shape: LinearShape,
+    packed: &PackedLinear,
+    x: &[f32],
+    rows: usize,
+    y_init: &[f32],
+) -> Result<Vec<f32>> {
+    if x.len() < rows * shape.k || y_init.len() < rows * shape.n {
+        return Err(crate::error::Error::invalid(
+            "linear input",
+            format!(
+                "{rows} rows need {} x and {} y values",
+                rows * shape.k,
+                rows * shape.n
+            ),
+        ));
+    }
+    let w = LinearBuffers::upload(l, packed)?;
+    let x = l.upload(&shape.act.encode(&x[..rows * shape.k]))?;
+    let y = l.upload(&shape.act.encode(&y_init[..rows * shape.n]))?;
+    let (spec, entry) = shape.kernel_for_rows(rows);
+    // SAFETY: x and y hold rows x k and rows x n elements of the layer's activation type.
+    unsafe { l.launch(&spec, &entry, rows, 0, &linear_args(&w, &x, &y, rows))? };
+    let bytes = l.read(&y, rows * shape.n * shape.act.bytes())?;
+    Ok(shape.act.decode(&bytes))
+}
+
+/// An executable plan on a [`Launcher`]: its parameters and one sequence's buffers.
+pub struct KernelBackend<'a, L: Launcher> {
+    pub plan: &'a ExecutablePlan,
+    pub launcher: L,
+    pub params: ParamBuffers<L::Buf>,
+    pub seq: SequenceBuffers<L::Buf>,
+    name: &'static str,
+}
+
+impl<'a, L: Launcher> KernelBackend<'a, L> {
+    /// Uploads `plan`'s parameters and allocates its buffers on `launcher` (which must have
+    /// every kernel of the plan's schedule loaded).
+    pub fn on(plan: &'a ExecutablePlan, launcher: L, name: &'static str) -> Result<Self> {
+        Ok(KernelBackend {
+            params: ParamBuffers::upload(&launcher, plan)?,
+            seq: SequenceBuffers::zeros(&launcher, plan)?,
+            launcher,
+            plan,
+            name,
+        })
+    }
+
+    /// Writes the pass's position and, for a prefill, its tokens; a decode step's token goes to
+    /// `next`, where the embedding reads it (as the previous argmax leaves it).
+    pub fn start_pass(&mut self, tokens: &[u32], pos: usize, decode: bool) -> Result<()> {
+        let l = &self.launcher;
+        l.write(&mut self.seq.pos, &(pos as i32).to_le_bytes())?;
+        if decode {
+            l.write(&mut self.seq.next, &(tokens[0] as i32).to_le_bytes())
+        } else {
+            let ids: Vec<u8> = tokens
+                .iter()
+                .flat_map(|&t| (t as i32).to_le_bytes())
+                .collect();
+            l.write(&mut self.seq.tokens, &ids)
+        }
+    }
+
+    /// The kernel arguments of `step` in a pass of `m` rows: [`Step::params`] bound to this
+    /// backend's buffers (the one binding every launcher uses).
+    pub fn args(&self, step: &Step, m: usize, decode: bool) -> Vec<Arg<'_, L::Buf>> {
+        let (p, s) = (&self.params, &self.seq);
+        step.params(decode)
+            .into_iter()
+            .map(|param| match param {
+                Param::Act(a) => Arg::Buf(&s.acts[a as usize]),
+                Param::Tokens => Arg::Buf(&s.tokens),
+                Param::Next => Arg::Buf(&s.next),
+                Param::Embedding => Arg::Buf(&p.embedding),
+                Param::Norm(i) => Arg::Buf(&p.norms[i]),
+                Param::KCache(l) => Arg::Buf(&s.k_cache[l]),
+                Param::VCache(l) => Arg::Buf(&s.v_cache[l]),
+                Param::RopeCos => Arg::Buf(&p.rope_cos),
+                Param::RopeSin => Arg::Buf(&p.rope_sin),
+                Param::Pos => Arg::Buf(&s.pos),
+                Param::Rows => Arg::I32(step.rows(m) as i32),
+                Param::Eps => Arg::F32(self.plan.schedule.dims.eps),
+                Param::Row0 => Arg::I32(step.row0(m)),
+                Param::LinearCodes(i) => Arg::Buf(&p.linears[i].codes),
+                Param::LinearScales(i) => Arg::Buf(&p.linears[i].scales),
+                Param::LinearGlobal(i) => Arg::F32(p.linears[i].global),
+                Param::LinearBias(i) => Arg::Buf(&p.linears[i].bias),
+            })
+            .collect()
+    }
+
+    /// Launches step `index` of the schedule for a pass of `m` rows.
+    pub fn launch_step(&self, index: usize, m: usize, decode: bool) -> Result<()> {
+        let s = &self.plan.schedule;
+        let step = s.steps[index];
+        let spec = match step {
+            Step::Linear { linear, .. } => s.linears[linear].shape.kernel_for_rows(step.rows(m)).0,
+            _ => s.kernels_of(&step)[0],
+        };
+        let args = self.args(&step, m, decode);
+        // SAFETY: `Step::params` lists each template's kernel signature in order, and the
+        // buffers were allocated for this plan's shapes.
+        unsafe {
+            self.launcher.launch(
+                &spec,
+                &s.entry_of(&step, m),
+                step.rows(m),
+                self.plan.max_seq,
+                &args,
+            )
+        }
+    }
+
+    /// Launches every step for a pass of `m` rows.
+    pub fn launch_steps(&self, m: usize, decode: bool) -> Result<()> {
+        (0..self.plan.schedule.steps.len()).try_for_each(|i| self.launch_step(i, m, decode))
+    }
+
+    /// The greedy next token the last argmax left.
+    pub fn next_token(&self) -> Result<u32> {
+        let b = self.launcher.read(&self.seq.next, 4)?;
+        Ok(i32::from_le_bytes([b[0], b[1], b[2], b[3]]).max(0) as u32)
+    }
+}
+
+/// A launcher that can run a whole pass its own way (the cuda backend replays decode steps from
+/// a captured CUDA graph); the default launches the steps one by one.
+pub trait RunPass: Launcher + Sized {
+    fn run_pass(backend: &mut KernelBackend<'_, Self>, m: usize, decode: bool) -> Result<()> {
+        backend.launch_steps(m, decode)
+    }
+}
+
+impl<L: RunPass> Backend for KernelBackend<'_, L> {
+    fn name(&self) -> &'static str {
+        self.name
+    }
+
+    fn forward(&mut self, tokens: &[u32], pos: usize) -> Result<u32> {
+        check_pass(self.plan, tokens, pos)?;
+        let decode = tokens.len() == 1 && pos > 0;
+        self.start_pass(tokens, pos, decode)?;
+        L::run_pass(self, tokens.len(), decode)?;
+        self.next_token()
+    }
+
+    fn logits(&mut self) -> Result<Vec<f32>> {
+        let s = &self.plan.schedule;
+        let bytes = self.launcher.read(
+            &self.seq.acts[Act::Logits as usize],
+            s.dims.vocab * s.act.bytes(),
+        )?;
+        Ok(s.act.decode(&bytes))
+    }
+}
