@@ -12,7 +12,7 @@ use common::have;
 use fpx::codegen::{self, KernelSource, Renderer};
 use fpx::formats::Format;
 use fpx::ir::Graph;
-use fpx::lower::{ActDtype, Arch, KernelSpec, LinearShape, Param, Schedule, Step, WeightFormat};
+use fpx::lower::{ActDtype, Arch, KernelSpec, LinearShape, Param, Schedule, WeightFormat};
 use fpx::lower::{LinearPrecision, PrecisionMap};
 use fpx::model::synthetic::tiny_spec;
 use fpx::model::Architecture;
@@ -77,12 +77,16 @@ fn rendering_is_deterministic_and_deduplicated() {
 
 #[test]
 fn generated_sources_match_snapshots() {
+    // The tiny plan as `fpx run` executes a BF16 checkpoint (BF16 activations and KV cache).
     let (graph, map) = tiny_mixed_plan();
-    let schedule = Schedule::build(&graph, &map).unwrap();
+    let schedule = Schedule::build(&graph, &map)
+        .unwrap()
+        .with_act(ActDtype::Bf16);
     for k in codegen::generate(&schedule, Arch::Sm90).unwrap() {
         insta::assert_snapshot!(format!("tiny_sm_90__{}", k.name), k.source);
     }
-    // The FP4 GEMV for a Blackwell target differs only in its decode path.
+    // The FP4 GEMV for a Blackwell target differs only in its decode path (here on FP32
+    // activations).
     let spec = KernelSpec::Gemv(LinearShape {
         format: WeightFormat::Nvfp4,
         n: 128,
@@ -259,7 +263,10 @@ fn nvrtc_error_carries_log_options_and_dumped_source() {
         .find(|(n, _)| *n == "silu_mul.cu.tera")
         .unwrap()
         .1
-        .replace("gate[i] = g /", "gate[i] = g / undeclared_name /");
+        .replace(
+            "fpx::store_act(gate + i, g /",
+            "fpx::store_act(gate + i, g / undeclared_name /",
+        );
     let renderer = Renderer::with_overrides(&[("silu_mul.cu.tera", &broken)]).unwrap();
     let src = renderer
         .render(
@@ -440,48 +447,71 @@ fn param_c_type(p: Param) -> (&'static str, bool) {
     match p {
         Param::Tokens | Param::Next | Param::Pos => ("int", true),
         Param::Rows | Param::Row0 => ("int", false),
-        Param::Eps => ("float", false),
-        _ => ("float", true),
+        Param::Eps | Param::LinearGlobal(_) => ("float", false),
+        Param::Act(_) | Param::KCache(_) | Param::VCache(_) | Param::Embedding => ("act_t", true),
+        Param::LinearCodes(_) => ("fpx::u8", true),
+        Param::LinearScales(_) => ("void", true),
+        Param::Norm(_) | Param::RopeCos | Param::RopeSin | Param::LinearBias(_) => ("float", true),
     }
 }
 
 #[test]
 fn step_params_match_the_template_signatures() {
-    // The backends pass `Step::params` in order; the templates declare the signature. Checked
-    // here for every non-linear step, prefill and decode (the cuda backend cannot run here, so
-    // this is what keeps its argument lists honest).
+    // The backends pass `Step::params` in order (one binding, `runtime::launch`); the
+    // templates declare the signature. Checked here for every step and entry point, prefill
+    // and decode, on FP32 and 16-bit activations (the cuda backend cannot run here, so this is
+    // what keeps its argument lists honest).
     let (graph, map) = tiny_mixed_plan();
-    let schedule = Schedule::build(&graph, &map).unwrap();
     let renderer = Renderer::new().unwrap();
     let mut checked = std::collections::BTreeSet::new();
-    for step in &schedule.steps {
-        if matches!(step, Step::Linear { .. }) {
-            continue;
+    for act in ActDtype::ALL {
+        let schedule = Schedule::build(&graph, &map).unwrap().with_act(act);
+        for step in &schedule.steps {
+            for m in [1, 3, 20] {
+                let entry = schedule.entry_of(step, m);
+                let spec = *schedule
+                    .kernels_of(step)
+                    .iter()
+                    .find(|s| entry.starts_with(&s.name()))
+                    .unwrap();
+                let src = renderer.render(&spec, Arch::Sm90).unwrap().source;
+                let head = format!("{entry}(");
+                let start = src.find(&head).unwrap() + head.len();
+                let end = start + src[start..].find(')').unwrap();
+                let declared: Vec<(String, bool)> = src[start..end]
+                    .split(',')
+                    .map(|p| {
+                        let p = p.replace("__restrict__", "").replace("const", "");
+                        let ty = p.split_whitespace().next().unwrap().to_string();
+                        (ty.trim_end_matches('*').to_string(), p.contains('*'))
+                    })
+                    .collect();
+                for decode in [false, true] {
+                    let passed: Vec<(String, bool)> = step
+                        .params(decode)
+                        .into_iter()
+                        .map(|p| {
+                            let (ty, ptr) = param_c_type(p);
+                            (ty.to_string(), ptr)
+                        })
+                        .collect();
+                    assert_eq!(passed, declared, "{entry} (decode {decode})");
+                }
+                assert!(
+                    src.contains(&format!("using act_t = {};", act_c_type(act))),
+                    "{entry}: act_t"
+                );
+                checked.insert(spec.family());
+            }
         }
-        let spec = schedule.kernels_of(step)[0];
-        let src = renderer.render(&spec, Arch::Sm90).unwrap().source;
-        let head = format!("{}(", spec.name());
-        let start = src.find(&head).unwrap() + head.len();
-        let declared: Vec<(String, bool)> = src[start..start + src[start..].find(')').unwrap()]
-            .split(',')
-            .map(|p| {
-                let p = p.replace("__restrict__", "").replace("const", "");
-                let ty = p.split_whitespace().next().unwrap().to_string();
-                (ty.trim_end_matches('*').to_string(), p.contains('*'))
-            })
-            .collect();
-        for decode in [false, true] {
-            let passed: Vec<(String, bool)> = step
-                .params(decode)
-                .into_iter()
-                .map(|p| {
-                    let (ty, ptr) = param_c_type(p);
-                    (ty.to_string(), ptr)
-                })
-                .collect();
-            assert_eq!(passed, declared, "{} (decode {decode})", spec.name());
-        }
-        checked.insert(spec.family());
     }
-    assert_eq!(checked.len(), 6, "{checked:?}");
+    assert_eq!(checked.len(), 8, "{checked:?}");
+}
+
+fn act_c_type(act: ActDtype) -> &'static str {
+    match act {
+        ActDtype::F32 => "float",
+        ActDtype::Bf16 => "fpx::bf16",
+        ActDtype::F16 => "fpx::f16",
+    }
 }

@@ -55,7 +55,7 @@ fn greedy_and_ilp_at_the_same_latency_then_compare() {
     .concat());
     assert!(
         out.contains(
-            "fpx kernel cost model of NVIDIA H100 SXM5 80GB, sm_90 (batch 1, context 512)"
+            "fpx kernel cost model of NVIDIA H100 SXM5 80GB, sm_90 (batch 1, context 512, bf16 activations)"
         ),
         "{out}"
     );

@@ -134,10 +134,7 @@ fn explain_lists_the_kernels_of_the_step() {
     ];
     let text = ok(&base);
     assert!(text.contains("kernels of one decode step"), "{text}");
-    assert!(
-        text.contains("gemv_f32_49152x576_m1") || text.contains("gemv_fp16_49152x576_m1"),
-        "{text}"
-    );
+    assert!(text.contains("gemv_fp16_49152x576_abf16_m1"), "{text}");
     assert!(
         text.contains("launches:") && text.contains("at the chip's bound"),
         "{text}"
@@ -156,8 +153,8 @@ fn explain_lists_the_kernels_of_the_step() {
     }
     let lm = rows.iter().find(|r| r["layer"] == "lm_head").unwrap();
     assert_eq!(
-        lm["kernel"], "gemv_fp16_49152x576_m1",
-        "lm_head defaults to fp16"
+        lm["kernel"], "gemv_fp16_49152x576_abf16_m1",
+        "lm_head defaults to fp16, activations to bf16"
     );
     // The roofline source says so.
     let roof = ok(&[

@@ -38,7 +38,9 @@ fn specs() -> Vec<KernelSpec> {
         };
         map.insert(graph.node(id).name.clone(), LinearPrecision::weight_only(f));
     }
-    let mut v = Schedule::build(&graph, &map).unwrap().kernels();
+    let schedule = Schedule::build(&graph, &map).unwrap();
+    let mut v = schedule.kernels();
+    v.extend(schedule.with_act(ActDtype::Bf16).kernels());
     for format in WeightFormat::ALL {
         for (n, k) in [(4096, 4096), (40, 100)] {
             let shape = LinearShape {
@@ -182,15 +184,19 @@ fn decode_cost_per_weight_matches_the_sass() {
     let (tools, compiler) = (tools.unwrap(), compiler.unwrap());
     let renderer = Renderer::new().unwrap();
     let (mut measured, mut wrong) = (Vec::new(), Vec::new());
-    for arch in Arch::ALL {
-        for format in WeightFormat::ALL {
+    for (arch, format, act) in Arch::ALL.into_iter().flat_map(|a| {
+        WeightFormat::ALL
+            .into_iter()
+            .flat_map(move |f| ActDtype::ALL.into_iter().map(move |d| (a, f, d)))
+    }) {
+        {
             let spec = KernelSpec::Gemv(LinearShape {
                 format,
                 n: 1536,
                 k: 576,
                 bias: false,
                 accumulate: false,
-                act: ActDtype::F32,
+                act,
             });
             let src = renderer.render(&spec, arch).unwrap();
             let c = &compiler.compile_all(std::slice::from_ref(&src)).unwrap()[0];
@@ -201,7 +207,7 @@ fn decode_cost_per_weight_matches_the_sass() {
             };
             let per_weight = gemv_instructions_per_weight(m1, g)
                 .unwrap_or_else(|| panic!("{}: no main loop found: {:?}", m1.entry, m1.main_loop));
-            let model = decode_instructions_per_weight(format, arch);
+            let model = decode_instructions_per_weight(format, arch, act);
             let line = format!(
                 "{} on {arch}: {:.4} per weight beyond the FMA (table: {model})",
                 m1.entry,

@@ -12,8 +12,9 @@ use fpx::model::Model;
 /// `--act-dtype` of the commands that execute a plan: the checkpoint's type when not given.
 #[derive(clap::Args, Clone, Copy)]
 pub(crate) struct ActDtypeArg {
-    /// Element type of activations and KV cache: f32, bf16 or f16 (default: the checkpoint's
-    /// stored type, e.g. bf16 for SmolLM2; f32 for GGUF files).
+    /// Element type of activations and KV cache: f32, bf16 or f16 (default: the type of the
+    /// checkpoint's embedding table: f32 and f16 as stored, bf16 for BF16 and for quantized
+    /// GGUF storage).
     #[arg(long = "act-dtype", value_enum)]
     pub act_dtype: Option<fpx::lower::ActDtype>,
 }

@@ -57,18 +57,19 @@ impl ActDtype {
         }
     }
 
-    /// The activation type matching a checkpoint tensor's stored dtype (safetensors names:
-    /// `BF16`, `F16`, `F32`; anything else, e.g. a GGUF block type, runs in FP32).
+    /// The activation type matching a checkpoint tensor's stored dtype (safetensors and GGUF
+    /// names): `F16` and `F32` run in their own type; `BF16`, and quantized storage (GGUF block
+    /// types such as `Q4_1`, whose models engines serve in BF16), in BF16.
     pub fn of_stored(dtype: &str) -> ActDtype {
         match dtype.to_ascii_uppercase().as_str() {
-            "BF16" | "BFLOAT16" => ActDtype::Bf16,
+            "F32" | "FLOAT32" => ActDtype::F32,
             "F16" | "FLOAT16" | "FP16" => ActDtype::F16,
-            _ => ActDtype::F32,
+            _ => ActDtype::Bf16,
         }
     }
 
-    /// The checkpoint's activation type: the stored type of `graph`'s embedding table (what an
-    /// engine runs the model in); FP32 when unknown.
+    /// The checkpoint's activation type: that of the stored type of `graph`'s embedding table
+    /// ([`ActDtype::of_stored`]; what an engine runs the model in); BF16 when unknown.
     pub fn of_checkpoint(graph: &Graph, weights: &dyn WeightSource) -> ActDtype {
         let table = graph
             .topo_order()
@@ -79,7 +80,7 @@ impl ActDtype {
             });
         table
             .and_then(|t| weights.stored_dtype(&t))
-            .map_or(ActDtype::F32, |d| ActDtype::of_stored(&d))
+            .map_or(ActDtype::Bf16, |d| ActDtype::of_stored(&d))
     }
 
     /// `v` rounded to this type (to nearest even) and widened back.
@@ -171,6 +172,6 @@ mod tests {
         assert_eq!(ActDtype::of_stored("BF16"), ActDtype::Bf16);
         assert_eq!(ActDtype::of_stored("F16"), ActDtype::F16);
         assert_eq!(ActDtype::of_stored("F32"), ActDtype::F32);
-        assert_eq!(ActDtype::of_stored("Q4_K"), ActDtype::F32);
+        assert_eq!(ActDtype::of_stored("Q4_K"), ActDtype::Bf16);
     }
 }

@@ -13,6 +13,7 @@
 use serde::Serialize;
 
 use super::arch::Arch;
+use super::dtype::ActDtype;
 use super::schedule::{Act, Schedule, Step};
 use super::spec::{KernelSpec, LinearShape, WeightFormat};
 
@@ -52,35 +53,57 @@ impl KernelSpec {
     }
 }
 
-/// SASS instructions the decode GEMV spends per weight element beyond the FMA, by format and
-/// target: weight and activation loads, the decode to FP32, the scales, address arithmetic and
+/// SASS instructions the decode GEMV spends per weight element beyond the FMA, by format,
+/// target and activation type: weight and activation loads, the decode to FP32, the scales, address arithmetic and
 /// the loop. Measured on the `_m1` GEMV of a 1536 x 576 layer: the static instruction count of
 /// its main loop (`codegen::report::MainLoop`, the body of the longest backward branch)
 /// divided by the weights one trip handles, minus the one FMA per weight
 /// (`codegen::report::gemv_instructions_per_weight`); `tests/sass.rs` recomputes every entry
 /// from the compiled kernels and fails when one drifts. The shape's own unrolling makes other
 /// shapes differ by a fraction of an instruction.
-pub fn decode_instructions_per_weight(format: WeightFormat, arch: Arch) -> f64 {
+pub fn decode_instructions_per_weight(format: WeightFormat, arch: Arch, act: ActDtype) -> f64 {
     use WeightFormat as W;
     // Measured with NVRTC 12.9 (`cargo test --test sass decode_cost -- --nocapture` prints
     // them); fractions because the compiler unrolls the loop over several weight vectors.
-    match (arch, format) {
-        (Arch::Sm89, W::F32) => 0.9375,
-        (Arch::Sm90, W::F32) => 1.0625,
-        (Arch::Sm100a, W::F32) => 3.25,
-        (Arch::Sm120a, W::F32) => 1.75,
-        (Arch::Sm89 | Arch::Sm90, W::Fp16) => 1.59375,
-        (Arch::Sm100a, W::Fp16) => 2.25,
-        (Arch::Sm120a, W::Fp16) => 2.0,
-        (Arch::Sm89 | Arch::Sm90 | Arch::Sm100a, W::Fp8) => 2.25,
-        (Arch::Sm120a, W::Fp8) => 2.125,
-        (Arch::Sm89 | Arch::Sm90, W::Nvfp4) => 4.3125,
-        (Arch::Sm100a, W::Nvfp4) => 3.53125,
-        (Arch::Sm120a, W::Nvfp4) => 3.46875,
-        (Arch::Sm89, W::Mxfp4) => 4.0,
-        (Arch::Sm90, W::Mxfp4) => 3.8125,
-        (Arch::Sm100a, W::Mxfp4) => 3.21875,
-        (Arch::Sm120a, W::Mxfp4) => 3.15625,
+    // 16-bit activations cost about one instruction per weight more than FP32 ones: the
+    // widening of each activation to FP32 (the kernels keep FP32 FMA arithmetic).
+    match act {
+        ActDtype::F32 => match (arch, format) {
+            (Arch::Sm89, W::F32) => 0.9375,
+            (Arch::Sm90, W::F32) => 1.0625,
+            (Arch::Sm100a, W::F32) => 3.25,
+            (Arch::Sm120a, W::F32) => 1.75,
+            (Arch::Sm89 | Arch::Sm90, W::Fp16) => 1.59375,
+            (Arch::Sm100a, W::Fp16) => 2.25,
+            (Arch::Sm120a, W::Fp16) => 2.0,
+            (Arch::Sm89 | Arch::Sm90 | Arch::Sm100a, W::Fp8) => 2.25,
+            (Arch::Sm120a, W::Fp8) => 2.125,
+            (Arch::Sm89 | Arch::Sm90, W::Nvfp4) => 4.3125,
+            (Arch::Sm100a, W::Nvfp4) => 3.53125,
+            (Arch::Sm120a, W::Nvfp4) => 3.46875,
+            (Arch::Sm89, W::Mxfp4) => 4.0,
+            (Arch::Sm90, W::Mxfp4) => 3.8125,
+            (Arch::Sm100a, W::Mxfp4) => 3.21875,
+            (Arch::Sm120a, W::Mxfp4) => 3.15625,
+        },
+        ActDtype::Bf16 | ActDtype::F16 => match (arch, format) {
+            (Arch::Sm89 | Arch::Sm90, W::F32) => 1.9375,
+            (Arch::Sm100a, W::F32) => 3.25,
+            (Arch::Sm120a, W::F32) => 2.75,
+            (Arch::Sm89 | Arch::Sm90, W::Fp16) => 2.59375,
+            (Arch::Sm100a, W::Fp16) => 3.5,
+            (Arch::Sm120a, W::Fp16) => 3.0,
+            (Arch::Sm89 | Arch::Sm90 | Arch::Sm100a, W::Fp8) => 3.25,
+            (Arch::Sm120a, W::Fp8) => 3.125,
+            (Arch::Sm89, W::Nvfp4) => 5.5,
+            (Arch::Sm90, W::Nvfp4) => 5.4375,
+            (Arch::Sm100a | Arch::Sm120a, W::Nvfp4) => 4.46875,
+            (Arch::Sm89, W::Mxfp4) => 4.90625,
+            (Arch::Sm90, W::Mxfp4) if act == ActDtype::Bf16 => 4.96875,
+            (Arch::Sm90, W::Mxfp4) => 4.84375,
+            (Arch::Sm100a, W::Mxfp4) => 4.25,
+            (Arch::Sm120a, W::Mxfp4) => 4.1875,
+        },
     }
 }
 
@@ -116,7 +139,7 @@ pub fn linear_work(shape: &LinearShape, rows: usize, arch: Arch) -> KernelWork {
     KernelWork {
         bytes: linear_weight_bytes(shape) as f64 + act * (m * k + outputs * m * n),
         flops: 2.0 * m * n * k,
-        decode_instructions: n * k * decode_instructions_per_weight(shape.format, arch),
+        decode_instructions: n * k * decode_instructions_per_weight(shape.format, arch, shape.act),
         path: spec.path(arch),
     }
 }
@@ -165,7 +188,6 @@ impl Schedule {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::lower::ActDtype;
 
     #[test]
     fn linear_work_counts_weights_activations_and_the_epilogue() {

@@ -337,6 +337,10 @@ impl WeightSource for GgufSource {
     fn names(&self) -> Vec<String> {
         self.entries.keys().cloned().collect()
     }
+
+    fn stored_dtype(&self, name: &str) -> Option<String> {
+        Some(gguf_header::type_name(self.entries.get(name)?.type_id))
+    }
 }
 
 #[cfg(test)]
