@@ -40,13 +40,8 @@ fn interpreter_and_cpu_backend_agree_at_16_bits() {
         // Every value the two store is rounded to `act` at the same points; only summation
         // orders inside attention differ, which can move a value to a neighbouring 16-bit
         // number: one unit in the last place.
-        let ulp = if act == ActDtype::Bf16 {
-            2f32.powi(-7)
-        } else {
-            2f32.powi(-10)
-        };
         let err = rel_err(&got, want);
-        assert!(err <= 4.0 * ulp, "{act}: logits differ by {err}");
+        assert!(err <= 4.0 * act.ulp(), "{act}: logits differ by {err}");
         assert!(
             got.iter().all(|&v| act.round(v) == v),
             "{act}: the backend's logits are not {act} values"

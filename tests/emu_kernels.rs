@@ -123,16 +123,11 @@ fn build(renderer: &Renderer, specs: &[KernelSpec], opts: &EmuOptions) -> EmuKer
 /// so FP32 rounding differs; 1e-5 of the largest output is far below one FP8/FP4 step.
 const TOL: f32 = 1e-5;
 
-/// Tolerance on `act` outputs: [`TOL`], plus one unit in the last place of a 16-bit type
-/// relative to the largest output (the FP32 sums, a few FP32 ulp apart, may round to
-/// neighbouring 16-bit values: one ulp is at most 2^-7 of a BF16 value, 7 stored significand
-/// bits, and 2^-10 of an FP16 value).
+/// Tolerance on `act` outputs: [`TOL`], plus one unit in the last place of the type relative
+/// to the largest output (the FP32 sums, a few FP32 ulp apart, may round to neighbouring
+/// 16-bit values: `ActDtype::ulp`).
 fn tol(act: ActDtype) -> f32 {
-    TOL + match act {
-        ActDtype::F32 => 0.0,
-        ActDtype::Bf16 => 2f32.powi(-7),
-        ActDtype::F16 => 2f32.powi(-10),
-    }
+    TOL + act.ulp()
 }
 
 #[test]

@@ -83,6 +83,18 @@ impl ActDtype {
             .map_or(ActDtype::Bf16, |d| ActDtype::of_stored(&d))
     }
 
+    /// One unit in the last place relative to a value, at most: the largest relative move a
+    /// stored value makes when two summation orders round it to neighbouring numbers of this
+    /// type (2^-23 for FP32, 2^-7 for BF16's 7 stored significand bits, 2^-10 for FP16's 10).
+    /// Comparisons of two executions at this type allow it.
+    pub fn ulp(self) -> f32 {
+        match self {
+            ActDtype::F32 => f32::EPSILON,
+            ActDtype::Bf16 => 2f32.powi(-7),
+            ActDtype::F16 => 2f32.powi(-10),
+        }
+    }
+
     /// `v` rounded to this type (to nearest even) and widened back.
     pub fn round(self, v: f32) -> f32 {
         match self {
