@@ -282,34 +282,31 @@ pub fn check_sliding_window(
             ));
         }
     }
+    // Counted, not listed: num_hidden_layers is not bounded until validate_spec.
     let n = c.num_hidden_layers;
-    let (window, sliding): (Option<u64>, Vec<usize>) = match arch {
-        Architecture::Llama => (None, Vec::new()),
-        Architecture::Mistral => (
-            c.sliding_window.unwrap_or(Some(MISTRAL_DEFAULT)),
-            (0..n).collect(),
-        ),
+    let (window, sliding): (Option<u64>, usize) = match arch {
+        Architecture::Llama => (None, 0),
+        Architecture::Mistral => (c.sliding_window.unwrap_or(Some(MISTRAL_DEFAULT)), n),
         Architecture::Qwen2 if c.use_sliding_window == Some(true) => {
             let layers = match &c.layer_types {
-                Some(t) => (0..n)
-                    .filter(|&i| t.get(i).is_some_and(|t| t == "sliding_attention"))
-                    .collect(),
-                None => (c.max_window_layers.unwrap_or(28).min(n)..n).collect(),
+                Some(t) => t
+                    .iter()
+                    .take(n)
+                    .filter(|t| *t == "sliding_attention")
+                    .count(),
+                None => n - c.max_window_layers.unwrap_or(28).min(n),
             };
             (c.sliding_window.unwrap_or(Some(MISTRAL_DEFAULT)), layers)
         }
-        Architecture::Qwen2 => (None, Vec::new()),
+        Architecture::Qwen2 => (None, 0),
     };
     match window {
-        Some(w) if !sliding.is_empty() && w < max_positions as u64 => {
-            Err(ConfigError::Invalid(format!(
-                "sliding_window = {w} is not supported: it is shorter than \
-                 max_position_embeddings = {max_positions} on {} of {n} layers, and fpx's \
-                 attention is full causal attention (windowed attention is not implemented; \
-                 a window of at least max_position_embeddings, or null, is accepted)",
-                sliding.len()
-            )))
-        }
+        Some(w) if sliding > 0 && w < max_positions as u64 => Err(ConfigError::Invalid(format!(
+            "sliding_window = {w} is not supported: it is shorter than \
+             max_position_embeddings = {max_positions} on {sliding} of {n} layers, and fpx's \
+             attention is full causal attention (windowed attention is not implemented; a \
+             window of at least max_position_embeddings, or null, is accepted)"
+        ))),
         _ => Ok(()),
     }
 }
