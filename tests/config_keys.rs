@@ -355,6 +355,11 @@ fn supported_values_and_harmless_keys_load() {
         load(&mistral).is_ok(),
         "default window 4096 covers 256 positions"
     );
+    // The window check counts layers rather than listing them: an absurd layer count is
+    // refused by the limits, not by an allocation.
+    let huge = with(&mistral, "num_hidden_layers", json!(1_000_000_000_000u64));
+    let err = load(&huge).unwrap_err().to_string();
+    assert!(err.contains("more than the limit"), "{err}");
     let qwen2 = with(&base, "architectures", json!(["Qwen2ForCausalLM"]));
     for (use_window, window, max_window_layers) in [
         (false, json!(16), json!(0)),
