@@ -382,6 +382,31 @@ fn unsupported_gguf_architecture() {
 }
 
 #[test]
+fn gguf_rope_scaling_is_refused_by_name() {
+    let root = tempfile::tempdir().unwrap();
+    let file = gguf_file(root.path(), &tiny_spec(Architecture::Llama), GgmlDType::F32);
+    edit_gguf(
+        &file,
+        |m| {
+            m.push((
+                "llama.rope.scaling.type".into(),
+                Value::String("yarn".into()),
+            ))
+        },
+        None,
+    );
+    match load_err(&file) {
+        Error::Config { reason, .. } => {
+            assert!(
+                reason.contains("llama.rope.scaling.type") && reason.contains("yarn"),
+                "{reason}"
+            )
+        }
+        other => panic!("unexpected {other}"),
+    }
+}
+
+#[test]
 fn gguf_missing_metadata_key() {
     let root = tempfile::tempdir().unwrap();
     let file = gguf_file(root.path(), &tiny_spec(Architecture::Qwen2), GgmlDType::F16);

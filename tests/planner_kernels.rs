@@ -45,6 +45,7 @@ fn qwen25_14b_plans_at_tensor_parallel_2_on_rtx5090() {
         head_dim: 128,
         vocab_size: 152064,
         rope_theta: 1e6,
+        rope_scaling: Default::default(),
         rms_norm_eps: 1e-6,
         tie_word_embeddings: false,
         attention_bias: true,

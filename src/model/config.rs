@@ -6,11 +6,13 @@
 //! [`validate_spec`], which the GGUF reader shares. Defaults follow `transformers`
 //! (`num_key_value_heads` = heads, `head_dim` = hidden / heads, `rope_theta` = 10000).
 
+use std::collections::BTreeMap;
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};
+use serde_json::Value;
 
-use super::{Architecture, ModelSpec};
+use super::{config_keys, Architecture, ModelSpec};
 use crate::error::{Error, Result};
 
 /// The `architectures` entries fpx accepts, as a message for errors.
@@ -34,7 +36,8 @@ impl TokenIds {
     }
 }
 
-/// `config.json` as Hugging Face writes it (only the fields fpx reads; others are ignored).
+/// `config.json` as Hugging Face writes it: the fields fpx reads, and the rest in `other`
+/// (see [`config_keys`] for what happens to each key).
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 pub struct HfConfig {
     #[serde(default)]
@@ -64,6 +67,45 @@ pub struct HfConfig {
     pub eos_token_id: Option<TokenIds>,
     #[serde(default)]
     pub attention_bias: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hidden_act: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mlp_bias: Option<bool>,
+    /// RoPE scaling as transformers 4 writes it (a dict, or null).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rope_scaling: Option<Value>,
+    /// RoPE base and scaling as transformers 5 writes them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rope_parameters: Option<Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub partial_rotary_factor: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub original_max_position_embeddings: Option<usize>,
+    /// `None`: the key is absent (Mistral then defaults to 4096); `Some(None)`: null.
+    #[serde(
+        default,
+        deserialize_with = "present",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub sliding_window: Option<Option<u64>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub use_sliding_window: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_window_layers: Option<usize>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub layer_types: Option<Vec<String>>,
+    /// Every other key: listed as harmless in [`config_keys::IGNORED_KEYS`] or warned about.
+    #[serde(flatten)]
+    pub other: BTreeMap<String, Value>,
+}
+
+/// A key that is present deserializes to `Some`, even when its value is null.
+fn present<'de, D, T>(d: D) -> Result<Option<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    T::deserialize(d).map(Some)
 }
 
 /// Why a config could not become a [`ModelSpec`]; the caller adds the path.
@@ -146,11 +188,38 @@ impl TryFrom<HfConfig> for ModelSpec {
 
     fn try_from(c: HfConfig) -> Result<Self, ConfigError> {
         let architecture = c.architecture()?;
-        if c.num_attention_heads == 0 {
-            return Err(ConfigError::Invalid(
-                "num_attention_heads must be > 0".into(),
-            ));
+        // Named as the config names them (validate_spec, shared with GGUF, uses spec names).
+        for (key, v) in [
+            ("hidden_size", Some(c.hidden_size)),
+            ("intermediate_size", Some(c.intermediate_size)),
+            ("num_hidden_layers", Some(c.num_hidden_layers)),
+            ("num_attention_heads", Some(c.num_attention_heads)),
+            ("num_key_value_heads", c.num_key_value_heads),
+            ("head_dim", c.head_dim),
+            ("vocab_size", Some(c.vocab_size)),
+            ("max_position_embeddings", c.max_position_embeddings),
+        ] {
+            if v == Some(0) {
+                return Err(ConfigError::Invalid(format!("{key} = 0: must be > 0")));
+            }
         }
+        for (key, ids) in [
+            ("bos_token_id", &c.bos_token_id),
+            ("eos_token_id", &c.eos_token_id),
+        ] {
+            let ids = match ids {
+                Some(TokenIds::One(id)) => std::slice::from_ref(id),
+                Some(TokenIds::Many(ids)) => ids.as_slice(),
+                None => &[],
+            };
+            if let Some(id) = ids.iter().find(|&&id| id as usize >= c.vocab_size) {
+                return Err(ConfigError::Invalid(format!(
+                    "{key} {id} is outside the vocabulary ({})",
+                    c.vocab_size
+                )));
+            }
+        }
+        config_keys::check_mlp(&c)?;
         let head_dim = match c.head_dim {
             Some(d) => d,
             None => {
@@ -168,6 +237,10 @@ impl TryFrom<HfConfig> for ModelSpec {
             Architecture::Mistral => 32768,
             Architecture::Qwen2 => 32768,
         };
+        let max_position_embeddings = c.max_position_embeddings.unwrap_or(default_ctx);
+        let (rope_theta, rope_scaling) = config_keys::rope(&c, max_position_embeddings)?;
+        config_keys::check_sliding_window(&c, architecture, max_position_embeddings)?;
+        config_keys::warn_unknown(&c.other);
         let spec = ModelSpec {
             architecture,
             hidden_size: c.hidden_size,
@@ -177,13 +250,14 @@ impl TryFrom<HfConfig> for ModelSpec {
             num_kv_heads: c.num_key_value_heads.unwrap_or(c.num_attention_heads),
             head_dim,
             vocab_size: c.vocab_size,
-            rope_theta: c.rope_theta.unwrap_or(10_000.0) as f32,
+            rope_theta,
+            rope_scaling,
             rms_norm_eps: c.rms_norm_eps.unwrap_or(1e-6) as f32,
             tie_word_embeddings: c.tie_word_embeddings.unwrap_or(false),
             // Qwen2 always has q/k/v biases and its config has no field for them.
             attention_bias: architecture == Architecture::Qwen2
                 || c.attention_bias.unwrap_or(false),
-            max_position_embeddings: c.max_position_embeddings.unwrap_or(default_ctx),
+            max_position_embeddings,
             bos_token_id: c.bos_token_id.as_ref().and_then(TokenIds::first),
             eos_token_id: c.eos_token_id.as_ref().and_then(TokenIds::first),
         };
@@ -212,6 +286,19 @@ impl From<&ModelSpec> for HfConfig {
             bos_token_id: s.bos_token_id.map(TokenIds::One),
             eos_token_id: s.eos_token_id.map(TokenIds::One),
             attention_bias: Some(s.attention_bias),
+            hidden_act: None,
+            mlp_bias: None,
+            rope_scaling: (!s.rope_scaling.is_default())
+                .then(|| serde_json::to_value(s.rope_scaling).expect("rope scaling serializes")),
+            rope_parameters: None,
+            partial_rotary_factor: None,
+            original_max_position_embeddings: None,
+            // fpx's attention is full: say so, or transformers' Mistral slides 4096 tokens.
+            sliding_window: (s.architecture == Architecture::Mistral).then_some(None),
+            use_sliding_window: None,
+            max_window_layers: None,
+            layer_types: None,
+            other: BTreeMap::new(),
         }
     }
 }

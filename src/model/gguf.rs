@@ -94,6 +94,29 @@ fn spec_from_metadata(
         }
     };
     let key = |k: &str| format!("{arch_name}.{k}");
+    // RoPE scaling is read from Hugging Face configs only so far: refused here by name rather
+    // than run unscaled (llama.cpp stores llama3's as a `rope_freqs` tensor of factors).
+    if has("rope_freqs.weight") {
+        return Err(config_err(
+            path,
+            "tensor rope_freqs.weight (RoPE frequency factors, llama3 scaling) is not \
+             supported in GGUF files yet; use the Hugging Face checkpoint",
+        ));
+    }
+    match meta.get(&key("rope.scaling.type")) {
+        None => {}
+        Some(Value::String(s)) if s == "none" => {}
+        Some(v) => {
+            return Err(config_err(
+                path,
+                format!(
+                    "{} = {v:?} is not supported in GGUF files yet (RoPE scaling is read \
+                     from Hugging Face configs)",
+                    key("rope.scaling.type")
+                ),
+            ))
+        }
+    }
     let opt_usize = |k: &str| -> Result<Option<usize>> {
         match meta.get(&key(k)) {
             None => Ok(None),
@@ -143,6 +166,7 @@ fn spec_from_metadata(
         head_dim,
         vocab_size: vocab,
         rope_theta: opt_f64("rope.freq_base")?.unwrap_or(10_000.0) as f32,
+        rope_scaling: Default::default(),
         rms_norm_eps: opt_f64("attention.layer_norm_rms_epsilon")?.unwrap_or(1e-6) as f32,
         tie_word_embeddings: !has("output.weight"),
         attention_bias: has("blk.0.attn_q.bias"),
@@ -347,6 +371,17 @@ impl WeightSource for GgufSource {
 mod tests {
     use super::*;
     use crate::model::synthetic::{random_weights, tiny_spec, write_gguf};
+
+    #[test]
+    fn rope_frequency_factors_are_refused_by_name() {
+        let meta = HashMap::from([(
+            "general.architecture".to_string(),
+            Value::String("llama".into()),
+        )]);
+        let has = |n: &str| n == "rope_freqs.weight";
+        let err = spec_from_metadata(Path::new("m.gguf"), &meta, &has, None).unwrap_err();
+        assert!(err.to_string().contains("rope_freqs.weight"), "{err}");
+    }
 
     /// A spec whose rows fit K-quant blocks (256).
     fn wide_spec(arch: Architecture) -> ModelSpec {

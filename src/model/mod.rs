@@ -8,9 +8,11 @@
 
 pub mod compressed;
 pub mod config;
+pub mod config_keys;
 pub mod gguf;
 pub(crate) mod gguf_header;
 pub mod llama_cpp;
+pub mod rope;
 pub mod safetensors;
 pub mod synthetic;
 pub mod tokenizer;
@@ -46,6 +48,10 @@ pub struct ModelSpec {
     pub head_dim: usize,
     pub vocab_size: usize,
     pub rope_theta: f32,
+    /// RoPE frequency scaling (`rope_scaling` / `rope_parameters`); absent from the JSON of a
+    /// spec without scaling, so older calibration files and model identities are unchanged.
+    #[serde(default, skip_serializing_if = "rope::RopeScaling::is_default")]
+    pub rope_scaling: rope::RopeScaling,
     pub rms_norm_eps: f32,
     pub tie_word_embeddings: bool,
     /// q/k/v projections carry biases (Qwen2).
@@ -53,6 +59,16 @@ pub struct ModelSpec {
     pub max_position_embeddings: usize,
     pub bos_token_id: Option<u32>,
     pub eos_token_id: Option<u32>,
+}
+
+impl ModelSpec {
+    /// The model's rotary embedding: base and scaling.
+    pub fn rope(&self) -> rope::Rope {
+        rope::Rope {
+            theta: self.rope_theta,
+            scaling: self.rope_scaling,
+        }
+    }
 }
 
 /// A dense FP32 tensor, row-major.

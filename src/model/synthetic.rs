@@ -74,6 +74,7 @@ pub fn tiny_spec(arch: Architecture) -> ModelSpec {
         head_dim: 16,
         vocab_size: 300,
         rope_theta: 10_000.0,
+        rope_scaling: Default::default(),
         rms_norm_eps: 1e-5,
         tie_word_embeddings: arch != Architecture::Qwen2,
         attention_bias: arch == Architecture::Qwen2,

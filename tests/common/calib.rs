@@ -19,6 +19,7 @@ pub fn smollm2_spec(blocks: usize) -> ModelSpec {
         head_dim: 64,
         vocab_size: 49152,
         rope_theta: 100000.0,
+        rope_scaling: Default::default(),
         rms_norm_eps: 1e-5,
         tie_word_embeddings: true,
         attention_bias: false,

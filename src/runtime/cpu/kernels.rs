@@ -7,6 +7,7 @@ use rayon::prelude::*;
 
 use super::mat::{matmul_into, Mat, Threads, View};
 use crate::error::{Error, Result};
+use crate::model::rope::Rope;
 
 /// Rows of the `[vocab, hidden]` table for `tokens`.
 pub fn embed(table: &[f32], vocab: usize, hidden: usize, tokens: &[u32]) -> Result<Mat> {
@@ -47,18 +48,17 @@ pub fn rms_norm_rows(x: &[f32], cols: usize, weight: &[f32], eps: f32, out: &mut
 
 /// Rotary embedding in the rotate-half convention (Hugging Face Llama): within each head,
 /// element `i` pairs with `i + head_dim/2`; token `t` is at position `t`.
-pub fn rope(x: &mut Mat, heads: usize, head_dim: usize, theta: f32) {
-    let (cos, sin) = rope_tables(x.rows, head_dim, theta);
+pub fn rope(x: &mut Mat, heads: usize, head_dim: usize, rope: Rope) {
+    let (cos, sin) = rope_tables(x.rows, head_dim, rope);
     rope_rows(&mut x.data, heads * head_dim, head_dim, &cos, &sin, 0);
 }
 
-/// cos and sin of `pos * theta^(-2i/head_dim)` for every position below `positions` and
-/// `i < head_dim / 2` (f32, `sin_cos`): the tables [`rope_rows`] reads and the kernels get.
-pub fn rope_tables(positions: usize, head_dim: usize, theta: f32) -> (Vec<f32>, Vec<f32>) {
+/// cos and sin of `pos * inv_freq[i]` for every position below `positions` and
+/// `i < head_dim / 2` (f32, `sin_cos`), the frequencies from [`Rope::inv_freq`] (base and
+/// scaling): the tables [`rope_rows`] reads and the kernels get.
+pub fn rope_tables(positions: usize, head_dim: usize, rope: Rope) -> (Vec<f32>, Vec<f32>) {
     let half = head_dim / 2;
-    let inv_freq: Vec<f32> = (0..half)
-        .map(|i| 1.0 / theta.powf((2 * i) as f32 / head_dim as f32))
-        .collect();
+    let inv_freq = rope.inv_freq(head_dim);
     let mut cos = Vec::with_capacity(positions * half);
     let mut sin = Vec::with_capacity(positions * half);
     for pos in 0..positions {
@@ -253,7 +253,7 @@ mod tests {
     fn rope_at_position_zero_is_identity_and_preserves_norm() {
         let mut x = Mat::from_vec(2, 8, (0..16).map(|i| i as f32 - 7.5).collect());
         let orig = x.clone();
-        rope(&mut x, 2, 4, 10000.0);
+        rope(&mut x, 2, 4, Rope::plain(10000.0));
         assert_eq!(x.row(0), orig.row(0));
         let n = |r: &[f32]| r.iter().map(|v| v * v).sum::<f32>();
         assert!((n(x.row(1)) - n(orig.row(1))).abs() < 1e-3);
