@@ -112,6 +112,7 @@ fn fpx_run(model_dir: &Path, tokens: &[u32]) -> (Vec<f32>, Vec<u32>, RopeScaling
         model.weights.as_ref(),
         &PrecisionMap::new(),
         tokens.len() + NEW_TOKENS,
+        fpx::lower::ActDtype::F32,
     )
     .unwrap();
     let backend = generate(&mut CpuBackend::new(&plan), tokens, NEW_TOKENS, None).unwrap();

@@ -31,9 +31,8 @@ pub struct Dims {
     pub layers: usize,
     pub eps: f32,
     /// RoPE base and frequency scaling ([`ModelSpec::rope`](crate::model::ModelSpec::rope)):
-    /// every backend builds its cos/sin tables from this one value. Still named `rope_theta`
-    /// so that the backends' `rope_tables(.., d.rope_theta)` calls get the scaling unchanged.
-    pub rope_theta: crate::model::rope::Rope,
+    /// every backend builds its cos/sin tables from this one value.
+    pub rope: crate::model::rope::Rope,
 }
 
 /// Activation buffers (row-major, one row per token of the pass, elements of the schedule's
@@ -260,7 +259,7 @@ impl Schedule {
             vocab: spec.vocab_size,
             layers: spec.num_layers,
             eps: spec.rms_norm_eps,
-            rope_theta: spec.rope(),
+            rope: spec.rope(),
         };
         if dims.head_dim % 2 != 0 || dims.kv_heads == 0 || dims.heads % dims.kv_heads != 0 {
             return Err(Error::invalid(

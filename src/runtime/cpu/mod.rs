@@ -253,10 +253,10 @@ impl CpuModel {
             }
             Step::RopeKv { .. } => {
                 let mut q = b.take(Act::Q, index)?;
-                kernels::rope(&mut q, d.heads, d.head_dim, d.rope_theta);
+                kernels::rope(&mut q, d.heads, d.head_dim, d.rope);
                 b.put(Act::Q, q);
                 let mut k = b.take(Act::K, index)?;
-                kernels::rope(&mut k, d.kv_heads, d.head_dim, d.rope_theta);
+                kernels::rope(&mut k, d.kv_heads, d.head_dim, d.rope);
                 b.act.round_slice(&mut k.data);
                 b.k = Some(k);
                 b.v = Some(b.take(Act::V, index)?);

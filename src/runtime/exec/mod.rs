@@ -208,7 +208,7 @@ impl ExecutablePlan {
             })
             .collect::<Result<Vec<_>>>()?;
         let (rope_cos, rope_sin) =
-            crate::runtime::cpu::kernels::rope_tables(max_seq, d.head_dim, d.rope_theta);
+            crate::runtime::cpu::kernels::rope_tables(max_seq, d.head_dim, d.rope);
         Ok(ExecutablePlan {
             schedule,
             max_seq,
