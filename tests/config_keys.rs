@@ -9,22 +9,10 @@ use fpx::model::rope::RopeScaling;
 use fpx::model::{Architecture, ModelSpec};
 use serde_json::{json, Value};
 
+mod common;
+
 fn llama() -> Value {
-    json!({
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
-        "hidden_size": 64,
-        "intermediate_size": 128,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 2,
-        "vocab_size": 300,
-        "max_position_embeddings": 256,
-        "rms_norm_eps": 1e-5,
-        "rope_theta": 10000.0,
-        "bos_token_id": 0,
-        "eos_token_id": 0
-    })
+    common::tiny_llama_config()
 }
 
 fn load(v: &Value) -> fpx::Result<ModelSpec> {

@@ -30,26 +30,13 @@ fn ct_python() -> Option<PathBuf> {
     p.exists().then_some(p)
 }
 
-/// hidden 64, 2 layers, 4 heads / 2 KV heads, vocab 300 (the synthetic tokenizer's), weights
-/// drawn with std 0.2 so that the logits are not all near zero.
+/// [`common::tiny_llama_config`] with untied embeddings and weights drawn with std 0.2, so that
+/// the logits are not all near zero.
 fn tiny_llama() -> Value {
-    json!({
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
-        "hidden_size": 64,
-        "intermediate_size": 128,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 2,
-        "vocab_size": 300,
-        "max_position_embeddings": 256,
-        "rms_norm_eps": 1e-5,
-        "rope_theta": 10000.0,
-        "initializer_range": 0.2,
-        "tie_word_embeddings": false,
-        "bos_token_id": 0,
-        "eos_token_id": 0
-    })
+    let mut v = common::tiny_llama_config();
+    v["initializer_range"] = json!(0.2);
+    v["tie_word_embeddings"] = json!(false);
+    v
 }
 
 fn tokens(n: usize) -> Vec<u32> {

@@ -269,3 +269,23 @@ pub fn edit_gguf(
 pub fn set_meta(meta: &mut [(String, Value)], key: &str, value: Value) {
     meta.iter_mut().find(|(k, _)| k == key).unwrap().1 = value;
 }
+
+/// config.json of a tiny Llama: hidden 64, 2 layers, 4 heads / 2 KV heads, vocab 300 (the
+/// synthetic tokenizer's), context 256.
+pub fn tiny_llama_config() -> serde_json::Value {
+    serde_json::json!({
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "vocab_size": 300,
+        "max_position_embeddings": 256,
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 10000.0,
+        "bos_token_id": 0,
+        "eos_token_id": 0
+    })
+}
