@@ -129,6 +129,8 @@ fn run_command_generates_text_on_the_cpu_and_refuses_cuda_without_a_driver() {
         "the cat",
         "--max-tokens",
         "5",
+        "--repeat",
+        "3",
         "--json",
     ]);
     assert_eq!(code, 0, "{stderr}");
@@ -136,6 +138,15 @@ fn run_command_generates_text_on_the_cpu_and_refuses_cuda_without_a_driver() {
     assert_eq!(out["backend"], "cpu");
     assert_eq!(out["tokens"].as_array().unwrap().len(), 5);
     assert!(out["decode_tokens_per_s"].as_f64().unwrap() > 0.0);
+    // Tail latency over 3 runs: one time to first token each, 4 decode steps each.
+    assert_eq!(out["repeats"], 3);
+    assert_eq!(out["ttft_ms"]["count"], 3);
+    let d = &out["decode_ms"];
+    assert_eq!(d["count"], 12);
+    let ms = |k: &str| d[k].as_f64().unwrap();
+    assert!(ms("p50_ms") > 0.0 && ms("p50_ms") <= ms("p95_ms"));
+    assert!(ms("p95_ms") <= ms("p99_ms") && ms("p99_ms") <= ms("max_ms"));
+    assert_eq!(out["median_token_ms"].as_f64(), Some(ms("p50_ms")));
 
     let has_driver = fpx::runtime::cuda::probe_driver().is_ok();
     let (code, _, stderr) = fpx(&[

@@ -13,7 +13,7 @@ use clap::{Args, ValueEnum};
 use serde::Serialize;
 
 use fpx::ir::Graph;
-use fpx::runtime::exec::{generate, Backend, CpuBackend, ExecutablePlan, Generation};
+use fpx::runtime::exec::{generate, Backend, CpuBackend, ExecutablePlan, Generation, LatencyStats};
 
 use crate::cli::codegen::precision_of;
 use crate::{emit, load};
@@ -49,6 +49,11 @@ pub(crate) struct RunArgs {
     /// KV-cache positions (default: prompt + max tokens).
     #[arg(long)]
     max_seq: Option<usize>,
+    /// Generations to time (the latency percentiles cover every decode step of every run; the
+    /// text printed is the first run's).
+    #[arg(long, default_value_t = 1,
+          value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=10_000))]
+    repeat: usize,
     #[command(flatten)]
     act: crate::cli::args::ActDtypeArg,
     /// Print one JSON object.
@@ -164,13 +169,21 @@ fn plan_of(
 #[derive(Serialize)]
 struct RunOutput<'a> {
     backend: &'static str,
+    /// Generations timed (`--repeat`); tokens and text are the first one's.
+    repeats: usize,
     prompt_tokens: usize,
     tokens: &'a [u32],
     text: String,
     build_seconds: f64,
+    /// The first run's prefill (its time to the first token).
     prefill_seconds: f64,
+    /// Over every decode step of every run.
     decode_tokens_per_s: Option<f64>,
     median_token_ms: Option<f64>,
+    /// Time to first token (the prefill) over the runs.
+    ttft_ms: LatencyStats,
+    /// Per-token decode latency over every decode step of every run.
+    decode_ms: Option<LatencyStats>,
     linear_weight_bytes: usize,
 }
 
@@ -209,55 +222,54 @@ pub(crate) fn run(args: RunArgs) -> Result<()> {
         )?;
         return check_kernels(&args, &plan, &prompt);
     }
+    // Probe what the backend needs before the (slow) packing of the weights.
+    let emu_opts = fpx::runtime::emu::EmuOptions::default();
+    match args.backend {
+        BackendKind::Cpu => {}
+        BackendKind::Cuda => {
+            fpx::runtime::cuda::probe_driver()?;
+        }
+        BackendKind::Emu => {
+            fpx::runtime::emu::Toolchain::find()?;
+        }
+    }
     let start = Instant::now();
+    let plan = plan_of(&graph, &model, &precision, max_seq, act)?;
+    let mut backend: Box<dyn Backend + '_> = match args.backend {
+        BackendKind::Cpu => Box::new(CpuBackend::new(&plan)),
+        BackendKind::Cuda => Box::new(fpx::runtime::cuda::CudaBackend::new(
+            &plan,
+            args.device,
+            None,
+        )?),
+        BackendKind::Emu => Box::new(fpx::runtime::emu::EmuBackend::new(&plan, &emu_opts)?),
+    };
+    let build_seconds = start.elapsed().as_secs_f64();
     let eos = model.spec.eos_token_id;
-    let (generation, backend_name, build_seconds): (Generation, &'static str, f64) =
-        match args.backend {
-            BackendKind::Cpu => {
-                let plan = &plan_of(&graph, &model, &precision, max_seq, act)?;
-                let mut b = CpuBackend::new(plan);
-                let build = start.elapsed().as_secs_f64();
-                (
-                    generate(&mut b, &prompt, args.max_tokens, eos)?,
-                    b.name(),
-                    build,
-                )
-            }
-            BackendKind::Cuda => {
-                // Probe the driver before the (slow) packing of the weights.
-                fpx::runtime::cuda::probe_driver()?;
-                let plan = &plan_of(&graph, &model, &precision, max_seq, act)?;
-                let mut b = fpx::runtime::cuda::CudaBackend::new(plan, args.device, None)?;
-                let build = start.elapsed().as_secs_f64();
-                (
-                    generate(&mut b, &prompt, args.max_tokens, eos)?,
-                    b.name(),
-                    build,
-                )
-            }
-            BackendKind::Emu => {
-                // Find the host headers before the (slow) packing of the weights.
-                fpx::runtime::emu::Toolchain::find()?;
-                let plan = &plan_of(&graph, &model, &precision, max_seq, act)?;
-                let opts = fpx::runtime::emu::EmuOptions::default();
-                let mut b = fpx::runtime::emu::EmuBackend::new(plan, &opts)?;
-                let build = start.elapsed().as_secs_f64();
-                (
-                    generate(&mut b, &prompt, args.max_tokens, eos)?,
-                    b.name(),
-                    build,
-                )
-            }
-        };
+    let mut runs: Vec<Generation> = Vec::with_capacity(args.repeat);
+    let bar = crate::progress_bar(args.repeat, "generating");
+    for _ in 0..args.repeat {
+        runs.push(generate(backend.as_mut(), &prompt, args.max_tokens, eos)?);
+        bar.inc(1);
+    }
+    bar.finish_and_clear();
+    let generation = &runs[0];
+    let ttft: Vec<f64> = runs.iter().map(|g| g.prefill_seconds).collect();
+    let steps: Vec<f64> = runs.iter().flat_map(|g| g.step_seconds.clone()).collect();
+    let decode = LatencyStats::of_seconds(&steps);
     let out = RunOutput {
-        backend: backend_name,
+        backend: backend.name(),
+        repeats: runs.len(),
         prompt_tokens: generation.prompt_tokens,
         tokens: &generation.tokens,
         text: model.tokenizer.decode(&generation.tokens)?,
         build_seconds,
         prefill_seconds: generation.prefill_seconds,
-        decode_tokens_per_s: generation.decode_tokens_per_s(),
-        median_token_ms: generation.median_step_seconds().map(|s| s * 1e3),
+        decode_tokens_per_s: (!steps.is_empty())
+            .then(|| steps.len() as f64 / steps.iter().sum::<f64>().max(1e-12)),
+        median_token_ms: decode.map(|d| d.p50_ms),
+        ttft_ms: LatencyStats::of_seconds(&ttft).expect("at least one run"),
+        decode_ms: decode,
         linear_weight_bytes: fpx::lower::Schedule::build(&graph, &precision)?
             .linears
             .iter()
@@ -282,13 +294,23 @@ pub(crate) fn run(args: RunArgs) -> Result<()> {
         out.prompt_tokens as f64 / out.prefill_seconds.max(1e-12),
         out.tokens.len()
     )?;
-    match (out.decode_tokens_per_s, out.median_token_ms) {
-        (Some(tps), Some(ms)) => writeln!(
-            t,
-            "decode {tps:.1} tokens/s, median {ms:.2} ms per token; linear weights {:.1} MB; plan built in {:.2} s",
-            out.linear_weight_bytes as f64 / 1e6,
-            out.build_seconds
-        )?,
+    let row = |what: &str, n: &str, s: &LatencyStats| {
+        format!(
+            "{what:<22} {:>6} {n:<7} p50 {:>9.2}  p95 {:>9.2}  p99 {:>9.2}  max {:>9.2} ms\n",
+            s.count, s.p50_ms, s.p95_ms, s.p99_ms, s.max_ms
+        )
+    };
+    t.push_str(&row("time to first token", "runs", &out.ttft_ms));
+    match (out.decode_tokens_per_s, &out.decode_ms) {
+        (Some(tps), Some(d)) => {
+            t.push_str(&row("decode, per token", "tokens", d));
+            writeln!(
+                t,
+                "decode {tps:.1} tokens/s; linear weights {:.1} MB; plan built in {:.2} s",
+                out.linear_weight_bytes as f64 / 1e6,
+                out.build_seconds
+            )?
+        }
         _ => writeln!(t, "no decode steps (one new token comes from the prefill)")?,
     }
     emit(&t);

@@ -38,12 +38,36 @@ impl Generation {
         let total: f64 = self.step_seconds.iter().sum();
         (total > 0.0).then(|| self.step_seconds.len() as f64 / total)
     }
+}
 
-    /// Median seconds per decode step.
-    pub fn median_step_seconds(&self) -> Option<f64> {
-        let mut s = self.step_seconds.clone();
+/// The distribution of a latency, in milliseconds: what latency-sensitive deployments are
+/// judged by is the tail (p95, p99, max), not only the median. Percentiles by the
+/// nearest-rank rule (the smallest sample with at least p% of the samples at or below it).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct LatencyStats {
+    pub count: usize,
+    pub mean_ms: f64,
+    pub p50_ms: f64,
+    pub p95_ms: f64,
+    pub p99_ms: f64,
+    pub max_ms: f64,
+}
+
+impl LatencyStats {
+    /// The distribution of `seconds` (`None` when empty).
+    pub fn of_seconds(seconds: &[f64]) -> Option<LatencyStats> {
+        let mut s: Vec<f64> = seconds.iter().map(|v| v * 1e3).collect();
         s.sort_by(f64::total_cmp);
-        (!s.is_empty()).then(|| s[s.len() / 2])
+        let n = s.len();
+        let rank = |p: f64| s[((p * n as f64).ceil() as usize).clamp(1, n) - 1];
+        (n > 0).then(|| LatencyStats {
+            count: n,
+            mean_ms: s.iter().sum::<f64>() / n as f64,
+            p50_ms: rank(0.50),
+            p95_ms: rank(0.95),
+            p99_ms: rank(0.99),
+            max_ms: s[n - 1],
+        })
     }
 }
 
@@ -92,4 +116,23 @@ pub fn greedy_reference(model: &CpuModel, prompt: &[u32], max_new: usize) -> Res
         window.push(next);
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn percentiles_follow_the_nearest_rank_rule() {
+        let samples: Vec<f64> = (1..=100).map(|i| i as f64 * 1e-3).collect();
+        let s = LatencyStats::of_seconds(&samples).unwrap();
+        assert_eq!(
+            (s.count, s.p50_ms, s.p95_ms, s.p99_ms, s.max_ms),
+            (100, 50.0, 95.0, 99.0, 100.0)
+        );
+        assert!((s.mean_ms - 50.5).abs() < 1e-9);
+        let one = LatencyStats::of_seconds(&[0.002]).unwrap();
+        assert_eq!((one.p50_ms, one.p99_ms, one.max_ms), (2.0, 2.0, 2.0));
+        assert!(LatencyStats::of_seconds(&[]).is_none());
+    }
 }

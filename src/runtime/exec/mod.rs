@@ -19,7 +19,7 @@ mod host;
 pub use crate::runtime::cpu::kernels::argmax;
 pub(crate) use cpu::check_pass;
 pub use cpu::{reference_linear, CpuBackend};
-pub use generate::{generate, greedy_reference, Backend, Generation};
+pub use generate::{generate, greedy_reference, Backend, Generation, LatencyStats};
 pub use host::{compare_steps, HostBackend, HostBuf, HostMemory, HostState, StepComparison};
 
 use std::sync::Arc;
