@@ -89,18 +89,24 @@ __device__ __forceinline__ float widen_bits(unsigned short b, const f16*) {
 }
 
 // N consecutive activations (N = 1, 2 or 4; the address N-element aligned), widened to FP32,
-// with one vector load.
+// with one vector load. (Written out per width: a Vec temporary indexed in a loop was kept in
+// a stack frame by ptxas 12.9 in the 8-row GEMV.)
 template <int N, typename T> __device__ __forceinline__ void load_acts(const T* __restrict__ p, float* out) {
   if constexpr (sizeof(T) == 4) {
     load_f32<N>(reinterpret_cast<const float*>(p), out);
+  } else if constexpr (N == 4) {
+    const uint2 t = __ldg(reinterpret_cast<const uint2*>(p));
+    out[0] = widen_bits(static_cast<unsigned short>(t.x), p);
+    out[1] = widen_bits(static_cast<unsigned short>(t.x >> 16), p);
+    out[2] = widen_bits(static_cast<unsigned short>(t.y), p);
+    out[3] = widen_bits(static_cast<unsigned short>(t.y >> 16), p);
+  } else if constexpr (N == 2) {
+    const u32 t = __ldg(reinterpret_cast<const unsigned int*>(p));
+    out[0] = widen_bits(static_cast<unsigned short>(t), p);
+    out[1] = widen_bits(static_cast<unsigned short>(t >> 16), p);
   } else {
-    static_assert(sizeof(T) == 2 && (N == 1 || N == 2 || N == 4), "16-bit activation vector");
-    const Vec<2 * N> v = load_vec<2 * N>(reinterpret_cast<const u8*>(p));
-#pragma unroll
-    for (int i = 0; i < N; ++i) {
-      const unsigned short bits = static_cast<unsigned short>(v.w[i / 2] >> (16 * (i & 1)));
-      out[i] = widen_bits(bits, p);
-    }
+    static_assert(sizeof(T) == 2 && N == 1, "16-bit activation vector");
+    out[0] = widen_bits(__ldg(reinterpret_cast<const unsigned short*>(p)), p);
   }
 }
 

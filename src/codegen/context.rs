@@ -91,7 +91,7 @@ pub struct GemvCtx {
     pub blocks_per_row: usize,
     pub sub: usize,
     pub segs: usize,
-    /// Floats per activation load (divides `sub`; 1 when the row has a padded tail).
+    /// Activations per load (divides `sub`; 1 when the row has a padded tail).
     pub xv: usize,
     /// The last load of a row extends past K into the zero padding of the last FP4 block.
     pub tail: bool,
@@ -295,10 +295,17 @@ fn gemv(common: Common, s: LinearShape, arch: Arch) -> GemvCtx {
     let block = s.format.block_size().unwrap_or(0);
     let sub = if block > 0 { epv.min(block) } else { epv };
     let tail = row_vecs * epv != s.k;
+    // 16-bit activations under FP4 block scales: two per (32-bit) load. With four per 64-bit
+    // load ptxas 12.9 spills the 8-row entry point on sm_90 (32 bytes; tests/sass.rs).
+    let xv_cap = if s.act != ActDtype::F32 && block > 0 {
+        2
+    } else {
+        4
+    };
     let xv = if tail {
         1
     } else {
-        pow2_divisor(s.k, 4).min(pow2_divisor(sub, 4))
+        pow2_divisor(s.k, 4).min(pow2_divisor(sub, 4)).min(xv_cap)
     };
     GemvCtx {
         common,
