@@ -18,7 +18,7 @@ SEQ_LEN ?= 512
 WINDOWS ?= 4
 THREADS ?= 2
 
-.PHONY: help run test fetch tools ct-tools bench bench-tools bench-torch
+.PHONY: help run test fetch tools ct-tools bench bench-tools bench-torch gpu-check
 
 help:
 	@echo "make run          fetch data + tools, then the main job on the default model (scripts/main-job.sh)"
@@ -29,6 +29,7 @@ help:
 	@echo "make bench        fpx CPU forward tokens/s (SEQ_LEN=$(SEQ_LEN) WINDOWS=$(WINDOWS) THREADS=$(THREADS))"
 	@echo "make bench-tools  create/update .venv-bench (torch, transformers)"
 	@echo "make bench-torch  PyTorch CPU fp32 baseline (SEQ_LEN=$(SEQ_LEN) WINDOWS=$(WINDOWS) THREADS=$(THREADS))"
+	@echo "make gpu-check    the prepared GPU check (scripts/gpu-check.sh): tests, kernel benchmarks, profile, plan, decode"
 
 fetch:
 	bash scripts/fetch.sh
@@ -71,3 +72,8 @@ test: fetch tools ct-tools
 bench-torch: fetch bench-tools
 	.venv-bench/bin/python scripts/bench_torch.py --gguf $(MODEL) --text $(TEXT) \
 		--seq-len $(SEQ_LEN) --windows $(WINDOWS) --threads $(THREADS)
+
+# The one prepared GPU check: sets itself up, builds, runs what needs a GPU, writes one results
+# folder (gpu-results/<time>); exit 2 when there is no GPU.
+gpu-check:
+	bash scripts/gpu-check.sh

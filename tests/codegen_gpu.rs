@@ -1,6 +1,6 @@
-//! GPU tests: every linear kernel (GEMV for 1 and 2..=8 rows, GEMM beyond) in every format
-//! against the cpu backend on the same packed bytes, and whole plans (logits and greedy
-//! tokens) against the cpu backend. They need a CUDA driver and a GPU: without one they are
+//! GPU tests: every linear kernel (GEMV for 1 and 2..=8 rows, GEMM beyond) in every format, on
+//! FP32 and BF16 activations, against the cpu backend on the same packed bytes, and whole plans
+//! (logits and greedy tokens, in the checkpoint's activation type) against the cpu backend. They need a CUDA driver and a GPU: without one they are
 //! skipped with a printed reason, and they fail when FPX_REQUIRE_GPU=1.
 
 mod common;
@@ -54,22 +54,32 @@ fn gpu_linear_kernels_match_the_cpu_backend() {
                 .collect();
             let b = bias.then(|| (0..n).map(|i| i as f32 * 0.01).collect::<Vec<f32>>());
             let packed = PackedLinear::pack(format, &w, n, k, b);
-            let shape = LinearShape {
-                format,
-                n,
-                k,
-                bias,
-                accumulate,
-                act: ActDtype::F32,
-            };
-            for rows in [1, 5, 8, 20] {
+            for (act, rows) in [ActDtype::F32, ActDtype::Bf16]
+                .into_iter()
+                .flat_map(|a| [1, 5, 8, 20].map(|r| (a, r)))
+            {
+                let shape = LinearShape {
+                    format,
+                    n,
+                    k,
+                    bias,
+                    accumulate,
+                    act,
+                };
                 let x: Vec<f32> = (0..rows * k)
                     .map(|i| (i * 104729 % 997) as f32 / 997.0 - 0.5)
                     .collect();
                 let y0: Vec<f32> = (0..rows * n).map(|i| (i % 3) as f32).collect();
                 let got = dev.run_linear(shape, &packed, &x, rows, &y0).unwrap();
                 let want = reference_linear(&packed, &shape, &x, rows, &y0);
-                close(&format!("{format} {n}x{k} rows {rows}"), &got, &want, 1e-4);
+                // 16 bits: one ulp more (another summation order may round to the neighbour).
+                let tol = 1e-4 + if act == ActDtype::F32 { 0.0 } else { act.ulp() };
+                close(
+                    &format!("{format} {n}x{k} rows {rows} ({act})"),
+                    &got,
+                    &want,
+                    tol,
+                );
             }
         }
     }

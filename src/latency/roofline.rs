@@ -216,6 +216,19 @@ impl Gpu {
         }
     }
 
+    /// The GPU a CUDA device name (`NVIDIA H100 80GB HBM3`, `NVIDIA GeForce RTX 4090`) is, when
+    /// it is one of [`Gpu::ALL`].
+    pub fn of_device_name(name: &str) -> Option<Gpu> {
+        let n: String = name
+            .to_ascii_lowercase()
+            .chars()
+            .filter(|c| c.is_ascii_alphanumeric())
+            .collect();
+        let n = n.strip_prefix("nvidia").unwrap_or(&n);
+        let n = n.strip_prefix("geforce").unwrap_or(n);
+        Gpu::ALL.into_iter().find(|g| n.starts_with(g.spec().name))
+    }
+
     /// Parses a device name (`h100`, `H100-SXM`, `rtx4090`, `4090`, ...).
     pub fn parse(name: &str) -> Result<Gpu> {
         let n: String = name
@@ -371,6 +384,20 @@ mod tests {
             out_features: out,
             in_features: inp,
         }
+    }
+
+    #[test]
+    fn cuda_device_names_map_to_gpus() {
+        assert_eq!(
+            Gpu::of_device_name("NVIDIA H100 80GB HBM3"),
+            Some(Gpu::H100)
+        );
+        assert_eq!(Gpu::of_device_name("NVIDIA H200"), Some(Gpu::H200));
+        assert_eq!(
+            Gpu::of_device_name("NVIDIA GeForce RTX 4090"),
+            Some(Gpu::Rtx4090)
+        );
+        assert_eq!(Gpu::of_device_name("NVIDIA A100-SXM4-80GB"), None);
     }
 
     #[test]

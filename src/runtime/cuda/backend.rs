@@ -162,6 +162,38 @@ impl Device {
         ))
     }
 
+    /// Seconds of `n` consecutive launches by `launch(i)`, measured with one pair of CUDA events
+    /// around the batch: microsecond kernels are timed in batches, not one event pair each
+    /// (whose resolution and overhead are of the kernel's own order).
+    pub fn time_launches(
+        &self,
+        n: usize,
+        mut launch: impl FnMut(usize) -> Result<()>,
+    ) -> Result<f64> {
+        let (start, end) = (timing_event(self)?, timing_event(self)?);
+        start
+            .record(&self.stream)
+            .map_err(driver_err("cuEventRecord"))?;
+        for i in 0..n {
+            launch(i)?;
+        }
+        end.record(&self.stream)
+            .map_err(driver_err("cuEventRecord"))?;
+        let ms = start
+            .elapsed_ms(&end)
+            .map_err(driver_err("cuEventElapsedTime"))?;
+        Ok(ms as f64 * 1e-3)
+    }
+
+    /// Bytes of the device's L2 cache (what weight copies must exceed to be timed from DRAM).
+    pub fn l2_bytes(&self) -> Result<usize> {
+        let v = self
+            .ctx
+            .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_L2_CACHE_SIZE)
+            .map_err(driver_err("cuDeviceGetAttribute"))?;
+        Ok(v.max(0) as usize)
+    }
+
     /// Runs one linear layer on the device, loading its kernels first (see
     /// [`crate::runtime::launch::run_linear`]).
     pub fn run_linear(

@@ -3,15 +3,16 @@
 //!
 //! Each distinct (shape, format) is timed once and reported for every layer of that shape.
 //! Weights are random values packed in the format; enough copies are uploaded to exceed the
-//! L2 cache several times over, and consecutive launches rotate through them, so no launch
-//! finds its weights in cache (a decode step streams every layer from HBM once). After
-//! `warmup` launches, each of `repeats` launches is bracketed by CUDA events; the median is
-//! reported. The rest of the step (embedding, norms, RoPE, attention over `context` cached
+//! L2 cache several times over, for every layer size (up to 4096 copies), and consecutive
+//! launches rotate through them, so no launch finds its weights in cache (a decode step
+//! streams every layer from HBM once). After `warmup` launches, each of `repeats` samples
+//! times a batch of [`BATCH`] launches with one pair of CUDA events (microsecond kernels are
+//! of the order of an event pair's own resolution); the median per launch is reported. The rest of the step (embedding, norms, RoPE, attention over `context` cached
 //! positions, SiLU, argmax) is timed the same way inside a real decode step of the model.
 
 use std::collections::BTreeMap;
 
-use super::backend::{driver_err, timing_event as event, CudaBackend, Device};
+use super::backend::{CudaBackend, Device};
 use super::compile::CompilerOptions;
 use crate::error::{Error, Result};
 use crate::lower::{KernelSpec, LinearShape, Schedule, WeightFormat};
@@ -30,6 +31,23 @@ pub struct ProfileOptions {
     pub rotate_bytes: usize,
     pub compiler: CompilerOptions,
 }
+
+/// `[n, k]` weights to time a kernel on: uniform in [-0.05, 0.05) from a fixed xorshift
+/// stream (timing needs no statistics beyond a plausible spread of values).
+pub fn timing_weights(n: usize, k: usize) -> Vec<f32> {
+    let mut state = 0x2545_f491_4f6c_dd1du64;
+    (0..n * k)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            ((state >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 0.1
+        })
+        .collect()
+}
+
+/// Launches per timed sample.
+pub const BATCH: usize = 10;
 
 /// Median seconds of one launch per (shape, format).
 pub type ShapeTimes = BTreeMap<(LinearShape, WeightFormat), f64>;
@@ -69,21 +87,11 @@ pub fn profile_linears(
     let mut out = ShapeTimes::new();
     for (shape, format) in shapes {
         let (n, k) = (shape.n, shape.k);
-        let mut state = 0x2545_f491_4f6c_dd1du64;
-        let w: Vec<f32> = (0..n * k)
-            .map(|_| {
-                state ^= state << 13;
-                state ^= state >> 7;
-                state ^= state << 17;
-                ((state >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 0.1
-            })
-            .collect();
+        let w = timing_weights(n, k);
         let bias = shape.bias.then(|| vec![0.01f32; n]);
         let packed = PackedLinear::pack(format, &w, n, k, bias);
-        let copies = opts
-            .rotate_bytes
-            .div_ceil(packed.weight_bytes().max(1))
-            .clamp(1, 64);
+        let rotate = opts.rotate_bytes.max(4 * dev.l2_bytes()?);
+        let copies = rotate.div_ceil(packed.weight_bytes().max(1)).clamp(2, 4096);
         let dev_copies = (0..copies)
             .map(|_| LinearBuffers::upload(&*dev, &packed))
             .collect::<Result<Vec<_>>>()?;
@@ -99,18 +107,11 @@ pub fn profile_linears(
             launch(i)?;
         }
         let mut times = Vec::with_capacity(opts.repeats);
-        for i in 0..opts.repeats {
-            let (start, end) = (event(dev)?, event(dev)?);
-            start
-                .record(&dev.stream)
-                .map_err(driver_err("cuEventRecord"))?;
-            launch(i)?;
-            end.record(&dev.stream)
-                .map_err(driver_err("cuEventRecord"))?;
-            let ms = start
-                .elapsed_ms(&end)
-                .map_err(driver_err("cuEventElapsedTime"))?;
-            times.push(ms as f64 * 1e-3);
+        let mut next = opts.warmup;
+        for _ in 0..opts.repeats {
+            let t = dev.time_launches(BATCH, |i| launch(next + i))?;
+            next += BATCH;
+            times.push(t / BATCH as f64);
         }
         out.insert((shape, format), median(times));
     }
