@@ -11,9 +11,7 @@ use std::time::Duration;
 
 use candle_core::quantized::gguf_file::Value;
 use common::{edit_gguf, set_meta};
-use fpx::model::synthetic::{
-    random_weights, tiny_spec, write_gguf, write_hf_checkpoint, GgmlDType, HfDtype,
-};
+use fpx::model::synthetic::{tiny_spec, write_gguf, write_hf_checkpoint, GgmlDType, HfDtype};
 use fpx::model::{load_model, Architecture};
 
 fn gguf(dir: &Path) -> PathBuf {
@@ -202,20 +200,7 @@ fn duplicate_metadata_keys_are_refused() {
 fn non_finite_weights_are_named_with_the_tensor() {
     let dir = tempfile::tempdir().unwrap();
     let path = gguf(dir.path());
-    let spec = tiny_spec(Architecture::Llama);
-    let norm = random_weights(&spec, 1)
-        .into_iter()
-        .find(|(n, _)| n == "model.norm.weight")
-        .unwrap()
-        .1;
-    let first: Vec<u8> = norm.data[..4]
-        .iter()
-        .flat_map(|v| v.to_le_bytes())
-        .collect();
-    patch(&path, |b| {
-        let at = b.windows(16).position(|w| w == first).unwrap();
-        b[at + 4..at + 8].copy_from_slice(&f32::NAN.to_le_bytes());
-    });
+    patch(&path, |b| common::set_output_norm_value(b, 1, f32::NAN));
     let model = load_model(&path).unwrap();
     let msg = model
         .weights

@@ -436,15 +436,21 @@ impl Schedule {
         }
     }
 
-    /// The entry point `step` launches in a pass of `m` rows (a linear step: the GEMV or GEMM
-    /// entry [`LinearShape::kernel_for_rows`] picks).
-    pub fn entry_of(&self, step: &Step, m: usize) -> String {
+    /// The kernel and entry point `step` launches in a pass of `m` rows (a linear step: the
+    /// GEMV or GEMM entry [`LinearShape::kernel_for_rows`] picks).
+    pub fn launch_of(&self, step: &Step, m: usize) -> (KernelSpec, String) {
         match *step {
-            Step::Linear { linear, .. } => {
-                self.linears[linear].shape.kernel_for_rows(step.rows(m)).1
+            Step::Linear { linear, .. } => self.linears[linear].shape.kernel_for_rows(step.rows(m)),
+            _ => {
+                let spec = self.kernels_of(step)[0];
+                (spec, spec.name())
             }
-            _ => self.kernels_of(step)[0].name(),
         }
+    }
+
+    /// The entry point `step` launches in a pass of `m` rows ([`Schedule::launch_of`]).
+    pub fn entry_of(&self, step: &Step, m: usize) -> String {
+        self.launch_of(step, m).1
     }
 
     /// Every kernel of the schedule, deduplicated and sorted.

@@ -216,20 +216,6 @@ impl KernelSpec {
         base + &act_suffix(self.act())
     }
 
-    /// This kernel on `act` activations.
-    pub fn with_act(mut self, to: ActDtype) -> KernelSpec {
-        match &mut self {
-            KernelSpec::Gemv(s) | KernelSpec::Gemm(s) => s.act = to,
-            KernelSpec::Embedding { act, .. }
-            | KernelSpec::RmsNorm { act, .. }
-            | KernelSpec::RopeKv { act, .. }
-            | KernelSpec::Attention { act, .. }
-            | KernelSpec::SiluMul { act, .. }
-            | KernelSpec::Argmax { act, .. } => *act = to,
-        }
-        self
-    }
-
     /// The element type of the activation buffers (and KV cache) the kernel reads and writes.
     pub fn act(&self) -> ActDtype {
         match *self {

@@ -14,7 +14,7 @@
 
 use super::exec::{check_pass, Backend, ExecutablePlan, PackedLinear};
 use crate::error::Result;
-use crate::lower::{Act, KernelSpec, LinearShape, Param, Step};
+use crate::lower::{Act, ActDtype, KernelSpec, LinearShape, Param, Step};
 
 /// One kernel argument: a buffer (passed as its device pointer) or a value.
 pub enum Arg<'a, B> {
@@ -68,12 +68,7 @@ pub struct LinearBuffers<B> {
 
 impl<B> LinearBuffers<B> {
     pub fn upload<L: Memory<Buf = B>>(l: &L, packed: &PackedLinear) -> Result<Self> {
-        let bias: Vec<u8> = packed
-            .bias
-            .iter()
-            .flatten()
-            .flat_map(|v| v.to_le_bytes())
-            .collect();
+        let bias = ActDtype::F32.encode(packed.bias.as_deref().unwrap_or(&[]));
         Ok(LinearBuffers {
             codes: l.upload(&packed.codes)?,
             scales: l.upload(&packed.scales.kernel_bytes())?,
@@ -142,7 +137,7 @@ pub struct ParamBuffers<B> {
 
 impl<B> ParamBuffers<B> {
     pub fn upload<L: Memory<Buf = B>>(l: &L, plan: &ExecutablePlan) -> Result<Self> {
-        let f32s = |v: &[f32]| l.upload(&crate::lower::ActDtype::F32.encode(v));
+        let f32s = |v: &[f32]| l.upload(&ActDtype::F32.encode(v));
         Ok(ParamBuffers {
             embedding: l.upload(&plan.schedule.act.encode(&plan.embedding))?,
             norms: plan.norms.iter().map(|n| f32s(n)).collect::<Result<_>>()?,
@@ -157,23 +152,33 @@ impl<B> ParamBuffers<B> {
     }
 }
 
-/// The arguments of a linear kernel (the order of [`Step::params`] for a linear step) on
-/// standalone buffers: `x` and `y` hold `rows` rows.
+/// The arguments of a linear kernel on standalone buffers (`x` and `y` hold `rows` rows), in
+/// the order [`Step::params`] gives a linear step.
 pub fn linear_args<'b, B>(
     w: &'b LinearBuffers<B>,
     x: &'b B,
     y: &'b B,
     rows: usize,
-) -> [Arg<'b, B>; 7] {
-    [
-        Arg::Buf(&w.codes),
-        Arg::Buf(&w.scales),
-        Arg::F32(w.global),
-        Arg::Buf(&w.bias),
-        Arg::Buf(x),
-        Arg::Buf(y),
-        Arg::I32(rows as i32),
-    ]
+) -> Vec<Arg<'b, B>> {
+    let (src, dst) = (Act::Xn, Act::Q);
+    Step::Linear {
+        linear: 0,
+        src,
+        dst,
+    }
+    .params(false)
+    .into_iter()
+    .map(|p| match p {
+        Param::LinearCodes(_) => Arg::Buf(&w.codes),
+        Param::LinearScales(_) => Arg::Buf(&w.scales),
+        Param::LinearGlobal(_) => Arg::F32(w.global),
+        Param::LinearBias(_) => Arg::Buf(&w.bias),
+        Param::Act(a) if a == src => Arg::Buf(x),
+        Param::Act(_) => Arg::Buf(y),
+        Param::Rows => Arg::I32(rows as i32),
+        other => unreachable!("a linear step has no {other:?} parameter"),
+    })
+    .collect()
 }
 
 /// Runs one linear layer on `l` (its kernels loaded): `y_init` is the `[rows, n]` output before
@@ -277,21 +282,13 @@ impl<'a, L: Launcher> KernelBackend<'a, L> {
     pub fn launch_step(&self, index: usize, m: usize, decode: bool) -> Result<()> {
         let s = &self.plan.schedule;
         let step = s.steps[index];
-        let spec = match step {
-            Step::Linear { linear, .. } => s.linears[linear].shape.kernel_for_rows(step.rows(m)).0,
-            _ => s.kernels_of(&step)[0],
-        };
+        let (spec, entry) = s.launch_of(&step, m);
         let args = self.args(&step, m, decode);
         // SAFETY: `Step::params` lists each template's kernel signature in order, and the
         // buffers were allocated for this plan's shapes.
         unsafe {
-            self.launcher.launch(
-                &spec,
-                &s.entry_of(&step, m),
-                step.rows(m),
-                self.plan.max_seq,
-                &args,
-            )
+            self.launcher
+                .launch(&spec, &entry, step.rows(m), self.plan.max_seq, &args)
         }
     }
 

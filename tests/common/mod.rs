@@ -289,3 +289,20 @@ pub fn tiny_llama_config() -> serde_json::Value {
         "eos_token_id": 0
     })
 }
+
+/// Overwrites element `element` of `model.norm.weight` with `value` in the bytes of a tiny
+/// Llama checkpoint written with seed 1 and FP32 storage (found by its first 4 values).
+pub fn set_output_norm_value(bytes: &mut [u8], element: usize, value: f32) {
+    let spec = fpx::model::synthetic::tiny_spec(fpx::model::Architecture::Llama);
+    let norm = fpx::model::synthetic::random_weights(&spec, 1)
+        .into_iter()
+        .find(|(n, _)| n == "model.norm.weight")
+        .unwrap()
+        .1;
+    let first: Vec<u8> = norm.data[..4]
+        .iter()
+        .flat_map(|v| v.to_le_bytes())
+        .collect();
+    let at = bytes.windows(16).position(|w| w == first).unwrap() + 4 * element;
+    bytes[at..at + 4].copy_from_slice(&value.to_le_bytes());
+}

@@ -21,11 +21,6 @@ pub struct CpuBackend<'a> {
     state: HostState,
 }
 
-/// The first `n` values of `buf`.
-fn read(buf: &HostBuf, act: ActDtype, n: usize) -> Vec<f32> {
-    HostState::values(buf, act, n)
-}
-
 /// Stores `v` (rounded to `act`) at element `at` of `buf`.
 fn write(buf: &mut HostBuf, act: ActDtype, at: usize, v: &[f32]) {
     let e = act.bytes();
@@ -108,7 +103,7 @@ impl<'a> CpuBackend<'a> {
             } => {
                 let h = d.hidden;
                 let (first, rows) = if last_row { (m - 1, 1) } else { (0, m) };
-                let x = read(&st.acts[buf(src)], act, (first + rows) * h);
+                let x = HostState::values(&st.acts[buf(src)], act, (first + rows) * h);
                 let mut y = vec![0f32; rows * h];
                 kernels::rms_norm_rows(&x[first * h..], h, &plan.norms[norm], d.eps, &mut y);
                 write(&mut st.acts[buf(dst)], act, 0, &y);
@@ -116,26 +111,26 @@ impl<'a> CpuBackend<'a> {
             Step::Linear { linear, src, dst } => {
                 let shape = s.linears[linear].shape;
                 let rows = step.rows(m);
-                let x = read(&st.acts[buf(src)], act, rows * shape.k);
-                let mut y = read(&st.acts[buf(dst)], act, rows * shape.n);
+                let x = HostState::values(&st.acts[buf(src)], act, rows * shape.k);
+                let mut y = HostState::values(&st.acts[buf(dst)], act, rows * shape.n);
                 linear_rows(&self.linears[linear], &shape, x, rows, &mut y);
                 write(&mut st.acts[buf(dst)], act, 0, &y);
             }
             Step::RopeKv { layer } => {
                 let (cos, sin) = (&plan.rope_cos, &plan.rope_sin);
-                let mut q = read(&st.acts[buf(Act::Q)], act, m * d.q_dim);
+                let mut q = HostState::values(&st.acts[buf(Act::Q)], act, m * d.q_dim);
                 kernels::rope_rows(&mut q, d.q_dim, d.head_dim, cos, sin, pos);
                 write(&mut st.acts[buf(Act::Q)], act, 0, &q);
-                let mut k = read(&st.acts[buf(Act::K)], act, m * d.kv_dim);
+                let mut k = HostState::values(&st.acts[buf(Act::K)], act, m * d.kv_dim);
                 kernels::rope_rows(&mut k, d.kv_dim, d.head_dim, cos, sin, pos);
-                let v = read(&st.acts[buf(Act::V)], act, m * d.kv_dim);
+                let v = HostState::values(&st.acts[buf(Act::V)], act, m * d.kv_dim);
                 write(&mut st.k_cache[layer], act, pos * d.kv_dim, &k);
                 write(&mut st.v_cache[layer], act, pos * d.kv_dim, &v);
             }
             Step::Attention { layer } => {
-                let q = read(&st.acts[buf(Act::Q)], act, m * d.q_dim);
-                let k = read(&st.k_cache[layer], act, (pos + m) * d.kv_dim);
-                let v = read(&st.v_cache[layer], act, (pos + m) * d.kv_dim);
+                let q = HostState::values(&st.acts[buf(Act::Q)], act, m * d.q_dim);
+                let k = HostState::values(&st.k_cache[layer], act, (pos + m) * d.kv_dim);
+                let v = HostState::values(&st.v_cache[layer], act, (pos + m) * d.kv_dim);
                 let shape = kernels::AttentionShape {
                     heads: d.heads,
                     kv_heads: d.kv_heads,
@@ -146,13 +141,13 @@ impl<'a> CpuBackend<'a> {
                 write(&mut st.acts[buf(Act::Att)], act, 0, &out);
             }
             Step::SiluMul => {
-                let mut gate = read(&st.acts[buf(Act::Gate)], act, m * d.ffn);
-                let up = read(&st.acts[buf(Act::Up)], act, m * d.ffn);
+                let mut gate = HostState::values(&st.acts[buf(Act::Gate)], act, m * d.ffn);
+                let up = HostState::values(&st.acts[buf(Act::Up)], act, m * d.ffn);
                 kernels::silu_mul_in_place(&mut gate, &up);
                 write(&mut st.acts[buf(Act::Gate)], act, 0, &gate);
             }
             Step::Argmax => {
-                let logits = read(&st.acts[buf(Act::Logits)], act, d.vocab);
+                let logits = HostState::values(&st.acts[buf(Act::Logits)], act, d.vocab);
                 let next = kernels::argmax(&logits) as i32;
                 st.next.bytes_mut()[..4].copy_from_slice(&next.to_le_bytes());
             }
@@ -176,7 +171,7 @@ impl Backend for CpuBackend<'_> {
 
     fn logits(&mut self) -> Result<Vec<f32>> {
         let s = &self.plan.schedule;
-        Ok(read(
+        Ok(HostState::values(
             &self.state.acts[Act::Logits as usize],
             s.act,
             s.dims.vocab,

@@ -150,10 +150,8 @@ impl HostState {
             Step::RmsNorm { dst, .. } | Step::Linear { dst, .. } => rows_of(dst, rows),
             Step::RopeKv { layer } => {
                 let kv = s.dims.kv_dim;
-                let span = |c: &HostBuf| {
-                    let all = HostState::values(c, act, (pos + m) * kv);
-                    all[pos * kv..].to_vec()
-                };
+                let e = act.bytes();
+                let span = |c: &HostBuf| act.decode(&c.bytes()[pos * kv * e..(pos + m) * kv * e]);
                 let mut v = rows_of(Act::Q, rows);
                 v.extend(span(&self.k_cache[layer]));
                 v.extend(span(&self.v_cache[layer]));
