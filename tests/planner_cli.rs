@@ -558,6 +558,28 @@ fn tail_percentiles_of_a_measured_profile_price_plans() {
     assert_eq!(src["percentile"], "p95");
     let src = serde_json::to_value(median.provenance.unwrap().latency).unwrap();
     assert!(src.get("percentile").is_none(), "{src}");
+    // The sweep takes the same flag and records it.
+    let sweep = dir.path().join("sweep");
+    ok(&[
+        "sweep",
+        "--calib",
+        s(&calib),
+        "--device",
+        s(&profile),
+        "--latency-percentile",
+        "p95",
+        "--points",
+        "2",
+        "-o",
+        s(&sweep),
+    ]);
+    let report = std::fs::read_to_string(sweep.join("sweep.json")).unwrap();
+    let report: serde_json::Value = serde_json::from_str(&report).unwrap();
+    assert_eq!(
+        report["latency"]["percentile"], "p95",
+        "{}",
+        report["latency"]
+    );
     // A cost model has no tail.
     let e = fails(&[
         "plan",
