@@ -15,9 +15,9 @@ mod common;
 
 use std::ffi::c_void;
 
-use fpx::codegen::{HelperHeaders, KernelContext, KernelSource, Launch};
-use fpx::lower::{ActDtype, Arch, KernelSpec};
-use fpx::runtime::emu::{arg, EmuKernels, EmuOptions, Toolchain};
+use fpx::codegen::{KernelSource, Launch};
+use fpx::lower::Arch;
+use fpx::runtime::emu::{arg, EmuKernels};
 
 const SOURCE: &str = r#"
 #include "fpx_mma.cuh"
@@ -95,34 +95,11 @@ extern "C" __global__ void mma_e4m3_probe(const u8* __restrict__ a, const u8* __
 const ENTRIES: [&str; 2] = ["mma_bf16_probe", "mma_e4m3_probe"];
 
 fn source(arch: Arch) -> KernelSource {
-    let spec = KernelSpec::SiluMul {
-        dim: 1,
-        act: ActDtype::F32,
-    };
-    KernelSource {
-        spec,
-        arch,
-        name: "emu_mma_probe".into(),
-        file_name: "emu_mma_probe.cu".into(),
-        source: SOURCE.into(),
-        entry_points: ENTRIES.map(String::from).to_vec(),
-        context: KernelContext::new(&spec, arch),
-        headers: HelperHeaders::embedded(),
-    }
+    common::emu_probe::source("emu_mma_probe", SOURCE, &ENTRIES, arch)
 }
 
 fn kernels() -> Option<EmuKernels> {
-    if !common::have(
-        "g++ and the CUDA header wheels (.venv)",
-        Toolchain::find().is_ok(),
-    ) {
-        return None;
-    }
-    let opts = EmuOptions {
-        arch: Arch::Sm90,
-        cache_dir: Some(std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("emu-cache")),
-    };
-    Some(EmuKernels::from_sources(&[source(Arch::Sm90)], &opts).unwrap())
+    common::emu_probe::kernels(source(Arch::Sm90))
 }
 
 fn one_warp(shared_bytes: u32) -> Launch {
