@@ -19,7 +19,7 @@ pub mod schedule;
 pub mod spec;
 pub mod work;
 
-pub use arch::Arch;
+pub use arch::{Arch, DeviceTarget};
 pub use dtype::ActDtype;
 pub use schedule::{Act, Dims, LinearSlot, Param, Schedule, Step};
 pub use spec::{KernelSpec, LinearShape, WeightFormat, GEMV_MAX_ROWS, GEMV_ROW_TILES};
