@@ -102,7 +102,7 @@ fn fpx_run(model_dir: &Path, tokens: &[u32]) -> (Vec<f32>, Vec<u32>, RopeScaling
         fpx::lower::ActDtype::F32,
     )
     .unwrap();
-    let backend = generate(&mut CpuBackend::new(&plan), tokens, NEW_TOKENS, None).unwrap();
+    let backend = generate(&mut CpuBackend::new(&plan), tokens, NEW_TOKENS, &[]).unwrap();
     assert_eq!(backend.tokens, greedy, "cpu backend vs CPU reference");
     (logits, greedy, model.spec.rope_scaling)
 }

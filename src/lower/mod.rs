@@ -21,7 +21,7 @@ pub mod work;
 
 pub use arch::Arch;
 pub use dtype::ActDtype;
-pub use schedule::{Act, Dims, LinearSlot, Param, Schedule, Step};
+pub use schedule::{Act, Dims, LinearSlot, NormSlot, Param, QkNorm, Schedule, Step};
 pub use spec::{KernelSpec, LinearShape, WeightFormat, GEMV_MAX_ROWS, GEMV_ROW_TILES};
 pub use work::{
     decode_instructions_per_weight, linear_weight_bytes, linear_work, InstructionPath, KernelWork,

@@ -7,6 +7,8 @@
 //! Fusions relative to the graph: RoPE of q and k plus the KV-cache store are one step, each
 //! residual add is the epilogue of the o_proj / down_proj linear (`accumulate`), and the final
 //! norm, lm_head and argmax run on the last token only (generation needs no other logits).
+//! Qwen3's per-head RMSNorm of q and k is part of the RoPE step too (normalised, rotated and
+//! stored with one rounding).
 
 use serde::Serialize;
 
@@ -85,6 +87,22 @@ pub struct LinearSlot {
     pub activations: Option<Format>,
 }
 
+/// An RMSNorm weight of the schedule: its tensor and length (`hidden`, or `head_dim` for a
+/// per-head norm of q or k).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct NormSlot {
+    pub tensor: String,
+    pub dim: usize,
+}
+
+/// The per-head RMSNorm of q and k a RoPE step applies first (Qwen3): their
+/// [`Schedule::norms`] slots.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct QkNorm {
+    pub q: usize,
+    pub k: usize,
+}
+
 /// One step of a forward pass.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
@@ -100,10 +118,20 @@ pub enum Step {
     },
     /// `dst (+)= src W^T (+ b)` with `linears[linear]` (GEMV for <= 8 rows, else GEMM).
     Linear { linear: usize, src: Act, dst: Act },
-    /// RoPE of `Q` in place; RoPE of `K` and a copy of `V` into layer `layer`'s KV cache.
-    RopeKv { layer: usize },
-    /// `Att` = attention of `Q` over layer `layer`'s KV cache.
-    Attention { layer: usize },
+    /// RoPE of `Q` in place; RoPE of `K` and a copy of `V` into layer `layer`'s KV cache;
+    /// with `qk_norm`, each head of q and k RMS-normalised first.
+    RopeKv {
+        layer: usize,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        qk_norm: Option<QkNorm>,
+    },
+    /// `Att` = attention of `Q` over layer `layer`'s KV cache (the last `window` positions
+    /// of it when set).
+    Attention {
+        layer: usize,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        window: Option<usize>,
+    },
     /// `Gate = silu(Gate) * Up`.
     SiluMul,
     /// Next token = argmax of `Logits`.
@@ -124,7 +152,7 @@ pub enum Param {
     Next,
     /// The embedding table (`const act_t*`).
     Embedding,
-    /// RMSNorm weight `i` (`const float*`).
+    /// RMSNorm weight `i` of [`Schedule::norms`] (`const float*`).
     Norm(usize),
     /// Layer `i`'s K or V cache (`act_t*`).
     KCache(usize),
@@ -161,18 +189,24 @@ impl Step {
             Step::RmsNorm { norm, src, dst, .. } => {
                 vec![P::Act(src), P::Norm(norm), P::Act(dst), P::Eps, P::Row0]
             }
-            Step::RopeKv { layer } => vec![
-                P::Act(Act::Q),
-                P::Act(Act::K),
-                P::Act(Act::V),
-                P::KCache(layer),
-                P::VCache(layer),
-                P::RopeCos,
-                P::RopeSin,
-                P::Pos,
-                P::Rows,
-            ],
-            Step::Attention { layer } => vec![
+            Step::RopeKv { layer, qk_norm } => {
+                let mut p = vec![
+                    P::Act(Act::Q),
+                    P::Act(Act::K),
+                    P::Act(Act::V),
+                    P::KCache(layer),
+                    P::VCache(layer),
+                    P::RopeCos,
+                    P::RopeSin,
+                    P::Pos,
+                    P::Rows,
+                ];
+                if let Some(n) = qk_norm {
+                    p.extend([P::Norm(n.q), P::Norm(n.k), P::Eps]);
+                }
+                p
+            }
+            Step::Attention { layer, .. } => vec![
                 P::Act(Act::Q),
                 P::KCache(layer),
                 P::VCache(layer),
@@ -221,8 +255,9 @@ impl Step {
 pub struct Schedule {
     pub dims: Dims,
     pub embedding_tensor: String,
-    /// RMSNorm weight tensors, indexed by [`Step::RmsNorm::norm`].
-    pub norms: Vec<String>,
+    /// RMSNorm weights, indexed by [`Step::RmsNorm::norm`] and [`QkNorm`], in the graph's
+    /// order of its norm nodes.
+    pub norms: Vec<NormSlot>,
     pub linears: Vec<LinearSlot>,
     pub steps: Vec<Step>,
     /// Element type of every activation buffer and of the KV cache.
@@ -286,6 +321,8 @@ impl Schedule {
             graph,
             held: vec![None; graph.node_count()],
         };
+        // The q and k head norms of the block being walked, until its RoPE step takes them.
+        let mut head_norms: [Option<usize>; 2] = [None, None];
         for &id in graph.topo_order() {
             let node = graph.node(id);
             let value = match &node.op {
@@ -294,9 +331,12 @@ impl Schedule {
                     s.steps.push(Step::Embed);
                     Act::X
                 }
-                Op::RmsNorm { tensor, .. } => {
+                Op::RmsNorm { tensor, dim, .. } => {
                     let last_row = node.layer.is_none();
-                    s.norms.push(tensor.clone());
+                    s.norms.push(NormSlot {
+                        tensor: tensor.clone(),
+                        dim: *dim,
+                    });
                     s.steps.push(Step::RmsNorm {
                         norm: s.norms.len() - 1,
                         src: held.operand(id, 0)?,
@@ -349,22 +389,60 @@ impl Schedule {
                     });
                     dst
                 }
+                // Fused into the RoPE step: normalised in place, in the buffer it reads.
+                Op::HeadNorm {
+                    tensor, head_dim, ..
+                } => {
+                    let (which, act) = match held.operand(id, 0)? {
+                        Act::Q => (0, Act::Q),
+                        Act::K => (1, Act::K),
+                        other => {
+                            return Err(Error::Layer {
+                                layer: node.name.clone(),
+                                reason: format!(
+                                    "a per-head norm of buffer {other:?}; the RoPE step \
+                                     normalises q and k only"
+                                ),
+                            })
+                        }
+                    };
+                    s.norms.push(NormSlot {
+                        tensor: tensor.clone(),
+                        dim: *head_dim,
+                    });
+                    head_norms[which] = Some(s.norms.len() - 1);
+                    act
+                }
                 // q's rotation waits for k's: both run in one step after the v projection,
                 // in place on the query buffer (the rotated keys go to the KV cache).
                 Op::Rope { .. } if node.name.ends_with("rope_q") => held.expect(id, 0, Act::Q)?,
                 Op::Rope { .. } => {
                     held.expect(id, 0, Act::K)?;
+                    let qk_norm = match std::mem::take(&mut head_norms) {
+                        [Some(q), Some(k)] => Some(QkNorm { q, k }),
+                        [None, None] => None,
+                        _ => {
+                            return Err(Error::Layer {
+                                layer: node.name.clone(),
+                                reason: "a per-head norm of only one of q and k; the RoPE \
+                                         step normalises both or neither"
+                                    .into(),
+                            })
+                        }
+                    };
                     s.steps.push(Step::RopeKv {
                         layer: layer_of(node.layer, &node.name)?,
+                        qk_norm,
                     });
                     Act::K
                 }
-                Op::Attention { .. } => {
+                Op::Attention { window, .. } => {
                     for (slot, act) in [(0, Act::Q), (1, Act::K), (2, Act::V)] {
                         held.expect(id, slot, act)?;
                     }
                     s.steps.push(Step::Attention {
                         layer: layer_of(node.layer, &node.name)?,
+                        window: *window,
                     });
                     Act::Att
                 }
@@ -416,17 +494,19 @@ impl Schedule {
                 let shape = self.linears[linear].shape;
                 vec![KernelSpec::Gemv(shape), KernelSpec::Gemm(shape)]
             }
-            Step::RopeKv { .. } => vec![KernelSpec::RopeKv {
+            Step::RopeKv { qk_norm, .. } => vec![KernelSpec::RopeKv {
                 heads: d.heads,
                 kv_heads: d.kv_heads,
                 head_dim: d.head_dim,
                 act,
+                qk_norm: qk_norm.is_some(),
             }],
-            Step::Attention { .. } => vec![KernelSpec::Attention {
+            Step::Attention { window, .. } => vec![KernelSpec::Attention {
                 heads: d.heads,
                 kv_heads: d.kv_heads,
                 head_dim: d.head_dim,
                 act,
+                window,
             }],
             Step::SiluMul => vec![KernelSpec::SiluMul { dim: d.ffn, act }],
             Step::Argmax => vec![KernelSpec::Argmax {

@@ -170,16 +170,30 @@ impl Schedule {
                 r * act * (cols(src) + cols(dst)) + 4.0 * hidden,
                 4.0 * r * hidden,
             ),
-            // Q rotated in place, K rotated and V copied into the cache, the cos/sin rows read.
-            Step::RopeKv { .. } => simt(
-                r * act * (2.0 * q_dim + 4.0 * kv_dim) + r * 4.0 * d.head_dim as f64,
-                r * 3.0 * (q_dim + kv_dim),
-            ),
-            // Each row's queries against its sequence's `context` cached keys and values.
-            Step::Attention { .. } => simt(
-                r * act * (2.0 * ctx * kv_dim + 2.0 * q_dim),
-                4.0 * r * ctx * q_dim,
-            ),
+            // Q rotated in place, K rotated and V copied into the cache, the cos/sin rows read;
+            // with q/k norms, their two weights read and four more FLOPs per element (square,
+            // sum, scale, weight).
+            Step::RopeKv { qk_norm, .. } => {
+                let (norm_bytes, norm_flops) = match qk_norm {
+                    Some(_) => (2.0 * 4.0 * d.head_dim as f64, 4.0),
+                    None => (0.0, 0.0),
+                };
+                simt(
+                    r * act * (2.0 * q_dim + 4.0 * kv_dim)
+                        + r * 4.0 * d.head_dim as f64
+                        + norm_bytes,
+                    r * (3.0 + norm_flops) * (q_dim + kv_dim),
+                )
+            }
+            // Each row's queries against its sequence's `context` cached keys and values (the
+            // last `window` of them with a sliding window).
+            Step::Attention { window, .. } => {
+                let ctx = window.map_or(ctx, |w| ctx.min(w as f64));
+                simt(
+                    r * act * (2.0 * ctx * kv_dim + 2.0 * q_dim),
+                    4.0 * r * ctx * q_dim,
+                )
+            }
             Step::SiluMul => simt(3.0 * r * d.ffn as f64 * act, 5.0 * r * d.ffn as f64),
             Step::Argmax => simt(r * d.vocab as f64 * act, 0.0),
         }

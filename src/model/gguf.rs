@@ -1,4 +1,4 @@
-//! GGUF checkpoints as llama.cpp writes them (architectures `llama` and `qwen2`).
+//! GGUF checkpoints as llama.cpp writes them (architectures `llama`, `qwen2` and `qwen3`).
 //!
 //! The file stays memory-mapped; [`GgufSource::tensor`] dequantizes one tensor per call
 //! (F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K) and nothing is cached.
@@ -8,10 +8,14 @@
 //! - shapes: GGUF lists dims innermost first, so `[in, out]` there is row-major `[out, in]`;
 //! - q/k rows: `convert_hf_to_gguf.py` permutes the rows of q_proj and k_proj of llama models
 //!   (`permute(w, n_head, n_head_kv)`) for its RoPE layout; [`unpermute_rows`] inverts it.
-//!   Qwen2 GGUFs are not permuted.
+//!   Qwen2 and Qwen3 GGUFs are not permuted (nor are Qwen3's q/k norms).
 //!
 //! The spec comes from `{arch}.*` metadata; the tokenizer metadata is handed to
-//! [`super::tokenizer`].
+//! [`super::tokenizer`]. RoPE scaling: `rope.scaling.type = linear` with its factor, and
+//! llama3's as llama.cpp stores it, a `rope_freqs.weight` tensor of frequency factors
+//! ([`RopeScaling::Factors`], llama only, as llama.cpp reads it). End-of-sequence ids: the
+//! `eos`, `eot` (end of turn) and `eom` (end of message) tokens, all of which end
+//! generation in llama.cpp.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -23,11 +27,15 @@ use memmap2::Mmap;
 use super::config::validate_spec;
 use super::gguf_header::{self, as_f64, as_usize};
 pub use super::llama_cpp::{gguf_name, hf_name, permute_rows, unpermute_rows};
-use super::{Architecture, ModelSpec, Tensor, TensorHeader, WeightSource};
+use super::rope::RopeScaling;
+use super::{Architecture, EosIds, ModelSpec, Tensor, TensorHeader, WeightSource};
 use crate::error::{Error, Result};
 
 /// GGUF architectures fpx reads, as a message for errors.
-pub const SUPPORTED_GGUF: &str = "llama, qwen2";
+pub const SUPPORTED_GGUF: &str = "llama, qwen2, qwen3";
+
+/// llama.cpp's tensor of RoPE frequency factors (llama3 scaling).
+pub const ROPE_FREQS: &str = "rope_freqs.weight";
 
 struct Entry {
     gguf_name: String,
@@ -66,10 +74,14 @@ fn config_err(path: &Path, reason: impl Into<String>) -> Error {
     }
 }
 
+/// Reads the `rope_freqs` tensor's values, when the file has one.
+type ReadFactors<'a> = Option<&'a dyn Fn() -> Result<Vec<f32>>>;
+
 fn spec_from_metadata(
     path: &Path,
     meta: &HashMap<String, Value>,
     has: &dyn Fn(&str) -> bool,
+    rope_freqs: ReadFactors<'_>,
     embed_rows: Option<usize>,
 ) -> Result<ModelSpec> {
     let arch_name = match meta.get("general.architecture") {
@@ -85,6 +97,7 @@ fn spec_from_metadata(
     let architecture = match arch_name.as_str() {
         "llama" => Architecture::Llama,
         "qwen2" => Architecture::Qwen2,
+        "qwen3" => Architecture::Qwen3,
         _ => {
             return Err(Error::UnsupportedArchitecture {
                 path: path.to_path_buf(),
@@ -94,29 +107,6 @@ fn spec_from_metadata(
         }
     };
     let key = |k: &str| format!("{arch_name}.{k}");
-    // RoPE scaling is read from Hugging Face configs only so far: refused here by name rather
-    // than run unscaled (llama.cpp stores llama3's as a `rope_freqs` tensor of factors).
-    if has("rope_freqs.weight") {
-        return Err(config_err(
-            path,
-            "tensor rope_freqs.weight (RoPE frequency factors, llama3 scaling) is not \
-             supported in GGUF files yet; use the Hugging Face checkpoint",
-        ));
-    }
-    match meta.get(&key("rope.scaling.type")) {
-        None => {}
-        Some(Value::String(s)) if s == "none" => {}
-        Some(v) => {
-            return Err(config_err(
-                path,
-                format!(
-                    "{} = {v:?} is not supported in GGUF files yet (RoPE scaling is read \
-                     from Hugging Face configs)",
-                    key("rope.scaling.type")
-                ),
-            ))
-        }
-    }
     let opt_usize = |k: &str| -> Result<Option<usize>> {
         match meta.get(&key(k)) {
             None => Ok(None),
@@ -136,6 +126,7 @@ fn spec_from_metadata(
                 .ok_or_else(|| config_err(path, format!("{} is not a number", key(k)))),
         }
     };
+    let rope_scaling = rope_scaling(path, meta, &arch_name, rope_freqs, &opt_f64)?;
     let hidden = req_usize("embedding_length")?;
     let heads = req_usize("attention.head_count")?;
     let kv_heads = opt_usize("attention.head_count_kv")?.unwrap_or(heads);
@@ -156,6 +147,7 @@ fn spec_from_metadata(
         .or(embed_rows)
         .ok_or_else(|| config_err(path, "cannot tell the vocabulary size"))?;
     let token_id = |k: &str| meta.get(k).and_then(as_usize).map(|v| v as u32);
+    let eos = ["eos", "eot", "eom"].map(|t| token_id(&format!("tokenizer.ggml.{t}_token_id")));
     let spec = ModelSpec {
         architecture,
         hidden_size: hidden,
@@ -166,16 +158,109 @@ fn spec_from_metadata(
         head_dim,
         vocab_size: vocab,
         rope_theta: opt_f64("rope.freq_base")?.unwrap_or(10_000.0) as f32,
-        rope_scaling: Default::default(),
+        rope_scaling,
         rms_norm_eps: opt_f64("attention.layer_norm_rms_epsilon")?.unwrap_or(1e-6) as f32,
         tie_word_embeddings: !has("output.weight"),
         attention_bias: has("blk.0.attn_q.bias"),
         max_position_embeddings: opt_usize("context_length")?.unwrap_or(2048),
+        // llama.cpp's llama, qwen2 and qwen3 attend the whole context.
+        sliding_window: None,
         bos_token_id: token_id("tokenizer.ggml.bos_token_id"),
-        eos_token_id: token_id("tokenizer.ggml.eos_token_id"),
+        eos_token_id: EosIds::new(eos.into_iter().flatten()),
     };
     validate_spec(&spec).map_err(|r| config_err(path, r))?;
     Ok(spec)
+}
+
+/// The RoPE scaling the file declares: none, `linear` with `rope.scaling.factor`, or (llama
+/// only, as llama.cpp reads it) the factors of a `rope_freqs` tensor. Other types are refused
+/// by name.
+fn rope_scaling(
+    path: &Path,
+    meta: &HashMap<String, Value>,
+    arch: &str,
+    rope_freqs: ReadFactors<'_>,
+    opt_f64: &dyn Fn(&str) -> Result<Option<f64>>,
+) -> Result<RopeScaling> {
+    let key = format!("{arch}.rope.scaling.type");
+    let declared = match meta.get(&key) {
+        None => None,
+        Some(Value::String(s)) if s == "none" => None,
+        Some(Value::String(s)) if s == "linear" => Some(s.as_str()),
+        Some(v) => {
+            return Err(config_err(
+                path,
+                format!("{key} = {v:?} is not supported (fpx implements none and linear)"),
+            ))
+        }
+    };
+    match (declared, rope_freqs) {
+        (Some(_), Some(_)) => Err(config_err(
+            path,
+            format!("{key} = linear together with a {ROPE_FREQS} tensor is not supported"),
+        )),
+        (Some(_), None) => {
+            let factor_key = "rope.scaling.factor";
+            let factor = opt_f64(factor_key)?.ok_or_else(|| {
+                config_err(path, format!("{key} = linear needs {arch}.{factor_key}"))
+            })?;
+            let scaling = RopeScaling::Linear {
+                factor: factor as f32,
+            };
+            scaling.validate().map_err(|r| config_err(path, r))?;
+            Ok(scaling)
+        }
+        (None, Some(_)) if arch != "llama" => Err(config_err(
+            path,
+            format!(
+                "tensor {ROPE_FREQS} (RoPE frequency factors) in a {arch} GGUF is not \
+                 supported (llama.cpp reads it for llama only)"
+            ),
+        )),
+        (None, Some(read)) => {
+            let scaling = RopeScaling::Factors { factors: read()? };
+            scaling.validate().map_err(|reason| Error::Tensor {
+                path: path.to_path_buf(),
+                tensor: ROPE_FREQS.into(),
+                reason,
+            })?;
+            Ok(scaling)
+        }
+        (None, None) => Ok(RopeScaling::Default),
+    }
+}
+
+/// The values of a one-dimensional tensor straight from the header and the bytes (the
+/// `rope_freqs` factors, needed for the spec before the tensor table is mapped).
+fn read_vector(
+    path: &Path,
+    bytes: &[u8],
+    data_offset: usize,
+    t: &gguf_header::RawTensorInfo,
+) -> Result<Vec<f32>> {
+    let bad = |reason: String| Error::Tensor {
+        path: path.to_path_buf(),
+        tensor: t.name.clone(),
+        reason,
+    };
+    let dtype = gguf_header::supported_type(t.ggml_type).ok_or_else(|| {
+        bad(format!(
+            "type {} is not supported",
+            gguf_header::type_name(t.ggml_type)
+        ))
+    })?;
+    let [n] = t.dims[..] else {
+        return Err(bad(format!("has dims {:?}; expected one", t.dims)));
+    };
+    let size = gguf_header::byte_size(dtype, n).map_err(bad)?;
+    let range = data_offset
+        .checked_add(t.offset)
+        .and_then(|s| Some((s, s.checked_add(size)?)))
+        .filter(|&(_, e)| e <= bytes.len())
+        .ok_or_else(|| bad("its bytes lie beyond the end of the file".into()))?;
+    let data = gguf_header::dequantize(dtype, &bytes[range.0..range.1], n);
+    super::check_finite(path, &t.name, &data)?;
+    Ok(data)
 }
 
 impl GgufSource {
@@ -202,10 +287,17 @@ impl GgufSource {
         let embed_rows = raw
             .get("token_embd.weight")
             .and_then(|t| t.dims.last().copied());
+        let (bytes, offset): (&[u8], usize) = (&mmap, header.data_offset);
+        let read_factors = raw
+            .get(ROPE_FREQS)
+            .map(|t| move || read_vector(path, bytes, offset, t));
         let spec = spec_from_metadata(
             path,
             &header.metadata,
             &|name| raw.contains_key(name),
+            read_factors
+                .as_ref()
+                .map(|f| f as &dyn Fn() -> Result<Vec<f32>>),
             embed_rows,
         )?;
         let permute = spec.architecture == Architecture::Llama;
@@ -263,6 +355,7 @@ impl GgufSource {
             mmap,
             entries,
         };
+
         Ok(GgufFile {
             source,
             spec,
@@ -373,14 +466,29 @@ mod tests {
     use crate::model::synthetic::{random_weights, tiny_spec, write_gguf};
 
     #[test]
-    fn rope_frequency_factors_are_refused_by_name() {
-        let meta = HashMap::from([(
-            "general.architecture".to_string(),
-            Value::String("llama".into()),
-        )]);
-        let has = |n: &str| n == "rope_freqs.weight";
-        let err = spec_from_metadata(Path::new("m.gguf"), &meta, &has, None).unwrap_err();
-        assert!(err.to_string().contains("rope_freqs.weight"), "{err}");
+    fn rope_scaling_other_than_llama_factors_and_linear_is_refused_by_name() {
+        let meta = |arch: &str, scaling: Option<&str>| {
+            let mut m = HashMap::from([(
+                "general.architecture".to_string(),
+                Value::String(arch.into()),
+            )]);
+            if let Some(t) = scaling {
+                m.insert(format!("{arch}.rope.scaling.type"), Value::String(t.into()));
+            }
+            m
+        };
+        let read = || Ok(vec![1.0; 8]);
+        let freqs: ReadFactors<'_> = Some(&read);
+        let path = Path::new("m.gguf");
+        for (m, factors, want) in [
+            (meta("qwen2", None), freqs, "rope_freqs.weight"),
+            (meta("llama", Some("yarn")), None, "rope.scaling.type"),
+            (meta("llama", Some("linear")), freqs, "together"),
+            (meta("llama", Some("linear")), None, "rope.scaling.factor"),
+        ] {
+            let err = spec_from_metadata(path, &m, &|_| false, factors, None).unwrap_err();
+            assert!(err.to_string().contains(want), "{err}");
+        }
     }
 
     /// A spec whose rows fit K-quant blocks (256).
