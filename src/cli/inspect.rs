@@ -93,13 +93,28 @@ fn norms(graph: &Graph) -> Vec<NormRow> {
     rows
 }
 
+/// The parameters of a RoPE scaling, as ` {json}` (nothing for the default).
+fn params(s: &fpx::model::rope::RopeScaling) -> String {
+    match serde_json::to_value(s) {
+        Ok(serde_json::Value::Object(mut m)) => {
+            m.remove("rope_type");
+            if m.is_empty() {
+                String::new()
+            } else {
+                format!(" {}", serde_json::Value::Object(m))
+            }
+        }
+        _ => String::new(),
+    }
+}
+
 /// One line each for RoPE, attention and the end-of-sequence ids.
 fn settings(s: &ModelSpec) -> String {
     let rope = match &s.rope_scaling {
         fpx::model::rope::RopeScaling::Factors { factors } => {
             format!("factors (GGUF rope_freqs, {} values)", factors.len())
         }
-        other => serde_json::to_string(other).unwrap_or_default(),
+        other => other.rope_type().to_string() + &params(other),
     };
     let attention = match &s.sliding_window {
         None => "full causal on every layer".to_string(),
@@ -115,9 +130,9 @@ fn settings(s: &ModelSpec) -> String {
         ),
     };
     format!(
-        "rope theta {} scaling {rope}\nattention {attention}\nbos {:?}  eos {:?}\n",
+        "rope theta {} scaling {rope}\nattention {attention}\nbos {}  eos {:?}\n",
         s.rope_theta,
-        s.bos_token_id,
+        s.bos_token_id.map_or("none".to_string(), |b| b.to_string()),
         s.eos_token_id.ids()
     )
 }
