@@ -144,7 +144,7 @@ fn all_specs() -> Vec<KernelSpec> {
             act: ActDtype::F32,
             qk_norm: false,
         },
-        // Qwen3's q/k norms fused into RoPE (head_dim 128: four warps per head).
+        // Qwen3's q/k norms fused into RoPE (head_dim 128: two warps per head).
         KernelSpec::RopeKv {
             heads: 16,
             kv_heads: 8,
