@@ -221,4 +221,51 @@ mod tests {
         assert_eq!(w.flops, 2.0 * 96.0 * 200.0);
         assert_eq!(w.path, InstructionPath::SimtF32);
     }
+
+    #[test]
+    fn a_windowed_layer_reads_only_its_window_and_qk_norms_their_weights() {
+        use crate::ir::Graph;
+        use crate::model::{synthetic::tiny_spec, Architecture, ModelSpec, SlidingWindow};
+        let spec = ModelSpec {
+            sliding_window: Some(SlidingWindow {
+                size: 16,
+                layers: vec![1],
+            }),
+            ..tiny_spec(Architecture::Qwen3)
+        };
+        let s = Schedule::build(&Graph::build(&spec), &Default::default()).unwrap();
+        let attention = |layer: usize, ctx: usize| {
+            let step = s
+                .steps
+                .iter()
+                .find(|st| matches!(st, Step::Attention { layer: l, .. } if *l == layer))
+                .unwrap();
+            s.work(step, 1, ctx, Arch::Sm90)
+        };
+        // Layer 1 slides: at 512 positions it reads what it reads at 16; layer 0 does not.
+        assert_eq!(attention(1, 512), attention(1, 16));
+        assert_eq!(attention(1, 512), attention(0, 16));
+        assert!(attention(0, 512).bytes > attention(1, 512).bytes);
+        let rope = s
+            .steps
+            .iter()
+            .find(|st| matches!(st, Step::RopeKv { .. }))
+            .unwrap();
+        let plain = Schedule::build(
+            &Graph::build(&tiny_spec(Architecture::Qwen2)),
+            &Default::default(),
+        )
+        .unwrap();
+        let plain_rope = plain
+            .steps
+            .iter()
+            .find(|st| matches!(st, Step::RopeKv { .. }))
+            .unwrap();
+        let (a, b) = (
+            s.work(rope, 1, 1, Arch::Sm90),
+            plain.work(plain_rope, 1, 1, Arch::Sm90),
+        );
+        // The two head_dim weights in FP32.
+        assert_eq!(a.bytes - b.bytes, 2.0 * 4.0 * 16.0);
+    }
 }
