@@ -6,12 +6,16 @@ Run by the Rust tests (tests/transformers_models.rs) with the interpreter of .ve
 
   hf_tiny.py --config C.json --out DIR --tokens T.json [--new N] [--seed S]
       AutoModelForCausalLM.from_config(AutoConfig.for_model(**C)) in FP32 with torch's
-      seed S (no download), saved with save_pretrained(DIR) (safetensors). Prints
+      seed S (no download), every RMSNorm weight then drawn as 1 + 0.1 N(0, 1) (transformers
+      initialises them to ones, which would hide a norm applied with the wrong weight), saved
+      with save_pretrained(DIR) (safetensors). Prints
         logits     the logits of every position of T (a list of token ids), [len(T), vocab]
         greedy     N tokens of greedy decoding after T (full forward each step, no cache)
-        unscaled   largest |logits - logits without rope scaling| / max |logits|: the same
-                   weights in a model whose config has no rope scaling (0 when C has none),
-                   so a test can tell that the scaling changes the result
+        ablated    {feature: largest |logits - logits without it| / max |logits|}: the same
+                   weights in a model without each feature C uses, so a test can tell that
+                   the feature changes the result: "rope_scaling" (the config without it),
+                   "sliding_window" (without the window), "qk_norm" (qwen3's weights in a
+                   Llama of the same shape, without q_norm / k_norm)
 """
 
 import argparse
@@ -49,6 +53,10 @@ def main():
 
     torch.manual_seed(args.seed)
     model = AutoModelForCausalLM.from_config(build(config), dtype=torch.float32).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.copy_(1.0 + 0.1 * torch.randn_like(p))
     model.save_pretrained(args.out)
     logits = logits_of(model, tokens)
 
@@ -58,17 +66,30 @@ def main():
         greedy.append(nxt)
         seq.append(nxt)
 
-    unscaled = 0.0
+    def differs(other_config, strict=True):
+        other = AutoModelForCausalLM.from_config(build(other_config), dtype=torch.float32).eval()
+        other.load_state_dict(model.state_dict(), strict=strict)
+        diff = (logits_of(other, tokens) - logits).abs().max()
+        return float(diff / logits.abs().max())
+
+    ablated = {}
     if config.get("rope_scaling") or config.get("rope_parameters"):
         plain = dict(config)
         plain.pop("rope_scaling", None)
         plain.pop("rope_parameters", None)
-        other = AutoModelForCausalLM.from_config(build(plain), dtype=torch.float32).eval()
-        other.load_state_dict(model.state_dict())
-        diff = (logits_of(other, tokens) - logits).abs().max()
-        unscaled = float(diff / logits.abs().max())
+        ablated["rope_scaling"] = differs(plain)
+    if config.get("sliding_window") and (config["model_type"] == "mistral"
+                                         or config.get("use_sliding_window")):
+        ablated["sliding_window"] = differs({**config, "sliding_window": None,
+                                             "use_sliding_window": False,
+                                             "layer_types": None})
+    if config["model_type"] == "qwen3":
+        llama = {**config, "model_type": "llama", "architectures": ["LlamaForCausalLM"]}
+        for key in ("sliding_window", "use_sliding_window", "layer_types", "max_window_layers"):
+            llama.pop(key, None)
+        ablated["qk_norm"] = differs(llama, strict=False)
 
-    json.dump({"logits": logits.tolist(), "greedy": greedy, "unscaled": unscaled}, sys.stdout)
+    json.dump({"logits": logits.tolist(), "greedy": greedy, "ablated": ablated}, sys.stdout)
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ mod cli {
     pub mod codegen;
     pub mod compare;
     pub mod export;
+    pub mod inspect;
     pub mod plan;
     pub mod plan_report;
     pub mod profile;
@@ -27,10 +28,9 @@ mod cli {
 }
 
 use fpx::eval::{self, EvalReport};
-use fpx::formats::Format;
 use fpx::ir::Graph;
 use fpx::lower::PrecisionMap;
-use fpx::model::{load_model, Model, ModelSpec};
+use fpx::model::{load_model, Model};
 use fpx::plan::Plan;
 use fpx::runtime::cpu::CpuModel;
 
@@ -51,7 +51,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Show a model's architecture, its linear layers and their weight bytes per format.
-    Inspect(InspectArgs),
+    Inspect(cli::inspect::InspectArgs),
     /// Perplexity on text with the CPU reference forward; with --plan, also KL from full precision.
     Eval(EvalArgs),
     /// Measure every linear layer's error in every format on calibration text.
@@ -108,18 +108,6 @@ impl ModelText {
         eval::windows(tokens, seq_len, max_windows)
             .with_context(|| format!("{}: {flag} {seq_len}", self.text.display()))
     }
-}
-
-#[derive(Args)]
-struct InspectArgs {
-    /// Hugging Face model directory or GGUF file.
-    model: PathBuf,
-    /// Print one JSON object instead of tables.
-    #[arg(long)]
-    json: bool,
-    /// Print the graph IR, one node per line.
-    #[arg(long, conflicts_with = "json")]
-    graph: bool,
 }
 
 #[derive(Args)]
@@ -181,7 +169,7 @@ fn run(cli: Cli) -> Result<()> {
             .context("configuring the thread pool")?;
     }
     match cli.command {
-        Command::Inspect(args) => inspect(args),
+        Command::Inspect(args) => cli::inspect::run(args),
         Command::Eval(args) => eval_cmd(args),
         Command::Calibrate(args) => cli::calibrate::run(args),
         Command::Plan(args) => cli::plan::run(args),
@@ -206,125 +194,6 @@ pub(crate) fn load(path: &Path) -> Result<Model> {
     let model = load_model(path)?;
     tracing::info!(path = %path.display(), seconds = start.elapsed().as_secs_f64(), "model loaded");
     Ok(model)
-}
-
-#[derive(Serialize)]
-struct LinearRow {
-    name: String,
-    layer: Option<usize>,
-    kind: &'static str,
-    out_features: usize,
-    in_features: usize,
-    params: usize,
-    bytes: std::collections::BTreeMap<Format, u64>,
-}
-
-#[derive(Serialize)]
-struct InspectReport<'a> {
-    path: String,
-    identity: &'a str,
-    spec: &'a ModelSpec,
-    graph_nodes: usize,
-    linears: Vec<LinearRow>,
-    total_bytes: std::collections::BTreeMap<Format, u64>,
-}
-
-fn inspect(args: InspectArgs) -> Result<()> {
-    let model = load(&args.model)?;
-    let graph = Graph::build(&model.spec);
-    if args.graph {
-        emit(&graph.dump());
-        return Ok(());
-    }
-    let linears: Vec<LinearRow> = graph
-        .linears()
-        .map(|(id, l)| {
-            let node = graph.node(id);
-            LinearRow {
-                name: node.name.clone(),
-                layer: node.layer,
-                kind: l.kind.name(),
-                out_features: l.out_features,
-                in_features: l.in_features,
-                params: l.params(),
-                bytes: Format::ALL
-                    .iter()
-                    .map(|&f| (f, f.weight_bytes(l.out_features, l.in_features)))
-                    .collect(),
-            }
-        })
-        .collect();
-    let total_bytes = Format::ALL
-        .iter()
-        .map(|&f| (f, linears.iter().map(|l| l.bytes[&f]).sum()))
-        .collect();
-    let report = InspectReport {
-        path: args.model.display().to_string(),
-        identity: &model.identity,
-        spec: &model.spec,
-        graph_nodes: graph.node_count(),
-        linears,
-        total_bytes,
-    };
-    if args.json {
-        emit(&(serde_json::to_string_pretty(&report)? + "\n"));
-        return Ok(());
-    }
-    let mut text = String::new();
-    let s = report.spec;
-    writeln!(text, "{}  ({:?})", report.path, s.architecture)?;
-    writeln!(
-        text,
-        "layers {}  hidden {}  ffn {}  heads {} / kv {}  head_dim {}  vocab {}  tied embeddings {}",
-        s.num_layers,
-        s.hidden_size,
-        s.intermediate_size,
-        s.num_heads,
-        s.num_kv_heads,
-        s.head_dim,
-        s.vocab_size,
-        s.tie_word_embeddings
-    )?;
-    writeln!(text, "identity {}", report.identity)?;
-    writeln!(
-        text,
-        "graph: {} nodes, {} linear layers\n",
-        report.graph_nodes,
-        report.linears.len()
-    )?;
-    writeln!(
-        text,
-        "{:<42} {:>5} {:>7} {:>13} {:>10} {:>10} {:>10} {:>10} {:>10}",
-        "linear", "layer", "kind", "shape", "params", "fp16", "fp8", "nvfp4", "mxfp4"
-    )?;
-    for l in &report.linears {
-        let layer = l.layer.map_or("-".to_string(), |v| v.to_string());
-        let shape = format!("{}x{}", l.out_features, l.in_features);
-        write!(
-            text,
-            "{:<42} {:>5} {:>7} {:>13} {:>10}",
-            l.name, layer, l.kind, shape, l.params
-        )?;
-        for f in Format::ALL {
-            write!(text, " {:>10}", l.bytes[&f])?;
-        }
-        writeln!(text)?;
-    }
-    write!(
-        text,
-        "{:<42} {:>5} {:>7} {:>13} {:>10}",
-        "total",
-        "",
-        "",
-        "",
-        report.linears.iter().map(|l| l.params).sum::<usize>()
-    )?;
-    for f in Format::ALL {
-        write!(text, " {:>10}", report.total_bytes[&f])?;
-    }
-    writeln!(text)?;
-    emit(&text);
-    Ok(())
 }
 
 pub(crate) fn progress_bar(len: usize, what: &str) -> ProgressBar {

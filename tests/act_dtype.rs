@@ -47,7 +47,7 @@ fn interpreter_and_cpu_backend_agree_at_16_bits() {
             "{act}: the backend's logits are not {act} values"
         );
         let mut cpu = CpuBackend::new(&plan);
-        let tokens = generate(&mut cpu, &prompt, 6, None).unwrap().tokens;
+        let tokens = generate(&mut cpu, &prompt, 6, &[]).unwrap().tokens;
         assert_eq!(
             tokens,
             greedy_reference(&reference, &prompt, 6).unwrap(),

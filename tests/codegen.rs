@@ -142,18 +142,36 @@ fn all_specs() -> Vec<KernelSpec> {
             kv_heads: 3,
             head_dim: 64,
             act: ActDtype::F32,
+            qk_norm: false,
+        },
+        // Qwen3's q/k norms fused into RoPE (head_dim 128: two warps per head).
+        KernelSpec::RopeKv {
+            heads: 16,
+            kv_heads: 8,
+            head_dim: 128,
+            act: ActDtype::Bf16,
+            qk_norm: true,
         },
         KernelSpec::Attention {
             heads: 9,
             kv_heads: 3,
             head_dim: 64,
             act: ActDtype::F32,
+            window: None,
         },
         KernelSpec::Attention {
             heads: 4,
             kv_heads: 2,
             head_dim: 16,
             act: ActDtype::F32,
+            window: None,
+        },
+        KernelSpec::Attention {
+            heads: 32,
+            kv_heads: 8,
+            head_dim: 128,
+            act: ActDtype::Bf16,
+            window: Some(4096),
         },
         KernelSpec::SiluMul {
             dim: 1536,
@@ -461,11 +479,19 @@ fn step_params_match_the_template_signatures() {
     // templates declare the signature. Checked here for every step and entry point, prefill
     // and decode, on FP32 and 16-bit activations (the cuda backend cannot run here, so this is
     // what keeps its argument lists honest).
+    // Also Qwen3 with a sliding window on one layer: q/k norms in the RoPE step, a windowed
+    // attention kernel beside a full one.
     let (graph, map) = tiny_mixed_plan();
+    let qwen3 = Graph::build(&common::tiny_qwen3_windowed());
+    let full = PrecisionMap::new();
     let renderer = Renderer::new().unwrap();
     let mut checked = std::collections::BTreeSet::new();
-    for act in ActDtype::ALL {
-        let schedule = Schedule::build(&graph, &map).unwrap().with_act(act);
+    let mut entries = std::collections::BTreeSet::new();
+    let runs = ActDtype::ALL
+        .iter()
+        .flat_map(|&act| [(&graph, &map, act), (&qwen3, &full, act)]);
+    for (graph, map, act) in runs {
+        let schedule = Schedule::build(graph, map).unwrap().with_act(act);
         for step in &schedule.steps {
             for m in [1, 3, 20] {
                 let entry = schedule.entry_of(step, m);
@@ -502,10 +528,18 @@ fn step_params_match_the_template_signatures() {
                     "{entry}: act_t"
                 );
                 checked.insert(spec.family());
+                entries.insert(entry);
             }
         }
     }
     assert_eq!(checked.len(), 8, "{checked:?}");
+    for want in [
+        "rope_kv_h4_kv2_d16_qknorm",
+        "attention_h4_kv2_d16_w6",
+        "attention_h4_kv2_d16",
+    ] {
+        assert!(entries.contains(want), "{want} not checked: {entries:?}");
+    }
 }
 
 fn act_c_type(act: ActDtype) -> &'static str {

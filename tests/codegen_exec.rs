@@ -37,7 +37,7 @@ fn both(model: &Model, map: &PrecisionMap, prompt: &[u32], n: usize) -> (Vec<u32
     )
     .unwrap();
     let mut backend = CpuBackend::new(&plan);
-    let ours = generate(&mut backend, prompt, n, None).unwrap();
+    let ours = generate(&mut backend, prompt, n, &[]).unwrap();
     assert_eq!(ours.step_seconds.len(), n - 1);
     let reference = CpuModel::load(&graph, model.weights.as_ref(), map).unwrap();
     (
@@ -89,7 +89,7 @@ fn decode_steps_continue_the_prefill_exactly() {
         ExecutablePlan::build(&graph, model.weights.as_ref(), &map, 32, ActDtype::F32).unwrap();
     let prompt = [3u32, 141, 59, 26, 5];
     let mut a = CpuBackend::new(&plan);
-    let g = generate(&mut a, &prompt, 3, None).unwrap();
+    let g = generate(&mut a, &prompt, 3, &[]).unwrap();
     let mut window = prompt.to_vec();
     window.extend(&g.tokens[..2]);
     let mut b = CpuBackend::new(&plan);

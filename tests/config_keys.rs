@@ -55,15 +55,6 @@ fn every_key_that_changes_the_computation_refuses_what_fpx_does_not_implement() 
         "model_type",
         json!("mistral"),
     );
-    let qwen2 = with(
-        &with(
-            &with(&base, "architectures", json!(["Qwen2ForCausalLM"])),
-            "use_sliding_window",
-            json!(true),
-        ),
-        "max_window_layers",
-        json!(0),
-    );
     // (config, key the error must name, text it must contain)
     let cases: Vec<(Value, &str, &str)> = vec![
         (
@@ -157,29 +148,9 @@ fn every_key_that_changes_the_computation_refuses_what_fpx_does_not_implement() 
             "positive",
         ),
         (
-            with(&mistral, "sliding_window", json!(128)),
-            "sliding_window = 128",
-            "max_position_embeddings = 256",
-        ),
-        // transformers' Mistral slides 4096 tokens when the key is absent.
-        (
-            with(&mistral, "max_position_embeddings", json!(8192)),
-            "sliding_window = 4096",
-            "not implemented",
-        ),
-        (
-            with(&qwen2, "sliding_window", json!(64)),
-            "sliding_window = 64",
-            "on 2 of 2 layers",
-        ),
-        (
-            with(
-                &with(&qwen2, "sliding_window", json!(64)),
-                "layer_types",
-                json!(["full_attention", "sliding_attention"]),
-            ),
-            "sliding_window = 64",
-            "on 1 of 2 layers",
+            with(&mistral, "sliding_window", json!(0)),
+            "sliding_window = 0",
+            "at least one position",
         ),
         (
             with(
@@ -234,8 +205,8 @@ fn every_key_that_changes_the_computation_refuses_what_fpx_does_not_implement() 
             "999",
         ),
         (
-            with(&base, "architectures", json!(["Qwen3ForCausalLM"])),
-            "Qwen3ForCausalLM",
+            with(&base, "architectures", json!(["Qwen3MoeForCausalLM"])),
+            "Qwen3MoeForCausalLM",
             "unsupported architecture",
         ),
     ];
@@ -325,22 +296,25 @@ fn supported_values_and_harmless_keys_load() {
     }
     let spec = load(&with(&base, "head_dim", json!(32))).unwrap();
     assert_eq!(spec.head_dim, 32);
-    // Several EOS ids: the first is the one generation stops on.
+    // Several EOS ids: generation stops at any of them.
     assert_eq!(
         load(&with(&base, "eos_token_id", json!([1, 2])))
             .unwrap()
-            .eos_token_id,
-        Some(1)
+            .eos_token_id
+            .ids(),
+        &[1, 2]
     );
 
-    // Sliding windows that cover the context, or that are off, load.
+    // Sliding windows that cover the context, or that are off, leave the spec without one.
     let mistral = with(&base, "architectures", json!(["MistralForCausalLM"]));
     for window in [json!(null), json!(256), json!(4096)] {
         let spec = load(&with(&mistral, "sliding_window", window)).unwrap();
         assert_eq!(spec.architecture, Architecture::Mistral);
+        assert_eq!(spec.sliding_window, None);
     }
-    assert!(
-        load(&mistral).is_ok(),
+    assert_eq!(
+        load(&mistral).unwrap().sliding_window,
+        None,
         "default window 4096 covers 256 positions"
     );
     // The window check counts layers rather than listing them: an absurd layer count is
@@ -363,7 +337,49 @@ fn supported_values_and_harmless_keys_load() {
             "max_window_layers",
             max_window_layers,
         );
-        load(&c).unwrap_or_else(|e| panic!("{c}: {e}"));
+        let spec = load(&c).unwrap_or_else(|e| panic!("{c}: {e}"));
+        assert_eq!(spec.sliding_window, None, "{c}");
+    }
+}
+
+#[test]
+fn sliding_windows_shorter_than_the_context_are_read_per_layer() {
+    let base = llama();
+    let mistral = with(&base, "architectures", json!(["MistralForCausalLM"]));
+    let window = |c: &Value| {
+        let w = load(c).unwrap().sliding_window.expect("a window");
+        (w.size, w.layers)
+    };
+    assert_eq!(
+        window(&with(&mistral, "sliding_window", json!(128))),
+        (128, vec![0, 1])
+    );
+    // transformers' Mistral slides 4096 positions when the key is absent.
+    assert_eq!(
+        window(&with(&mistral, "max_position_embeddings", json!(8192))),
+        (4096, vec![0, 1])
+    );
+    for arch in ["Qwen2ForCausalLM", "Qwen3ForCausalLM"] {
+        let qwen = with(
+            &with(&base, "architectures", json!([arch])),
+            "use_sliding_window",
+            json!(true),
+        );
+        let qwen = with(&qwen, "sliding_window", json!(64));
+        let layers = |max_window_layers: u64| {
+            window(&with(&qwen, "max_window_layers", json!(max_window_layers))).1
+        };
+        assert_eq!((layers(0), layers(1)), (vec![0, 1], vec![1]), "{arch}");
+        // layer_types wins over max_window_layers.
+        let typed = with(
+            &with(&qwen, "max_window_layers", json!(0)),
+            "layer_types",
+            json!(["sliding_attention", "full_attention"]),
+        );
+        assert_eq!(window(&typed), (64, vec![0]), "{arch}");
+        // Without use_sliding_window, no layer slides.
+        let off = with(&qwen, "use_sliding_window", json!(false));
+        assert_eq!(load(&off).unwrap().sliding_window, None, "{arch}");
     }
 }
 

@@ -4,12 +4,16 @@
 //! - every linear kernel (GEMV `_m1`, `_m8`, GEMM) in every format on shapes that are and are
 //!   not multiples of the block and tile sizes, on the same packed bytes;
 //! - every kernel family (embedding, RMSNorm, RoPE + KV store, attention, SiLU-gate, the
-//!   linear kernels in fp8/fp16/nvfp4/mxfp4, argmax) inside three synthetic models of unaligned
+//!   linear kernels in fp8/fp16/nvfp4/mxfp4, argmax) inside five synthetic models of unaligned
 //!   shapes, step by step on identical inputs (`exec::compare_steps`): exact where the
-//!   arithmetic is the same, within 1e-5 of the largest output where the summation order differs;
+//!   arithmetic is the same, within 1e-5 of the largest output where the summation order
+//!   differs; two of them Qwen3 (the RoPE step with q/k norms, heads of 16 and 48: a block of
+//!   one warp with idle lanes) with sliding windows (6 positions on one layer; 5 on every
+//!   layer), so windowed attention runs beside full attention;
 //! - deliberately broken variants the comparisons must catch: the GEMV's tail loop one load
 //!   short, the FP4 nibble order swapped (in the decoders of kernels/fpx_formats.cuh and in the
-//!   GEMM), and attention's causal mask one position short.
+//!   GEMM), attention's causal mask one position short, its window one position short, and
+//!   q's norm applied with k's weight.
 //!
 //! Needs g++ and the CUDA header wheels in .venv (`make tools`): skipped with a printed reason
 //! without them, failing under FPX_REQUIRE_DATA=1.
@@ -19,8 +23,8 @@ mod common;
 use fpx::codegen::Renderer;
 use fpx::ir::Graph;
 use fpx::lower::{ActDtype, Arch, KernelSpec, LinearShape, WeightFormat};
-use fpx::model::synthetic::{tiny_spec, write_gguf, GgmlDType};
-use fpx::model::{load_model, Architecture, ModelSpec};
+use fpx::model::synthetic::{tiny_spec, write_gguf, write_hf_checkpoint, GgmlDType, HfDtype};
+use fpx::model::{load_model, Architecture, ModelSpec, SlidingWindow};
 use fpx::runtime::emu::{EmuBackend, EmuKernels, EmuOptions, Toolchain};
 use fpx::runtime::exec::{
     compare_steps, reference_linear, CpuBackend, ExecutablePlan, PackedLinear,
@@ -279,7 +283,8 @@ fn emu_catches_swapped_fp4_nibbles() {
 /// Model shapes for the step-by-step comparison: tiny Llama (powers of two, tied embeddings);
 /// Qwen2 with biases, head_dim 48 (attention's single-group path), K = 96 and 200 (partial
 /// MXFP4 blocks), a vocabulary larger than the argmax block; Llama with head_dim 128, hidden 200
-/// (partial NVFP4 and MXFP4 blocks) and FFN 72.
+/// (partial NVFP4 and MXFP4 blocks) and FFN 72; tiny Qwen3 with a window of 6 on its second
+/// layer; Qwen3 of the Qwen2 shapes with a window of 5 on both layers.
 fn step_models() -> Vec<ModelSpec> {
     let llama = tiny_spec(Architecture::Llama);
     let qwen = ModelSpec {
@@ -300,7 +305,22 @@ fn step_models() -> Vec<ModelSpec> {
         num_layers: 1,
         ..tiny_spec(Architecture::Llama)
     };
-    vec![llama, qwen, wide_heads]
+    let qwen3_wide = ModelSpec {
+        architecture: Architecture::Qwen3,
+        attention_bias: false,
+        sliding_window: Some(SlidingWindow {
+            size: 5,
+            layers: vec![0, 1],
+        }),
+        ..qwen.clone()
+    };
+    vec![
+        llama,
+        qwen,
+        wide_heads,
+        common::tiny_qwen3_windowed(),
+        qwen3_wide,
+    ]
 }
 
 /// Largest relative error of each launched entry point over three passes of `spec` (12 rows
@@ -315,8 +335,16 @@ fn step_errors(
     opts: &EmuOptions,
 ) -> Vec<(String, f32)> {
     let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("model.gguf");
-    write_gguf(&path, spec, seed, GgmlDType::F32).unwrap();
+    // llama.cpp's architectures have no sliding window: those models as Hugging Face files.
+    let path = if spec.sliding_window.is_some() {
+        let p = dir.path().join("model");
+        write_hf_checkpoint(&p, spec, seed, HfDtype::F32, 1).unwrap();
+        p
+    } else {
+        let p = dir.path().join("model.gguf");
+        write_gguf(&p, spec, seed, GgmlDType::F32).unwrap();
+        p
+    };
     let model = load_model(&path).unwrap();
     let graph = Graph::build(&model.spec);
     let plan = ExecutablePlan::build(
@@ -383,6 +411,15 @@ fn emu_every_kernel_family_matches_the_cpu_backend_step_by_step() {
         eprintln!("{family}: {n} launches, largest relative error {err:.2e}");
     }
     assert_eq!(worst.len(), 8, "families launched: {:?}", worst.keys());
+    for want in [
+        "rope_kv_h4_kv2_d16_qknorm",
+        "rope_kv_h6_kv2_d48_qknorm_abf16",
+    ] {
+        assert!(entries.contains(want), "no {want} launch");
+    }
+    for want in ["attention_h4_kv2_d16_w6", "attention_h6_kv2_d48_w5_abf16"] {
+        assert!(entries.contains(want), "no {want} launch");
+    }
     for format in ["fp8", "fp16", "nvfp4", "mxfp4"] {
         for kind in ["gemm_", "gemv_"] {
             for tail in ["", "_m8", "_m1"] {
@@ -429,5 +466,43 @@ fn emu_step_comparison_catches_a_broken_causal_mask() {
         } else {
             assert!(err <= TOL, "{kernel}: {err}");
         }
+    }
+}
+
+#[test]
+fn emu_step_comparison_catches_a_short_window_and_swapped_qk_norms() {
+    let Some(opts) = emu_opts(Arch::Sm90) else {
+        return;
+    };
+    // Each windowed query sees one position fewer than its window.
+    let attention = break_once(
+        embedded(&fpx::codegen::TEMPLATES, "attention.cu.tera"),
+        "const int lo = len > WINDOW ? len - WINDOW : 0;",
+        "const int lo = len > WINDOW - 1 ? len - WINDOW + 1 : 0;",
+    );
+    // q normalised with k's weight.
+    let rope = break_once(
+        embedded(&fpx::codegen::TEMPLATES, "rope_kv.cu.tera"),
+        "is_q ? q_norm : k_norm",
+        "k_norm",
+    );
+    let renderer = Renderer::with_overrides(&[
+        ("attention.cu.tera", &attention),
+        ("rope_kv.cu.tera", &rope),
+    ])
+    .unwrap();
+    let spec = common::tiny_qwen3_windowed();
+    let mut caught = std::collections::BTreeSet::new();
+    for (kernel, err) in step_errors(&spec, 5, ActDtype::F32, &renderer, &opts) {
+        let broken = kernel.starts_with("rope_kv") || kernel.contains("_w6");
+        if broken && err > 1e-3 {
+            caught.insert(kernel);
+        } else if !broken {
+            assert!(err <= TOL, "{kernel}: {err}");
+        }
+    }
+    // The window only bites where a query has more than 6 positions: the 12-row prefill.
+    for want in ["rope_kv_h4_kv2_d16_qknorm", "attention_h4_kv2_d16_w6"] {
+        assert!(caught.contains(want), "{want} not caught: {caught:?}");
     }
 }

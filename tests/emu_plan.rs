@@ -1,7 +1,8 @@
 //! Whole plans on the emu backend (the generated kernels run by the CUDA emulator) against the
 //! cpu backend: every kernel family (embedding, RMSNorm, RoPE + KV cache, attention, SiLU-gate,
 //! the linear kernels in fp16, fp8, nvfp4 and mxfp4, argmax) in one mixed plan; prefill logits
-//! within a stated tolerance and identical greedy tokens, on tiny Llama and Qwen2 models and
+//! within a stated tolerance and identical greedy tokens, on tiny Llama, Qwen2 and Qwen3 models
+//! (one Qwen3 with a sliding window of 6 positions on a layer, shorter than the sequence) and
 //! for a few tokens of SmolLM2 (skipped with a printed reason when data/ is absent); and
 //! `fpx run --backend emu --check-kernels`, the kernel-by-kernel report of the same comparison.
 //!
@@ -41,11 +42,26 @@ fn compare(model_path: &std::path::Path, prompt: Option<&str>, n: usize, opts: &
 fn emu_tiny_models_give_the_cpu_backends_tokens() {
     let Some(opts) = emu_opts() else { return };
     let dir = tempfile::tempdir().unwrap();
-    for arch in [Architecture::Llama, Architecture::Qwen2] {
+    for arch in [
+        Architecture::Llama,
+        Architecture::Qwen2,
+        Architecture::Qwen3,
+    ] {
         let path = dir.path().join(format!("tiny-{arch:?}.gguf"));
         write_gguf(&path, &tiny_spec(arch), 11, GgmlDType::F32).unwrap();
         compare(&path, None, 8, &opts);
     }
+    // 11 prompt tokens and 8 new ones run past the window.
+    let path = dir.path().join("tiny-qwen3-windowed");
+    fpx::model::synthetic::write_hf_checkpoint(
+        &path,
+        &common::tiny_qwen3_windowed(),
+        11,
+        fpx::model::synthetic::HfDtype::BF16,
+        1,
+    )
+    .unwrap();
+    compare(&path, None, 8, &opts);
 }
 
 #[test]

@@ -301,7 +301,7 @@ fn smollm2_mixed_export_matches_compressed_tensors_and_transformers() {
 }
 
 #[test]
-fn tiny_llama_and_qwen2_exports_match_compressed_tensors_and_transformers() {
+fn tiny_llama_qwen2_and_qwen3_exports_match_compressed_tensors_and_transformers() {
     let Some(py) = ct_python() else {
         common::have(".venv-ct (compressed-tensors)", false);
         return;
@@ -310,9 +310,14 @@ fn tiny_llama_and_qwen2_exports_match_compressed_tensors_and_transformers() {
     if !common::have("the Moby Dick text", text.is_file()) {
         return;
     }
-    for arch in [Architecture::Llama, Architecture::Qwen2] {
+    // Qwen3: q/k norms, and a window of 6 positions on its second layer (32-token windows).
+    let qwen3 = common::tiny_qwen3_windowed();
+    for mut spec in [
+        tiny_spec(Architecture::Llama),
+        tiny_spec(Architecture::Qwen2),
+        qwen3,
+    ] {
         let dir = tempfile::tempdir().unwrap();
-        let mut spec = tiny_spec(arch);
         // Untied lm_head (Qwen2's tiny spec has q/k/v biases).
         spec.tie_word_embeddings = false;
         write_hf_checkpoint(dir.path(), &spec, 7, HfDtype::F32, 2).unwrap();

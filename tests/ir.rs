@@ -59,3 +59,58 @@ fn decoder_graph_has_every_op_of_every_block() {
 fn graph_dump_snapshot() {
     insta::assert_snapshot!(Graph::build(&tiny_spec(Architecture::Llama)).dump());
 }
+
+#[test]
+fn qwen3_normalises_q_and_k_per_head_before_rope_and_windows_its_attention() {
+    let spec = fpx::model::ModelSpec {
+        sliding_window: Some(fpx::model::SlidingWindow {
+            size: 6,
+            layers: vec![1],
+        }),
+        ..tiny_spec(Architecture::Qwen3)
+    };
+    let g = Graph::build(&spec);
+    // Two more nodes per block than Qwen2: q_norm and k_norm.
+    assert_eq!(g.node_count(), 1 + 17 * spec.num_layers + 2);
+    for (which, heads) in [("q", spec.num_heads), ("k", spec.num_kv_heads)] {
+        let norm = g
+            .find(&format!("model.layers.0.self_attn.{which}_norm"))
+            .unwrap();
+        assert_eq!(
+            g.node(norm).op,
+            Op::HeadNorm {
+                tensor: format!("model.layers.0.self_attn.{which}_norm.weight"),
+                heads,
+                head_dim: 16,
+                eps: spec.rms_norm_eps,
+            }
+        );
+        let input = g.inputs(norm)[0];
+        assert_eq!(
+            g.node(input).name,
+            format!("model.layers.0.self_attn.{which}_proj")
+        );
+        let rope = g
+            .find(&format!("model.layers.0.self_attn.rope_{which}"))
+            .unwrap();
+        assert_eq!(g.inputs(rope), [norm]);
+    }
+    let window = |layer: usize| {
+        let att = g
+            .find(&format!("model.layers.{layer}.self_attn.attention"))
+            .unwrap();
+        match g.node(att).op {
+            Op::Attention { window, .. } => window,
+            _ => unreachable!(),
+        }
+    };
+    assert_eq!((window(0), window(1)), (None, Some(6)));
+    let dump = g.dump();
+    assert!(
+        dump.contains("q_norm = head_norm heads=4 head_dim=16"),
+        "{dump}"
+    );
+    assert!(dump.contains("head_dim=16 window=6 ("), "{dump}");
+    // No biases on Qwen3's projections.
+    assert!(g.linears().all(|(_, l)| l.bias.is_none()));
+}

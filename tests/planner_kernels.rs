@@ -50,8 +50,9 @@ fn qwen25_14b_plans_at_tensor_parallel_2_on_rtx5090() {
         tie_word_embeddings: false,
         attention_bias: true,
         max_position_embeddings: 32768,
+        sliding_window: None,
         bos_token_id: None,
-        eos_token_id: None,
+        eos_token_id: Default::default(),
     };
     let dir = tempfile::tempdir().unwrap();
     let calib = dir.path().join("qwen14b.calib.json");

@@ -43,6 +43,23 @@ fn specs() -> Vec<KernelSpec> {
     let schedule = Schedule::build(&graph, &map).unwrap();
     let mut v = schedule.kernels();
     v.extend(schedule.with_act(ActDtype::Bf16).kernels());
+    // Qwen3's RoPE with q/k norms (head_dim 128, two warps) and a windowed attention kernel.
+    for act in [ActDtype::F32, ActDtype::Bf16] {
+        v.push(KernelSpec::RopeKv {
+            heads: 32,
+            kv_heads: 8,
+            head_dim: 128,
+            act,
+            qk_norm: true,
+        });
+        v.push(KernelSpec::Attention {
+            heads: 32,
+            kv_heads: 8,
+            head_dim: 128,
+            act,
+            window: Some(4096),
+        });
+    }
     for format in WeightFormat::ALL {
         for (n, k) in [(4096, 4096), (40, 100)] {
             let shape = LinearShape {

@@ -1,11 +1,17 @@
-//! fpx against transformers itself on checkpoints transformers builds: tiny random Llama models
-//! with llama3 and linear RoPE scaling (`AutoModelForCausalLM.from_config`, FP32, saved with
-//! `save_pretrained` by `scripts/hf_tiny.py`); fpx's CPU reference logits on the same tokens
-//! equal transformers' within 1e-4 of the largest logit, greedy tokens agree (CPU reference and
-//! the schedule's cpu backend, which reads the RoPE tables the kernels get), and the scaling is
-//! shown to matter (transformers' logits without it differ). A Mistral checkpoint with a
-//! sliding window shorter than its context is refused, naming `sliding_window`. Needs .venv-ct
-//! (`make ct-tools`, FPX_CT_PYTHON); skipped with a reason without it unless FPX_REQUIRE_DATA=1.
+//! fpx against transformers itself on checkpoints transformers builds
+//! (`AutoModelForCausalLM.from_config`, FP32, random weights with the norm weights drawn
+//! around 1, saved with `save_pretrained` by `scripts/hf_tiny.py`): tiny Llama models with
+//! llama3 and linear RoPE scaling, a Qwen3 (q/k norms, head_dim 32 against hidden 64 / 4 heads),
+//! a Mistral whose sliding window (16) is shorter than the sequence, and a Qwen3 whose window
+//! is on one layer of two. fpx's CPU reference logits on the same tokens equal transformers'
+//! within 1e-4 of the largest logit, greedy tokens agree (CPU reference and the schedule's cpu
+//! backend, which reads the RoPE tables the kernels get), and each feature is shown to matter
+//! (transformers' logits without it differ by more than 1e-2). The llama3 checkpoint is also
+//! written as GGUF by the `gguf` package's writer, as llama.cpp's converter does (a
+//! `rope_freqs` tensor, `scripts/gguf_tiny.py`): fpx reads the factors, they agree with the
+//! ones the config's llama3 parameters give, and the GGUF gives transformers' logits too.
+//! Needs .venv-ct (`make ct-tools`, FPX_CT_PYTHON) and .venv (FPX_PYTHON); skipped with a
+//! reason without them unless FPX_REQUIRE_DATA=1.
 
 mod common;
 
@@ -16,7 +22,7 @@ use fpx::ir::Graph;
 use fpx::lower::PrecisionMap;
 use fpx::model::rope::RopeScaling;
 use fpx::model::synthetic::{tiny_spec, write_hf_checkpoint, HfDtype};
-use fpx::model::{load_model, Architecture};
+use fpx::model::{load_model, Architecture, ModelSpec};
 use fpx::runtime::cpu::CpuModel;
 use fpx::runtime::exec::{generate, CpuBackend, ExecutablePlan};
 use serde_json::{json, Value};
@@ -36,6 +42,14 @@ fn tiny_llama() -> Value {
     let mut v = common::tiny_llama_config();
     v["initializer_range"] = json!(0.2);
     v["tie_word_embeddings"] = json!(false);
+    v
+}
+
+/// `tiny_llama` as another architecture.
+fn as_arch(arch: &str, model_type: &str) -> Value {
+    let mut v = tiny_llama();
+    v["architectures"] = json!([arch]);
+    v["model_type"] = json!(model_type);
     v
 }
 
@@ -81,8 +95,8 @@ fn argmax(row: &[f32]) -> u32 {
 
 /// fpx's logits of `tokens` and `NEW_TOKENS` greedy tokens, from the CPU reference; the cpu
 /// backend of the schedule must decode the same greedy tokens.
-fn fpx_run(model_dir: &Path, tokens: &[u32]) -> (Vec<f32>, Vec<u32>, RopeScaling) {
-    let model = load_model(model_dir).unwrap();
+fn fpx_run(model_path: &Path, tokens: &[u32]) -> (Vec<f32>, Vec<u32>, ModelSpec) {
+    let model = load_model(model_path).unwrap();
     let graph = Graph::build(&model.spec);
     let cpu = CpuModel::load(&graph, model.weights.as_ref(), &PrecisionMap::new()).unwrap();
     let logits = cpu.forward(tokens).unwrap().data;
@@ -102,44 +116,52 @@ fn fpx_run(model_dir: &Path, tokens: &[u32]) -> (Vec<f32>, Vec<u32>, RopeScaling
         fpx::lower::ActDtype::F32,
     )
     .unwrap();
-    let backend = generate(&mut CpuBackend::new(&plan), tokens, NEW_TOKENS, None).unwrap();
+    let backend = generate(&mut CpuBackend::new(&plan), tokens, NEW_TOKENS, &[]).unwrap();
     assert_eq!(backend.tokens, greedy, "cpu backend vs CPU reference");
-    (logits, greedy, model.spec.rope_scaling)
+    (logits, greedy, model.spec)
 }
 
-fn check(py: &Path, config: Value, n: usize, want_scaling: RopeScaling) {
+/// transformers' model of `config` on `n` tokens against fpx's; `feature` names the entry of
+/// the script's `ablated` that must exceed 1e-2. Returns fpx's spec and the directory.
+fn check(py: &Path, config: &Value, n: usize, feature: &str) -> (ModelSpec, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
     let toks = tokens(n);
-    let hf = transformers_model(py, dir.path(), &config, &toks);
-    let hf_logits: Vec<f32> = hf["logits"]
+    let hf = transformers_model(py, dir.path(), config, &toks);
+    let hf_greedy: Vec<u32> = serde_json::from_value(hf["greedy"].clone()).unwrap();
+    let ablated = hf["ablated"][feature].as_f64().unwrap();
+    let (logits, greedy, spec) = fpx_run(&dir.path().join("model"), &toks);
+    let err = common::rel_err(&logits, &logits_of(&hf));
+    eprintln!(
+        "{feature}: {n} tokens, fpx vs transformers relative error {err:.2e}; transformers \
+         without the feature differs by {ablated:.2e}"
+    );
+    assert!(err < 1e-4, "logits: relative error {err}");
+    assert_eq!(greedy, hf_greedy, "greedy tokens");
+    // The test can fail: without the feature transformers' own logits move by far more than
+    // the tolerance.
+    assert!(
+        ablated > 1e-2,
+        "{feature} changed transformers' logits by only {ablated}"
+    );
+    (spec, dir)
+}
+
+fn logits_of(hf: &Value) -> Vec<f32> {
+    hf["logits"]
         .as_array()
         .unwrap()
         .iter()
         .flat_map(|row| row.as_array().unwrap().iter())
         .map(|v| v.as_f64().unwrap() as f32)
-        .collect();
-    let hf_greedy: Vec<u32> = serde_json::from_value(hf["greedy"].clone()).unwrap();
-    let unscaled = hf["unscaled"].as_f64().unwrap();
-    let model_dir = dir.path().join("model");
-    let (logits, greedy, scaling) = fpx_run(&model_dir, &toks);
-    assert_eq!(scaling, want_scaling, "rope scaling fpx read");
-    let err = common::rel_err(&logits, &hf_logits);
-    eprintln!(
-        "{}: {n} tokens, fpx vs transformers relative error {err:.2e}; transformers without \
-         the scaling differs by {unscaled:.2e}",
-        want_scaling.rope_type()
-    );
-    assert!(err < 1e-4, "logits: relative error {err}");
-    assert_eq!(greedy, hf_greedy, "greedy tokens");
-    // The test can fail: without the scaling transformers' own logits move by far more than
-    // the tolerance.
-    assert!(
-        unscaled > 1e-2,
-        "scaling changed transformers' logits by only {unscaled}"
-    );
+        .collect()
+}
 
-    // The same checkpoint in transformers 4's spelling (`rope_scaling` + top-level
-    // `rope_theta`) gives fpx the same model.
+/// The checkpoint in `dir/model` with its config in transformers 4's spelling
+/// (`rope_scaling` + top-level `rope_theta`) gives fpx the same model.
+fn check_transformers4_spelling(dir: &Path, n: usize) {
+    let model_dir = dir.join("model");
+    let toks = tokens(n);
+    let (logits, _, spec) = fpx_run(&model_dir, &toks);
     let path = model_dir.join("config.json");
     let mut c: Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
     let mut params = c
@@ -154,17 +176,12 @@ fn check(py: &Path, config: Value, n: usize, want_scaling: RopeScaling) {
         .unwrap();
     c["rope_scaling"] = params;
     std::fs::write(&path, c.to_string()).unwrap();
-    let (again, _, scaling) = fpx_run(&model_dir, &toks);
-    assert_eq!(scaling, want_scaling);
+    let (again, _, again_spec) = fpx_run(&model_dir, &toks);
+    assert_eq!(again_spec.rope_scaling, spec.rope_scaling);
     assert_eq!(again, logits, "rope_scaling and rope_parameters spellings");
 }
 
-#[test]
-fn llama3_rope_scaling_matches_transformers() {
-    let Some(py) = ct_python() else {
-        common::have(".venv-ct (transformers)", false);
-        return;
-    };
+fn llama3_config() -> (Value, RopeScaling) {
     let mut config = tiny_llama();
     // original_max_position_embeddings 64: with head_dim 16 and theta 1e4 the wavelengths
     // 6.3, 20, 63, 199, ... fall in all three bands (kept below 16, blended up to 64, divided
@@ -184,7 +201,20 @@ fn llama3_rope_scaling_matches_transformers() {
         high_freq_factor: 4.0,
         original_max_position_embeddings: 64,
     };
-    check(&py, config, 96, want);
+    (config, want)
+}
+
+#[test]
+fn llama3_rope_scaling_matches_transformers() {
+    let Some(py) = ct_python() else {
+        common::have(".venv-ct (transformers)", false);
+        return;
+    };
+    let (config, want) = llama3_config();
+    let (spec, dir) = check(&py, &config, 96, "rope_scaling");
+    assert_eq!(spec.rope_scaling, want, "rope scaling fpx read");
+    assert_eq!(spec.eos_token_id.ids(), &[0, 1]);
+    check_transformers4_spelling(dir.path(), 96);
 }
 
 #[test]
@@ -198,32 +228,100 @@ fn linear_rope_scaling_and_explicit_head_dim_match_transformers() {
     // head_dim 32 with 4 heads: q is 128 wide against a hidden size of 64.
     config["head_dim"] = json!(32);
     config["tie_word_embeddings"] = json!(true);
-    check(&py, config, 64, RopeScaling::Linear { factor: 2.0 });
+    let (spec, dir) = check(&py, &config, 64, "rope_scaling");
+    assert_eq!(spec.rope_scaling, RopeScaling::Linear { factor: 2.0 });
+    check_transformers4_spelling(dir.path(), 64);
 }
 
 #[test]
-fn mistral_with_a_short_sliding_window_is_refused() {
+fn qwen3_qk_norms_and_explicit_head_dim_match_transformers() {
     let Some(py) = ct_python() else {
         common::have(".venv-ct (transformers)", false);
         return;
     };
-    let dir = tempfile::tempdir().unwrap();
-    let mut config = tiny_llama();
-    config["architectures"] = json!(["MistralForCausalLM"]);
-    config["model_type"] = json!("mistral");
+    let mut config = as_arch("Qwen3ForCausalLM", "qwen3");
+    // head_dim 32 with 4 heads against a hidden size of 64 (Qwen3's default would be 128).
+    config["head_dim"] = json!(32);
+    config["rms_norm_eps"] = json!(1e-6);
+    let (spec, _dir) = check(&py, &config, 48, "qk_norm");
+    assert_eq!(spec.architecture, Architecture::Qwen3);
+    assert!(spec.qk_norm() && !spec.attention_bias);
+    assert_eq!(spec.head_dim, 32);
+}
+
+#[test]
+fn mistral_sliding_window_shorter_than_the_sequence_matches_transformers() {
+    let Some(py) = ct_python() else {
+        common::have(".venv-ct (transformers)", false);
+        return;
+    };
+    let mut config = as_arch("MistralForCausalLM", "mistral");
     config["sliding_window"] = json!(16);
-    transformers_model(&py, dir.path(), &config, &tokens(4));
-    let err = load_model(&dir.path().join("model"))
-        .unwrap_err()
-        .to_string();
+    let (spec, _dir) = check(&py, &config, 48, "sliding_window");
+    let w = spec.sliding_window.expect("a window");
+    assert_eq!((w.size, w.layers), (16, vec![0, 1]));
+}
+
+#[test]
+fn qwen3_window_on_one_layer_matches_transformers() {
+    let Some(py) = ct_python() else {
+        common::have(".venv-ct (transformers)", false);
+        return;
+    };
+    let mut config = as_arch("Qwen3ForCausalLM", "qwen3");
+    config["head_dim"] = json!(16);
+    config["use_sliding_window"] = json!(true);
+    config["sliding_window"] = json!(12);
+    config["layer_types"] = json!(["full_attention", "sliding_attention"]);
+    let (spec, _dir) = check(&py, &config, 40, "sliding_window");
+    let w = spec.sliding_window.expect("a window");
+    assert_eq!((w.size, w.layers), (12, vec![1]));
+}
+
+#[test]
+fn llama3_gguf_with_rope_freqs_gives_the_hf_logits() {
+    let (Some(py), Some(gguf_py)) = (ct_python(), common::python()) else {
+        common::have(".venv-ct (transformers) and .venv (gguf)", false);
+        return;
+    };
+    let (config, want) = llama3_config();
+    let n = 96;
+    let (hf_spec, dir) = check(&py, &config, n, "rope_scaling");
+    let gguf = dir.path().join("model.gguf");
+    let out = Command::new(gguf_py)
+        .arg(common::repo().join("scripts/gguf_tiny.py"))
+        .args(["--model".as_ref(), dir.path().join("model").as_os_str()])
+        .args(["--out".as_ref(), gguf.as_os_str()])
+        .output()
+        .expect("runs python");
     assert!(
-        err.contains("sliding_window = 16") && err.contains("max_position_embeddings = 256"),
-        "{err}"
+        out.status.success(),
+        "gguf_tiny.py: {}",
+        String::from_utf8_lossy(&out.stderr)
     );
-    // The same checkpoint with the window covering the context loads.
-    let path = dir.path().join("model/config.json");
-    let mut c: Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
-    c["sliding_window"] = json!(256);
-    std::fs::write(&path, c.to_string()).unwrap();
-    load_model(&dir.path().join("model")).unwrap();
+    let toks = tokens(n);
+    let (hf_logits, hf_greedy, _) = fpx_run(&dir.path().join("model"), &toks);
+    let (logits, greedy, spec) = fpx_run(&gguf, &toks);
+    // fpx read llama.cpp's factors, and they are the ones the llama3 parameters give.
+    let RopeScaling::Factors { factors } = &spec.rope_scaling else {
+        panic!("GGUF rope scaling {:?}", spec.rope_scaling)
+    };
+    let ours = want
+        .llama_cpp_factors(hf_spec.rope_theta, hf_spec.head_dim)
+        .unwrap();
+    let factor_err = common::rel_err(factors, &ours);
+    assert!(factor_err < 1e-6, "rope_freqs vs llama3: {factor_err}");
+    assert!(
+        factors.contains(&1.0) && factors.contains(&4.0),
+        "{factors:?}"
+    );
+    assert_eq!(spec.eos_token_id.ids(), &[0, 1], "eos and eot");
+    let err = common::rel_err(&logits, &hf_logits);
+    eprintln!("llama3 GGUF (rope_freqs) vs the HF checkpoint in fpx: relative error {err:.2e}");
+    assert!(err < 1e-5, "GGUF vs HF logits: {err}");
+    assert_eq!(greedy, hf_greedy);
+    // Without the factors the GGUF's logits move (the test has teeth on the GGUF side too).
+    let plain = fpx::model::rope::Rope::plain(spec.rope_theta).inv_freq(spec.head_dim);
+    let scaled = spec.rope().inv_freq(spec.head_dim);
+    assert_ne!(plain, scaled);
 }

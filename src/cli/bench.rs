@@ -114,7 +114,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
             )?;
             // `n + 1` new tokens: the first comes from the prefill, then `n` decode steps; no
             // end-of-sequence stop, so the count is what was asked.
-            let g = generate(&mut CpuBackend::new(&plan), last, n + 1, None)?;
+            let g = generate(&mut CpuBackend::new(&plan), last, n + 1, &[])?;
             LatencyStats::of_seconds(&g.step_seconds)
         }
     };

@@ -245,7 +245,7 @@ pub(crate) fn run(args: RunArgs) -> Result<()> {
         BackendKind::Emu => Box::new(fpx::runtime::emu::EmuBackend::new(&plan, &emu_opts)?),
     };
     let build_seconds = start.elapsed().as_secs_f64();
-    let eos = model.spec.eos_token_id;
+    let eos = model.spec.eos_token_id.ids();
     let mut runs: Vec<Generation> = Vec::with_capacity(args.repeat);
     let bar = crate::progress_bar(args.repeat, "generating");
     for _ in 0..args.repeat {

@@ -170,6 +170,11 @@ pub struct HeadsCtx {
     pub dspan: usize,
     /// Attention: `1/sqrt(head_dim)` as a CUDA float literal (the CPU reference's value).
     pub scale: String,
+    /// RoPE: each head of q and k RMS-normalised first (the block then has a whole number of
+    /// warps, `threads` >= `half`, for the reduction).
+    pub qk_norm: bool,
+    /// Attention: positions a query sees (its own included); 0: the whole context.
+    pub window: usize,
 }
 
 /// The context of one kernel.
@@ -216,22 +221,30 @@ impl KernelContext {
                 heads,
                 kv_heads,
                 head_dim,
+                qk_norm,
                 ..
-            } => KernelContext::Heads(heads_ctx(
-                common,
-                (heads, kv_heads, head_dim),
-                (head_dim / 2).max(1),
-            )),
+            } => {
+                let half = (head_dim / 2).max(1);
+                let threads = if qk_norm {
+                    half.next_multiple_of(32)
+                } else {
+                    half
+                };
+                KernelContext::Heads(HeadsCtx {
+                    qk_norm,
+                    ..heads_ctx(common, (heads, kv_heads, head_dim), threads)
+                })
+            }
             KernelSpec::Attention {
                 heads,
                 kv_heads,
                 head_dim,
+                window,
                 ..
-            } => KernelContext::Heads(heads_ctx(
-                common,
-                (heads, kv_heads, head_dim),
-                ATTENTION_THREADS,
-            )),
+            } => KernelContext::Heads(HeadsCtx {
+                window: window.unwrap_or(0),
+                ..heads_ctx(common, (heads, kv_heads, head_dim), ATTENTION_THREADS)
+            }),
         }
     }
 
@@ -414,6 +427,8 @@ fn heads_ctx(
         groups,
         dspan: threads / groups,
         scale: f32_literal(scale),
+        qk_norm: false,
+        window: 0,
     }
 }
 

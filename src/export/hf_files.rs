@@ -61,6 +61,20 @@ pub fn write_config(
             c
         }
         SourceKind::Gguf => {
+            // llama.cpp's factors do not say which llama3 parameters made them, and
+            // transformers reads RoPE scaling only as parameters.
+            if let crate::model::rope::RopeScaling::Factors { .. } = model.spec.rope_scaling {
+                return Err(Error::File {
+                    path: model.path.clone(),
+                    what: "model",
+                    reason: format!(
+                        "its RoPE scaling is a {} tensor of frequency factors, which a \
+                         transformers config.json cannot state; export the Hugging Face \
+                         checkpoint instead",
+                        crate::model::gguf::ROPE_FREQS
+                    ),
+                });
+            }
             let mut c = serde_json::to_value(HfConfig::from(&model.spec)).expect("serializes");
             c["hidden_act"] = "silu".into();
             if model.spec.architecture == crate::model::Architecture::Qwen2 {
@@ -106,7 +120,7 @@ pub fn write_tokenizer_and_generation(model: &Model, dir: &Path) -> Result<()> {
         let config = json!({
             "tokenizer_class": "PreTrainedTokenizerFast",
             "bos_token": token(spec.bos_token_id),
-            "eos_token": token(spec.eos_token_id),
+            "eos_token": token(spec.eos_token_id.first()),
             "add_bos_token": false,
             "add_eos_token": false,
             "clean_up_tokenization_spaces": false,
@@ -118,7 +132,7 @@ pub fn write_tokenizer_and_generation(model: &Model, dir: &Path) -> Result<()> {
     if !generation.is_file() {
         let g = json!({
             "bos_token_id": spec.bos_token_id,
-            "eos_token_id": spec.eos_token_id,
+            "eos_token_id": &spec.eos_token_id,
         });
         write_json(&generation, &g)?;
     }

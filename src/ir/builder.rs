@@ -80,6 +80,20 @@ pub(super) fn build(spec: &ModelSpec) -> DiGraph<Node, usize> {
         let xn = b.rms_norm(format!("{p}.input_layernorm"), l, h, eps, x);
         let bias = spec.attention_bias;
         let att = format!("{p}.self_attn");
+        // Qwen3: each head of q and k RMS-normalised before RoPE.
+        let head_norm = |b: &mut Builder, which: &str, heads: usize, x: NodeIndex| {
+            if !spec.qk_norm() {
+                return x;
+            }
+            let name = format!("{att}.{which}_norm");
+            let op = Op::HeadNorm {
+                tensor: format!("{name}.weight"),
+                heads,
+                head_dim: hd,
+                eps,
+            };
+            b.add(name, l, op, &[x])
+        };
         let q = b.linear(
             format!("{att}.q_proj"),
             l,
@@ -88,6 +102,7 @@ pub(super) fn build(spec: &ModelSpec) -> DiGraph<Node, usize> {
             bias,
             xn,
         );
+        let q = head_norm(&mut b, "q", spec.num_heads, q);
         let k = b.linear(
             format!("{att}.k_proj"),
             l,
@@ -96,6 +111,7 @@ pub(super) fn build(spec: &ModelSpec) -> DiGraph<Node, usize> {
             bias,
             xn,
         );
+        let k = head_norm(&mut b, "k", spec.num_kv_heads, k);
         let v = b.linear(
             format!("{att}.v_proj"),
             l,
@@ -115,6 +131,7 @@ pub(super) fn build(spec: &ModelSpec) -> DiGraph<Node, usize> {
             heads: spec.num_heads,
             kv_heads: spec.num_kv_heads,
             head_dim: hd,
+            window: spec.attention_window(i),
         };
         let a = b.add(format!("{att}.attention"), l, attention, &[q, k, v]);
         let o = b.linear(
@@ -122,7 +139,7 @@ pub(super) fn build(spec: &ModelSpec) -> DiGraph<Node, usize> {
             l,
             LinearKind::O,
             (q_dim, h),
-            false,
+            spec.o_proj_bias(),
             a,
         );
         x = b.add(format!("{p}.residual_attn"), l, Op::Add { dim: h }, &[x, o]);

@@ -17,6 +17,12 @@ pub(super) fn dump(graph: &Graph) -> String {
         let detail = match &node.op {
             Op::Embedding { vocab, hidden, .. } => format!("embedding [{vocab}, {hidden}]"),
             Op::RmsNorm { dim, eps, .. } => format!("rms_norm dim={dim} eps={eps:e}"),
+            Op::HeadNorm {
+                heads,
+                head_dim,
+                eps,
+                ..
+            } => format!("head_norm heads={heads} head_dim={head_dim} eps={eps:e}"),
             Op::Linear(l) => format!(
                 "linear.{} [{}, {}]{}",
                 l.kind.name(),
@@ -35,8 +41,10 @@ pub(super) fn dump(graph: &Graph) -> String {
                 heads,
                 kv_heads,
                 head_dim,
+                window,
             } => {
-                format!("attention heads={heads} kv_heads={kv_heads} head_dim={head_dim}")
+                let w = window.map_or(String::new(), |w| format!(" window={w}"));
+                format!("attention heads={heads} kv_heads={kv_heads} head_dim={head_dim}{w}")
             }
             Op::SiluMul { dim } => format!("silu_mul dim={dim}"),
             Op::Add { dim } => format!("add dim={dim}"),

@@ -27,6 +27,14 @@ pub enum Op {
         dim: usize,
         eps: f32,
     },
+    /// [`Op::RmsNorm`] of each of the `heads` heads of `head_dim` in a row, with one weight
+    /// of `head_dim` shared by the heads (Qwen3's `q_norm` / `k_norm`). Operand 0: q or k.
+    HeadNorm {
+        tensor: String,
+        heads: usize,
+        head_dim: usize,
+        eps: f32,
+    },
     /// `y = x W^T (+ b)`. Operand 0: x.
     Linear(Linear),
     /// Rotary embedding (rotate-half convention) on `heads` heads of `head_dim`. Operand 0: q or k.
@@ -36,10 +44,14 @@ pub enum Op {
         theta: f32,
     },
     /// Causal grouped-query attention. Operands: 0 q, 1 k, 2 v (RoPE already applied).
+    /// `window`: a query sees only the last `window` positions, its own included
+    /// ([`crate::model::window`]); `None`: the whole context.
     Attention {
         heads: usize,
         kv_heads: usize,
         head_dim: usize,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        window: Option<usize>,
     },
     /// `silu(gate) * up`. Operands: 0 gate, 1 up.
     SiluMul { dim: usize },

@@ -7,11 +7,14 @@
 //! Fusions relative to the graph: RoPE of q and k plus the KV-cache store are one step, each
 //! residual add is the epilogue of the o_proj / down_proj linear (`accumulate`), and the final
 //! norm, lm_head and argmax run on the last token only (generation needs no other logits).
+//! Qwen3's per-head RMSNorm of q and k is part of the RoPE step too (normalised, rotated and
+//! stored with one rounding).
 
 use serde::Serialize;
 
 use super::dtype::ActDtype;
 use super::spec::{KernelSpec, LinearShape, WeightFormat};
+pub use super::step::{Act, NormSlot, Param, QkNorm, Step};
 use super::PrecisionMap;
 use crate::error::{Error, Result};
 use crate::formats::Format;
@@ -35,41 +38,6 @@ pub struct Dims {
     pub rope: crate::model::rope::Rope,
 }
 
-/// Activation buffers (row-major, one row per token of the pass, elements of the schedule's
-/// [`ActDtype`]).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Act {
-    /// Residual stream `[m, hidden]`.
-    X,
-    /// Normalized residual `[m, hidden]`.
-    Xn,
-    Q,
-    K,
-    V,
-    /// Attention output `[m, q_dim]`.
-    Att,
-    Gate,
-    Up,
-    /// `[1, vocab]`.
-    Logits,
-}
-
-impl Act {
-    /// Every activation buffer, in the order backends allocate them.
-    pub const ALL: [Act; 9] = [
-        Act::X,
-        Act::Xn,
-        Act::Q,
-        Act::K,
-        Act::V,
-        Act::Att,
-        Act::Gate,
-        Act::Up,
-        Act::Logits,
-    ];
-}
-
 /// One linear layer of the schedule.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct LinearSlot {
@@ -85,144 +53,14 @@ pub struct LinearSlot {
     pub activations: Option<Format>,
 }
 
-/// One step of a forward pass.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(tag = "op", rename_all = "snake_case")]
-pub enum Step {
-    /// Token ids -> `X`.
-    Embed,
-    /// `dst = rmsnorm(src) * norms[norm]`; `last_row`: only the pass's last row, into row 0.
-    RmsNorm {
-        norm: usize,
-        src: Act,
-        dst: Act,
-        last_row: bool,
-    },
-    /// `dst (+)= src W^T (+ b)` with `linears[linear]` (GEMV for <= 8 rows, else GEMM).
-    Linear { linear: usize, src: Act, dst: Act },
-    /// RoPE of `Q` in place; RoPE of `K` and a copy of `V` into layer `layer`'s KV cache.
-    RopeKv { layer: usize },
-    /// `Att` = attention of `Q` over layer `layer`'s KV cache.
-    Attention { layer: usize },
-    /// `Gate = silu(Gate) * Up`.
-    SiluMul,
-    /// Next token = argmax of `Logits`.
-    Argmax,
-}
-
-/// One kernel parameter of a step, in the order of its template's signature. Every backend
-/// binds the same list to its buffers and values (`runtime::launch::KernelBackend::args`), so
-/// the argument order lives here once (and the emulator's tests check it for the cuda backend
-/// too).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Param {
-    /// An activation buffer (`act_t*`).
-    Act(Act),
-    /// The prompt's token ids (`const int*`).
-    Tokens,
-    /// The greedy next token (`int*`, one element): argmax's output, a decode step's input.
-    Next,
-    /// The embedding table (`const act_t*`).
-    Embedding,
-    /// RMSNorm weight `i` (`const float*`).
-    Norm(usize),
-    /// Layer `i`'s K or V cache (`act_t*`).
-    KCache(usize),
-    VCache(usize),
-    /// RoPE tables (`const float*`).
-    RopeCos,
-    RopeSin,
-    /// The pass's first position (`const int*`, one element).
-    Pos,
-    /// Value: the pass's rows (`int`).
-    Rows,
-    /// Value: the RMSNorm epsilon (`float`).
-    Eps,
-    /// Value: the first row a last-row RMSNorm reads (`int`).
-    Row0,
-    /// Linear layer `i`'s codes (`const u8*`), scales (`const void*`), NVFP4 tensor scale
-    /// (value, `float`) and bias (`const float*`).
-    LinearCodes(usize),
-    LinearScales(usize),
-    LinearGlobal(usize),
-    LinearBias(usize),
-}
-
-impl Step {
-    /// The kernel parameters of this step; `decode`: the embedding reads the previous argmax's
-    /// token.
-    pub fn params(&self, decode: bool) -> Vec<Param> {
-        use Param as P;
-        match *self {
-            Step::Embed => {
-                let tokens = if decode { P::Next } else { P::Tokens };
-                vec![tokens, P::Embedding, P::Act(Act::X), P::Rows]
-            }
-            Step::RmsNorm { norm, src, dst, .. } => {
-                vec![P::Act(src), P::Norm(norm), P::Act(dst), P::Eps, P::Row0]
-            }
-            Step::RopeKv { layer } => vec![
-                P::Act(Act::Q),
-                P::Act(Act::K),
-                P::Act(Act::V),
-                P::KCache(layer),
-                P::VCache(layer),
-                P::RopeCos,
-                P::RopeSin,
-                P::Pos,
-                P::Rows,
-            ],
-            Step::Attention { layer } => vec![
-                P::Act(Act::Q),
-                P::KCache(layer),
-                P::VCache(layer),
-                P::Act(Act::Att),
-                P::Pos,
-                P::Rows,
-            ],
-            Step::SiluMul => vec![P::Act(Act::Gate), P::Act(Act::Up), P::Rows],
-            Step::Argmax => vec![P::Act(Act::Logits), P::Next],
-            Step::Linear { linear, src, dst } => vec![
-                P::LinearCodes(linear),
-                P::LinearScales(linear),
-                P::LinearGlobal(linear),
-                P::LinearBias(linear),
-                P::Act(src),
-                P::Act(dst),
-                P::Rows,
-            ],
-        }
-    }
-
-    /// The first row a last-row RMSNorm reads in a pass of `m` rows (0 otherwise).
-    pub fn row0(&self, m: usize) -> i32 {
-        if self.rows(m) < m {
-            m as i32 - 1
-        } else {
-            0
-        }
-    }
-
-    /// Activation rows the step processes in a pass of `m` rows: one for the last-row RMSNorm
-    /// and for a linear layer into the logits (only the last position's logits are kept).
-    pub fn rows(&self, m: usize) -> usize {
-        match *self {
-            Step::RmsNorm { last_row: true, .. }
-            | Step::Linear {
-                dst: Act::Logits, ..
-            } => 1,
-            _ => m,
-        }
-    }
-}
-
 /// The schedule of a model under a precision map.
 #[derive(Debug, Clone, Serialize)]
 pub struct Schedule {
     pub dims: Dims,
     pub embedding_tensor: String,
-    /// RMSNorm weight tensors, indexed by [`Step::RmsNorm::norm`].
-    pub norms: Vec<String>,
+    /// RMSNorm weights, indexed by [`Step::RmsNorm::norm`] and [`QkNorm`], in the graph's
+    /// order of its norm nodes.
+    pub norms: Vec<NormSlot>,
     pub linears: Vec<LinearSlot>,
     pub steps: Vec<Step>,
     /// Element type of every activation buffer and of the KV cache.
@@ -286,6 +124,8 @@ impl Schedule {
             graph,
             held: vec![None; graph.node_count()],
         };
+        // The q and k head norms of the block being walked, until its RoPE step takes them.
+        let mut head_norms: [Option<usize>; 2] = [None, None];
         for &id in graph.topo_order() {
             let node = graph.node(id);
             let value = match &node.op {
@@ -294,9 +134,12 @@ impl Schedule {
                     s.steps.push(Step::Embed);
                     Act::X
                 }
-                Op::RmsNorm { tensor, .. } => {
+                Op::RmsNorm { tensor, dim, .. } => {
                     let last_row = node.layer.is_none();
-                    s.norms.push(tensor.clone());
+                    s.norms.push(NormSlot {
+                        tensor: tensor.clone(),
+                        dim: *dim,
+                    });
                     s.steps.push(Step::RmsNorm {
                         norm: s.norms.len() - 1,
                         src: held.operand(id, 0)?,
@@ -349,22 +192,60 @@ impl Schedule {
                     });
                     dst
                 }
+                // Fused into the RoPE step: normalised in place, in the buffer it reads.
+                Op::HeadNorm {
+                    tensor, head_dim, ..
+                } => {
+                    let (which, act) = match held.operand(id, 0)? {
+                        Act::Q => (0, Act::Q),
+                        Act::K => (1, Act::K),
+                        other => {
+                            return Err(Error::Layer {
+                                layer: node.name.clone(),
+                                reason: format!(
+                                    "a per-head norm of buffer {other:?}; the RoPE step \
+                                     normalises q and k only"
+                                ),
+                            })
+                        }
+                    };
+                    s.norms.push(NormSlot {
+                        tensor: tensor.clone(),
+                        dim: *head_dim,
+                    });
+                    head_norms[which] = Some(s.norms.len() - 1);
+                    act
+                }
                 // q's rotation waits for k's: both run in one step after the v projection,
                 // in place on the query buffer (the rotated keys go to the KV cache).
                 Op::Rope { .. } if node.name.ends_with("rope_q") => held.expect(id, 0, Act::Q)?,
                 Op::Rope { .. } => {
                     held.expect(id, 0, Act::K)?;
+                    let qk_norm = match std::mem::take(&mut head_norms) {
+                        [Some(q), Some(k)] => Some(QkNorm { q, k }),
+                        [None, None] => None,
+                        _ => {
+                            return Err(Error::Layer {
+                                layer: node.name.clone(),
+                                reason: "a per-head norm of only one of q and k; the RoPE \
+                                         step normalises both or neither"
+                                    .into(),
+                            })
+                        }
+                    };
                     s.steps.push(Step::RopeKv {
                         layer: layer_of(node.layer, &node.name)?,
+                        qk_norm,
                     });
                     Act::K
                 }
-                Op::Attention { .. } => {
+                Op::Attention { window, .. } => {
                     for (slot, act) in [(0, Act::Q), (1, Act::K), (2, Act::V)] {
                         held.expect(id, slot, act)?;
                     }
                     s.steps.push(Step::Attention {
                         layer: layer_of(node.layer, &node.name)?,
+                        window: *window,
                     });
                     Act::Att
                 }
@@ -416,17 +297,19 @@ impl Schedule {
                 let shape = self.linears[linear].shape;
                 vec![KernelSpec::Gemv(shape), KernelSpec::Gemm(shape)]
             }
-            Step::RopeKv { .. } => vec![KernelSpec::RopeKv {
+            Step::RopeKv { qk_norm, .. } => vec![KernelSpec::RopeKv {
                 heads: d.heads,
                 kv_heads: d.kv_heads,
                 head_dim: d.head_dim,
                 act,
+                qk_norm: qk_norm.is_some(),
             }],
-            Step::Attention { .. } => vec![KernelSpec::Attention {
+            Step::Attention { window, .. } => vec![KernelSpec::Attention {
                 heads: d.heads,
                 kv_heads: d.kv_heads,
                 head_dim: d.head_dim,
                 act,
+                window,
             }],
             Step::SiluMul => vec![KernelSpec::SiluMul { dim: d.ffn, act }],
             Step::Argmax => vec![KernelSpec::Argmax {

@@ -176,21 +176,27 @@ pub enum KernelSpec {
         #[serde(default)]
         act: ActDtype,
     },
-    /// Rotary embedding of q in place, and of k into the KV cache (v copied alongside).
+    /// Rotary embedding of q in place, and of k into the KV cache (v copied alongside);
+    /// `qk_norm`: each head of q and k RMS-normalised first (Qwen3).
     RopeKv {
         heads: usize,
         kv_heads: usize,
         head_dim: usize,
         #[serde(default)]
         act: ActDtype,
+        #[serde(default, skip_serializing_if = "is_false")]
+        qk_norm: bool,
     },
-    /// Causal grouped-query attention of new query rows over the KV cache.
+    /// Causal grouped-query attention of new query rows over the KV cache; `window`: over
+    /// the last `window` positions only (sliding-window attention).
     Attention {
         heads: usize,
         kv_heads: usize,
         head_dim: usize,
         #[serde(default)]
         act: ActDtype,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        window: Option<usize>,
     },
     /// `gate = silu(gate) * up`, elementwise over rows of `dim`.
     SiluMul {
@@ -218,14 +224,22 @@ impl KernelSpec {
                 heads,
                 kv_heads,
                 head_dim,
+                qk_norm,
                 ..
-            } => format!("rope_kv_h{heads}_kv{kv_heads}_d{head_dim}"),
+            } => {
+                let norm = if *qk_norm { "_qknorm" } else { "" };
+                format!("rope_kv_h{heads}_kv{kv_heads}_d{head_dim}{norm}")
+            }
             KernelSpec::Attention {
                 heads,
                 kv_heads,
                 head_dim,
+                window,
                 ..
-            } => format!("attention_h{heads}_kv{kv_heads}_d{head_dim}"),
+            } => {
+                let w = window.map_or(String::new(), |w| format!("_w{w}"));
+                format!("attention_h{heads}_kv{kv_heads}_d{head_dim}{w}")
+            }
             KernelSpec::SiluMul { dim, .. } => format!("silu_mul_{dim}"),
             KernelSpec::Argmax { vocab, .. } => format!("argmax_{vocab}"),
         };
@@ -270,6 +284,10 @@ impl KernelSpec {
             _ => vec![name],
         }
     }
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
 }
 
 /// The name suffix of a kernel on `act` activations (none for FP32, so FP32 names stay as

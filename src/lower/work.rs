@@ -174,16 +174,30 @@ impl Schedule {
                 r * act * (cols(src) + cols(dst)) + 4.0 * hidden,
                 4.0 * r * hidden,
             ),
-            // Q rotated in place, K rotated and V copied into the cache, the cos/sin rows read.
-            Step::RopeKv { .. } => simt(
-                r * act * (2.0 * q_dim + 4.0 * kv_dim) + r * 4.0 * d.head_dim as f64,
-                r * 3.0 * (q_dim + kv_dim),
-            ),
-            // Each row's queries against its sequence's `context` cached keys and values.
-            Step::Attention { .. } => simt(
-                r * act * (2.0 * ctx * kv_dim + 2.0 * q_dim),
-                4.0 * r * ctx * q_dim,
-            ),
+            // Q rotated in place, K rotated and V copied into the cache, the cos/sin rows read;
+            // with q/k norms, their two weights read and four more FLOPs per element (square,
+            // sum, scale, weight).
+            Step::RopeKv { qk_norm, .. } => {
+                let (norm_bytes, norm_flops) = match qk_norm {
+                    Some(_) => (2.0 * 4.0 * d.head_dim as f64, 4.0),
+                    None => (0.0, 0.0),
+                };
+                simt(
+                    r * act * (2.0 * q_dim + 4.0 * kv_dim)
+                        + r * 4.0 * d.head_dim as f64
+                        + norm_bytes,
+                    r * (3.0 + norm_flops) * (q_dim + kv_dim),
+                )
+            }
+            // Each row's queries against its sequence's `context` cached keys and values (the
+            // last `window` of them with a sliding window).
+            Step::Attention { window, .. } => {
+                let ctx = window.map_or(ctx, |w| ctx.min(w as f64));
+                simt(
+                    r * act * (2.0 * ctx * kv_dim + 2.0 * q_dim),
+                    4.0 * r * ctx * q_dim,
+                )
+            }
             Step::SiluMul => simt(3.0 * r * d.ffn as f64 * act, 5.0 * r * d.ffn as f64),
             Step::Argmax => simt(r * d.vocab as f64 * act, 0.0),
         }
@@ -245,5 +259,52 @@ mod tests {
         // The decode GEMV stays SIMT.
         let gemv = linear_work(&shape(WeightFormat::Fp8, ActDtype::Bf16), 1, Arch::Sm90);
         assert_eq!(gemv.path, InstructionPath::SimtF32);
+    }
+
+    #[test]
+    fn a_windowed_layer_reads_only_its_window_and_qk_norms_their_weights() {
+        use crate::ir::Graph;
+        use crate::model::{synthetic::tiny_spec, Architecture, ModelSpec, SlidingWindow};
+        let spec = ModelSpec {
+            sliding_window: Some(SlidingWindow {
+                size: 16,
+                layers: vec![1],
+            }),
+            ..tiny_spec(Architecture::Qwen3)
+        };
+        let s = Schedule::build(&Graph::build(&spec), &Default::default()).unwrap();
+        let attention = |layer: usize, ctx: usize| {
+            let step = s
+                .steps
+                .iter()
+                .find(|st| matches!(st, Step::Attention { layer: l, .. } if *l == layer))
+                .unwrap();
+            s.work(step, 1, ctx, Arch::Sm90)
+        };
+        // Layer 1 slides: at 512 positions it reads what it reads at 16; layer 0 does not.
+        assert_eq!(attention(1, 512), attention(1, 16));
+        assert_eq!(attention(1, 512), attention(0, 16));
+        assert!(attention(0, 512).bytes > attention(1, 512).bytes);
+        let rope = s
+            .steps
+            .iter()
+            .find(|st| matches!(st, Step::RopeKv { .. }))
+            .unwrap();
+        let plain = Schedule::build(
+            &Graph::build(&tiny_spec(Architecture::Qwen2)),
+            &Default::default(),
+        )
+        .unwrap();
+        let plain_rope = plain
+            .steps
+            .iter()
+            .find(|st| matches!(st, Step::RopeKv { .. }))
+            .unwrap();
+        let (a, b) = (
+            s.work(rope, 1, 1, Arch::Sm90),
+            plain.work(plain_rope, 1, 1, Arch::Sm90),
+        );
+        // The two head_dim weights in FP32.
+        assert_eq!(a.bytes - b.bytes, 2.0 * 4.0 * 16.0);
     }
 }

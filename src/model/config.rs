@@ -12,11 +12,12 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use super::{config_keys, Architecture, ModelSpec};
+use super::{config_keys, Architecture, EosIds, ModelSpec};
 use crate::error::{Error, Result};
 
 /// The `architectures` entries fpx accepts, as a message for errors.
-pub const SUPPORTED_HF: &str = "LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM";
+pub const SUPPORTED_HF: &str =
+    "LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM";
 
 /// `eos_token_id` is an integer in most configs and a list in some (Llama 3).
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
@@ -27,11 +28,25 @@ pub enum TokenIds {
 }
 
 impl TokenIds {
-    /// The first id (the one generation stops on by default).
-    pub fn first(&self) -> Option<u32> {
+    /// The ids, in the order listed.
+    pub fn ids(&self) -> &[u32] {
         match self {
-            TokenIds::One(id) => Some(*id),
-            TokenIds::Many(ids) => ids.first().copied(),
+            TokenIds::One(id) => std::slice::from_ref(id),
+            TokenIds::Many(ids) => ids.as_slice(),
+        }
+    }
+
+    /// The first id.
+    pub fn first(&self) -> Option<u32> {
+        self.ids().first().copied()
+    }
+
+    /// The key as config.json writes it: `None` without ids, one id, or a list.
+    pub fn of(ids: &EosIds) -> Option<TokenIds> {
+        match ids.ids() {
+            [] => None,
+            [id] => Some(TokenIds::One(*id)),
+            many => Some(TokenIds::Many(many.to_vec())),
         }
     }
 }
@@ -160,6 +175,7 @@ impl HfConfig {
             "LlamaForCausalLM" | "llama" => Ok(Architecture::Llama),
             "MistralForCausalLM" | "mistral" => Ok(Architecture::Mistral),
             "Qwen2ForCausalLM" | "qwen2" => Ok(Architecture::Qwen2),
+            "Qwen3ForCausalLM" | "qwen3" => Ok(Architecture::Qwen3),
             other => Err(ConfigError::UnsupportedArchitecture(other.to_string())),
         }
     }
@@ -171,6 +187,7 @@ pub fn hf_architecture_name(arch: Architecture) -> &'static str {
         Architecture::Llama => "LlamaForCausalLM",
         Architecture::Mistral => "MistralForCausalLM",
         Architecture::Qwen2 => "Qwen2ForCausalLM",
+        Architecture::Qwen3 => "Qwen3ForCausalLM",
     }
 }
 
@@ -180,6 +197,7 @@ pub fn hf_model_type(arch: Architecture) -> &'static str {
         Architecture::Llama => "llama",
         Architecture::Mistral => "mistral",
         Architecture::Qwen2 => "qwen2",
+        Architecture::Qwen3 => "qwen3",
     }
 }
 
@@ -207,11 +225,7 @@ impl TryFrom<HfConfig> for ModelSpec {
             ("bos_token_id", &c.bos_token_id),
             ("eos_token_id", &c.eos_token_id),
         ] {
-            let ids = match ids {
-                Some(TokenIds::One(id)) => std::slice::from_ref(id),
-                Some(TokenIds::Many(ids)) => ids.as_slice(),
-                None => &[],
-            };
+            let ids = ids.as_ref().map_or(&[][..], TokenIds::ids);
             if let Some(id) = ids.iter().find(|&&id| id as usize >= c.vocab_size) {
                 return Err(ConfigError::Invalid(format!(
                     "{key} {id} is outside the vocabulary ({})",
@@ -222,6 +236,8 @@ impl TryFrom<HfConfig> for ModelSpec {
         config_keys::check_mlp(&c)?;
         let head_dim = match c.head_dim {
             Some(d) => d,
+            // transformers' Qwen3Config defaults head_dim to 128, not hidden / heads.
+            None if architecture == Architecture::Qwen3 => 128,
             None => {
                 if c.hidden_size % c.num_attention_heads != 0 {
                     return Err(ConfigError::Invalid(format!(
@@ -235,11 +251,12 @@ impl TryFrom<HfConfig> for ModelSpec {
         let default_ctx = match architecture {
             Architecture::Llama => 2048,
             Architecture::Mistral => 32768,
-            Architecture::Qwen2 => 32768,
+            Architecture::Qwen2 | Architecture::Qwen3 => 32768,
         };
         let max_position_embeddings = c.max_position_embeddings.unwrap_or(default_ctx);
         let (rope_theta, rope_scaling) = config_keys::rope(&c, max_position_embeddings)?;
-        config_keys::check_sliding_window(&c, architecture, max_position_embeddings)?;
+        let sliding_window =
+            config_keys::sliding_window(&c, architecture, max_position_embeddings)?;
         config_keys::warn_unknown(&c.other);
         let spec = ModelSpec {
             architecture,
@@ -254,12 +271,23 @@ impl TryFrom<HfConfig> for ModelSpec {
             rope_scaling,
             rms_norm_eps: c.rms_norm_eps.unwrap_or(1e-6) as f32,
             tie_word_embeddings: c.tie_word_embeddings.unwrap_or(false),
-            // Qwen2 always has q/k/v biases and its config has no field for them.
-            attention_bias: architecture == Architecture::Qwen2
-                || c.attention_bias.unwrap_or(false),
+            // Qwen2 always has q/k/v biases and its config has no field for them; Mistral's
+            // attention has none whatever the config says (transformers does not read it).
+            attention_bias: match architecture {
+                Architecture::Qwen2 => true,
+                Architecture::Mistral => false,
+                Architecture::Llama | Architecture::Qwen3 => c.attention_bias.unwrap_or(false),
+            },
             max_position_embeddings,
+            sliding_window,
             bos_token_id: c.bos_token_id.as_ref().and_then(TokenIds::first),
-            eos_token_id: c.eos_token_id.as_ref().and_then(TokenIds::first),
+            eos_token_id: EosIds::new(
+                c.eos_token_id
+                    .as_ref()
+                    .map_or(&[][..], TokenIds::ids)
+                    .iter()
+                    .copied(),
+            ),
         };
         validate_spec(&spec).map_err(ConfigError::Invalid)?;
         Ok(spec)
@@ -284,20 +312,40 @@ impl From<&ModelSpec> for HfConfig {
             tie_word_embeddings: Some(s.tie_word_embeddings),
             max_position_embeddings: Some(s.max_position_embeddings),
             bos_token_id: s.bos_token_id.map(TokenIds::One),
-            eos_token_id: s.eos_token_id.map(TokenIds::One),
+            eos_token_id: TokenIds::of(&s.eos_token_id),
             attention_bias: Some(s.attention_bias),
             hidden_act: None,
             mlp_bias: None,
             rope_scaling: (!s.rope_scaling.is_default())
-                .then(|| serde_json::to_value(s.rope_scaling).expect("rope scaling serializes")),
+                .then(|| serde_json::to_value(&s.rope_scaling).expect("rope scaling serializes")),
             rope_parameters: None,
             partial_rotary_factor: None,
             original_max_position_embeddings: None,
-            // fpx's attention is full: say so, or transformers' Mistral slides 4096 tokens.
-            sliding_window: (s.architecture == Architecture::Mistral).then_some(None),
-            use_sliding_window: None,
+            sliding_window: match (s.architecture, &s.sliding_window) {
+                (_, Some(w)) => Some(Some(w.size as u64)),
+                // Without the key transformers' Mistral slides 4096 positions.
+                (Architecture::Mistral, None) => Some(None),
+                _ => None,
+            },
+            use_sliding_window: (s.sliding_window.is_some()
+                && s.architecture != Architecture::Mistral)
+                .then_some(true),
             max_window_layers: None,
-            layer_types: None,
+            layer_types: match (s.architecture, &s.sliding_window) {
+                (Architecture::Qwen2 | Architecture::Qwen3, Some(w)) => Some(
+                    (0..s.num_layers)
+                        .map(|l| {
+                            let kind = if w.of_layer(l).is_some() {
+                                "sliding"
+                            } else {
+                                "full"
+                            };
+                            format!("{kind}_attention")
+                        })
+                        .collect(),
+                ),
+                _ => None,
+            },
             other: BTreeMap::new(),
         }
     }
@@ -357,17 +405,37 @@ pub fn validate_spec(s: &ModelSpec) -> Result<(), String> {
     if !(s.rms_norm_eps.is_finite() && s.rms_norm_eps > 0.0) {
         return Err(format!("rms_norm_eps {} must be positive", s.rms_norm_eps));
     }
-    for (name, id) in [
-        ("bos_token_id", s.bos_token_id),
-        ("eos_token_id", s.eos_token_id),
-    ] {
-        if let Some(id) = id {
-            if id as usize >= s.vocab_size {
-                return Err(format!(
-                    "{name} {id} is outside the vocabulary ({})",
-                    s.vocab_size
-                ));
-            }
+    let ids = s.bos_token_id.iter().map(|&id| ("bos_token_id", id));
+    for (name, id) in ids.chain(s.eos_token_id.ids().iter().map(|&id| ("eos_token_id", id))) {
+        if id as usize >= s.vocab_size {
+            return Err(format!(
+                "{name} {id} is outside the vocabulary ({})",
+                s.vocab_size
+            ));
+        }
+    }
+    if let Some(w) = &s.sliding_window {
+        if !matches!(
+            s.architecture,
+            Architecture::Mistral | Architecture::Qwen2 | Architecture::Qwen3
+        ) {
+            return Err(format!(
+                "{:?} has no sliding-window attention",
+                s.architecture
+            ));
+        }
+        if s.architecture == Architecture::Mistral && w.layers.len() != s.num_layers {
+            return Err("Mistral slides every layer's attention or none".into());
+        }
+        w.validate(s.num_layers)?;
+    }
+    if let crate::model::rope::RopeScaling::Factors { factors } = &s.rope_scaling {
+        if factors.len() != s.head_dim / 2 {
+            return Err(format!(
+                "{} RoPE frequency factors for head_dim {} (need head_dim / 2)",
+                factors.len(),
+                s.head_dim
+            ));
         }
     }
     Ok(())
@@ -410,7 +478,7 @@ mod tests {
         assert_eq!(s.num_kv_heads, 3);
         assert!(s.tie_word_embeddings);
         assert!(!s.attention_bias);
-        assert_eq!(s.eos_token_id, Some(2));
+        assert_eq!(s.eos_token_id.ids(), &[2]);
         let mut v = smollm_like();
         v.as_object_mut().unwrap().remove("num_key_value_heads");
         v.as_object_mut().unwrap().remove("rope_theta");
@@ -420,14 +488,51 @@ mod tests {
     }
 
     #[test]
-    fn eos_list_takes_first_and_qwen2_has_bias() {
+    fn eos_list_is_kept_and_qwen2_has_bias() {
         let mut v = smollm_like();
         v["architectures"] = serde_json::json!(["Qwen2ForCausalLM"]);
         v["eos_token_id"] = serde_json::json!([2, 0]);
         let s = parse(v).unwrap();
         assert_eq!(s.architecture, Architecture::Qwen2);
         assert!(s.attention_bias);
-        assert_eq!(s.eos_token_id, Some(2));
+        assert_eq!(s.eos_token_id.ids(), &[2, 0]);
+        let back = ModelSpec::try_from(HfConfig::from(&s)).unwrap();
+        assert_eq!(back, s);
+    }
+
+    #[test]
+    fn qwen3_defaults_head_dim_to_128_and_has_qk_norm() {
+        let mut v = smollm_like();
+        v["architectures"] = serde_json::json!(["Qwen3ForCausalLM"]);
+        let s = parse(v).unwrap();
+        assert_eq!(s.architecture, Architecture::Qwen3);
+        assert_eq!(s.head_dim, 128);
+        assert!(s.qk_norm() && !s.attention_bias && !s.o_proj_bias());
+        let names: Vec<String> = crate::model::expected_tensors(&s)
+            .into_iter()
+            .map(|(n, _)| n)
+            .collect();
+        assert!(names.contains(&"model.layers.0.self_attn.k_norm.weight".to_string()));
+    }
+
+    #[test]
+    fn windows_round_trip_through_config() {
+        let mut v = smollm_like();
+        v["architectures"] = serde_json::json!(["Qwen3ForCausalLM"]);
+        v["num_hidden_layers"] = serde_json::json!(4);
+        v["use_sliding_window"] = serde_json::json!(true);
+        v["sliding_window"] = serde_json::json!(64);
+        v["max_window_layers"] = serde_json::json!(1);
+        let s = parse(v).unwrap();
+        let w = s.sliding_window.clone().unwrap();
+        assert_eq!((w.size, w.layers.as_slice()), (64, &[1, 2, 3][..]));
+        assert_eq!(ModelSpec::try_from(HfConfig::from(&s)).unwrap(), s);
+        let mut v = smollm_like();
+        v["architectures"] = serde_json::json!(["MistralForCausalLM"]);
+        v["sliding_window"] = serde_json::json!(100);
+        let s = parse(v).unwrap();
+        assert_eq!(s.sliding_window.as_ref().unwrap().layers.len(), 30);
+        assert_eq!(ModelSpec::try_from(HfConfig::from(&s)).unwrap(), s);
     }
 
     #[test]

@@ -1,7 +1,7 @@
 //! Which `config.json` keys change the computation, and what fpx does with each: implement it,
 //! refuse the value naming key and value, or (for keys that change nothing fpx computes) list
 //! it in [`IGNORED_KEYS`]. Anything else is unknown: reported by `tracing::warn!` (transformers'
-//! Llama, Mistral and Qwen2 classes do not read keys outside their config class either, so an
+//! Llama, Mistral, Qwen2 and Qwen3 classes do not read keys outside their config class either, so an
 //! unknown key is metadata to them too), never silently dropped.
 //!
 //! What the model classes of transformers 5 read, and where fpx handles it:
@@ -11,13 +11,13 @@
 //! - `rope_theta`, `rope_scaling` (transformers 4) / `rope_parameters` (transformers 5),
 //!   `partial_rotary_factor`, `original_max_position_embeddings`: [`rope`];
 //! - `sliding_window`, `use_sliding_window`, `max_window_layers`, `layer_types`:
-//!   [`check_sliding_window`] (fpx's attention is full causal attention).
+//!   [`sliding_window`] (windowed attention on every backend).
 
 use serde_json::{Map, Value};
 
 use super::config::{ConfigError, HfConfig};
 use super::rope::RopeScaling;
-use super::Architecture;
+use super::{Architecture, SlidingWindow};
 
 /// Keys that do not change the logits fpx computes, with the reason. `config.rs` reads the keys
 /// of [`HfConfig`]'s own fields; every other key must be in this table or it is warned about.
@@ -84,7 +84,7 @@ pub fn warn_unknown(other: &std::collections::BTreeMap<String, Value>) {
         .collect();
     if !unknown.is_empty() {
         tracing::warn!(
-            "config.json: keys fpx does not know, ignored (the Llama, Mistral and Qwen2 \
+            "config.json: keys fpx does not know, ignored (the Llama, Mistral, Qwen2 and Qwen3 \
              classes of transformers do not read them either): {}",
             unknown.join(", ")
         );
@@ -258,18 +258,17 @@ fn flat<'a>(name: &str, m: &'a Map<String, Value>) -> Result<&'a Map<String, Val
     )))
 }
 
-/// Refuses a sliding window shorter than `max_positions` on any layer that uses it: fpx's
-/// attention sees the whole context, so such a checkpoint would run silently wrong beyond the
-/// window. transformers' defaults apply: Mistral slides every layer with `sliding_window`
-/// (4096 when the key is absent); Qwen2 only with `use_sliding_window`, on the layers
-/// `layer_types` marks `sliding_attention` (else those from `max_window_layers`, default 28);
-/// Llama ignores the key.
-pub fn check_sliding_window(
+/// The sliding window of the layers that use one, as transformers reads the keys: Mistral
+/// slides every layer with `sliding_window` (4096 when the key is absent); Qwen2 and Qwen3
+/// only with `use_sliding_window`, on the layers `layer_types` marks `sliding_attention`
+/// (else those from `max_window_layers` on, default 28); Llama ignores the keys. A window of
+/// at least `max_positions` never drops a key and is left out (`None`), as is a null one.
+pub fn sliding_window(
     c: &HfConfig,
     arch: Architecture,
     max_positions: usize,
-) -> Result<(), ConfigError> {
-    const MISTRAL_DEFAULT: u64 = 4096;
+) -> Result<Option<SlidingWindow>, ConfigError> {
+    const DEFAULT_WINDOW: u64 = 4096;
     if let Some(types) = &c.layer_types {
         if let Some(bad) = types
             .iter()
@@ -282,31 +281,35 @@ pub fn check_sliding_window(
             ));
         }
     }
-    // Counted, not listed: num_hidden_layers is not bounded until validate_spec.
-    let n = c.num_hidden_layers;
-    let (window, sliding): (Option<u64>, usize) = match arch {
-        Architecture::Llama => (None, 0),
-        Architecture::Mistral => (c.sliding_window.unwrap_or(Some(MISTRAL_DEFAULT)), n),
-        Architecture::Qwen2 if c.use_sliding_window == Some(true) => {
-            let layers = match &c.layer_types {
-                Some(t) => t
-                    .iter()
-                    .take(n)
-                    .filter(|t| *t == "sliding_attention")
-                    .count(),
-                None => n - c.max_window_layers.unwrap_or(28).min(n),
-            };
-            (c.sliding_window.unwrap_or(Some(MISTRAL_DEFAULT)), layers)
+    let window = match arch {
+        Architecture::Llama => None,
+        Architecture::Mistral => c.sliding_window.unwrap_or(Some(DEFAULT_WINDOW)),
+        Architecture::Qwen2 | Architecture::Qwen3 if c.use_sliding_window == Some(true) => {
+            c.sliding_window.unwrap_or(Some(DEFAULT_WINDOW))
         }
-        Architecture::Qwen2 => (None, 0),
+        Architecture::Qwen2 | Architecture::Qwen3 => None,
     };
-    match window {
-        Some(w) if sliding > 0 && w < max_positions as u64 => Err(ConfigError::Invalid(format!(
-            "sliding_window = {w} is not supported: it is shorter than \
-             max_position_embeddings = {max_positions} on {sliding} of {n} layers, and fpx's \
-             attention is full causal attention (windowed attention is not implemented; a \
-             window of at least max_position_embeddings, or null, is accepted)"
-        ))),
-        _ => Ok(()),
+    let size = match window {
+        Some(w) if w < max_positions as u64 => w as usize,
+        _ => return Ok(None),
+    };
+    if size == 0 {
+        return Err(unsupported(
+            "sliding_window",
+            &Value::from(0),
+            "a window holds at least one position",
+        ));
     }
+    // Listed only once the layer count is known to be sane (validate_spec checks it again).
+    let n = c.num_hidden_layers;
+    crate::limits::at_most(n, crate::limits::MAX_LAYERS, "num_hidden_layers")
+        .map_err(ConfigError::Invalid)?;
+    let layers: Vec<usize> = match (arch, &c.layer_types) {
+        (Architecture::Mistral, _) => (0..n).collect(),
+        (_, Some(t)) => (0..n)
+            .filter(|&l| t.get(l).is_some_and(|t| t == "sliding_attention"))
+            .collect(),
+        (_, None) => (c.max_window_layers.unwrap_or(28).min(n)..n).collect(),
+    };
+    Ok((!layers.is_empty()).then_some(SlidingWindow { size, layers }))
 }

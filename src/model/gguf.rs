@@ -1,4 +1,4 @@
-//! GGUF checkpoints as llama.cpp writes them (architectures `llama` and `qwen2`).
+//! GGUF checkpoints as llama.cpp writes them (architectures `llama`, `qwen2` and `qwen3`).
 //!
 //! The file stays memory-mapped; [`GgufSource::tensor`] dequantizes one tensor per call
 //! (F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K) and nothing is cached.
@@ -8,10 +8,14 @@
 //! - shapes: GGUF lists dims innermost first, so `[in, out]` there is row-major `[out, in]`;
 //! - q/k rows: `convert_hf_to_gguf.py` permutes the rows of q_proj and k_proj of llama models
 //!   (`permute(w, n_head, n_head_kv)`) for its RoPE layout; [`unpermute_rows`] inverts it.
-//!   Qwen2 GGUFs are not permuted.
+//!   Qwen2 and Qwen3 GGUFs are not permuted (nor are Qwen3's q/k norms).
 //!
 //! The spec comes from `{arch}.*` metadata; the tokenizer metadata is handed to
-//! [`super::tokenizer`].
+//! [`super::tokenizer`]. RoPE scaling: `rope.scaling.type = linear` with its factor, and
+//! llama3's as llama.cpp stores it, a `rope_freqs.weight` tensor of frequency factors
+//! ([`RopeScaling::Factors`], llama only, as llama.cpp reads it). End-of-sequence ids: the
+//! `eos`, `eot` (end of turn) and `eom` (end of message) tokens, all of which end
+//! generation in llama.cpp.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -22,12 +26,15 @@ use memmap2::Mmap;
 
 use super::config::validate_spec;
 use super::gguf_header::{self, as_f64, as_usize};
+use super::gguf_rope::{read_vector, rope_scaling, ReadFactors};
 pub use super::llama_cpp::{gguf_name, hf_name, permute_rows, unpermute_rows};
-use super::{Architecture, ModelSpec, Tensor, TensorHeader, WeightSource};
+use super::{Architecture, EosIds, ModelSpec, Tensor, TensorHeader, WeightSource};
 use crate::error::{Error, Result};
 
 /// GGUF architectures fpx reads, as a message for errors.
-pub const SUPPORTED_GGUF: &str = "llama, qwen2";
+pub const SUPPORTED_GGUF: &str = "llama, qwen2, qwen3";
+
+pub use super::gguf_rope::ROPE_FREQS;
 
 struct Entry {
     gguf_name: String,
@@ -59,7 +66,7 @@ pub struct GgufFile {
     pub metadata: HashMap<String, Value>,
 }
 
-fn config_err(path: &Path, reason: impl Into<String>) -> Error {
+pub(super) fn config_err(path: &Path, reason: impl Into<String>) -> Error {
     Error::Config {
         path: path.to_path_buf(),
         reason: reason.into(),
@@ -70,6 +77,7 @@ fn spec_from_metadata(
     path: &Path,
     meta: &HashMap<String, Value>,
     has: &dyn Fn(&str) -> bool,
+    rope_freqs: ReadFactors<'_>,
     embed_rows: Option<usize>,
 ) -> Result<ModelSpec> {
     let arch_name = match meta.get("general.architecture") {
@@ -85,6 +93,7 @@ fn spec_from_metadata(
     let architecture = match arch_name.as_str() {
         "llama" => Architecture::Llama,
         "qwen2" => Architecture::Qwen2,
+        "qwen3" => Architecture::Qwen3,
         _ => {
             return Err(Error::UnsupportedArchitecture {
                 path: path.to_path_buf(),
@@ -94,29 +103,6 @@ fn spec_from_metadata(
         }
     };
     let key = |k: &str| format!("{arch_name}.{k}");
-    // RoPE scaling is read from Hugging Face configs only so far: refused here by name rather
-    // than run unscaled (llama.cpp stores llama3's as a `rope_freqs` tensor of factors).
-    if has("rope_freqs.weight") {
-        return Err(config_err(
-            path,
-            "tensor rope_freqs.weight (RoPE frequency factors, llama3 scaling) is not \
-             supported in GGUF files yet; use the Hugging Face checkpoint",
-        ));
-    }
-    match meta.get(&key("rope.scaling.type")) {
-        None => {}
-        Some(Value::String(s)) if s == "none" => {}
-        Some(v) => {
-            return Err(config_err(
-                path,
-                format!(
-                    "{} = {v:?} is not supported in GGUF files yet (RoPE scaling is read \
-                     from Hugging Face configs)",
-                    key("rope.scaling.type")
-                ),
-            ))
-        }
-    }
     let opt_usize = |k: &str| -> Result<Option<usize>> {
         match meta.get(&key(k)) {
             None => Ok(None),
@@ -136,6 +122,7 @@ fn spec_from_metadata(
                 .ok_or_else(|| config_err(path, format!("{} is not a number", key(k)))),
         }
     };
+    let rope_scaling = rope_scaling(path, meta, &arch_name, rope_freqs, &opt_f64)?;
     let hidden = req_usize("embedding_length")?;
     let heads = req_usize("attention.head_count")?;
     let kv_heads = opt_usize("attention.head_count_kv")?.unwrap_or(heads);
@@ -156,6 +143,7 @@ fn spec_from_metadata(
         .or(embed_rows)
         .ok_or_else(|| config_err(path, "cannot tell the vocabulary size"))?;
     let token_id = |k: &str| meta.get(k).and_then(as_usize).map(|v| v as u32);
+    let eos = ["eos", "eot", "eom"].map(|t| token_id(&format!("tokenizer.ggml.{t}_token_id")));
     let spec = ModelSpec {
         architecture,
         hidden_size: hidden,
@@ -166,13 +154,15 @@ fn spec_from_metadata(
         head_dim,
         vocab_size: vocab,
         rope_theta: opt_f64("rope.freq_base")?.unwrap_or(10_000.0) as f32,
-        rope_scaling: Default::default(),
+        rope_scaling,
         rms_norm_eps: opt_f64("attention.layer_norm_rms_epsilon")?.unwrap_or(1e-6) as f32,
         tie_word_embeddings: !has("output.weight"),
         attention_bias: has("blk.0.attn_q.bias"),
         max_position_embeddings: opt_usize("context_length")?.unwrap_or(2048),
+        // llama.cpp's llama, qwen2 and qwen3 attend the whole context.
+        sliding_window: None,
         bos_token_id: token_id("tokenizer.ggml.bos_token_id"),
-        eos_token_id: token_id("tokenizer.ggml.eos_token_id"),
+        eos_token_id: EosIds::new(eos.into_iter().flatten()),
     };
     validate_spec(&spec).map_err(|r| config_err(path, r))?;
     Ok(spec)
@@ -202,10 +192,17 @@ impl GgufSource {
         let embed_rows = raw
             .get("token_embd.weight")
             .and_then(|t| t.dims.last().copied());
+        let (bytes, offset): (&[u8], usize) = (&mmap, header.data_offset);
+        let read_factors = raw
+            .get(ROPE_FREQS)
+            .map(|t| move || read_vector(path, bytes, offset, t));
         let spec = spec_from_metadata(
             path,
             &header.metadata,
             &|name| raw.contains_key(name),
+            read_factors
+                .as_ref()
+                .map(|f| f as &dyn Fn() -> Result<Vec<f32>>),
             embed_rows,
         )?;
         let permute = spec.architecture == Architecture::Llama;
@@ -263,6 +260,7 @@ impl GgufSource {
             mmap,
             entries,
         };
+
         Ok(GgufFile {
             source,
             spec,
@@ -371,17 +369,6 @@ impl WeightSource for GgufSource {
 mod tests {
     use super::*;
     use crate::model::synthetic::{random_weights, tiny_spec, write_gguf};
-
-    #[test]
-    fn rope_frequency_factors_are_refused_by_name() {
-        let meta = HashMap::from([(
-            "general.architecture".to_string(),
-            Value::String("llama".into()),
-        )]);
-        let has = |n: &str| n == "rope_freqs.weight";
-        let err = spec_from_metadata(Path::new("m.gguf"), &meta, &has, None).unwrap_err();
-        assert!(err.to_string().contains("rope_freqs.weight"), "{err}");
-    }
 
     /// A spec whose rows fit K-quant blocks (256).
     fn wide_spec(arch: Architecture) -> ModelSpec {

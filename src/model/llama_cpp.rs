@@ -23,6 +23,8 @@ pub fn hf_name(gguf: &str) -> Option<String> {
         "attn_q" => "self_attn.q_proj",
         "attn_k" => "self_attn.k_proj",
         "attn_v" => "self_attn.v_proj",
+        "attn_q_norm" => "self_attn.q_norm",
+        "attn_k_norm" => "self_attn.k_norm",
         "attn_output" => "self_attn.o_proj",
         "ffn_norm" => "post_attention_layernorm",
         "ffn_gate" => "mlp.gate_proj",
@@ -50,6 +52,8 @@ pub fn gguf_name(hf: &str) -> Option<String> {
         "self_attn.q_proj" => "attn_q",
         "self_attn.k_proj" => "attn_k",
         "self_attn.v_proj" => "attn_v",
+        "self_attn.q_norm" => "attn_q_norm",
+        "self_attn.k_norm" => "attn_k_norm",
         "self_attn.o_proj" => "attn_output",
         "post_attention_layernorm" => "ffn_norm",
         "mlp.gate_proj" => "ffn_gate",
@@ -120,6 +124,10 @@ mod tests {
             (
                 "blk.3.ffn_norm.weight",
                 "model.layers.3.post_attention_layernorm.weight",
+            ),
+            (
+                "blk.2.attn_k_norm.weight",
+                "model.layers.2.self_attn.k_norm.weight",
             ),
         ] {
             assert_eq!(hf_name(g).as_deref(), Some(h));

@@ -9,13 +9,16 @@
 pub mod compressed;
 pub mod config;
 pub mod config_keys;
+pub mod eos;
 pub mod gguf;
 pub(crate) mod gguf_header;
+mod gguf_rope;
 pub mod llama_cpp;
 pub mod rope;
 pub mod safetensors;
 pub mod synthetic;
 pub mod tokenizer;
+pub mod window;
 
 use std::path::{Path, PathBuf};
 
@@ -24,7 +27,9 @@ use sha2::{Digest, Sha256};
 
 use crate::error::{Error, Result};
 
+pub use self::eos::EosIds;
 pub use self::tokenizer::Tokenizer;
+pub use self::window::SlidingWindow;
 
 /// Architectures fpx knows how to build a graph for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -33,6 +38,8 @@ pub enum Architecture {
     Llama,
     Mistral,
     Qwen2,
+    /// Qwen2 without q/k/v biases, with a per-head RMSNorm of q and k before RoPE.
+    Qwen3,
 }
 
 /// Validated hyper-parameters of a decoder-only transformer. Deserialized (from a calibration
@@ -54,11 +61,18 @@ pub struct ModelSpec {
     pub rope_scaling: rope::RopeScaling,
     pub rms_norm_eps: f32,
     pub tie_word_embeddings: bool,
-    /// q/k/v projections carry biases (Qwen2).
+    /// q/k/v projections carry biases (Qwen2; Llama and Qwen3 with `attention_bias`, where
+    /// o_proj has one too: [`ModelSpec::o_proj_bias`]).
     pub attention_bias: bool,
     pub max_position_embeddings: usize,
+    /// Windowed attention (Mistral, Qwen2/Qwen3 with `use_sliding_window`); absent from the
+    /// JSON when every layer attends the whole context.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sliding_window: Option<SlidingWindow>,
     pub bos_token_id: Option<u32>,
-    pub eos_token_id: Option<u32>,
+    /// Generation stops at any of these.
+    #[serde(default)]
+    pub eos_token_id: EosIds,
 }
 
 impl ModelSpec {
@@ -66,8 +80,26 @@ impl ModelSpec {
     pub fn rope(&self) -> rope::Rope {
         rope::Rope {
             theta: self.rope_theta,
-            scaling: self.rope_scaling,
+            scaling: self.rope_scaling.clone(),
         }
+    }
+
+    /// Whether q and k are RMS-normalised per head before RoPE (`self_attn.q_norm`,
+    /// `self_attn.k_norm`, weights of `head_dim`).
+    pub fn qk_norm(&self) -> bool {
+        self.architecture == Architecture::Qwen3
+    }
+
+    /// Whether o_proj has a bias: transformers' Llama and Qwen3 give it one with
+    /// `attention_bias` (Qwen2's o_proj never has one).
+    pub fn o_proj_bias(&self) -> bool {
+        self.attention_bias
+            && matches!(self.architecture, Architecture::Llama | Architecture::Qwen3)
+    }
+
+    /// The attention window of decoder layer `layer` (`None`: the whole context).
+    pub fn attention_window(&self, layer: usize) -> Option<usize> {
+        self.sliding_window.as_ref().and_then(|w| w.of_layer(layer))
     }
 }
 
@@ -141,7 +173,8 @@ pub(crate) struct TensorHeader {
 }
 
 /// Hugging Face names of every tensor the decoder needs, with their expected shapes:
-/// linear weights `[out, in]`, biases `[out]`, norms `[hidden]`, embedding `[vocab, hidden]`,
+/// linear weights `[out, in]`, biases `[out]`, norms `[hidden]` (q/k norms `[head_dim]`),
+/// embedding `[vocab, hidden]`,
 /// `lm_head.weight` only when embeddings are not tied. Order: embedding, layers in order,
 /// final norm, lm_head.
 pub fn expected_tensors(spec: &ModelSpec) -> Vec<(String, Vec<usize>)> {
@@ -162,7 +195,15 @@ pub fn expected_tensors(spec: &ModelSpec) -> Vec<(String, Vec<usize>)> {
                 out.push((format!("{p}.self_attn.{proj}_proj.bias"), vec![rows]));
             }
         }
+        if spec.qk_norm() {
+            for norm in ["q_norm", "k_norm"] {
+                out.push((format!("{p}.self_attn.{norm}.weight"), vec![spec.head_dim]));
+            }
+        }
         out.push((format!("{p}.self_attn.o_proj.weight"), vec![h, q]));
+        if spec.o_proj_bias() {
+            out.push((format!("{p}.self_attn.o_proj.bias"), vec![h]));
+        }
         out.push((format!("{p}.post_attention_layernorm.weight"), vec![h]));
         out.push((format!("{p}.mlp.gate_proj.weight"), vec![ffn, h]));
         out.push((format!("{p}.mlp.up_proj.weight"), vec![ffn, h]));
@@ -229,7 +270,8 @@ fn has_gguf_magic(path: &Path) -> bool {
 
 fn load_hf(dir: &Path) -> Result<Model> {
     let config_path = dir.join("config.json");
-    let spec = config::load_config(&config_path)?;
+    let mut spec = config::load_config(&config_path)?;
+    generation_eos(&dir.join("generation_config.json"), &mut spec)?;
     // Decodes compressed-tensors FP8/FP4 layers; a pass-through for plain checkpoints.
     let source = compressed::CompressedSource::open(
         &config_path,
@@ -246,6 +288,28 @@ fn load_hf(dir: &Path) -> Result<Model> {
         weights: Box::new(source),
         tokenizer,
     })
+}
+
+/// Adds the `eos_token_id`s of `generation_config.json` (when the file exists) to the spec's:
+/// transformers' `generate` stops at those, and Llama 3 lists more there than in config.json.
+fn generation_eos(path: &Path, spec: &mut ModelSpec) -> Result<()> {
+    if !path.exists() {
+        return Ok(());
+    }
+    #[derive(Deserialize)]
+    struct Generation {
+        #[serde(default)]
+        eos_token_id: EosIds,
+    }
+    let bad = |reason: String| Error::Config {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let g: Generation = serde_json::from_slice(&crate::fsutil::read_regular(path)?)
+        .map_err(|e| bad(e.to_string()))?;
+    spec.eos_token_id
+        .extend(g.eos_token_id.ids().iter().copied());
+    config::validate_spec(spec).map_err(bad)
 }
 
 fn load_gguf(path: &Path) -> Result<Model> {
@@ -340,10 +404,11 @@ mod tests {
     };
     use super::*;
 
-    const ARCHES: [Architecture; 3] = [
+    const ARCHES: [Architecture; 4] = [
         Architecture::Llama,
         Architecture::Mistral,
         Architecture::Qwen2,
+        Architecture::Qwen3,
     ];
 
     #[test]
@@ -448,7 +513,7 @@ mod tests {
         );
         assert!(s.tie_word_embeddings && !s.attention_bias);
         assert_eq!(s.rope_theta, 100_000.0);
-        assert_eq!((s.bos_token_id, s.eos_token_id), (Some(1), Some(2)));
+        assert_eq!((s.bos_token_id, s.eos_token_id.ids()), (Some(1), &[2][..]));
         assert_eq!(m.tokenizer.vocab_size(), 49152);
         let text = "Call me Ishmael.";
         let ids = m.tokenizer.encode(text).unwrap();

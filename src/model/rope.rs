@@ -7,11 +7,16 @@
 //! (`_compute_linear_scaling_rope_parameters`, `_compute_llama3_parameters`) operation for
 //! operation in f32, as torch computes it. Other scaling types are refused when the config is
 //! read (`config.rs`), by name.
+//!
+//! GGUF files carry llama3 scaling as llama.cpp does, as a `rope_freqs` tensor of one factor
+//! per frequency that the frequency is divided by ([`RopeScaling::Factors`]);
+//! [`RopeScaling::llama_cpp_factors`] computes that tensor from llama3 parameters exactly as
+//! `convert_hf_to_gguf.py` writes it, so the two spellings can be checked against each other.
 
 use serde::{Deserialize, Serialize};
 
 /// How the inverse frequencies are adjusted after `theta^(-2i/d)`.
-#[derive(Debug, Clone, Copy, PartialEq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
 #[serde(tag = "rope_type", rename_all = "snake_case")]
 pub enum RopeScaling {
     /// `rope_type = "default"`: no adjustment.
@@ -28,6 +33,9 @@ pub enum RopeScaling {
         high_freq_factor: f32,
         original_max_position_embeddings: usize,
     },
+    /// llama.cpp's `rope_freqs` tensor (GGUF): frequency `i` divided by `factors[i]`, one
+    /// factor per rotated pair (`head_dim / 2`).
+    Factors { factors: Vec<f32> },
 }
 
 impl RopeScaling {
@@ -43,7 +51,42 @@ impl RopeScaling {
             RopeScaling::Default => "default",
             RopeScaling::Linear { .. } => "linear",
             RopeScaling::Llama3 { .. } => "llama3",
+            RopeScaling::Factors { .. } => "factors",
         }
+    }
+
+    /// The `rope_freqs` tensor llama.cpp's converter writes for this scaling (llama3 only:
+    /// `None` otherwise), in its arithmetic: factor 1 for short wavelengths, `factor` for long
+    /// ones, `1 / ((1 - smooth) / factor + smooth)` between.
+    pub fn llama_cpp_factors(&self, theta: f32, head_dim: usize) -> Option<Vec<f32>> {
+        let RopeScaling::Llama3 {
+            factor,
+            low_freq_factor,
+            high_freq_factor,
+            original_max_position_embeddings,
+        } = *self
+        else {
+            return None;
+        };
+        let old_ctx = original_max_position_embeddings as f32;
+        let (low_wavelen, high_wavelen) = (old_ctx / low_freq_factor, old_ctx / high_freq_factor);
+        let factors = Rope::plain(theta)
+            .inv_freq(head_dim)
+            .into_iter()
+            .map(|f| {
+                let wavelen = 2.0 * std::f32::consts::PI / f;
+                if wavelen < high_wavelen {
+                    1.0
+                } else if wavelen > low_wavelen {
+                    factor
+                } else {
+                    let smooth = (old_ctx / wavelen - low_freq_factor)
+                        / (high_freq_factor - low_freq_factor);
+                    1.0 / ((1.0 - smooth) / factor + smooth)
+                }
+            })
+            .collect();
+        Some(factors)
     }
 
     /// Rules the parameters obey (the division by `high_freq_factor - low_freq_factor` and
@@ -59,6 +102,12 @@ impl RopeScaling {
         match *self {
             RopeScaling::Default => Ok(()),
             RopeScaling::Linear { factor } => positive("factor", factor),
+            RopeScaling::Factors { ref factors } => {
+                match factors.iter().position(|&f| !(f.is_finite() && f > 0.0)) {
+                    Some(i) => Err(format!("rope_freqs[{i}] = {} must be positive", factors[i])),
+                    None => Ok(()),
+                }
+            }
             RopeScaling::Llama3 {
                 factor,
                 low_freq_factor,
@@ -84,7 +133,7 @@ impl RopeScaling {
 }
 
 /// RoPE of a model: base and scaling.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Rope {
     pub theta: f32,
     pub scaling: RopeScaling,
@@ -107,6 +156,9 @@ impl Rope {
         match self.scaling {
             RopeScaling::Default => base,
             RopeScaling::Linear { factor } => base.into_iter().map(|f| f / factor).collect(),
+            RopeScaling::Factors { ref factors } => {
+                base.into_iter().zip(factors).map(|(f, d)| f / d).collect()
+            }
             RopeScaling::Llama3 {
                 factor,
                 low_freq_factor,
@@ -204,9 +256,29 @@ mod tests {
     }
 
     #[test]
+    fn llama_cpp_factors_give_the_llama3_frequencies() {
+        let rope = llama3(64);
+        let factors = rope.scaling.llama_cpp_factors(rope.theta, 16).unwrap();
+        let gguf = Rope {
+            theta: rope.theta,
+            scaling: RopeScaling::Factors { factors },
+        };
+        for (a, b) in rope.inv_freq(16).iter().zip(gguf.inv_freq(16)) {
+            assert!((a - b).abs() <= 2.0 * f32::EPSILON * a, "{a} vs {b}");
+        }
+        assert!(RopeScaling::Linear { factor: 2.0 }
+            .llama_cpp_factors(1e4, 16)
+            .is_none());
+        let bad = RopeScaling::Factors {
+            factors: vec![1.0, 0.0],
+        };
+        assert!(bad.validate().unwrap_err().contains("rope_freqs[1]"));
+    }
+
+    #[test]
     fn default_scaling_is_skipped_and_round_trips() {
         let s = llama3(16).scaling;
-        let json = serde_json::to_value(s).unwrap();
+        let json = serde_json::to_value(&s).unwrap();
         assert_eq!(json["rope_type"], "llama3");
         assert_eq!(serde_json::from_value::<RopeScaling>(json).unwrap(), s);
     }

@@ -7,7 +7,9 @@
 //! in llama.cpp's scheme, q/k rows permuted for llama, linear weights (embedding and lm_head
 //! included) quantized with candle to the requested type, norms and biases F32. Weights have
 //! a standard deviation of 0.02..0.1 and norms sit near 1, so a forward pass stays tame.
-//! Mistral specs are written to GGUF as `llama`, as llama.cpp does.
+//! Mistral specs are written to GGUF as `llama`, as llama.cpp does; RoPE scaling as llama.cpp
+//! writes it (llama3: a `rope_freqs` tensor; linear: `rope.scaling.*` metadata), a second EOS
+//! id as the `eot` token.
 
 use std::fs::File;
 use std::io::BufWriter;
@@ -21,8 +23,9 @@ use safetensors::Dtype;
 
 use super::config::HfConfig;
 use super::gguf::{gguf_name, permute_rows};
+use super::rope::RopeScaling;
 use super::tokenizer::{bpe_tokenizer_json, byte_to_unicode, TOKEN_CONTROL, TOKEN_NORMAL};
-use super::{expected_tensors, Architecture, ModelSpec, Tensor};
+use super::{expected_tensors, Architecture, EosIds, ModelSpec, Tensor};
 use crate::error::{Error, Result};
 
 /// Storage type of a synthetic Hugging Face checkpoint.
@@ -79,8 +82,9 @@ pub fn tiny_spec(arch: Architecture) -> ModelSpec {
         tie_word_embeddings: arch != Architecture::Qwen2,
         attention_bias: arch == Architecture::Qwen2,
         max_position_embeddings: 256,
+        sliding_window: None,
         bos_token_id: Some(0),
-        eos_token_id: Some(0),
+        eos_token_id: EosIds::new([0]),
     }
 }
 
@@ -121,7 +125,7 @@ pub fn synthetic_vocab(vocab_size: usize) -> Result<(Vec<String>, Vec<i32>, Vec<
 /// architecture's synthetic checkpoints.
 pub fn synthetic_pre(arch: Architecture) -> &'static str {
     match arch {
-        Architecture::Qwen2 => "qwen2",
+        Architecture::Qwen2 | Architecture::Qwen3 => "qwen2",
         Architecture::Llama | Architecture::Mistral => "smollm",
     }
 }
@@ -301,7 +305,16 @@ pub fn write_gguf(path: &Path, spec: &ModelSpec, seed: u64, linear_type: GgmlDTy
     let arch = match spec.architecture {
         Architecture::Llama | Architecture::Mistral => "llama",
         Architecture::Qwen2 => "qwen2",
+        Architecture::Qwen3 => "qwen3",
     };
+    let refuse = |reason: &str| Err(Error::invalid("synthetic gguf", reason.to_string()));
+    if spec.sliding_window.is_some() {
+        return refuse("llama.cpp's llama, qwen2 and qwen3 have no sliding-window attention");
+    }
+    let eos = spec.eos_token_id.ids();
+    if eos.len() > 2 {
+        return refuse("GGUF names at most two end ids here (eos, eot)");
+    }
     let (tokens, types, merges) = synthetic_vocab(spec.vocab_size)?;
     let u32v = |v: usize| Value::U32(v as u32);
     let strings = |v: Vec<String>| Value::Array(v.into_iter().map(Value::String).collect());
@@ -353,15 +366,43 @@ pub fn write_gguf(path: &Path, spec: &ModelSpec, seed: u64, linear_type: GgmlDTy
     ];
     for (key, id) in [
         ("tokenizer.ggml.bos_token_id", spec.bos_token_id),
-        ("tokenizer.ggml.eos_token_id", spec.eos_token_id),
+        ("tokenizer.ggml.eos_token_id", eos.first().copied()),
+        ("tokenizer.ggml.eot_token_id", eos.get(1).copied()),
     ] {
         if let Some(id) = id {
             meta.push((key.into(), Value::U32(id)));
         }
     }
+    let mut extra: Vec<(String, Vec<usize>, Vec<f32>)> = Vec::new();
+    match &spec.rope_scaling {
+        RopeScaling::Default => {}
+        RopeScaling::Linear { factor } => {
+            meta.push((
+                format!("{arch}.rope.scaling.type"),
+                Value::String("linear".into()),
+            ));
+            meta.push((format!("{arch}.rope.scaling.factor"), Value::F32(*factor)));
+        }
+        scaling => {
+            let factors = match scaling {
+                RopeScaling::Factors { factors } => factors.clone(),
+                s => s
+                    .llama_cpp_factors(spec.rope_theta, spec.head_dim)
+                    .expect("llama3 has factors"),
+            };
+            let shape = vec![factors.len()];
+            extra.push((super::gguf::ROPE_FREQS.into(), shape, factors));
+        }
+    }
 
     let permute = arch == "llama";
     let mut tensors: Vec<(String, QTensor)> = Vec::new();
+    for (ct, shape, data) in extra {
+        let t = candle_core::Tensor::from_vec(data, shape.as_slice(), &candle_core::Device::Cpu)
+            .map_err(candle_err(path, &ct))?;
+        let q = QTensor::quantize(&t, GgmlDType::F32).map_err(candle_err(path, &ct))?;
+        tensors.push((ct, q));
+    }
     for (name, t) in random_weights(spec, seed) {
         let gname = gguf_name(&name).expect("expected tensors all have llama.cpp names");
         let mut data = t.data;

@@ -24,8 +24,9 @@ pub fn smollm2_spec(blocks: usize) -> ModelSpec {
         tie_word_embeddings: true,
         attention_bias: false,
         max_position_embeddings: 8192,
+        sliding_window: None,
         bos_token_id: None,
-        eos_token_id: None,
+        eos_token_id: Default::default(),
     }
 }
 

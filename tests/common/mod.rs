@@ -215,9 +215,9 @@ pub fn compare_with_cpu<F>(
     );
     let (mut cpu, mut other) = (CpuBackend::new(&plan), new_backend(&plan));
     let t0 = std::time::Instant::now();
-    let want = generate(&mut cpu, &prompt, n, None).unwrap();
+    let want = generate(&mut cpu, &prompt, n, &[]).unwrap();
     let t1 = std::time::Instant::now();
-    let got = generate(other.as_mut(), &prompt, n, None).unwrap();
+    let got = generate(other.as_mut(), &prompt, n, &[]).unwrap();
     eprintln!(
         "{} ({} activations): {} prompt tokens, {n} new; logits rel err {err:.2e}; cpu {:.2}s, {} {:.2}s",
         model_path.file_name().unwrap().to_string_lossy(),
@@ -306,4 +306,16 @@ pub fn set_output_norm_value(bytes: &mut [u8], element: usize, value: f32) {
         .collect();
     let at = bytes.windows(16).position(|w| w == first).unwrap() + 4 * element;
     bytes[at..at + 4].copy_from_slice(&value.to_le_bytes());
+}
+
+/// The tiny Qwen3 spec (q/k norms, no biases) with a sliding window of 6 positions on its
+/// second layer only: both attention kernels, windowed and full, in one model.
+pub fn tiny_qwen3_windowed() -> fpx::model::ModelSpec {
+    fpx::model::ModelSpec {
+        sliding_window: Some(fpx::model::SlidingWindow {
+            size: 6,
+            layers: vec![1],
+        }),
+        ..fpx::model::synthetic::tiny_spec(fpx::model::Architecture::Qwen3)
+    }
 }

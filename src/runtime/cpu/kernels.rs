@@ -1,6 +1,7 @@
 //! The non-linear ops of a decoder on FP32 row-major matrices `[tokens, features]`:
-//! embedding gather, RMSNorm, rotary embedding, causal grouped-query attention, SiLU-gate
-//! multiply, residual add, greedy argmax.
+//! embedding gather, RMSNorm (of rows, or of each head of q and k), rotary embedding, causal
+//! grouped-query attention (optionally over a sliding window), SiLU-gate multiply, residual
+//! add, greedy argmax.
 //! Rows (tokens) or heads run in parallel with rayon; products use [`super::mat`].
 
 use rayon::prelude::*;
@@ -8,6 +9,7 @@ use rayon::prelude::*;
 use super::mat::{matmul_into, Mat, Threads, View};
 use crate::error::{Error, Result};
 use crate::model::rope::Rope;
+use crate::model::window::first_key;
 
 /// Rows of the `[vocab, hidden]` table for `tokens`.
 pub fn embed(table: &[f32], vocab: usize, hidden: usize, tokens: &[u32]) -> Result<Mat> {
@@ -47,16 +49,37 @@ pub fn rms_norm_rows(x: &[f32], cols: usize, weight: &[f32], eps: f32, out: &mut
 }
 
 /// Rotary embedding in the rotate-half convention (Hugging Face Llama): within each head,
-/// element `i` pairs with `i + head_dim/2`; token `t` is at position `t`.
-pub fn rope(x: &mut Mat, heads: usize, head_dim: usize, rope: Rope) {
+/// element `i` pairs with `i + head_dim/2`; token `t` is at position `t`. With `norm`, each
+/// head is RMS-normalised first ([`norm_rope_rows`]).
+pub fn rope(x: &mut Mat, heads: usize, head_dim: usize, rope: &Rope, norm: Option<(&[f32], f32)>) {
     let (cos, sin) = rope_tables(x.rows, head_dim, rope);
-    rope_rows(&mut x.data, heads * head_dim, head_dim, &cos, &sin, 0);
+    norm_rope_rows(&mut x.data, heads * head_dim, head_dim, norm, &cos, &sin, 0);
+}
+
+/// The RoPE step's arithmetic on rows of q or k (`width` elements, heads of `head_dim`):
+/// with `norm = (weight, eps)` each head is RMS-normalised by [`rms_norm_rows`] (Qwen3's
+/// q_norm / k_norm, one weight of `head_dim` for every head), then every head is rotated by
+/// [`rope_rows`]; FP32 throughout, so a caller storing 16-bit values rounds once.
+pub fn norm_rope_rows(
+    x: &mut [f32],
+    width: usize,
+    head_dim: usize,
+    norm: Option<(&[f32], f32)>,
+    cos: &[f32],
+    sin: &[f32],
+    pos0: usize,
+) {
+    if let Some((weight, eps)) = norm {
+        let heads = x.to_vec();
+        rms_norm_rows(&heads, head_dim, weight, eps, x);
+    }
+    rope_rows(x, width, head_dim, cos, sin, pos0);
 }
 
 /// cos and sin of `pos * inv_freq[i]` for every position below `positions` and
 /// `i < head_dim / 2` (f32, `sin_cos`), the frequencies from [`Rope::inv_freq`] (base and
 /// scaling): the tables [`rope_rows`] reads and the kernels get.
-pub fn rope_tables(positions: usize, head_dim: usize, rope: Rope) -> (Vec<f32>, Vec<f32>) {
+pub fn rope_tables(positions: usize, head_dim: usize, rope: &Rope) -> (Vec<f32>, Vec<f32>) {
     let half = head_dim / 2;
     let inv_freq = rope.inv_freq(head_dim);
     let mut cos = Vec::with_capacity(positions * half);
@@ -99,38 +122,28 @@ pub fn rope_rows(
     });
 }
 
-/// Causal attention with grouped KV heads over one window: query head `h` reads KV head
-/// `h / (heads / kv_heads)`. `q: [t, heads*head_dim]`, `k, v: [t, kv_heads*head_dim]`.
-pub fn causal_attention(
-    q: &Mat,
-    k: &Mat,
-    v: &Mat,
-    heads: usize,
-    kv_heads: usize,
-    head_dim: usize,
-) -> Mat {
-    let shape = AttentionShape {
-        heads,
-        kv_heads,
-        head_dim,
-    };
-    let mut y = Mat::zeros(q.rows, heads * head_dim);
+/// Causal attention with grouped KV heads over one window of tokens: query head `h` reads KV
+/// head `h / (heads / kv_heads)`. `q: [t, heads*head_dim]`, `k, v: [t, kv_heads*head_dim]`.
+pub fn causal_attention(q: &Mat, k: &Mat, v: &Mat, shape: AttentionShape) -> Mat {
+    let mut y = Mat::zeros(q.rows, shape.heads * shape.head_dim);
     attention_rows(&q.data, q.rows, &k.data, &v.data, 0, shape, &mut y.data);
     y
 }
 
-/// The head layout of an attention op.
+/// The head layout of an attention op, and its sliding window (`None`: the whole context).
 #[derive(Debug, Clone, Copy)]
 pub struct AttentionShape {
     pub heads: usize,
     pub kv_heads: usize,
     pub head_dim: usize,
+    pub window: Option<usize>,
 }
 
 /// Causal attention of `m` query rows at positions `pos0..pos0 + m` over the keys and values
 /// of positions `0..pos0 + m` (a KV cache, row-major `[positions, kv_heads * head_dim]`), into
-/// `out: [m, heads * head_dim]`. Probabilities are normalised before the value product, as the
-/// kernel does.
+/// `out: [m, heads * head_dim]`; with a window, the query at `p` sees positions
+/// [`first_key`]`(p, window)..=p` only. Probabilities are normalised before the value
+/// product, as the kernel does.
 pub fn attention_rows(
     q: &[f32],
     m: usize,
@@ -144,6 +157,7 @@ pub fn attention_rows(
         heads,
         kv_heads,
         head_dim,
+        window,
     } = shape;
     let (q_dim, kv_dim, len) = (heads * head_dim, kv_heads * head_dim, pos0 + m);
     let group = heads / kv_heads;
@@ -158,7 +172,9 @@ pub fn attention_rows(
             let mut scores = vec![0.0f32; m * len];
             matmul_into(&mut scores, len, qh, kh.t(), Threads::Single);
             for (i, row) in scores.chunks_mut(len).enumerate() {
-                let live = &mut row[..=pos0 + i];
+                let first = first_key(pos0 + i, window);
+                row[..first].fill(0.0);
+                let live = &mut row[first..=pos0 + i];
                 let max = live
                     .iter()
                     .fold(f32::NEG_INFINITY, |mx, &s| mx.max(s * scale));
@@ -239,7 +255,32 @@ mod tests {
             (0..t * kv * hd).map(|i| (i % 3) as f32 * 0.2).collect(),
         );
         let v = Mat::from_vec(t, kv * hd, (0..t * kv * hd).map(|i| i as f32).collect());
-        let y = causal_attention(&q, &k, &v, heads, kv, hd);
+        let shape = AttentionShape {
+            heads,
+            kv_heads: kv,
+            head_dim: hd,
+            window: None,
+        };
+        let y = causal_attention(&q, &k, &v, shape);
+        // A window of one position: every row returns its own value.
+        let own = causal_attention(
+            &q,
+            &k,
+            &v,
+            AttentionShape {
+                window: Some(1),
+                ..shape
+            },
+        );
+        for r in 0..t {
+            for h in 0..heads {
+                let kvh = h / 2;
+                assert_eq!(
+                    &own.row(r)[h * hd..(h + 1) * hd],
+                    &v.row(r)[kvh * hd..(kvh + 1) * hd]
+                );
+            }
+        }
         for h in 0..heads {
             let kvh = h / 2;
             assert_eq!(
@@ -253,10 +294,28 @@ mod tests {
     fn rope_at_position_zero_is_identity_and_preserves_norm() {
         let mut x = Mat::from_vec(2, 8, (0..16).map(|i| i as f32 - 7.5).collect());
         let orig = x.clone();
-        rope(&mut x, 2, 4, Rope::plain(10000.0));
+        rope(&mut x, 2, 4, &Rope::plain(10000.0), None);
         assert_eq!(x.row(0), orig.row(0));
         let n = |r: &[f32]| r.iter().map(|v| v * v).sum::<f32>();
         assert!((n(x.row(1)) - n(orig.row(1))).abs() < 1e-3);
+    }
+
+    #[test]
+    fn head_norm_normalises_each_head_on_its_own() {
+        // Two heads of 4, the second 10x the first: after the norm (weight 1) they are equal.
+        let row: Vec<f32> = [1.0, -2.0, 3.0, 0.5]
+            .iter()
+            .chain(&[10.0, -20.0, 30.0, 5.0])
+            .copied()
+            .collect();
+        let mut x = Mat::from_vec(1, 8, row);
+        rope(&mut x, 2, 4, &Rope::plain(10000.0), Some((&[1.0; 4], 1e-6)));
+        let (a, b) = x.row(0).split_at(4);
+        for (p, q) in a.iter().zip(b) {
+            assert!((p - q).abs() < 1e-5, "{a:?} {b:?}");
+        }
+        let ms = a.iter().map(|v| v * v).sum::<f32>() / 4.0;
+        assert!((ms - 1.0).abs() < 1e-4, "{ms}");
     }
 
     #[test]

@@ -226,7 +226,7 @@ impl CpuModel {
             }
             Step::RmsNorm { norm, src, dst, .. } => {
                 let w = self.params.norms[norm].as_ref();
-                let w = w.ok_or_else(|| self.not_loaded(&s.norms[norm]))?;
+                let w = w.ok_or_else(|| self.not_loaded(&s.norms[norm].tensor))?;
                 let y = kernels::rms_norm(b.get(src, index)?, w, d.eps);
                 b.put(dst, y);
             }
@@ -251,31 +251,39 @@ impl CpuModel {
                     b.put(dst, y);
                 }
             }
-            Step::RopeKv { .. } => {
+            Step::RopeKv { qk_norm, .. } => {
+                let norm = |slot: usize| -> Result<(&[f32], f32)> {
+                    let w = self.params.norms[slot].as_ref();
+                    let w = w.ok_or_else(|| self.not_loaded(&s.norms[slot].tensor))?;
+                    Ok((w.as_slice(), d.eps))
+                };
+                let (q_norm, k_norm) = match qk_norm {
+                    Some(n) => (Some(norm(n.q)?), Some(norm(n.k)?)),
+                    None => (None, None),
+                };
                 let mut q = b.take(Act::Q, index)?;
-                kernels::rope(&mut q, d.heads, d.head_dim, d.rope);
+                kernels::rope(&mut q, d.heads, d.head_dim, &d.rope, q_norm);
                 b.put(Act::Q, q);
                 let mut k = b.take(Act::K, index)?;
-                kernels::rope(&mut k, d.kv_heads, d.head_dim, d.rope);
+                kernels::rope(&mut k, d.kv_heads, d.head_dim, &d.rope, k_norm);
                 b.act.round_slice(&mut k.data);
                 b.k = Some(k);
                 b.v = Some(b.take(Act::V, index)?);
             }
-            Step::Attention { .. } => {
+            Step::Attention { window, .. } => {
                 let (Some(k), Some(v)) = (b.k.take(), b.v.take()) else {
                     return Err(Error::invalid(
                         "CPU forward",
                         format!("attention step {index} runs before its RoPE/KV step"),
                     ));
                 };
-                let att = kernels::causal_attention(
-                    b.get(Act::Q, index)?,
-                    &k,
-                    &v,
-                    d.heads,
-                    d.kv_heads,
-                    d.head_dim,
-                );
+                let shape = kernels::AttentionShape {
+                    heads: d.heads,
+                    kv_heads: d.kv_heads,
+                    head_dim: d.head_dim,
+                    window,
+                };
+                let att = kernels::causal_attention(b.get(Act::Q, index)?, &k, &v, shape);
                 b.put(Act::Att, att);
             }
             Step::SiluMul => {

@@ -103,7 +103,7 @@ impl Params {
             norms: vec![None; schedule.norms.len()],
             linears: vec![None; schedule.linears.len()],
         };
-        // RMSNorm nodes fill the schedule's norm slots in topological order.
+        // RMSNorm and per-head norm nodes fill the schedule's norm slots in topological order.
         let mut norm = 0;
         for &id in graph.topo_order() {
             let node = graph.node(id);
@@ -113,7 +113,12 @@ impl Params {
                     vocab,
                     hidden,
                 } if keep(node) => p.embedding = Some(table(tensor, &[*vocab, *hidden])?),
-                Op::RmsNorm { tensor, dim, .. } => {
+                Op::RmsNorm { tensor, dim, .. }
+                | Op::HeadNorm {
+                    tensor,
+                    head_dim: dim,
+                    ..
+                } => {
                     if keep(node) {
                         p.norms[norm] = Some(table(tensor, &[*dim])?);
                     }

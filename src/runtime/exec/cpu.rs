@@ -116,18 +116,23 @@ impl<'a> CpuBackend<'a> {
                 linear_rows(&self.linears[linear], &shape, x, rows, &mut y);
                 write(&mut st.acts[buf(dst)], act, 0, &y);
             }
-            Step::RopeKv { layer } => {
+            Step::RopeKv { layer, qk_norm } => {
                 let (cos, sin) = (&plan.rope_cos, &plan.rope_sin);
+                let norm = |slot: usize| (plan.norms[slot].as_slice(), d.eps);
+                let (q_norm, k_norm) = match qk_norm {
+                    Some(n) => (Some(norm(n.q)), Some(norm(n.k))),
+                    None => (None, None),
+                };
                 let mut q = HostState::values(&st.acts[buf(Act::Q)], act, m * d.q_dim);
-                kernels::rope_rows(&mut q, d.q_dim, d.head_dim, cos, sin, pos);
+                kernels::norm_rope_rows(&mut q, d.q_dim, d.head_dim, q_norm, cos, sin, pos);
                 write(&mut st.acts[buf(Act::Q)], act, 0, &q);
                 let mut k = HostState::values(&st.acts[buf(Act::K)], act, m * d.kv_dim);
-                kernels::rope_rows(&mut k, d.kv_dim, d.head_dim, cos, sin, pos);
+                kernels::norm_rope_rows(&mut k, d.kv_dim, d.head_dim, k_norm, cos, sin, pos);
                 let v = HostState::values(&st.acts[buf(Act::V)], act, m * d.kv_dim);
                 write(&mut st.k_cache[layer], act, pos * d.kv_dim, &k);
                 write(&mut st.v_cache[layer], act, pos * d.kv_dim, &v);
             }
-            Step::Attention { layer } => {
+            Step::Attention { layer, window } => {
                 let q = HostState::values(&st.acts[buf(Act::Q)], act, m * d.q_dim);
                 let k = HostState::values(&st.k_cache[layer], act, (pos + m) * d.kv_dim);
                 let v = HostState::values(&st.v_cache[layer], act, (pos + m) * d.kv_dim);
@@ -135,6 +140,7 @@ impl<'a> CpuBackend<'a> {
                     heads: d.heads,
                     kv_heads: d.kv_heads,
                     head_dim: d.head_dim,
+                    window,
                 };
                 let mut out = vec![0f32; m * d.q_dim];
                 kernels::attention_rows(&q, m, &k, &v, pos, shape, &mut out);

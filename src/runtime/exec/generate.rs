@@ -68,12 +68,13 @@ impl LatencyStats {
     }
 }
 
-/// Greedy decoding of up to `max_new` tokens after `prompt`, stopping after `eos`.
+/// Greedy decoding of up to `max_new` tokens after `prompt`, stopping after the first token
+/// that is one of `eos` (the model's end-of-sequence ids; it is kept in the output).
 pub fn generate(
     backend: &mut dyn Backend,
     prompt: &[u32],
     max_new: usize,
-    eos: Option<u32>,
+    eos: &[u32],
 ) -> Result<Generation> {
     if prompt.is_empty() {
         return Err(Error::invalid("prompt", "it encodes to no tokens"));
@@ -91,7 +92,7 @@ pub fn generate(
     let mut next = backend.forward(prompt, 0)?;
     out.prefill_seconds = start.elapsed().as_secs_f64();
     out.tokens.push(next);
-    while out.tokens.len() < max_new && Some(next) != eos {
+    while out.tokens.len() < max_new && !eos.contains(&next) {
         let pos = prompt.len() + out.tokens.len() - 1;
         let start = Instant::now();
         next = backend.forward(&[next], pos)?;
@@ -118,6 +119,33 @@ pub fn greedy_reference(model: &CpuModel, prompt: &[u32], max_new: usize) -> Res
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A backend whose greedy next token is the position it was asked for.
+    struct Counter;
+
+    impl Backend for Counter {
+        fn name(&self) -> &'static str {
+            "counter"
+        }
+        fn forward(&mut self, tokens: &[u32], pos: usize) -> Result<u32> {
+            Ok((pos + tokens.len()) as u32)
+        }
+        fn logits(&mut self) -> Result<Vec<f32>> {
+            Ok(Vec::new())
+        }
+    }
+
+    #[test]
+    fn generation_stops_at_any_eos_id() {
+        let prompt = [7, 7];
+        let all = generate(&mut Counter, &prompt, 6, &[]).unwrap().tokens;
+        assert_eq!(all, [2, 3, 4, 5, 6, 7]);
+        // The second of two ids ends it too, and is kept.
+        let stopped = generate(&mut Counter, &prompt, 6, &[9, 4]).unwrap().tokens;
+        assert_eq!(stopped, [2, 3, 4]);
+        let first = generate(&mut Counter, &prompt, 6, &[2]).unwrap();
+        assert_eq!((first.tokens, first.step_seconds.len()), (vec![2], 0));
+    }
 
     #[test]
     fn latency_stats_are_the_percentiles_in_milliseconds() {

@@ -148,7 +148,7 @@ impl HostState {
         match step {
             Step::Embed => rows_of(Act::X, rows),
             Step::RmsNorm { dst, .. } | Step::Linear { dst, .. } => rows_of(dst, rows),
-            Step::RopeKv { layer } => {
+            Step::RopeKv { layer, .. } => {
                 let kv = s.dims.kv_dim;
                 let e = act.bytes();
                 let span = |c: &HostBuf| act.decode(&c.bytes()[pos * kv * e..(pos + m) * kv * e]);

@@ -143,7 +143,7 @@ pub struct ExecutablePlan {
     pub max_seq: usize,
     /// Embedding table `[vocab, hidden]` (FP32; backends store it in the activation type).
     pub embedding: Arc<Vec<f32>>,
-    /// RMSNorm weights, by [`crate::lower::Step::RmsNorm`]'s `norm`.
+    /// RMSNorm weights, by [`Schedule::norms`] slot (`hidden` or `head_dim` long).
     pub norms: Vec<Vec<f32>>,
     /// One per [`Schedule::linears`] entry.
     pub linears: Vec<PackedLinear>,
@@ -188,7 +188,7 @@ impl ExecutablePlan {
         let norms = schedule
             .norms
             .iter()
-            .map(|n| load(n, &[d.hidden]))
+            .map(|n| load(&n.tensor, &[n.dim]))
             .collect::<Result<Vec<_>>>()?;
         let linears = schedule
             .linears
@@ -208,7 +208,7 @@ impl ExecutablePlan {
             })
             .collect::<Result<Vec<_>>>()?;
         let (rope_cos, rope_sin) =
-            crate::runtime::cpu::kernels::rope_tables(max_seq, d.head_dim, d.rope);
+            crate::runtime::cpu::kernels::rope_tables(max_seq, d.head_dim, &d.rope);
         Ok(ExecutablePlan {
             schedule,
             max_seq,

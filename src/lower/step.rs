@@ -1,0 +1,203 @@
+//! The steps of a schedule and what each passes its kernel: the activation buffers ([`Act`]),
+//! the [`Step`]s of a forward pass, and each step's kernel parameters in the order of its
+//! template's signature ([`Step::params`], the one list every backend binds).
+
+use serde::Serialize;
+
+/// Activation buffers (row-major, one row per token of the pass, elements of the schedule's
+/// [`ActDtype`](super::ActDtype)).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Act {
+    /// Residual stream `[m, hidden]`.
+    X,
+    /// Normalized residual `[m, hidden]`.
+    Xn,
+    Q,
+    K,
+    V,
+    /// Attention output `[m, q_dim]`.
+    Att,
+    Gate,
+    Up,
+    /// `[1, vocab]`.
+    Logits,
+}
+
+impl Act {
+    /// Every activation buffer, in the order backends allocate them.
+    pub const ALL: [Act; 9] = [
+        Act::X,
+        Act::Xn,
+        Act::Q,
+        Act::K,
+        Act::V,
+        Act::Att,
+        Act::Gate,
+        Act::Up,
+        Act::Logits,
+    ];
+}
+
+/// An RMSNorm weight of the schedule: its tensor and length (`hidden`, or `head_dim` for a
+/// per-head norm of q or k).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct NormSlot {
+    pub tensor: String,
+    pub dim: usize,
+}
+
+/// The per-head RMSNorm of q and k a RoPE step applies first (Qwen3): their
+/// [`Schedule::norms`](super::Schedule::norms) slots.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct QkNorm {
+    pub q: usize,
+    pub k: usize,
+}
+
+/// One step of a forward pass.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum Step {
+    /// Token ids -> `X`.
+    Embed,
+    /// `dst = rmsnorm(src) * norms[norm]`; `last_row`: only the pass's last row, into row 0.
+    RmsNorm {
+        norm: usize,
+        src: Act,
+        dst: Act,
+        last_row: bool,
+    },
+    /// `dst (+)= src W^T (+ b)` with `linears[linear]` (GEMV for <= 8 rows, else GEMM).
+    Linear { linear: usize, src: Act, dst: Act },
+    /// RoPE of `Q` in place; RoPE of `K` and a copy of `V` into layer `layer`'s KV cache;
+    /// with `qk_norm`, each head of q and k RMS-normalised first.
+    RopeKv {
+        layer: usize,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        qk_norm: Option<QkNorm>,
+    },
+    /// `Att` = attention of `Q` over layer `layer`'s KV cache (the last `window` positions
+    /// of it when set).
+    Attention {
+        layer: usize,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        window: Option<usize>,
+    },
+    /// `Gate = silu(Gate) * Up`.
+    SiluMul,
+    /// Next token = argmax of `Logits`.
+    Argmax,
+}
+
+/// One kernel parameter of a step, in the order of its template's signature. Every backend
+/// binds the same list to its buffers and values (`runtime::launch::KernelBackend::args`), so
+/// the argument order lives here once (and the emulator's tests check it for the cuda backend
+/// too).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Param {
+    /// An activation buffer (`act_t*`).
+    Act(Act),
+    /// The prompt's token ids (`const int*`).
+    Tokens,
+    /// The greedy next token (`int*`, one element): argmax's output, a decode step's input.
+    Next,
+    /// The embedding table (`const act_t*`).
+    Embedding,
+    /// RMSNorm weight `i` of [`Schedule::norms`] (`const float*`).
+    Norm(usize),
+    /// Layer `i`'s K or V cache (`act_t*`).
+    KCache(usize),
+    VCache(usize),
+    /// RoPE tables (`const float*`).
+    RopeCos,
+    RopeSin,
+    /// The pass's first position (`const int*`, one element).
+    Pos,
+    /// Value: the pass's rows (`int`).
+    Rows,
+    /// Value: the RMSNorm epsilon (`float`).
+    Eps,
+    /// Value: the first row a last-row RMSNorm reads (`int`).
+    Row0,
+    /// Linear layer `i`'s codes (`const u8*`), scales (`const void*`), NVFP4 tensor scale
+    /// (value, `float`) and bias (`const float*`).
+    LinearCodes(usize),
+    LinearScales(usize),
+    LinearGlobal(usize),
+    LinearBias(usize),
+}
+
+impl Step {
+    /// The kernel parameters of this step; `decode`: the embedding reads the previous argmax's
+    /// token.
+    pub fn params(&self, decode: bool) -> Vec<Param> {
+        use Param as P;
+        match *self {
+            Step::Embed => {
+                let tokens = if decode { P::Next } else { P::Tokens };
+                vec![tokens, P::Embedding, P::Act(Act::X), P::Rows]
+            }
+            Step::RmsNorm { norm, src, dst, .. } => {
+                vec![P::Act(src), P::Norm(norm), P::Act(dst), P::Eps, P::Row0]
+            }
+            Step::RopeKv { layer, qk_norm } => {
+                let mut p = vec![
+                    P::Act(Act::Q),
+                    P::Act(Act::K),
+                    P::Act(Act::V),
+                    P::KCache(layer),
+                    P::VCache(layer),
+                    P::RopeCos,
+                    P::RopeSin,
+                    P::Pos,
+                    P::Rows,
+                ];
+                if let Some(n) = qk_norm {
+                    p.extend([P::Norm(n.q), P::Norm(n.k), P::Eps]);
+                }
+                p
+            }
+            Step::Attention { layer, .. } => vec![
+                P::Act(Act::Q),
+                P::KCache(layer),
+                P::VCache(layer),
+                P::Act(Act::Att),
+                P::Pos,
+                P::Rows,
+            ],
+            Step::SiluMul => vec![P::Act(Act::Gate), P::Act(Act::Up), P::Rows],
+            Step::Argmax => vec![P::Act(Act::Logits), P::Next],
+            Step::Linear { linear, src, dst } => vec![
+                P::LinearCodes(linear),
+                P::LinearScales(linear),
+                P::LinearGlobal(linear),
+                P::LinearBias(linear),
+                P::Act(src),
+                P::Act(dst),
+                P::Rows,
+            ],
+        }
+    }
+
+    /// The first row a last-row RMSNorm reads in a pass of `m` rows (0 otherwise).
+    pub fn row0(&self, m: usize) -> i32 {
+        if self.rows(m) < m {
+            m as i32 - 1
+        } else {
+            0
+        }
+    }
+
+    /// Activation rows the step processes in a pass of `m` rows: one for the last-row RMSNorm
+    /// and for a linear layer into the logits (only the last position's logits are kept).
+    pub fn rows(&self, m: usize) -> usize {
+        match *self {
+            Step::RmsNorm { last_row: true, .. }
+            | Step::Linear {
+                dst: Act::Logits, ..
+            } => 1,
+            _ => m,
+        }
+    }
+}
