@@ -9,6 +9,9 @@
 //!   device's peak DRAM bandwidth is printed.
 //! - `gpu_gemm`: the prefill GEMM at 512 rows of the same shapes; throughput in FLOPs ("elements"),
 //!   the fraction of the peak of the instruction path the kernel uses printed.
+//! - `gpu_steps`: every other kernel of the SmolLM2 decode step (embedding, RMSNorm, RoPE and
+//!   KV write, attention over `PROMPT` cached positions, SiLU-gate, argmax), each launched in
+//!   place on the buffers a real decode step leaves, printed next to its modelled cost.
 //! - `gpu_plans`: prefill and decode step of each plan on the cuda backend.
 //!
 //! CPU group (always, and what CI runs in test mode): `cpu_plans`, the same whole-plan
@@ -25,8 +28,8 @@ use criterion::measurement::WallTime;
 use criterion::{criterion_group, criterion_main, BenchmarkGroup, Criterion, Throughput};
 
 use fpx::ir::Graph;
-use fpx::latency::Gpu;
-use fpx::lower::{ActDtype, KernelSpec, LinearShape, Schedule, WeightFormat};
+use fpx::latency::{Gpu, KernelCost};
+use fpx::lower::{ActDtype, KernelSpec, LinearShape, PrecisionMap, Schedule, Step, WeightFormat};
 use fpx::model::{load_model, Model};
 use fpx::plan::Plan;
 use fpx::runtime::cuda::{timing_weights, CompilerOptions, CudaBackend, Device, KernelCache};
@@ -244,6 +247,64 @@ fn gpu_kernels(c: &mut Criterion) {
     gemm.finish();
 }
 
+/// The decode step's kernels other than the linear layers, each at its real launch
+/// configuration on the state a real decode step leaves, with its modelled cost.
+fn gpu_steps(c: &mut Criterion) {
+    if let Err(e) = fpx::runtime::cuda::probe_driver() {
+        eprintln!("kernels bench: GPU group gpu_steps skipped: {e}");
+        return;
+    }
+    let Some(model) = smollm2() else { return };
+    let graph = Graph::build(&model.spec);
+    let act = ActDtype::of_checkpoint(&graph, model.weights.as_ref());
+    let exec = ExecutablePlan::build(
+        &graph,
+        model.weights.as_ref(),
+        &PrecisionMap::new(),
+        PROMPT + 1,
+        act,
+    )
+    .expect("SmolLM2 builds");
+    let mut backend = match CudaBackend::new(&exec, 0, None) {
+        Ok(b) => b,
+        Err(e) => {
+            eprintln!("kernels bench: GPU group gpu_steps skipped: {e}");
+            return;
+        }
+    };
+    let prompt: Vec<u32> = (0..PROMPT as u32).collect();
+    let next = backend.forward(&prompt, 0).unwrap();
+    backend.start_pass(&[next], PROMPT, true).unwrap();
+    let cost = Gpu::of_device_name(&backend.launcher.name).map(|gpu| {
+        KernelCost::new(gpu, &graph, 1, PROMPT)
+            .unwrap()
+            .with_act(act)
+    });
+    let mut g = c.benchmark_group("gpu_steps");
+    configure(&mut g);
+    let mut seen = std::collections::BTreeSet::new();
+    for (i, step) in exec.schedule.steps.iter().enumerate() {
+        let (_, entry) = exec.schedule.launch_of(step, 1);
+        if matches!(step, Step::Linear { .. }) || !seen.insert(entry.clone()) {
+            continue;
+        }
+        let launch = |_: usize| backend.launch_step(i, 1, true);
+        g.bench_function(&entry, |b| {
+            b.iter_custom(|iters| {
+                let dev = &backend.launcher;
+                Duration::from_secs_f64(dev.time_launches(iters as usize, launch).unwrap())
+            })
+        });
+        let t = backend.launcher.time_launches(200, launch).unwrap() / 200.0;
+        let modelled = cost.as_ref().map_or("-".to_string(), |c| {
+            let work = exec.schedule.work(step, 1, PROMPT, c.arch);
+            format!("{:.2} us", c.seconds(&work) * 1e6)
+        });
+        eprintln!("{entry}: {:.2} us measured, {modelled} modelled", t * 1e6);
+    }
+    g.finish();
+}
+
 /// Prefill and decode step of every plan on `backend`, with the plan's modelled step.
 fn whole_plans(
     c: &mut Criterion,
@@ -329,5 +390,5 @@ fn gpu_plans(c: &mut Criterion) {
     });
 }
 
-criterion_group!(benches, cpu_plans, gpu_kernels, gpu_plans);
+criterion_group!(benches, cpu_plans, gpu_kernels, gpu_steps, gpu_plans);
 criterion_main!(benches);

@@ -2,20 +2,26 @@
 """PyTorch CPU baseline for fpx's CPU benchmark: fp32 eager forward of a Llama GGUF model.
 
     .venv-bench/bin/python scripts/bench_torch.py --gguf MODEL.gguf (--text FILE | --tokens TOKENS.json) \
-        --seq-len N --windows W --threads T [--attn sdpa|eager] [--batch B]
+        --seq-len N --windows W --threads T [--impl both|plain|transformers] [--attn sdpa|eager] [--batch B]
 
-The GGUF weights are dequantized to float32 and q/k rows un-permuted (the loader of
-scripts/reference_ppl.py), then loaded into transformers' LlamaForCausalLM built from a
-LlamaConfig taken from the GGUF metadata. Text is tokenized with a `tokenizers` BPE built
+Two forwards of the same weights, timed side by side in one run (`--impl both`, the default):
+`plain`, a Llama forward written directly in torch ops (F.linear, RMSNorm, rotate-half RoPE,
+F.scaled_dot_product_attention with is_causal, SiLU-gate; the strongest eager baseline a user
+would write), and `transformers`, transformers' LlamaForCausalLM built from a LlamaConfig
+taken from the GGUF metadata (`--attn` picks its attention). The GGUF weights are dequantized
+to float32 and q/k rows un-permuted (the loader of scripts/reference_ppl.py). Text is tokenized with a `tokenizers` BPE built
 from the GGUF's tokenizer.ggml.* metadata (no BOS added). The first W windows of N tokens
 are evaluated as in reference_ppl.py (positions 0..N-1 per window, N-1 predictions each).
 
 torch.set_num_threads(T); one untimed warm-up forward of one batch; then the forward of all
 windows (B windows per call, default 1) is timed under torch.inference_mode(). Prints:
 
-    {"tokens_per_s": W*N/seconds, "seconds": ..., "tokens": W*N, "threads": T,
-     "perplexity": ..., "seq_len": N, "windows": W, "batch": B, "attn": ..., "torch": ...,
-     "transformers": ...}
+    {"tokens_per_s": <the faster impl's>, "best": "plain", "threads": T, "seq_len": N,
+     "windows": W, "batch": B, "torch": ..., "transformers": ...,
+     "impls": {"plain": {"tokens_per_s": W*N/seconds, "seconds": ..., "perplexity": ...},
+               "transformers": {..., "attn": "sdpa"}}}
+
+The two perplexities agree to float32 rounding (a check that `plain` is the same model).
 """
 
 from __future__ import annotations
@@ -129,6 +135,68 @@ def build_model(path: str, attn: str):
     return model, m
 
 
+def plain_forward(m, attn_impl: str = "sdpa"):
+    """A Llama forward in plain torch ops over the weights of `m` (reference_ppl.Model):
+    returns f(tokens [B, N]) -> logits [B, N, vocab]."""
+    import torch
+    import torch.nn.functional as F
+
+    t = lambda a: torch.tensor(a)  # noqa: E731  (a copy: the arrays may be read-only)
+    H, KV, hd, eps = m.n_head, m.n_kv, m.head_dim, m.eps
+    layers = [{k: t(v) for k, v in L.items()} for L in m.layers]
+    embed, out_norm = t(m.embed), t(m.out_norm)
+    out = t(m.out)
+    inv_freq = 1.0 / (m.theta ** (torch.arange(0, hd, 2, dtype=torch.float64) / hd))
+
+    def rms(x, w):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * w
+
+    def forward(tokens):
+        B, N = tokens.shape
+        ang = torch.arange(N, dtype=torch.float64)[:, None] * inv_freq[None, :]
+        cos = torch.cat([ang.cos(), ang.cos()], -1).float()
+        sin = torch.cat([ang.sin(), ang.sin()], -1).float()
+
+        def rope(x):  # (B, heads, N, hd), pairs (i, i + hd/2)
+            a, b = x[..., : hd // 2], x[..., hd // 2:]
+            return x * cos + torch.cat([-b, a], -1) * sin
+
+        h = embed[tokens]
+        for L in layers:
+            x = rms(h, L["attn_norm"])
+            q = F.linear(x, L["wq"]).view(B, N, H, hd).transpose(1, 2)
+            k = F.linear(x, L["wk"]).view(B, N, KV, hd).transpose(1, 2)
+            v = F.linear(x, L["wv"]).view(B, N, KV, hd).transpose(1, 2)
+            q, k = rope(q), rope(k)
+            if KV != H:
+                k = k.repeat_interleave(H // KV, dim=1)
+                v = v.repeat_interleave(H // KV, dim=1)
+            a = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            h = h + F.linear(a.transpose(1, 2).reshape(B, N, H * hd), L["wo"])
+            x = rms(h, L["ffn_norm"])
+            h = h + F.linear(F.silu(F.linear(x, L["wg"])) * F.linear(x, L["wu"]), L["wd"])
+        return F.linear(rms(h, out_norm), out)
+
+    return forward
+
+
+def timed(forward, batches):
+    """Seconds of the forward of every batch (after one untimed warm-up) and the NLL."""
+    import torch
+
+    with torch.inference_mode():
+        forward(batches[0])  # warm-up, untimed
+        seconds = 0.0
+        nll = 0.0
+        for b in batches:
+            t0 = time.perf_counter()
+            logits = forward(b)
+            seconds += time.perf_counter() - t0
+            lp = torch.log_softmax(logits[:, :-1].double(), dim=-1)
+            nll -= lp.gather(-1, b[:, 1:, None]).sum().item()
+    return seconds, nll
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--gguf", required=True)
@@ -139,6 +207,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--windows", type=int, required=True)
     ap.add_argument("--threads", type=int, required=True)
     ap.add_argument("--batch", type=int, default=1, help="windows per forward call (default 1)")
+    ap.add_argument("--impl", choices=["both", "plain", "transformers"], default="both",
+                    help="which forward to time (default both, side by side)")
     ap.add_argument("--attn", choices=["sdpa", "eager"], default="sdpa",
                     help="transformers attention implementation (default sdpa, its default)")
     args = ap.parse_args(argv)
@@ -165,33 +235,35 @@ def main(argv: list[str] | None = None) -> None:
         die(f"{len(ids)} tokens do not fill {args.windows} windows of {args.seq_len}")
     toks = torch.tensor(ids[: args.seq_len * args.windows], dtype=torch.long).view(args.windows, args.seq_len)
 
-    model, _ = build_model(args.gguf, args.attn)
-
     batches = [toks[i: i + args.batch] for i in range(0, args.windows, args.batch)]
-    with torch.inference_mode():
-        model(input_ids=batches[0], use_cache=False)  # warm-up, untimed
-        seconds = 0.0
-        nll = 0.0
-        for b in batches:
-            t0 = time.perf_counter()
-            logits = model(input_ids=b, use_cache=False).logits
-            seconds += time.perf_counter() - t0
-            lp = torch.log_softmax(logits[:, :-1].double(), dim=-1)
-            nll -= lp.gather(-1, b[:, 1:, None]).sum().item()
     n_tok = args.windows * args.seq_len
     n_pred = args.windows * (args.seq_len - 1)
+    impls = {}
+    # Interleaved in one run: plain, then transformers (same weights, windows, threads).
+    if args.impl in ("both", "plain"):
+        from reference_ppl import Model
+
+        seconds, nll = timed(plain_forward(Model(args.gguf)), batches)
+        impls["plain"] = {"tokens_per_s": n_tok / seconds, "seconds": seconds,
+                          "perplexity": math.exp(nll / n_pred), "attn": "sdpa"}
+    if args.impl in ("both", "transformers"):
+        model, _ = build_model(args.gguf, args.attn)
+        forward = lambda b: model(input_ids=b, use_cache=False).logits  # noqa: E731
+        seconds, nll = timed(forward, batches)
+        impls["transformers"] = {"tokens_per_s": n_tok / seconds, "seconds": seconds,
+                                 "perplexity": math.exp(nll / n_pred), "attn": args.attn}
+    best = max(impls, key=lambda k: impls[k]["tokens_per_s"])
     print(json.dumps({
-        "tokens_per_s": n_tok / seconds,
-        "seconds": seconds,
+        "tokens_per_s": impls[best]["tokens_per_s"],
+        "best": best,
         "tokens": n_tok,
         "threads": args.threads,
-        "perplexity": math.exp(nll / n_pred),
         "seq_len": args.seq_len,
         "windows": args.windows,
         "batch": args.batch,
-        "attn": args.attn,
         "torch": torch.__version__,
         "transformers": transformers.__version__,
+        "impls": impls,
     }))
 
 

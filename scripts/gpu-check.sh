@@ -10,7 +10,8 @@
 #   bench        FPX_BENCH_QUICK=1 cargo bench --bench kernels (every GEMV/GEMM on the device,
 #                fraction of peak bandwidth / FLOPs; whole-plan decode steps)
 #   profile      fpx profile of SmolLM2 (each linear shape x format, rest of the step)
-#   plan         fpx plan from that profile (greedy, gamma 0.5)
+#   compare      fpx profile --compare: measured / modelled per kernel family (compare.json)
+#   plan         fpx plan from that profile (greedy, gamma 0.5; and on the p95, plan-p95.json)
 #   decode       fpx run of that plan on the cuda backend and on the cpu backend: same tokens
 #
 # Every part is timed; a part whose usual time no longer fits the budget is skipped and says
@@ -84,15 +85,26 @@ if command -v nvidia-smi >/dev/null 2>&1 &&
 fi
 
 if [[ -z "$GPU_NAME" ]]; then
-    for p in gpu-tests bench profile plan decode; do skip "$p" "no GPU: nvidia-smi finds no device"; done
+    for p in gpu-tests bench profile compare plan decode; do skip "$p" "no GPU: nvidia-smi finds no device"; done
 else
     part gpu-tests 150 env FPX_REQUIRE_GPU=1 FPX_REQUIRE_DATA=1 cargo test --test codegen_gpu
     part bench 150 env FPX_BENCH_QUICK=1 cargo bench --profile dev --bench kernels
     part profile 90 "$FPX" profile --model "$MODEL" --device 0 --repeats 20 -o "$RESULTS/profile.json"
     if [[ -f "$RESULTS/profile.json" ]]; then
-        part plan 10 "$FPX" plan --calib "$CALIB" --device "$RESULTS/profile.json" --solver greedy \
-            --gamma 0.5 -o "$RESULTS/plan.json" --json
+        compare() {
+            "$FPX" profile --compare "$RESULTS/profile.json" &&
+                "$FPX" profile --compare "$RESULTS/profile.json" --json >"$RESULTS/compare.json"
+        }
+        part compare 5 compare
+        plans() {
+            "$FPX" plan --calib "$CALIB" --device "$RESULTS/profile.json" --solver greedy \
+                --gamma 0.5 -o "$RESULTS/plan.json" --json &&
+                "$FPX" plan --calib "$CALIB" --device "$RESULTS/profile.json" --solver greedy \
+                    --gamma 0.5 --latency-percentile p95 -o "$RESULTS/plan-p95.json"
+        }
+        part plan 10 plans
     else
+        skip compare "no profile"
         skip plan "no profile"
     fi
     if [[ -f "$RESULTS/plan.json" ]]; then

@@ -116,6 +116,61 @@ fn smollm2_mixed_plan_matches_the_reference() {
 }
 
 #[test]
+fn bench_command_reports_time_to_first_token_and_decode_percentiles() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tiny.gguf");
+    write_gguf(&path, &tiny_spec(Architecture::Llama), 3, GgmlDType::F32).unwrap();
+    let text = dir.path().join("text.txt");
+    std::fs::write(&text, "the cat sat on the mat and the dog ran. ".repeat(40)).unwrap();
+    let (code, stdout, stderr) = fpx(&[
+        "bench",
+        "--model",
+        path.to_str().unwrap(),
+        "--text",
+        text.to_str().unwrap(),
+        "--seq-len",
+        "16",
+        "--windows",
+        "3",
+        "--decode-tokens",
+        "5",
+        "--json",
+    ]);
+    assert_eq!(code, 0, "{stderr}");
+    let out: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    // One time to first token per timed window (the warm-up excluded), 5 decode steps.
+    assert_eq!(out["windows"], 3);
+    assert_eq!(out["ttft_ms"]["count"], 3);
+    let w: Vec<f64> = out["window_seconds"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_f64().unwrap() * 1e3)
+        .collect();
+    let max = w.iter().cloned().fold(0.0, f64::max);
+    assert!((out["ttft_ms"]["max_ms"].as_f64().unwrap() - max).abs() < 1e-9);
+    let d = &out["decode_ms"];
+    assert_eq!(d["count"], 5);
+    assert!(d["p50_ms"].as_f64().unwrap() <= d["p99_ms"].as_f64().unwrap());
+    let (code, stdout, _) = fpx(&[
+        "bench",
+        "--model",
+        path.to_str().unwrap(),
+        "--text",
+        text.to_str().unwrap(),
+        "--seq-len",
+        "16",
+        "--windows",
+        "2",
+        "--decode-tokens",
+        "0",
+    ]);
+    assert_eq!(code, 0);
+    assert!(stdout.contains("time to first token"), "{stdout}");
+    assert!(!stdout.contains("decode, per token"), "{stdout}");
+}
+
+#[test]
 fn run_command_generates_text_on_the_cpu_and_refuses_cuda_without_a_driver() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("tiny.gguf");

@@ -15,9 +15,9 @@ mod common;
 
 use std::ffi::c_void;
 
-use fpx::codegen::{HelperHeaders, KernelContext, KernelSource, Launch};
-use fpx::lower::{ActDtype, Arch, KernelSpec};
-use fpx::runtime::emu::{arg, EmuKernels, EmuOptions, Toolchain};
+use fpx::codegen::{KernelSource, Launch};
+use fpx::lower::Arch;
+use fpx::runtime::emu::{arg, EmuKernels};
 
 const SOURCE: &str = r#"
 extern "C" __global__ void warp_ops(const float* __restrict__ in, float* __restrict__ f,
@@ -93,22 +93,12 @@ extern "C" __global__ void deadlock(unsigned* out) {
 "#;
 
 fn probe_source(arch: Arch) -> KernelSource {
-    let spec = KernelSpec::SiluMul {
-        dim: 1,
-        act: ActDtype::F32,
-    };
-    KernelSource {
-        spec,
+    common::emu_probe::source(
+        "emu_probe",
+        SOURCE,
+        &["warp_ops", "block_ops", "vec_math", "deadlock"],
         arch,
-        name: "emu_probe".into(),
-        file_name: "emu_probe.cu".into(),
-        source: SOURCE.into(),
-        entry_points: ["warp_ops", "block_ops", "vec_math", "deadlock"]
-            .map(String::from)
-            .to_vec(),
-        context: KernelContext::new(&spec, arch),
-        headers: HelperHeaders::embedded(),
-    }
+    )
 }
 
 fn launch(grid: u32, block: u32, shared_bytes: u32) -> Launch {
@@ -120,17 +110,7 @@ fn launch(grid: u32, block: u32, shared_bytes: u32) -> Launch {
 }
 
 fn kernels() -> Option<EmuKernels> {
-    if !common::have(
-        "g++ and the CUDA header wheels (.venv)",
-        Toolchain::find().is_ok(),
-    ) {
-        return None;
-    }
-    let opts = EmuOptions {
-        arch: Arch::Sm90,
-        cache_dir: Some(std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("emu-cache")),
-    };
-    Some(EmuKernels::from_sources(&[probe_source(Arch::Sm90)], &opts).unwrap())
+    common::emu_probe::kernels(probe_source(Arch::Sm90))
 }
 
 /// Signed values with zeros, distinct per thread.

@@ -187,6 +187,44 @@ fn emu_catches_a_broken_tail_loop() {
     }
 }
 
+#[test]
+fn emu_catches_broken_tensor_core_gemms() {
+    let Some(opts) = emu_opts(Arch::Sm90) else {
+        return;
+    };
+    let gemm = embedded(&fpx::codegen::TEMPLATES, "gemm.cu.tera");
+    // W's fragments loaded with rows and columns swapped; the x copies never waited for.
+    let broken = [
+        break_once(
+            gemm,
+            "fpx::ldmatrix<4, false>(q, ws",
+            "fpx::ldmatrix<4, true>(q, ws",
+        ),
+        break_once(gemm, "    fpx::cp_async_wait<0>();\n", "\n"),
+    ];
+    let formats = [WeightFormat::Fp8, WeightFormat::Nvfp4];
+    for (i, template) in broken.iter().enumerate() {
+        let renderer = Renderer::with_overrides(&[("gemm.cu.tera", template)]).unwrap();
+        let kernels = build(&renderer, &specs(&formats, ActDtype::Bf16), &opts);
+        for format in formats {
+            for (what, err) in linear_errors(&kernels, format, ActDtype::Bf16) {
+                // The GEMM launches (20 rows) must be caught; the GEMVs are not broken. The
+                // missing wait shows only where the copies go by cp.async (k % 8 == 0).
+                let caught_here = what.contains("rows 20 ") && (i == 0 || what.contains("x576 "));
+                if caught_here {
+                    // NaN (the missing wait reads the NaN fill) counts as caught.
+                    assert!(
+                        err.is_nan() || err > 0.1,
+                        "variant {i} {what}: not caught ({err})"
+                    );
+                } else if !what.contains("rows 20 ") {
+                    assert!(err <= tol(ActDtype::Bf16), "variant {i} {what}: {err}");
+                }
+            }
+        }
+    }
+}
+
 /// `text` with `from` replaced by `to`, which must occur exactly once (so a template edit that
 /// moves the line fails here rather than silently testing an unbroken kernel).
 fn break_once(text: &str, from: &str, to: &str) -> String {

@@ -2,8 +2,10 @@
 //! kernels of every format on several shapes, compiled by NVRTC to CUBIN for sm_90 and
 //! sm_120a, then inspected with ptxas -v and cuobjdump -sass from the wheels
 //! (`codegen::report`). Asserts: no kernel spills; every decode GEMV whose rows allow 16-byte
-//! loads reads its weights with 128-bit global loads (LDG.E.128); the report names the native
-//! FP8/FP4 cvt paths the emulator cannot run exactly where the PTX uses them.
+//! loads reads its weights with 128-bit global loads (LDG.E.128); every tensor-core prefill GEMM
+//! issues HMMA fed by ldmatrix (LDSM) and, where x rows are 16-byte aligned, cp.async
+//! (LDGSTS), and no SIMT kernel does; the report names the native FP8/FP4 cvt paths the
+//! emulator cannot run exactly where the PTX uses them.
 //!
 //! Needs NVRTC and the nvcc / cuobjdump wheels in .venv: skipped with a printed reason
 //! without them, failing under FPX_REQUIRE_DATA=1.
@@ -70,8 +72,14 @@ fn specs() -> Vec<KernelSpec> {
             };
             v.push(KernelSpec::Gemv(shape));
             v.push(KernelSpec::Gemm(shape));
+            v.push(KernelSpec::Gemm(LinearShape {
+                act: ActDtype::Bf16,
+                ..shape
+            }));
         }
     }
+    v.sort();
+    v.dedup();
     v
 }
 
@@ -97,6 +105,7 @@ fn sass_no_spills_and_128_bit_weight_loads() {
         let compiled = compiler.compile_all(&sources).unwrap();
         let mut rows = Vec::new();
         let mut wide = 0;
+        let mut mma_gemms = 0;
         let mut spilled = Vec::new();
         let analysed: Vec<_> = sources
             .par_iter()
@@ -128,6 +137,18 @@ fn sass_no_spills_and_128_bit_weight_loads() {
                     "{}",
                     r.entry
                 );
+                if let KernelSpec::Gemm(s) = src.spec {
+                    // The tensor-core GEMMs issue HMMA fed by ldmatrix (and cp.async where
+                    // x rows are 16-byte aligned); the SIMT ones none.
+                    let (hmma, ldsm, cp) = (r.count("HMMA"), r.count("LDSM"), r.count("LDGSTS"));
+                    if s.gemm_mma().is_some() {
+                        assert!(hmma >= 8 && ldsm >= 4, "{} {arch:?}: {:?}", r.entry, r.mix);
+                        assert_eq!(cp > 0, s.k % 8 == 0, "{} {arch:?}: {:?}", r.entry, r.mix);
+                        mma_gemms += 1;
+                    } else {
+                        assert_eq!(hmma + ldsm + cp, 0, "{} {arch:?}: {:?}", r.entry, r.mix);
+                    }
+                }
                 if let KernelSpec::Gemv(s) = src.spec {
                     // Native FP4 conversion only on the FP4-capable target.
                     let is_fp4 = matches!(s.format, WeightFormat::Nvfp4 | WeightFormat::Mxfp4);
@@ -143,6 +164,10 @@ fn sass_no_spills_and_128_bit_weight_loads() {
         assert!(
             wide >= 10,
             "{arch:?}: only {wide} GEMV entries with 16-byte rows checked"
+        );
+        assert!(
+            mma_gemms >= 6,
+            "{arch:?}: only {mma_gemms} tensor-core GEMMs checked"
         );
         eprintln!("{}", table(&rows));
     }

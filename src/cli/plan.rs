@@ -9,7 +9,7 @@ use clap::{Args, ValueEnum};
 
 use fpx::calib::Calibration;
 use fpx::formats::Format;
-use fpx::latency::{Gpu, KernelCost, LatencyModel, Profile, Roofline};
+use fpx::latency::{Gpu, KernelCost, LatencyModel, Percentile, Profile, Roofline};
 use fpx::lower::ActDtype;
 use fpx::plan::{BudgetRecord, CalibrationRef, Plan, Provenance, SolverRecord};
 use fpx::solve::pins::{Pins, PinsRef};
@@ -58,6 +58,11 @@ pub struct PlanSetup {
     /// Cost model of a named GPU.
     #[arg(long, value_enum, default_value_t = CostArg::Kernels)]
     pub cost: CostArg,
+    /// With a measured profile (--device PROFILE.json): the statistic of each kernel's
+    /// samples that latencies and budgets use. p50 is the median; p95, p99 and max price
+    /// every kernel at its tail (summed over the step: a conservative estimate of its tail).
+    #[arg(long, value_enum, default_value_t = Percentile::P50)]
+    pub latency_percentile: Percentile,
     /// Tokens per step (sequences decoding one token each).
     #[arg(long, default_value_t = 1)]
     pub batch: usize,
@@ -181,9 +186,16 @@ fn measured_or_roofline(
         if s.tensor_parallel != 1 {
             bail!("--tensor-parallel needs a named GPU (a profile is measured on one GPU)");
         }
-        let profile = Profile::read(path)?;
+        let profile = Profile::read(path)?.with_percentile(s.latency_percentile)?;
         profile.check_model(&calib.model.identity)?;
         return Ok(Some(Box::new(profile)));
+    }
+    if !s.latency_percentile.is_median() {
+        bail!(
+            "--latency-percentile {} needs a measured profile with distributions (--device \
+             PROFILE.json from `fpx profile`); the cost models give one number per kernel",
+            s.latency_percentile
+        );
     }
     let gpu = Gpu::parse(&s.device)?;
     match s.cost {

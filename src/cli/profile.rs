@@ -1,18 +1,20 @@
 //! `fpx profile`: measures, on a GPU, the decode-step time of every linear layer in every
-//! format (the generated GEMV kernels, CUDA events, warm-up, median of repeats, weights
-//! rotated through more memory than the L2 holds) and of the rest of the step, and writes the
-//! latency profile the planner reads (schema: `fpx::latency::profile`).
+//! format (the generated GEMV kernels, CUDA events, warm-up, samples of batched launches,
+//! weights rotated through more memory than the L2 holds) and of the rest of the step, and
+//! writes the latency profile the planner reads (schema: `fpx::latency::profile`), with each
+//! kernel's distribution and modelled cost. `fpx profile --compare` reads one back as measured
+//! / modelled per kernel family, on any machine.
 
-use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::path::PathBuf;
 
-use anyhow::Result;
+use anyhow::{Context as _, Result};
 use clap::Args;
 
 use fpx::fsutil::write_json_atomic;
 use fpx::ir::Graph;
-use fpx::latency::profile::{RawProfile, SCHEMA_VERSION};
+use fpx::latency::measured::{compare, record, Comparison, Measurements};
+use fpx::latency::{Gpu, KernelCost, LayerShape, Profile};
 use fpx::lower::PrecisionMap;
 use fpx::lower::{Schedule, WeightFormat};
 use fpx::runtime::cuda::{
@@ -26,14 +28,21 @@ use crate::{emit, load};
 #[derive(Args)]
 pub(crate) struct ProfileArgs {
     /// Hugging Face model directory or GGUF file.
-    #[arg(long)]
-    model: PathBuf,
+    #[arg(long, required_unless_present = "compare")]
+    model: Option<PathBuf>,
     /// CUDA device ordinal.
     #[arg(long, default_value_t = 0)]
     device: usize,
     /// Profile file to write.
-    #[arg(short, long)]
-    output: PathBuf,
+    #[arg(short, long, required_unless_present = "compare")]
+    output: Option<PathBuf>,
+    /// Read this profile and print, per kernel family, measured / modelled (the kernel cost
+    /// model the profile recorded); needs no GPU.
+    #[arg(long, conflicts_with_all = ["model", "output"])]
+    compare: Option<PathBuf>,
+    /// With --compare: print one JSON object.
+    #[arg(long, requires = "compare")]
+    json: bool,
     /// Formats to time, comma-separated.
     #[arg(long, value_delimiter = ',', default_values = ["fp16", "fp8", "nvfp4", "mxfp4"])]
     formats: Vec<String>,
@@ -55,6 +64,12 @@ pub(crate) struct ProfileArgs {
 }
 
 pub(crate) fn run(args: ProfileArgs) -> Result<()> {
+    if let Some(path) = &args.compare {
+        return print_comparison(path, args.json);
+    }
+    let (Some(model_path), Some(output)) = (&args.model, &args.output) else {
+        anyhow::bail!("`fpx profile` needs --model and --output (or --compare PROFILE)");
+    };
     // Fail fast, before loading the model, on a machine without a GPU. The library's hint
     // (`--backend cpu`) is for `run`; `profile` has no CPU backend.
     probe_driver().map_err(|e| match e {
@@ -68,11 +83,11 @@ pub(crate) fn run(args: ProfileArgs) -> Result<()> {
         .into_iter()
         .map(|f| WeightFormat::of(Some(f)))
         .collect();
-    fpx::fsutil::prepare_output_file(&args.output)?;
+    fpx::fsutil::prepare_output_file(output)?;
     if args.repeats == 0 {
         anyhow::bail!("--repeats must be at least 1");
     }
-    let model = load(&args.model)?;
+    let model = load(model_path)?;
     let graph = Graph::build(&model.spec);
     let act = args.act.resolve(&graph, &model);
     let schedule = Schedule::build(&graph, &PrecisionMap::new())?.with_act(act);
@@ -89,7 +104,7 @@ pub(crate) fn run(args: ProfileArgs) -> Result<()> {
     };
     let mut dev = Device::open(args.device)?;
     let device = dev.name.clone();
-    let times = profile_linears(&mut dev, &schedule, &opts)?;
+    let linears = profile_linears(&mut dev, &schedule, &opts)?;
     drop(dev);
     let plan = ExecutablePlan::build(
         &graph,
@@ -98,54 +113,111 @@ pub(crate) fn run(args: ProfileArgs) -> Result<()> {
         args.context + 1,
         act,
     )?;
-    let other_seconds = profile_rest(&plan, args.device, args.context, &opts)?;
-    let mut layers = BTreeMap::new();
-    // Every linear layer, lm_head included: plans cover it, and the rest of the step
-    // (`other_seconds`) excludes every linear launch.
-    for l in &schedule.linears {
-        let per: BTreeMap<String, f64> = formats
-            .iter()
-            .filter_map(|&f| {
-                let shape = fpx::lower::LinearShape {
-                    format: f,
-                    ..l.shape
-                };
-                times
-                    .get(&(shape, f))
-                    .and_then(|&s| f.format().map(|q| (q.name().to_string(), s)))
-            })
-            .collect();
-        layers.insert(l.name.clone(), per);
-    }
-    let profile = RawProfile {
-        schema_version: SCHEMA_VERSION,
+    let rest = profile_rest(&plan, args.device, args.context, &opts)?;
+    // The cost model of the same device, batch, context and activations, when fpx has one.
+    let cost = Gpu::of_device_name(&device)
+        .map(|gpu| KernelCost::new(gpu, &graph, args.batch, args.context).map(|c| c.with_act(act)))
+        .transpose()?;
+    let measurements = Measurements {
         device: device.clone(),
         batch: args.batch,
         context: args.context,
         model: Some(model.identity.clone()),
-        other_seconds,
-        layers,
+        linears,
+        rest,
     };
-    write_json_atomic(&args.output, &profile)?;
+    let profile = record(
+        &schedule,
+        &LayerShape::of_graph(&graph),
+        &measurements,
+        cost.as_ref(),
+    )?;
+    write_json_atomic(output, &profile)?;
     let mut t = String::new();
-    writeln!(t, "{device}: {} shapes x formats timed", times.len())?;
-    for ((shape, f), s) in &times {
+    writeln!(
+        t,
+        "{device}: {} shapes x formats timed",
+        profile.kernels.len()
+    )?;
+    for k in &profile.kernels {
+        let modelled = k
+            .modelled_seconds
+            .map_or(String::new(), |m| format!("  modelled {:>8.2} us", m * 1e6));
         writeln!(
             t,
-            "  {:>6} x {:<6} {:<6} {:>9.2} us",
-            shape.n,
-            shape.k,
-            f.name(),
-            s * 1e6
+            "  {:>6} x {:<6} {:<6} p50 {:>8.2}  p99 {:>8.2} us{modelled}",
+            k.n,
+            k.k,
+            k.format,
+            k.measured.p50 * 1e6,
+            k.measured.p99 * 1e6,
         )?;
     }
     writeln!(
         t,
         "rest of the decode step at context {}: {:.2} us",
         args.context,
-        other_seconds * 1e6
+        profile.other_seconds * 1e6
     )?;
-    writeln!(t, "wrote {}", args.output.display())?;
+    if cost.is_none() {
+        writeln!(
+            t,
+            "fpx has no cost model of `{device}`: the profile records no modelled cost"
+        )?;
+    }
+    writeln!(t, "wrote {}", output.display())?;
+    emit(&t);
+    Ok(())
+}
+
+/// `fpx profile --compare`: measured / modelled per kernel family.
+fn print_comparison(path: &std::path::Path, json: bool) -> Result<()> {
+    let profile = Profile::read(path)?;
+    let c: Comparison =
+        compare(&profile).with_context(|| format!("--compare {}", path.display()))?;
+    if json {
+        emit(&(serde_json::to_string_pretty(&c)? + "\n"));
+        return Ok(());
+    }
+    let mut t = String::new();
+    writeln!(t, "{}: measured / modelled ({})", c.device, c.modelled_by)?;
+    writeln!(
+        t,
+        "{:<14} {:>7} {:>8} {:>13} {:>13} {:>7} {:>15}  most optimistic for",
+        "family", "kernels", "launches", "measured us", "modelled us", "ratio", "kernel range"
+    )?;
+    for f in &c.families {
+        writeln!(
+            t,
+            "{:<14} {:>7} {:>8} {:>13.2} {:>13.2} {:>7.2} {:>7.2} - {:<5.2}  {}",
+            f.family,
+            f.kernels,
+            f.launches,
+            f.measured_seconds * 1e6,
+            f.modelled_seconds * 1e6,
+            f.ratio,
+            f.min_ratio,
+            f.max_ratio,
+            f.worst_kernel
+        )?;
+    }
+    if let Some([measured, modelled, ratio]) = c.rest {
+        writeln!(
+            t,
+            "{:<14} {:>7} {:>8} {:>13.2} {:>13.2} {:>7.2}",
+            "rest of step",
+            "",
+            "",
+            measured * 1e6,
+            modelled * 1e6,
+            ratio
+        )?;
+    }
+    writeln!(
+        t,
+        "ratio > 1: the kernels are slower than modelled (sums over the step's launches of each \
+         family, every layer in that format)"
+    )?;
     emit(&t);
     Ok(())
 }

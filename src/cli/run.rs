@@ -294,12 +294,7 @@ pub(crate) fn run(args: RunArgs) -> Result<()> {
         out.prompt_tokens as f64 / out.prefill_seconds.max(1e-12),
         out.tokens.len()
     )?;
-    let row = |what: &str, n: &str, s: &LatencyStats| {
-        format!(
-            "{what:<22} {:>6} {n:<7} p50 {:>9.2}  p95 {:>9.2}  p99 {:>9.2}  max {:>9.2} ms\n",
-            s.count, s.p50_ms, s.p95_ms, s.p99_ms, s.max_ms
-        )
-    };
+    let row = latency_row;
     t.push_str(&row("time to first token", "runs", &out.ttft_ms));
     match (out.decode_tokens_per_s, &out.decode_ms) {
         (Some(tps), Some(d)) => {
@@ -315,4 +310,12 @@ pub(crate) fn run(args: RunArgs) -> Result<()> {
     }
     emit(&t);
     Ok(())
+}
+
+/// One table row of a latency distribution (shared by `fpx run` and `fpx bench`).
+pub(crate) fn latency_row(what: &str, n: &str, s: &LatencyStats) -> String {
+    format!(
+        "{what:<22} {:>6} {n:<7} p50 {:>9.2}  p95 {:>9.2}  p99 {:>9.2}  max {:>9.2} ms\n",
+        s.count, s.p50_ms, s.p95_ms, s.p99_ms, s.max_ms
+    )
 }

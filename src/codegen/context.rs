@@ -14,6 +14,8 @@ pub const GEMV_WARPS: usize = 4;
 /// GEMM tile: rows of x, rows of W, depth, per-thread outputs; 256 threads.
 pub const GEMM_TILE: (usize, usize, usize) = (64, 64, 32);
 pub const GEMM_THREADS: usize = 256;
+/// Threads of a block of the tensor-core prefill GEMM (4 warps).
+pub const GEMM_MMA_THREADS: usize = 128;
 /// Blocks of the GEMM that must fit on one SM at once (`__launch_bounds__` minimum): a register
 /// budget of 80 per thread (24 warps per SM). Without it ptxas 12.9 aims at 64 registers and,
 /// for some formats and shapes, spills two or three values out of the K loop; tests/sass.rs
@@ -127,6 +129,11 @@ pub struct GemmCtx {
     pub threads: usize,
     /// [`GEMM_MIN_BLOCKS_PER_SM`].
     pub min_blocks: usize,
+    /// The tensor-core MMA type (`bf16`, `f16`; [`LinearShape::gemm_mma`]), or empty for the
+    /// FP32 SIMT GEMM.
+    pub mma: &'static str,
+    /// Dynamic shared memory per block (the MMA path's two 16-bit tiles; 0 for SIMT).
+    pub shared_bytes: usize,
     /// Threads along the output columns of a tile (`bn / tn`).
     pub tx: usize,
     /// Elements of each of the x and W tiles a thread loads per K step.
@@ -257,9 +264,11 @@ impl KernelContext {
             KernelContext::Gemv(c) => {
                 Launch::new((c.n.div_ceil(c.rows_per_block), 1), c.threads, 0)
             }
-            KernelContext::Gemm(c) => {
-                Launch::new((c.n.div_ceil(c.bn), rows.div_ceil(c.bm)), c.threads, 0)
-            }
+            KernelContext::Gemm(c) => Launch::new(
+                (c.n.div_ceil(c.bn), rows.div_ceil(c.bm)),
+                c.threads,
+                c.shared_bytes,
+            ),
             KernelContext::Simple(c) => match c.common.family {
                 "silu_mul" => Launch::new(((rows * c.dim).div_ceil(c.threads), 1), c.threads, 0),
                 "argmax" => Launch::new((1, 1), c.threads, 0),
@@ -361,7 +370,18 @@ fn gemv(common: Common, s: LinearShape, arch: Arch) -> GemvCtx {
 fn gemm(common: Common, s: LinearShape) -> GemmCtx {
     let (bm, bn, bk) = GEMM_TILE;
     let (tm, tn) = (4, 4);
+    let mma = s.gemm_mma();
+    // The MMA path: 4 warps, each a 32 x 32 warp tile; x and W tiles of `bk + 8` 16-bit
+    // elements per row (80 bytes: rows stay 16-byte aligned for ldmatrix and fall in distinct
+    // bank groups).
+    let threads = if mma.is_some() {
+        GEMM_MMA_THREADS
+    } else {
+        GEMM_THREADS
+    };
     GemmCtx {
+        mma: mma.unwrap_or(""),
+        shared_bytes: mma.map_or(0, |_| (bm + bn) * (bk + 8) * s.act.bytes()),
         common,
         format: s.format,
         n: s.n,
@@ -376,10 +396,10 @@ fn gemm(common: Common, s: LinearShape) -> GemmCtx {
         bk,
         tm,
         tn,
-        threads: GEMM_THREADS,
+        threads,
         min_blocks: GEMM_MIN_BLOCKS_PER_SM,
         tx: bn / tn,
-        loads: bm * bk / GEMM_THREADS,
+        loads: bm * bk / threads,
     }
 }
 

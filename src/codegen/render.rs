@@ -49,7 +49,7 @@ pub const TEMPLATES: [(&str, &str); 9] = [
 ];
 
 /// The hand-written helper headers every kernel includes, by file name.
-pub const HEADERS: [(&str, &str); 2] = [
+pub const HEADERS: [(&str, &str); 3] = [
     (
         "fpx_common.cuh",
         include_str!("../../kernels/fpx_common.cuh"),
@@ -58,6 +58,7 @@ pub const HEADERS: [(&str, &str); 2] = [
         "fpx_formats.cuh",
         include_str!("../../kernels/fpx_formats.cuh"),
     ),
+    ("fpx_mma.cuh", include_str!("../../kernels/fpx_mma.cuh")),
 ];
 
 /// The helper headers a kernel was rendered against: the embedded [`HEADERS`], unless a

@@ -79,6 +79,23 @@ pub struct KernelReport {
     /// The kernel's largest loop (the body of its longest backward branch), if it has one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub main_loop: Option<MainLoop>,
+    /// Static count of the SASS instructions of each class of [`MIX`] (FP32 FMA, tensor-core
+    /// MMA, ldmatrix, async copies, global and shared loads and stores, shuffles).
+    #[serde(default)]
+    pub mix: BTreeMap<String, u32>,
+}
+
+/// The SASS mnemonics the instruction mix counts: FFMA (FP32 FMA), HMMA (16-bit MMA), QMMA and
+/// OMMA (FP8 / FP4 MMA), LDSM (ldmatrix), LDGSTS (cp.async), LDG / STG, LDS / STS, SHFL.
+pub const MIX: [&str; 11] = [
+    "FFMA", "HMMA", "QMMA", "OMMA", "LDSM", "LDGSTS", "LDG", "STG", "LDS", "STS", "SHFL",
+];
+
+/// The mnemonic of a SASS instruction without predicate and modifiers (`@P0 LDG.E.128 ...`
+/// -> `LDG`).
+fn mnemonic(ins: &str) -> Option<&str> {
+    let op = ins.split_whitespace().find(|t| !t.starts_with('@'))?;
+    op.split('.').next()
 }
 
 /// The body of a kernel's main loop in SASS: what one trip of it issues.
@@ -120,6 +137,10 @@ impl MainLoop {
 impl KernelReport {
     pub fn loads(&self, bits: u32) -> u32 {
         self.global_loads.get(&bits).copied().unwrap_or(0)
+    }
+    /// Static count of instruction class `op` ([`MIX`]).
+    pub fn count(&self, op: &str) -> u32 {
+        self.mix.get(op).copied().unwrap_or(0)
     }
     pub fn spills(&self) -> u32 {
         self.spill_store_bytes + self.spill_load_bytes
@@ -212,6 +233,9 @@ pub fn analyze(
                 .unwrap_or_default()
                 .trim()
                 .to_string();
+            if let Some(op) = mnemonic(&ins).filter(|op| MIX.contains(op)) {
+                *reports[i].mix.entry(op.to_string()).or_insert(0) += 1;
+            }
             code[i].push((addr, ins));
         }
         let (Some(i), Some(op)) = (
@@ -267,7 +291,7 @@ fn sass_address(line: &str) -> Option<u32> {
 /// The report as a text table.
 pub fn table(reports: &[KernelReport]) -> String {
     let mut s = format!(
-        "{:<44} {:<8} {:>4} {:>6} {:>6} {:>7} {:>6} {:>5} {:>5} {:>5}  {}\n",
+        "{:<44} {:<8} {:>4} {:>6} {:>6} {:>7} {:>6} {:>5} {:>5} {:>5} {:>5} {:>5} {:>5} {:>6}  {}\n",
         "kernel",
         "arch",
         "regs",
@@ -278,12 +302,16 @@ pub fn table(reports: &[KernelReport]) -> String {
         "ldg64",
         "ldg32",
         "ldg<32",
+        "ffma",
+        "mma",
+        "ldsm",
+        "ldgsts",
         "emulator cannot run"
     );
     for r in reports {
         let small = r.loads(16) + r.loads(8);
         s.push_str(&format!(
-            "{:<44} {:<8} {:>4} {:>6} {:>6} {:>7} {:>6} {:>5} {:>5} {:>5}  {}\n",
+            "{:<44} {:<8} {:>4} {:>6} {:>6} {:>7} {:>6} {:>5} {:>5} {:>5} {:>5} {:>5} {:>5} {:>6}  {}\n",
             r.entry,
             r.arch,
             r.registers,
@@ -294,6 +322,10 @@ pub fn table(reports: &[KernelReport]) -> String {
             r.loads(64),
             r.loads(32),
             small,
+            r.count("FFMA"),
+            r.count("HMMA") + r.count("QMMA") + r.count("OMMA"),
+            r.count("LDSM"),
+            r.count("LDGSTS"),
             if r.emulator_cannot_run.is_empty() {
                 "-".to_string()
             } else {

@@ -16,6 +16,8 @@
 //! embedding, argmax, unplanned layers), so speedups can be stated end to end.
 
 pub mod kernels;
+pub mod measured;
+pub mod percentiles;
 pub mod profile;
 pub mod roofline;
 
@@ -27,6 +29,7 @@ use crate::formats::Format;
 use crate::ir::LinearKind;
 
 pub use kernels::{KernelCost, KernelRow};
+pub use percentiles::{Percentile, Percentiles};
 pub use profile::Profile;
 pub use roofline::{Gpu, GpuSpec, Roofline};
 
@@ -43,6 +46,24 @@ pub struct LayerShape {
 }
 
 impl LayerShape {
+    /// Every linear layer of `graph` (lm_head included, as the stage after the last block).
+    pub fn of_graph(graph: &crate::ir::Graph) -> Vec<LayerShape> {
+        let blocks = graph.spec().num_layers;
+        graph
+            .linears()
+            .map(|(id, l)| {
+                let node = graph.node(id);
+                LayerShape {
+                    name: node.name.clone(),
+                    layer: node.layer.unwrap_or(blocks),
+                    kind: l.kind,
+                    out_features: l.out_features,
+                    in_features: l.in_features,
+                }
+            })
+            .collect()
+    }
+
     /// The shapes of every layer a calibration file measured, in its order.
     pub fn from_calibration(calib: &Calibration) -> Vec<LayerShape> {
         calib
@@ -100,6 +121,10 @@ pub enum LatencySource {
         sha256: String,
         batch: usize,
         context: usize,
+        /// The statistic of each layer's measured distribution used (the median unless a
+        /// plan budgets on a tail percentile).
+        #[serde(default, skip_serializing_if = "Percentile::is_median")]
+        percentile: Percentile,
     },
 }
 
@@ -138,11 +163,18 @@ impl std::fmt::Display for LatencySource {
                 path,
                 batch,
                 context,
+                percentile,
                 ..
-            } => write!(
-                f,
-                "measured profile {path} on {device} (batch {batch}, context {context})"
-            ),
+            } => {
+                write!(
+                    f,
+                    "measured profile {path} on {device} (batch {batch}, context {context}"
+                )?;
+                if !percentile.is_median() {
+                    write!(f, ", {percentile} of each kernel's samples")?;
+                }
+                write!(f, ")")
+            }
         }
     }
 }

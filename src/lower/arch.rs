@@ -53,6 +53,22 @@ impl Arch {
             .find(|a| a.compute_capability() == (major, minor))
     }
 
+    /// How the kernels reach a device of compute capability `major.minor`: compiled for its
+    /// own target when fpx has one; for any other device of compute capability 9.0 or newer
+    /// (a chip newer than every target, or a Blackwell variant such as 10.3 that the
+    /// arch-specific `a` targets do not run on), the PTX of sm_90 (the newest target without
+    /// arch-specific features, so its PTX is forward compatible) for the driver to compile;
+    /// `None` below 9.0 without an own target (no FP8 conversions before sm_89).
+    pub fn for_device(major: u32, minor: u32) -> Option<DeviceTarget> {
+        match Arch::from_compute_capability(major, minor) {
+            Some(a) => Some(DeviceTarget::Cubin(a)),
+            None if (major, minor) >= Arch::Sm90.compute_capability() => {
+                Some(DeviceTarget::Ptx(Arch::Sm90))
+            }
+            None => None,
+        }
+    }
+
     /// `cvt.rn.f16x2.e4m3x2` exists (sm_89 and newer).
     pub fn has_fp8_cvt(self) -> bool {
         true
@@ -61,6 +77,23 @@ impl Arch {
     /// `cvt.rn.f16x2.e2m1x2` exists (the arch-specific Blackwell targets only).
     pub fn has_fp4_cvt(self) -> bool {
         matches!(self, Arch::Sm100a | Arch::Sm120a)
+    }
+}
+
+/// What a device loads: CUBIN compiled for its own target, or a target's PTX that the driver
+/// compiles for it (just in time).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeviceTarget {
+    Cubin(Arch),
+    Ptx(Arch),
+}
+
+impl DeviceTarget {
+    /// The target the kernels are rendered and compiled for.
+    pub fn arch(self) -> Arch {
+        match self {
+            DeviceTarget::Cubin(a) | DeviceTarget::Ptx(a) => a,
+        }
     }
 }
 
@@ -99,6 +132,25 @@ mod tests {
             assert_eq!(json, format!("\"{}\"", a.name()));
         }
         assert!("sm_80".parse::<Arch>().is_err());
+        // Own targets load CUBIN; newer chips and Blackwell variants the `a` targets do not
+        // run on get sm_90's PTX for the JIT; older chips are refused.
+        assert_eq!(
+            Arch::for_device(9, 0),
+            Some(DeviceTarget::Cubin(Arch::Sm90))
+        );
+        assert_eq!(
+            Arch::for_device(12, 0),
+            Some(DeviceTarget::Cubin(Arch::Sm120a))
+        );
+        for (major, minor) in [(12, 1), (10, 3), (11, 0), (13, 0), (9, 1)] {
+            assert_eq!(
+                Arch::for_device(major, minor),
+                Some(DeviceTarget::Ptx(Arch::Sm90)),
+                "{major}.{minor}"
+            );
+        }
+        assert_eq!(Arch::for_device(8, 6), None);
+        assert_eq!(Arch::for_device(8, 0), None);
         assert!(Arch::Sm120a.has_fp4_cvt() && !Arch::Sm90.has_fp4_cvt());
     }
 }

@@ -20,7 +20,7 @@ pub mod spec;
 pub mod step;
 pub mod work;
 
-pub use arch::Arch;
+pub use arch::{Arch, DeviceTarget};
 pub use dtype::ActDtype;
 pub use schedule::{Act, Dims, LinearSlot, NormSlot, Param, QkNorm, Schedule, Step};
 pub use spec::{KernelSpec, LinearShape, WeightFormat, GEMV_MAX_ROWS, GEMV_ROW_TILES};

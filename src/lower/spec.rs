@@ -113,6 +113,22 @@ pub struct LinearShape {
 }
 
 impl LinearShape {
+    /// The tensor-core MMA type of this layer's prefill GEMM (`"bf16"` or `"f16"`), or `None`
+    /// for the FP32 SIMT GEMM. The MMA path needs 16-bit activations and weights whose decoded
+    /// values are exact in the activation type, so that the product is the CPU reference's
+    /// FP32 product of the same values: BF16 with FP8, NVFP4 and MXFP4 weights (E4M3 values,
+    /// E2M1 times an E4M3 or power-of-two block scale); FP16 with FP16, FP8 and NVFP4 weights
+    /// (an E8M0 scale can leave FP16's range). Every target fpx compiles for (sm_89 and newer)
+    /// has the m16n8k16 MMA.
+    pub fn gemm_mma(self) -> Option<&'static str> {
+        use WeightFormat::{Fp16, Fp8, Mxfp4, Nvfp4};
+        match (self.act, self.format) {
+            (ActDtype::Bf16, Fp8 | Nvfp4 | Mxfp4) => Some("bf16"),
+            (ActDtype::F16, Fp16 | Fp8 | Nvfp4) => Some("f16"),
+            _ => None,
+        }
+    }
+
     /// The kernel and entry point that run this layer on `rows` activation rows: the `_m1`
     /// GEMV for one row, `_m8` for up to [`GEMV_MAX_ROWS`], else the GEMM.
     pub fn kernel_for_rows(self, rows: usize) -> (KernelSpec, String) {

@@ -46,10 +46,14 @@ impl InstructionPath {
 }
 
 impl KernelSpec {
-    /// The instruction path of this kernel on `arch`. Every kernel fpx generates today computes
-    /// with FP32 FMA on the CUDA cores (the prefill GEMM included).
+    /// The instruction path of this kernel on `arch`: the 16-bit tensor-core MMA for the
+    /// prefill GEMMs [`LinearShape::gemm_mma`] admits (every target has it), FP32 FMA on the
+    /// CUDA cores for every other kernel.
     pub fn path(&self, _arch: Arch) -> InstructionPath {
-        InstructionPath::SimtF32
+        match self {
+            KernelSpec::Gemm(s) if s.gemm_mma().is_some() => InstructionPath::TensorF16,
+            _ => InstructionPath::SimtF32,
+        }
     }
 }
 
@@ -267,5 +271,40 @@ mod tests {
         );
         // The two head_dim weights in FP32.
         assert_eq!(a.bytes - b.bytes, 2.0 * 4.0 * 16.0);
+    }
+
+    #[test]
+    fn prefill_gemms_on_16_bit_activations_take_the_tensor_core_path_where_exact() {
+        let shape = |format, act| LinearShape {
+            format,
+            n: 64,
+            k: 64,
+            bias: false,
+            accumulate: false,
+            act,
+        };
+        let path = |format, act| linear_work(&shape(format, act), 64, Arch::Sm90).path;
+        for f in [WeightFormat::Fp8, WeightFormat::Nvfp4, WeightFormat::Mxfp4] {
+            assert_eq!(path(f, ActDtype::Bf16), InstructionPath::TensorF16, "{f:?}");
+        }
+        for f in [WeightFormat::Fp16, WeightFormat::Fp8, WeightFormat::Nvfp4] {
+            assert_eq!(path(f, ActDtype::F16), InstructionPath::TensorF16, "{f:?}");
+        }
+        // FP16 weights are not BF16 values, E8M0 scales leave FP16's range, FP32 is FP32.
+        assert_eq!(
+            path(WeightFormat::Fp16, ActDtype::Bf16),
+            InstructionPath::SimtF32
+        );
+        assert_eq!(
+            path(WeightFormat::Mxfp4, ActDtype::F16),
+            InstructionPath::SimtF32
+        );
+        assert_eq!(
+            path(WeightFormat::Fp8, ActDtype::F32),
+            InstructionPath::SimtF32
+        );
+        // The decode GEMV stays SIMT.
+        let gemv = linear_work(&shape(WeightFormat::Fp8, ActDtype::Bf16), 1, Arch::Sm90);
+        assert_eq!(gemv.path, InstructionPath::SimtF32);
     }
 }

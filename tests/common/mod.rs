@@ -4,6 +4,7 @@
 #![allow(dead_code)] // each test binary uses a different subset
 
 pub mod calib;
+pub mod emu_probe;
 
 use std::path::PathBuf;
 use std::process::Command;

@@ -15,7 +15,7 @@ use cudarc::driver::{
 use super::compile::{Compiler, CompilerOptions};
 use crate::codegen::Renderer;
 use crate::error::{Error, Result};
-use crate::lower::{Arch, KernelSpec, LinearShape, Step};
+use crate::lower::{Arch, DeviceTarget, KernelSpec, LinearShape, Step};
 use crate::runtime::exec::{ExecutablePlan, PackedLinear};
 use crate::runtime::launch::{Arg, KernelBackend, Launcher, Memory, RunPass};
 use crate::runtime::LoadedKernels;
@@ -32,6 +32,8 @@ pub struct Device {
     pub ctx: Arc<CudaContext>,
     pub stream: Arc<CudaStream>,
     pub arch: Arch,
+    /// Whether kernels load as CUBIN or as PTX for the driver's JIT.
+    pub target: DeviceTarget,
     pub name: String,
     kernels: LoadedKernels<CudaFunction>,
     /// The captured decode step (see [`RunPass`]).
@@ -59,20 +61,28 @@ impl Device {
             .compute_capability()
             .map_err(driver_err("cuDeviceGetAttribute"))?;
         let name = ctx.name().map_err(driver_err("cuDeviceGetName"))?;
-        let arch = Arch::from_compute_capability(major as u32, minor as u32).ok_or_else(|| {
+        let target = Arch::for_device(major as u32, minor as u32).ok_or_else(|| {
             Error::CudaUnavailable {
                 what: "supported GPU",
                 hint: format!(
-                    "{name} has compute capability {major}.{minor}; fpx targets sm_89, sm_90, sm_100a, sm_120a"
+                    "{name} has compute capability {major}.{minor}; fpx targets sm_89, sm_90, sm_100a, sm_120a (and runs sm_90 PTX on newer chips)"
                 ),
             }
         })?;
+        if let DeviceTarget::Ptx(a) = target {
+            tracing::warn!(
+                "{name} (compute capability {major}.{minor}) has no target of its own: loading \
+                 {a} PTX for the driver to compile (FP4 conversions in software)"
+            );
+        }
+        let arch = target.arch();
         // A stream of its own, not the legacy default stream, on which capture is invalid.
         let stream = ctx.new_stream().map_err(driver_err("cuStreamCreate"))?;
         Ok(Device {
             ctx,
             stream,
             arch,
+            target,
             name,
             kernels: LoadedKernels::default(),
             decode_graph: None,
@@ -93,9 +103,13 @@ impl Device {
         }
         let compiler = Compiler::new(opts)?;
         for (src, bin) in sources.iter().zip(compiler.compile_all(&sources)?) {
+            let image = match self.target {
+                DeviceTarget::Cubin(_) => cudarc::nvrtc::Ptx::from_binary(bin.cubin),
+                DeviceTarget::Ptx(_) => cudarc::nvrtc::Ptx::from_src(bin.ptx),
+            };
             let module = self
                 .ctx
-                .load_module(cudarc::nvrtc::Ptx::from_binary(bin.cubin))
+                .load_module(image)
                 .map_err(driver_err("cuModuleLoadData"))?;
             self.kernels.add(src, |entry| {
                 module

@@ -14,7 +14,7 @@ mod nvrtc;
 mod profile;
 
 pub use backend::{CudaBackend, Device};
-pub use profile::{profile_linears, profile_rest, timing_weights, ProfileOptions, ShapeTimes};
+pub use profile::{profile_linears, profile_rest, timing_weights, ProfileOptions, ShapeSamples};
 
 pub use cache::{KernelCache, KeyParts};
 pub use compile::{write_headers, CompiledKernel, Compiler, CompilerOptions};

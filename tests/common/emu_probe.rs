@@ -1,0 +1,41 @@
+//! Hand-written CUDA sources run on the emulator (tests/emu_header.rs, tests/emu_mma.rs): the
+//! source wrapped as a kernel of the embedded helper headers, and its kernels built for sm_90.
+
+use fpx::codegen::{HelperHeaders, KernelContext, KernelSource};
+use fpx::lower::{ActDtype, Arch, KernelSpec};
+use fpx::runtime::emu::{EmuKernels, EmuOptions, Toolchain};
+
+/// `source` with entry points `entries` as a kernel for `arch` (its spec is a placeholder: the
+/// source is not rendered from a template).
+pub fn source(name: &str, source: &str, entries: &[&str], arch: Arch) -> KernelSource {
+    let spec = KernelSpec::SiluMul {
+        dim: 1,
+        act: ActDtype::F32,
+    };
+    KernelSource {
+        spec,
+        arch,
+        name: name.into(),
+        file_name: format!("{name}.cu"),
+        source: source.into(),
+        entry_points: entries.iter().map(|e| e.to_string()).collect(),
+        context: KernelContext::new(&spec, arch),
+        headers: HelperHeaders::embedded(),
+    }
+}
+
+/// `kernel` built by the emulator for sm_90 (`None`, after saying why, without g++ or the
+/// CUDA header wheels).
+pub fn kernels(kernel: KernelSource) -> Option<EmuKernels> {
+    if !super::have(
+        "g++ and the CUDA header wheels (.venv)",
+        Toolchain::find().is_ok(),
+    ) {
+        return None;
+    }
+    let opts = EmuOptions {
+        arch: Arch::Sm90,
+        cache_dir: Some(std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("emu-cache")),
+    };
+    Some(EmuKernels::from_sources(&[kernel], &opts).unwrap())
+}
