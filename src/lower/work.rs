@@ -227,6 +227,41 @@ mod tests {
     }
 
     #[test]
+    fn prefill_gemms_on_16_bit_activations_take_the_tensor_core_path_where_exact() {
+        let shape = |format, act| LinearShape {
+            format,
+            n: 64,
+            k: 64,
+            bias: false,
+            accumulate: false,
+            act,
+        };
+        let path = |format, act| linear_work(&shape(format, act), 64, Arch::Sm90).path;
+        for f in [WeightFormat::Fp8, WeightFormat::Nvfp4, WeightFormat::Mxfp4] {
+            assert_eq!(path(f, ActDtype::Bf16), InstructionPath::TensorF16, "{f:?}");
+        }
+        for f in [WeightFormat::Fp16, WeightFormat::Fp8, WeightFormat::Nvfp4] {
+            assert_eq!(path(f, ActDtype::F16), InstructionPath::TensorF16, "{f:?}");
+        }
+        // FP16 weights are not BF16 values, E8M0 scales leave FP16's range, FP32 is FP32.
+        assert_eq!(
+            path(WeightFormat::Fp16, ActDtype::Bf16),
+            InstructionPath::SimtF32
+        );
+        assert_eq!(
+            path(WeightFormat::Mxfp4, ActDtype::F16),
+            InstructionPath::SimtF32
+        );
+        assert_eq!(
+            path(WeightFormat::Fp8, ActDtype::F32),
+            InstructionPath::SimtF32
+        );
+        // The decode GEMV stays SIMT.
+        let gemv = linear_work(&shape(WeightFormat::Fp8, ActDtype::Bf16), 1, Arch::Sm90);
+        assert_eq!(gemv.path, InstructionPath::SimtF32);
+    }
+
+    #[test]
     fn a_windowed_layer_reads_only_its_window_and_qk_norms_their_weights() {
         use crate::ir::Graph;
         use crate::model::{synthetic::tiny_spec, Architecture, ModelSpec, SlidingWindow};
@@ -271,40 +306,5 @@ mod tests {
         );
         // The two head_dim weights in FP32.
         assert_eq!(a.bytes - b.bytes, 2.0 * 4.0 * 16.0);
-    }
-
-    #[test]
-    fn prefill_gemms_on_16_bit_activations_take_the_tensor_core_path_where_exact() {
-        let shape = |format, act| LinearShape {
-            format,
-            n: 64,
-            k: 64,
-            bias: false,
-            accumulate: false,
-            act,
-        };
-        let path = |format, act| linear_work(&shape(format, act), 64, Arch::Sm90).path;
-        for f in [WeightFormat::Fp8, WeightFormat::Nvfp4, WeightFormat::Mxfp4] {
-            assert_eq!(path(f, ActDtype::Bf16), InstructionPath::TensorF16, "{f:?}");
-        }
-        for f in [WeightFormat::Fp16, WeightFormat::Fp8, WeightFormat::Nvfp4] {
-            assert_eq!(path(f, ActDtype::F16), InstructionPath::TensorF16, "{f:?}");
-        }
-        // FP16 weights are not BF16 values, E8M0 scales leave FP16's range, FP32 is FP32.
-        assert_eq!(
-            path(WeightFormat::Fp16, ActDtype::Bf16),
-            InstructionPath::SimtF32
-        );
-        assert_eq!(
-            path(WeightFormat::Mxfp4, ActDtype::F16),
-            InstructionPath::SimtF32
-        );
-        assert_eq!(
-            path(WeightFormat::Fp8, ActDtype::F32),
-            InstructionPath::SimtF32
-        );
-        // The decode GEMV stays SIMT.
-        let gemv = linear_work(&shape(WeightFormat::Fp8, ActDtype::Bf16), 1, Arch::Sm90);
-        assert_eq!(gemv.path, InstructionPath::SimtF32);
     }
 }
