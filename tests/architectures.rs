@@ -203,3 +203,68 @@ fn gguf_rope_factors_of_the_wrong_length_are_refused() {
         "{err}"
     );
 }
+
+/// The whole command line on a Qwen3 with q/k norms and a window shorter than the sequence:
+/// calibrate, plan (greedy, half the layers in FP4), run the plan on the cpu backend and, with
+/// the emulator's toolchain, on emu: the same greedy tokens.
+#[test]
+fn qwen3_windowed_calibrates_plans_and_runs_on_cpu_and_emu() {
+    let text = common::moby_dick();
+    if !common::have("the Moby Dick text", text.is_file()) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("qwen3");
+    write_hf_checkpoint(&model, &common::tiny_qwen3_windowed(), 2, HfDtype::BF16, 1).unwrap();
+    let (calib, plan) = (dir.path().join("c.json"), dir.path().join("p.json"));
+    let path = |p: &std::path::Path| p.to_str().unwrap().to_string();
+    let run = |args: &[&str]| {
+        let (code, stdout, stderr) = common::fpx(args);
+        assert_eq!(code, 0, "fpx {args:?}: {stderr}");
+        stdout
+    };
+    let (m, t, c, p) = (path(&model), path(&text), path(&calib), path(&plan));
+    run(&[
+        "calibrate",
+        "--model",
+        &m,
+        "--text",
+        &t,
+        "-o",
+        &c,
+        "--seq-len",
+        "32",
+        "--windows",
+        "2",
+        "--kl-windows",
+        "0",
+    ]);
+    run(&[
+        "plan", "--calib", &c, "--solver", "greedy", "--gamma", "0.5", "--device", "h100", "-o", &p,
+    ]);
+    let tokens = |backend: &str| {
+        let out = run(&[
+            "run",
+            "--model",
+            &m,
+            "--plan",
+            &p,
+            "--prompt",
+            "The whale and the sea, the sea",
+            "--max-tokens",
+            "8",
+            "--backend",
+            backend,
+            "--json",
+        ]);
+        let v: Value = serde_json::from_str(&out).unwrap();
+        v["tokens"].clone()
+    };
+    let cpu = tokens("cpu");
+    // Eight tokens, or fewer when one is the end-of-sequence id.
+    assert!(!cpu.as_array().unwrap().is_empty(), "{cpu}");
+    let emu_ok = fpx::runtime::emu::Toolchain::find().is_ok();
+    if common::have("g++ and the CUDA header wheels (.venv)", emu_ok) {
+        assert_eq!(tokens("emu"), cpu);
+    }
+}

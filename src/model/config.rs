@@ -281,13 +281,7 @@ impl TryFrom<HfConfig> for ModelSpec {
             max_position_embeddings,
             sliding_window,
             bos_token_id: c.bos_token_id.as_ref().and_then(TokenIds::first),
-            eos_token_id: EosIds::new(
-                c.eos_token_id
-                    .as_ref()
-                    .map_or(&[][..], TokenIds::ids)
-                    .iter()
-                    .copied(),
-            ),
+            eos_token_id: EosIds::new(c.eos_token_id.iter().flat_map(|t| t.ids().to_vec())),
         };
         validate_spec(&spec).map_err(ConfigError::Invalid)?;
         Ok(spec)
