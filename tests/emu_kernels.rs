@@ -255,13 +255,14 @@ fn emu_catches_swapped_fp4_nibbles() {
         "f[j] = v[0];\n    f[j + 4] = v[1];",
         "f[j ^ 1] = v[0];\n    f[(j ^ 1) + 4] = v[1];",
     );
-    let gemm = break_once(
-        embedded(&fpx::codegen::TEMPLATES, "gemm.cu.tera"),
+    // The GEMMs' (SIMT and tensor-core) one per-element weight decode.
+    let macros = break_once(
+        embedded(&fpx::codegen::TEMPLATES, "macros.cu.tera"),
         "byte >> ((kk & 1) * 4)",
         "byte >> ((~kk & 1) * 4)",
     );
     let renderer =
-        Renderer::with_overrides(&[("fpx_formats.cuh", &formats), ("gemm.cu.tera", &gemm)])
+        Renderer::with_overrides(&[("fpx_formats.cuh", &formats), ("macros.cu.tera", &macros)])
             .unwrap();
     let typo = Renderer::with_overrides(&[("fpx_format.cuh", "")])
         .err()
