@@ -8,12 +8,16 @@
 //! - `kl` (optional): mean KL divergence of the next-token distribution, on held-out windows,
 //!   when only layer `l` is in format `f`.
 //!
-//! The eps pass ([`capture`]) streams the model one decoder block at a time (only that block's
-//! weights and the residual stream of every calibration token are in memory); the KL pass
-//! ([`sensitivity`]) holds the whole model. [`mod@file`] is the versioned calibration file.
+//! Both passes stream the model one stage (a decoder block, or the head) at a time, so only
+//! one stage's weights are in memory: the eps pass ([`capture`]; weight-only eps from Gram
+//! matrices, [`gram`]) and the KL pass ([`sensitivity`]; every variant's forward starts at its
+//! own stage, and the perturbed streams cross later stages in batches). [`mod@file`] is the
+//! versioned calibration file.
 
 pub mod capture;
+pub mod cost;
 pub mod file;
+pub mod gram;
 pub mod sensitivity;
 
 use std::collections::BTreeMap;

@@ -1,136 +1,260 @@
 //! The KL pass: end-to-end sensitivity of each linear layer in each format. For every layer
-//! `l` and format `f`, the model runs with only `l` fake-quantized to `f` (weights only) on
-//! held-out windows, and the mean KL divergence of its next-token distribution from the
-//! full-precision one is recorded.
+//! `l` and format `f` (a *variant*), the model runs with only `l` fake-quantized to `f`
+//! (weights only) on held-out windows, and the mean KL divergence of its next-token
+//! distribution from the full-precision one is recorded. Exact: every variant is a complete
+//! forward pass; nothing is approximated.
 //!
-//! Only the blocks from `l` on change, so each such forward starts at `l`'s block from the
-//! cached full-precision residual stream. Memory: the whole model in FP32, plus per window the
-//! residual stream at every block boundary and the reference log-probabilities.
+//! What makes it fast, stage by stage (a stage is a decoder block, or the head: final norm and
+//! lm_head), streaming weights like the eps pass:
+//! - a first sweep computes the full-precision residual stream at every stage boundary and
+//!   the reference next-token distributions ([`NextTokenReference`]), once per window;
+//! - a variant's forward starts at its own stage from the cached boundary (the stages before
+//!   it are the reference's), with the variant's weights swapped in for that stage only;
+//! - after its own stage a variant is a residual stream through full-precision stages, so all
+//!   live streams cross a stage as one batch ([`Run`] takes stacked streams): each stage's
+//!   weights are loaded once per sweep and multiplied into thousands of rows at a time.
+//!
+//! Memory, with `W` windows of `T` tokens, hidden size `H`, vocabulary `V` and `L` blocks:
+//! `4 W T ((L + 1) H + V)` bytes of reference state, at most [`STREAM_BYTES`] of live
+//! streams (variants beyond it run in further sweeps), one stage's FP32 weights plus one
+//! quantized copy, and the activations of one batch of [`BATCH_ROWS`] rows (the head's logits:
+//! [`HEAD_BYTES`]).
 
-use rayon::prelude::*;
+use std::collections::BTreeMap;
 
 use crate::error::Result;
-use crate::eval::log_softmax;
+use crate::eval::kl::NextTokenReference;
 use crate::formats::Format;
-use crate::ir::{Graph, Op};
-use crate::lower::LinearPrecision;
-use crate::runtime::cpu::{CpuModel, Mat, Run};
+use crate::ir::{Graph, NodeId, Op};
+use crate::lower::{LinearPrecision, PrecisionMap};
+use crate::model::WeightSource;
+use crate::runtime::cpu::{CpuModel, LinearWeights, Mat, Run};
 
 use super::LayerCalibration;
 
-/// Full-precision state of one held-out window.
-struct Reference<'w> {
-    tokens: &'w [u32],
-    /// Residual stream entering each block, then the head (final norm and lm_head).
-    block_inputs: Vec<Mat>,
-    /// Log-probabilities of the next token at every position but the last.
-    log_probs: Vec<Vec<f32>>,
+/// Bytes of live residual streams one sweep holds.
+pub const STREAM_BYTES: usize = 1 << 30;
+/// Rows of stacked streams per batch through a block.
+pub const BATCH_ROWS: usize = 4096;
+/// Bytes of logits per batch through the head.
+pub const HEAD_BYTES: usize = 256 << 20;
+
+/// One (layer, format) the pass measures, on one window.
+struct Stream {
+    variant: usize,
+    window: usize,
 }
 
-fn reference<'w>(model: &CpuModel, tokens: &'w [u32]) -> Result<Reference<'w>> {
-    let g = model.graph();
-    let mut block_inputs = Vec::with_capacity(g.spec().num_layers);
-    let mut x = model.execute(
-        tokens,
-        Run {
-            until: g.block_input(0),
-            ..Run::default()
-        },
-        &mut |_, _, _| {},
-    )?;
-    for layer in 0..g.spec().num_layers {
-        block_inputs.push(x.clone());
-        let run = Run {
-            from: Some((g.block_input(layer).expect("block input"), x)),
-            until: g.block_output(layer),
-            replace: None,
-        };
-        x = model.execute(tokens, run, &mut |_, _, _| {})?;
-    }
-    // The head stage (final norm, lm_head) restarts from the last block's output.
-    block_inputs.push(x.clone());
-    let last = g.spec().num_layers - 1;
-    let run = Run {
-        from: Some((g.block_output(last).expect("block output"), x)),
-        ..Run::default()
-    };
-    let logits = model.execute(tokens, run, &mut |_, _, _| {})?;
-    let log_probs = (0..logits.rows - 1)
-        .into_par_iter()
-        .map(|i| {
-            log_softmax(logits.row(i))
-                .into_iter()
-                .map(|v| v as f32)
-                .collect()
-        })
-        .collect();
-    Ok(Reference {
-        tokens,
-        block_inputs,
-        log_probs,
+struct Variant {
+    record: usize,
+    node: NodeId,
+    format: Format,
+    stage: usize,
+}
+
+/// The full-precision state of the windows: the residual stream entering every stage (the
+/// head's is the last block's output) and the next-token distributions.
+struct Reference {
+    stage_inputs: Vec<Vec<Mat>>,
+    next: Vec<NextTokenReference>,
+}
+
+/// Loads the parameters of one stage (the embedding excluded).
+fn load_stage(graph: &Graph, weights: &dyn WeightSource, stage: usize) -> Result<CpuModel> {
+    let layers = graph.spec().num_layers;
+    CpuModel::load_where(graph, weights, &PrecisionMap::new(), &|n| {
+        n.layer.unwrap_or(layers) == stage && !matches!(n.op, Op::Embedding { .. })
     })
 }
 
-/// Sum over positions of `KL(reference || softmax(logits))`.
-fn kl_sum(reference: &[Vec<f32>], logits: &Mat) -> f64 {
-    reference
-        .par_iter()
-        .enumerate()
-        .map(|(i, lp)| {
-            let lq = log_softmax(logits.row(i));
-            lp.iter()
-                .zip(&lq)
-                .map(|(&p, &q)| (p as f64).exp() * (p as f64 - q))
-                .sum::<f64>()
-        })
-        .sum()
+/// `Run` of one stage from its input: to the block's output, or for the head to the logits.
+fn stage_run<'a>(graph: &Graph, stage: usize, x: Mat) -> Run<'a> {
+    Run {
+        from: Some((graph.block_input(stage).expect("stage input"), x)),
+        until: graph.block_output(stage),
+        replace: None,
+    }
 }
 
-/// Fills `kl` of every record for every format it has. `model` must hold all weights at full
-/// precision. `progress(done, total)` is called after each (layer, format).
+fn reference(graph: &Graph, weights: &dyn WeightSource, windows: &[&[u32]]) -> Result<Reference> {
+    let layers = graph.spec().num_layers;
+    let embed = CpuModel::load_where(graph, weights, &PrecisionMap::new(), &|n| {
+        matches!(n.op, Op::Embedding { .. })
+    })?;
+    let mut x: Vec<Mat> = windows
+        .iter()
+        .map(|w| {
+            let run = Run {
+                until: graph.block_input(0),
+                ..Run::default()
+            };
+            embed.execute(w, run, &mut |_, _, _| {})
+        })
+        .collect::<Result<_>>()?;
+    drop(embed);
+    let mut stage_inputs = vec![Vec::with_capacity(layers + 1); windows.len()];
+    let mut next = Vec::with_capacity(windows.len());
+    for stage in 0..=layers {
+        let model = load_stage(graph, weights, stage)?;
+        for (w, window) in windows.iter().enumerate() {
+            stage_inputs[w].push(x[w].clone());
+            let out = model.execute(
+                window,
+                stage_run(graph, stage, x[w].clone()),
+                &mut |_, _, _| {},
+            )?;
+            if stage < layers {
+                x[w] = out;
+            } else {
+                next.push(NextTokenReference::new(&out, window));
+            }
+        }
+    }
+    Ok(Reference { stage_inputs, next })
+}
+
+/// Stacks streams of equally many rows into one matrix.
+fn stack(xs: Vec<Mat>) -> Mat {
+    let cols = xs[0].cols;
+    let rows = xs.iter().map(|x| x.rows).sum();
+    let mut data = Vec::with_capacity(rows * cols);
+    for x in xs {
+        data.extend_from_slice(&x.data);
+    }
+    Mat::from_vec(rows, cols, data)
+}
+
+/// Splits stacked streams of `seq` rows each.
+fn unstack(x: Mat, seq: usize) -> Vec<Mat> {
+    x.data
+        .chunks(seq * x.cols)
+        .map(|c| Mat::from_vec(seq, x.cols, c.to_vec()))
+        .collect()
+}
+
+/// Fills `kl` of every record for every format it has, streaming the model's weights stage by
+/// stage. `progress(done, total)` counts stage crossings of (variant, window) streams.
 pub fn measure_kl(
-    model: &CpuModel,
+    graph: &Graph,
+    weights: &dyn WeightSource,
     windows: &[&[u32]],
     records: &mut [LayerCalibration],
     progress: &mut dyn FnMut(usize, usize),
 ) -> Result<()> {
-    let g: &Graph = model.graph();
-    let refs: Vec<Reference> = windows
-        .iter()
-        .map(|w| reference(model, w))
-        .collect::<Result<_>>()?;
-    let predictions: usize = refs.iter().map(|r| r.log_probs.len()).sum();
-    let total: usize = records.iter().map(|r| r.metrics.len()).sum();
-    let mut done = 0;
-    for record in records.iter_mut() {
-        let id = g
+    let layers = graph.spec().num_layers;
+    let mut variants = Vec::new();
+    for (r, record) in records.iter().enumerate() {
+        let node = graph
             .find(&record.name)
             .expect("calibration records name graph nodes");
-        let Op::Linear(l) = &g.node(id).op else {
-            unreachable!("records are linear layers")
-        };
-        let full = model.linear(id).expect("the whole model is loaded");
-        let formats: Vec<Format> = record.metrics.keys().copied().collect();
-        for f in formats {
-            let w = full.quantized(l, LinearPrecision::weight_only(f));
-            let mut kl = 0.0;
-            for r in &refs {
+        for &format in record.metrics.keys() {
+            variants.push(Variant {
+                record: r,
+                node,
+                format,
+                stage: record.layer,
+            });
+        }
+    }
+    variants.sort_by_key(|v| v.stage);
+    let streams: Vec<Stream> = (0..variants.len())
+        .flat_map(|variant| (0..windows.len()).map(move |window| Stream { variant, window }))
+        .collect();
+    let total: usize = streams
+        .iter()
+        .map(|s| layers + 1 - variants[s.variant].stage)
+        .sum::<usize>()
+        + (layers + 1) * windows.len();
+    let mut done = 0;
+    let reference = reference(graph, weights, windows)?;
+    done += (layers + 1) * windows.len();
+    progress(done, total);
+
+    let seq = windows[0].len();
+    let stream_bytes = seq * graph.spec().hidden_size * 4;
+    let per_sweep = (STREAM_BYTES / stream_bytes).max(1);
+    let mut kl = vec![0.0f64; variants.len()];
+    for sweep in streams.chunks(per_sweep) {
+        let first = variants[sweep[0].variant].stage;
+        // Streams that have crossed their own stage, with their residual stream.
+        let mut live: Vec<(&Stream, Mat)> = Vec::new();
+        for stage in first..=layers {
+            let model = load_stage(graph, weights, stage)?;
+            let head = stage == layers;
+            // Live streams cross this full-precision stage in batches (their tokens matter
+            // only through their positions, which every window shares).
+            let streams_per_batch = if head {
+                HEAD_BYTES / (seq * graph.spec().vocab_size * 4)
+            } else {
+                BATCH_ROWS / seq
+            }
+            .max(1);
+            let mut crossed = Vec::with_capacity(live.len());
+            let mut pending = live.into_iter();
+            loop {
+                let (ids, xs): (Vec<&Stream>, Vec<Mat>) =
+                    pending.by_ref().take(streams_per_batch).unzip();
+                if ids.is_empty() {
+                    break;
+                }
+                let run = stage_run(graph, stage, stack(xs));
+                let out = model.execute(windows[0], run, &mut |_, _, _| {})?;
+                done += ids.len();
+                for (s, x) in ids.into_iter().zip(unstack(out, seq)) {
+                    if head {
+                        kl[s.variant] += reference.next[s.window].kl_sum(&x);
+                    } else {
+                        crossed.push((s, x));
+                    }
+                }
+                progress(done, total);
+            }
+            live = crossed;
+            // Streams whose own layer is in this stage start here, from the reference.
+            let mut quantized: Option<(usize, LinearWeights)> = None;
+            for s in sweep.iter().filter(|s| variants[s.variant].stage == stage) {
+                let v = &variants[s.variant];
+                if quantized.as_ref().map(|q| q.0) != Some(s.variant) {
+                    let Op::Linear(l) = &graph.node(v.node).op else {
+                        unreachable!("records are linear layers")
+                    };
+                    let full = model
+                        .linear(v.node)
+                        .expect("the stage's weights are loaded");
+                    quantized = Some((
+                        s.variant,
+                        full.quantized(l, LinearPrecision::weight_only(v.format)),
+                    ));
+                }
+                let w = &quantized.as_ref().expect("set above").1;
                 let run = Run {
-                    from: Some((
-                        g.block_input(record.layer).expect("block input"),
-                        r.block_inputs[record.layer].clone(),
-                    )),
-                    until: None,
-                    replace: Some((id, &w)),
+                    replace: Some((v.node, w)),
+                    ..stage_run(
+                        graph,
+                        stage,
+                        reference.stage_inputs[s.window][stage].clone(),
+                    )
                 };
-                let logits = model.execute(r.tokens, run, &mut |_, _, _| {})?;
-                kl += kl_sum(&r.log_probs, &logits);
+                let out = model.execute(windows[s.window], run, &mut |_, _, _| {})?;
+                if head {
+                    kl[s.variant] += reference.next[s.window].kl_sum(&out);
+                } else {
+                    live.push((s, out));
+                }
+                done += 1;
+                progress(done, total);
             }
-            if let Some(m) = record.metrics.get_mut(&f) {
-                m.kl = Some(kl / predictions as f64);
-            }
-            done += 1;
-            progress(done, total);
+        }
+    }
+    let predictions: usize = reference.next.iter().map(|r| r.predictions()).sum();
+    let by_variant: BTreeMap<(usize, Format), f64> = variants
+        .iter()
+        .zip(&kl)
+        .map(|(v, &k)| ((v.record, v.format), k / predictions as f64))
+        .collect();
+    for ((record, format), value) in by_variant {
+        if let Some(m) = records[record].metrics.get_mut(&format) {
+            m.kl = Some(value);
         }
     }
     Ok(())

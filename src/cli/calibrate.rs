@@ -8,12 +8,10 @@ use anyhow::Result;
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 
-use fpx::calib::{self, Calibration, KlSetup, LayerCalibration, ModelRef, TextRef};
+use fpx::calib::{self, cost, Calibration, KlSetup, LayerCalibration, ModelRef, TextRef};
 use fpx::eval;
 use fpx::formats::{Format, MxScaleRule};
 use fpx::ir::Graph;
-use fpx::lower::PrecisionMap;
-use fpx::runtime::cpu::CpuModel;
 
 use std::path::PathBuf;
 
@@ -37,9 +35,14 @@ pub struct CalibrateArgs {
     /// Held-out windows (after the calibration windows) for the per-layer KL pass; 0 skips it.
     #[arg(long, default_value_t = 1)]
     pub(crate) kl_windows: usize,
-    /// Tokens per KL window.
-    #[arg(long, default_value_t = 256)]
-    pub(crate) kl_seq_len: usize,
+    /// Tokens per KL window (default: the longest of 256, 128, 64, 32 whose estimated KL pass
+    /// fits --kl-budget-minutes).
+    #[arg(long)]
+    pub(crate) kl_seq_len: Option<usize>,
+    /// Run-time budget that sizes the default KL window, from the pass's counted flops and
+    /// this machine's measured product throughput.
+    #[arg(long, default_value_t = 5.0)]
+    pub(crate) kl_budget_minutes: f64,
     /// MXFP4 scale rule: round (compressed-tensors' rule, no clipping) or ocp-floor (the OCP
     /// MX spec's floor(log2 amax), which clips a block's largest values). Recorded in the file.
     #[arg(long, default_value_t = MxScaleRule::Round)]
@@ -64,8 +67,16 @@ struct Summary<'a> {
     eps_seconds: f64,
     /// Calibration tokens x linear layers per second of the eps pass.
     eps_token_layers_per_s: f64,
+    /// Estimated seconds of the eps pass, printed before it started.
+    eps_estimate_seconds: f64,
     kl: Option<KlSetup>,
     kl_seconds: Option<f64>,
+    /// Estimated seconds of the KL pass, printed before it started.
+    kl_estimate_seconds: Option<f64>,
+    /// KL-pass seconds per held-out token (the pass scales linearly with tokens).
+    kl_seconds_per_token: Option<f64>,
+    /// The f32 product throughput measured before the passes, which the estimates use.
+    measured_gflops: f64,
     /// Spearman rank correlation between eps and KL across layers, per format.
     rank_correlation: std::collections::BTreeMap<Format, f64>,
     /// The ten most sensitive layers, worst first.
@@ -79,14 +90,22 @@ pub fn run(args: CalibrateArgs) -> Result<()> {
     fpx::fsutil::prepare_output_file(&args.output)?;
     let (model, text, tokens) = args.input.load()?;
     crate::cli::args::window("--seq-len", args.seq_len, &model)?;
-    if args.kl_windows > 0 {
-        crate::cli::args::window("--kl-seq-len", args.kl_seq_len, &model)?;
-    }
+    let graph = Graph::build(&model.spec);
+    let gflops = cost::measure_gflops(model.spec.hidden_size);
+    let kl_seq_len = match args.kl_seq_len {
+        Some(n) => {
+            if args.kl_windows > 0 {
+                crate::cli::args::window("--kl-seq-len", n, &model)?;
+            }
+            n
+        }
+        None => default_kl_seq_len(&args, &graph, &model.spec, gflops)?,
+    };
     // Saturating: a product beyond usize is more tokens than any text holds.
     let need = args
         .seq_len
         .saturating_mul(args.windows)
-        .saturating_add(args.kl_seq_len.saturating_mul(args.kl_windows));
+        .saturating_add(kl_seq_len.saturating_mul(args.kl_windows));
     if args.windows == 0 || tokens.len() < need {
         anyhow::bail!(
             "{}: the text has {} tokens; {} calibration windows of {} and {} KL windows of {} need {need}",
@@ -95,13 +114,21 @@ pub fn run(args: CalibrateArgs) -> Result<()> {
             args.windows,
             args.seq_len,
             args.kl_windows,
-            args.kl_seq_len
+            kl_seq_len
         );
     }
     let (calib_tokens, held_out) = tokens.split_at(args.seq_len * args.windows);
     let windows = eval::windows(calib_tokens, args.seq_len, None)?;
-    let graph = Graph::build(&model.spec);
 
+    let eps_flops = cost::eps_flops(&graph, calib_tokens.len(), args.seq_len, formats.len());
+    let eps_estimate_seconds = eps_flops / (gflops * 1e9);
+    eprintln!(
+        "eps pass: {} tokens x {} formats, {:.1} TFLOP, about {} at {gflops:.0} GFLOP/s (measured)",
+        calib_tokens.len(),
+        formats.len(),
+        eps_flops / 1e12,
+        duration(eps_estimate_seconds)
+    );
     let bar = progress_bar(
         (model.spec.num_layers + 1) * windows.len(),
         "eps (blocks and head x windows)",
@@ -117,23 +144,43 @@ pub fn run(args: CalibrateArgs) -> Result<()> {
     bar.finish_and_clear();
     let eps_seconds = start.elapsed().as_secs_f64();
 
-    let (kl, kl_seconds) = if args.kl_windows > 0 {
-        let kl_windows = eval::windows(held_out, args.kl_seq_len, Some(args.kl_windows))?;
-        let full = CpuModel::load(&graph, model.weights.as_ref(), &PrecisionMap::new())?;
-        let bar = progress_bar(layers.len() * formats.len(), "kl (layers x formats)");
+    let (kl, kl_seconds, kl_estimate_seconds) = if args.kl_windows > 0 {
+        let kl_windows = eval::windows(held_out, kl_seq_len, Some(args.kl_windows))?;
+        let flops = cost::kl_flops(&graph, kl_windows.len(), kl_seq_len, formats.len());
+        let estimate = flops / (gflops * 1e9);
+        eprintln!(
+            "KL pass: {} layers x {} formats on {} x {kl_seq_len} held-out tokens, {:.1} TFLOP, about {}",
+            layers.len(),
+            formats.len(),
+            kl_windows.len(),
+            flops / 1e12,
+            duration(estimate)
+        );
+        let bar = progress_bar(0, "kl (stage crossings of layer x format x window)");
         let start = Instant::now();
-        calib::sensitivity::measure_kl(&full, &kl_windows, &mut layers, &mut |d, _| {
-            bar.set_position(d as u64)
-        })?;
+        calib::sensitivity::measure_kl(
+            &graph,
+            model.weights.as_ref(),
+            &kl_windows,
+            &mut layers,
+            &mut |d, total| {
+                bar.set_length(total as u64);
+                bar.set_position(d as u64)
+            },
+        )?;
         bar.finish_and_clear();
         let setup = KlSetup {
-            seq_len: args.kl_seq_len,
+            seq_len: kl_seq_len,
             windows: kl_windows.len(),
-            tokens: kl_windows.len() * (args.kl_seq_len - 1),
+            tokens: kl_windows.len() * (kl_seq_len - 1),
         };
-        (Some(setup), Some(start.elapsed().as_secs_f64()))
+        (
+            Some(setup),
+            Some(start.elapsed().as_secs_f64()),
+            Some(estimate),
+        )
     } else {
-        (None, None)
+        (None, None, None)
     };
 
     let calibration = Calibration {
@@ -183,8 +230,14 @@ pub fn run(args: CalibrateArgs) -> Result<()> {
         eps_seconds,
         eps_token_layers_per_s: (calib_tokens.len() * calibration.layers.len()) as f64
             / eps_seconds,
+        eps_estimate_seconds,
         kl,
         kl_seconds,
+        kl_estimate_seconds,
+        kl_seconds_per_token: kl
+            .zip(kl_seconds)
+            .map(|(k, s)| s / (k.windows * k.seq_len) as f64),
+        measured_gflops: gflops,
         rank_correlation,
         worst: sorted.iter().take(10).copied().collect(),
     };
@@ -194,6 +247,63 @@ pub fn run(args: CalibrateArgs) -> Result<()> {
         emit(&table(&summary, &sorted)?);
     }
     Ok(())
+}
+
+/// KL window lengths the default chooses from, longest first.
+const KL_SEQ_LENS: [usize; 4] = [256, 128, 64, 32];
+
+/// The default `--kl-seq-len`: the longest of [`KL_SEQ_LENS`] (within the model's context)
+/// whose estimated KL pass fits the budget, else the shortest with a warning.
+fn default_kl_seq_len(
+    args: &CalibrateArgs,
+    graph: &Graph,
+    spec: &fpx::model::ModelSpec,
+    gflops: f64,
+) -> Result<usize> {
+    if args.kl_budget_minutes.is_nan() || args.kl_budget_minutes <= 0.0 {
+        anyhow::bail!(
+            "--kl-budget-minutes {}: must be positive (--kl-windows 0 skips the KL pass)",
+            args.kl_budget_minutes
+        );
+    }
+    let windows = args.kl_windows.max(1);
+    let fits: Vec<usize> = KL_SEQ_LENS
+        .into_iter()
+        .filter(|&n| n <= spec.max_position_embeddings)
+        .collect();
+    let seconds = |n: usize| cost::kl_flops(graph, windows, n, args.formats.len()) / (gflops * 1e9);
+    let budget = args.kl_budget_minutes * 60.0;
+    let Some(&shortest) = fits.last() else {
+        anyhow::bail!(
+            "the model's context of {} tokens is shorter than every default KL window; pass --kl-seq-len",
+            spec.max_position_embeddings
+        );
+    };
+    match fits.iter().find(|&&n| seconds(n) <= budget) {
+        Some(&n) => Ok(n),
+        None => {
+            if args.kl_windows > 0 {
+                eprintln!(
+                    "warning: even {windows} KL window(s) of {shortest} tokens take about {} (budget {:.0} min); \
+                     --kl-windows 0 skips the KL pass",
+                    duration(seconds(shortest)),
+                    args.kl_budget_minutes
+                );
+            }
+            Ok(shortest)
+        }
+    }
+}
+
+/// `95 s`, `12.5 min` or `3.2 h`.
+fn duration(seconds: f64) -> String {
+    if seconds < 120.0 {
+        format!("{seconds:.0} s")
+    } else if seconds < 7200.0 {
+        format!("{:.1} min", seconds / 60.0)
+    } else {
+        format!("{:.1} h", seconds / 3600.0)
+    }
 }
 
 /// The readable report: every layer, worst first, then the summary lines.
@@ -233,14 +343,25 @@ fn table(s: &Summary, sorted: &[&LayerCalibration]) -> Result<String> {
     }
     writeln!(
         t,
-        "\n{} layers, {} calibration tokens ({} x {}), eps pass {:.1} s ({:.0} token-layers/s)",
-        s.layers, s.text.tokens, s.windows, s.seq_len, s.eps_seconds, s.eps_token_layers_per_s
+        "\n{} layers, {} calibration tokens ({} x {}), eps pass {:.1} s (estimated {:.1} s; {:.0} token-layers/s)",
+        s.layers,
+        s.text.tokens,
+        s.windows,
+        s.seq_len,
+        s.eps_seconds,
+        s.eps_estimate_seconds,
+        s.eps_token_layers_per_s
     )?;
-    if let (Some(kl), Some(sec)) = (s.kl, s.kl_seconds) {
+    if let (Some(kl), Some(sec), Some(est), Some(per)) = (
+        s.kl,
+        s.kl_seconds,
+        s.kl_estimate_seconds,
+        s.kl_seconds_per_token,
+    ) {
         writeln!(
             t,
-            "KL pass: {} held-out windows x {} tokens in {sec:.1} s",
-            kl.windows, kl.seq_len
+            "KL pass: {} held-out windows x {} tokens in {sec:.1} s (estimated {est:.1} s; {:.3} s per held-out token)",
+            kl.windows, kl.seq_len, per
         )?;
     }
     for (f, r) in &s.rank_correlation {

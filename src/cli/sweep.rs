@@ -17,7 +17,7 @@ use rayon::prelude::*;
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 
-use fpx::eval::{self, log_softmax};
+use fpx::eval::{self, kl, kl::NextTokenReference};
 use fpx::formats::Format;
 use fpx::ir::Graph;
 use fpx::latency::LatencySource;
@@ -87,13 +87,13 @@ struct Report<'a> {
     points: &'a [SweepPoint],
 }
 
-/// Reference log-probabilities of held-out windows, for perplexity and KL of plans.
+/// Reference next-token distributions of held-out windows, for perplexity and KL of plans.
 struct Evaluator<'m> {
     model: &'m fpx::model::Model,
     graph: Graph,
     windows: Vec<Vec<u32>>,
-    /// Per window, per predicting position: log-probabilities of the full model.
-    reference: Vec<Vec<Vec<f32>>>,
+    /// Per window, the full model's next-token distributions.
+    reference: Vec<NextTokenReference>,
     reference_nll: f64,
     predictions: usize,
 }
@@ -102,33 +102,17 @@ impl<'m> Evaluator<'m> {
     fn new(model: &'m fpx::model::Model, windows: Vec<Vec<u32>>) -> Result<Self> {
         let graph = Graph::build(&model.spec);
         let full = CpuModel::load(&graph, model.weights.as_ref(), &PrecisionMap::new())?;
-        let (mut reference, mut nll, mut predictions) = (Vec::new(), 0.0, 0);
-        for w in &windows {
-            let logits = full.forward(w)?;
-            let lps: Vec<Vec<f32>> = (0..w.len() - 1)
-                .into_par_iter()
-                .map(|i| {
-                    log_softmax(logits.row(i))
-                        .iter()
-                        .map(|&v| v as f32)
-                        .collect()
-                })
-                .collect();
-            nll -= lps
-                .iter()
-                .zip(&w[1..])
-                .map(|(lp, &t)| lp[t as usize] as f64)
-                .sum::<f64>();
-            predictions += w.len() - 1;
-            reference.push(lps);
-        }
+        let reference = windows
+            .iter()
+            .map(|w| Ok(NextTokenReference::new(&full.forward(w)?, w)))
+            .collect::<Result<Vec<_>>>()?;
         Ok(Evaluator {
             model,
             graph,
+            reference_nll: reference.iter().map(|r| r.nll()).sum(),
+            predictions: reference.iter().map(|r| r.predictions()).sum(),
             windows,
             reference,
-            reference_nll: nll,
-            predictions,
         })
     }
 
@@ -138,21 +122,11 @@ impl<'m> Evaluator<'m> {
         let (mut nll, mut kl) = (0.0, 0.0);
         for (w, reference) in self.windows.iter().zip(&self.reference) {
             let logits: Mat = m.forward(w)?;
-            let (n, k): (f64, f64) = (0..w.len() - 1)
+            nll += (0..w.len() - 1)
                 .into_par_iter()
-                .map(|i| {
-                    let lq = log_softmax(logits.row(i));
-                    let lp = &reference[i];
-                    let kl: f64 = lp
-                        .iter()
-                        .zip(&lq)
-                        .map(|(&p, &q)| (p as f64).exp() * (p as f64 - q))
-                        .sum();
-                    (-lq[w[i + 1] as usize], kl)
-                })
-                .reduce(|| (0.0, 0.0), |a, b| (a.0 + b.0, a.1 + b.1));
-            nll += n;
-            kl += k;
+                .map(|i| kl::nll(logits.row(i), w[i + 1]))
+                .sum::<f64>();
+            kl += reference.kl_sum(&logits);
         }
         let n = self.predictions as f64;
         Ok(((nll / n).exp(), kl / n))

@@ -5,6 +5,7 @@
 //! added; inside a window, token `i+1` is predicted from tokens `0..=i`, so a window yields
 //! `seq_len - 1` predictions.
 
+pub mod kl;
 mod text;
 
 use rayon::prelude::*;
@@ -43,38 +44,11 @@ pub fn windows(tokens: &[u32], seq_len: usize, max_windows: Option<usize>) -> Re
     Ok(tokens.chunks_exact(seq_len).take(n).collect())
 }
 
-/// Log-softmax of one row of logits, in f64.
-pub fn log_softmax(logits: &[f32]) -> Vec<f64> {
-    let max = logits.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v)) as f64;
-    let lse = logits
-        .iter()
-        .map(|&v| (v as f64 - max).exp())
-        .sum::<f64>()
-        .ln()
-        + max;
-    logits.iter().map(|&v| v as f64 - lse).collect()
-}
-
 /// Sum of negative log-likelihoods of `window[i+1]` given logits row `i`.
 fn nll_sum(logits: &Mat, window: &[u32]) -> f64 {
     (0..window.len() - 1)
         .into_par_iter()
-        .map(|i| -log_softmax(logits.row(i))[window[i + 1] as usize])
-        .sum()
-}
-
-/// `KL(p_ref || p)` summed over the rows that predict a next token.
-fn kl_sum(reference: &Mat, logits: &Mat) -> f64 {
-    (0..reference.rows - 1)
-        .into_par_iter()
-        .map(|i| {
-            let lp = log_softmax(reference.row(i));
-            let lq = log_softmax(logits.row(i));
-            lp.iter()
-                .zip(&lq)
-                .map(|(p, q)| p.exp() * (p - q))
-                .sum::<f64>()
-        })
+        .map(|i| kl::nll(logits.row(i), window[i + 1]))
         .sum()
 }
 
@@ -109,9 +83,9 @@ pub fn evaluate(
         let logits = model.forward(window)?;
         nll += nll_sum(&logits, window);
         if let Some(r) = reference {
-            let ref_logits = r.forward(window)?;
-            ref_nll += nll_sum(&ref_logits, window);
-            kl += kl_sum(&ref_logits, &logits);
+            let next = kl::NextTokenReference::new(&r.forward(window)?, window);
+            ref_nll += next.nll();
+            kl += next.kl_sum(&logits);
         }
         count += window.len() - 1;
         progress();
@@ -142,20 +116,5 @@ mod tests {
             .to_string()
             .contains("fewer than one window"));
         assert!(windows(&t, 4, Some(0)).is_err());
-    }
-
-    #[test]
-    fn log_softmax_normalises() {
-        let l = log_softmax(&[1.0, 2.0, 3.0]);
-        assert!((l.iter().map(|v| v.exp()).sum::<f64>() - 1.0).abs() < 1e-12);
-        assert!((l[2] - l[1] - 1.0).abs() < 1e-12);
-    }
-
-    #[test]
-    fn kl_of_identical_logits_is_zero_and_positive_otherwise() {
-        let a = Mat::from_vec(2, 3, vec![0.1, 0.5, -0.2, 1.0, 0.0, 0.3]);
-        let b = Mat::from_vec(2, 3, vec![0.3, 0.1, -0.2, 1.0, 0.0, 0.3]);
-        assert!(kl_sum(&a, &a).abs() < 1e-12);
-        assert!(kl_sum(&a, &b) > 0.0);
     }
 }

@@ -49,11 +49,22 @@ pub fn rms_norm_rows(x: &[f32], cols: usize, weight: &[f32], eps: f32, out: &mut
 }
 
 /// Rotary embedding in the rotate-half convention (Hugging Face Llama): within each head,
-/// element `i` pairs with `i + head_dim/2`; token `t` is at position `t`. With `norm`, each
-/// head is RMS-normalised first ([`norm_rope_rows`]).
-pub fn rope(x: &mut Mat, heads: usize, head_dim: usize, rope: &Rope, norm: Option<(&[f32], f32)>) {
-    let (cos, sin) = rope_tables(x.rows, head_dim, rope);
-    norm_rope_rows(&mut x.data, heads * head_dim, head_dim, norm, &cos, &sin, 0);
+/// element `i` pairs with `i + head_dim/2`. `x` holds streams of `seq` rows each (one window,
+/// or several streams of the same positions); row `t` of a stream is at position `t`. With
+/// `norm`, each head is RMS-normalised first ([`norm_rope_rows`]).
+pub fn rope(
+    x: &mut Mat,
+    seq: usize,
+    heads: usize,
+    head_dim: usize,
+    rope: &Rope,
+    norm: Option<(&[f32], f32)>,
+) {
+    let width = heads * head_dim;
+    let (cos, sin) = rope_tables(seq, head_dim, rope);
+    for stream in x.data.chunks_mut(seq * width) {
+        norm_rope_rows(stream, width, head_dim, norm, &cos, &sin, 0);
+    }
 }
 
 /// The RoPE step's arithmetic on rows of q or k (`width` elements, heads of `head_dim`):
@@ -122,11 +133,24 @@ pub fn rope_rows(
     });
 }
 
-/// Causal attention with grouped KV heads over one window of tokens: query head `h` reads KV
-/// head `h / (heads / kv_heads)`. `q: [t, heads*head_dim]`, `k, v: [t, kv_heads*head_dim]`.
-pub fn causal_attention(q: &Mat, k: &Mat, v: &Mat, shape: AttentionShape) -> Mat {
-    let mut y = Mat::zeros(q.rows, shape.heads * shape.head_dim);
-    attention_rows(&q.data, q.rows, &k.data, &v.data, 0, shape, &mut y.data);
+/// Causal attention with grouped KV heads over streams of `seq` tokens each (each stream
+/// attends only to itself): query head `h` reads KV head `h / (heads / kv_heads)`.
+/// `q: [t, heads*head_dim]`, `k, v: [t, kv_heads*head_dim]`, `t` a multiple of `seq`.
+pub fn causal_attention(q: &Mat, k: &Mat, v: &Mat, seq: usize, shape: AttentionShape) -> Mat {
+    let (q_dim, kv_dim) = (
+        shape.heads * shape.head_dim,
+        shape.kv_heads * shape.head_dim,
+    );
+    let mut y = Mat::zeros(q.rows, q_dim);
+    for (((y, q), k), v) in y
+        .data
+        .chunks_mut(seq * q_dim)
+        .zip(q.data.chunks(seq * q_dim))
+        .zip(k.data.chunks(seq * kv_dim))
+        .zip(v.data.chunks(seq * kv_dim))
+    {
+        attention_rows(q, q.len() / q_dim, k, v, 0, shape, y);
+    }
     y
 }
 
@@ -159,22 +183,29 @@ pub fn attention_rows(
         head_dim,
         window,
     } = shape;
-    let (q_dim, kv_dim, len) = (heads * head_dim, kv_heads * head_dim, pos0 + m);
+    let (q_dim, kv_dim) = (heads * head_dim, kv_heads * head_dim);
     let group = heads / kv_heads;
     let scale = 1.0 / (head_dim as f32).sqrt();
-    let per_head: Vec<Vec<f32>> = (0..heads)
+    // Work items of one head and up to QUERY_BLOCK query rows, each multiplying only by the
+    // keys its last row can see (the causal triangle, not the square).
+    let blocks = m.div_ceil(QUERY_BLOCK);
+    let per_item: Vec<Vec<f32>> = (0..heads * blocks)
         .into_par_iter()
-        .map(|h| {
+        .map(|item| {
+            let (h, block) = (item / blocks, item % blocks);
+            let (r0, r1) = (block * QUERY_BLOCK, ((block + 1) * QUERY_BLOCK).min(m));
+            let (rows, len) = (r1 - r0, pos0 + r1);
             let kvh = h / group;
-            let qh = View::cols_of(q, m, q_dim, h * head_dim, head_dim);
+            let qh = View::cols_of(&q[r0 * q_dim..], rows, q_dim, h * head_dim, head_dim);
             let kh = View::cols_of(k, len, kv_dim, kvh * head_dim, head_dim);
             let vh = View::cols_of(v, len, kv_dim, kvh * head_dim, head_dim);
-            let mut scores = vec![0.0f32; m * len];
+            let mut scores = vec![0.0f32; rows * len];
             matmul_into(&mut scores, len, qh, kh.t(), Threads::Single);
             for (i, row) in scores.chunks_mut(len).enumerate() {
-                let first = first_key(pos0 + i, window);
+                let p = pos0 + r0 + i;
+                let first = first_key(p, window);
                 row[..first].fill(0.0);
-                let live = &mut row[first..=pos0 + i];
+                let live = &mut row[first..=p];
                 let max = live
                     .iter()
                     .fold(f32::NEG_INFINITY, |mx, &s| mx.max(s * scale));
@@ -185,21 +216,25 @@ pub fn attention_rows(
                 }
                 let inv = 1.0 / sum;
                 live.iter_mut().for_each(|s| *s *= inv);
-                row[pos0 + i + 1..].fill(0.0);
+                row[p + 1..].fill(0.0);
             }
-            let mut o = vec![0.0f32; m * head_dim];
-            let p = View::cols_of(&scores, m, len, 0, len);
+            let mut o = vec![0.0f32; rows * head_dim];
+            let p = View::cols_of(&scores, rows, len, 0, len);
             matmul_into(&mut o, head_dim, p, vh, Threads::Single);
             o
         })
         .collect();
-    for (h, o) in per_head.iter().enumerate() {
-        for (r, src) in o.chunks(head_dim).enumerate() {
-            let dst = r * q_dim + h * head_dim;
+    for (item, o) in per_item.iter().enumerate() {
+        let (h, block) = (item / blocks, item % blocks);
+        for (i, src) in o.chunks(head_dim).enumerate() {
+            let dst = (block * QUERY_BLOCK + i) * q_dim + h * head_dim;
             out[dst..dst + head_dim].copy_from_slice(src);
         }
     }
 }
+
+/// Query rows per attention work item.
+const QUERY_BLOCK: usize = 64;
 
 /// `silu(gate) * up`, elementwise; consumes `gate`.
 pub fn silu_mul(mut gate: Mat, up: &Mat) -> Mat {
@@ -261,12 +296,13 @@ mod tests {
             head_dim: hd,
             window: None,
         };
-        let y = causal_attention(&q, &k, &v, shape);
+        let y = causal_attention(&q, &k, &v, t, shape);
         // A window of one position: every row returns its own value.
         let own = causal_attention(
             &q,
             &k,
             &v,
+            t,
             AttentionShape {
                 window: Some(1),
                 ..shape
@@ -294,7 +330,7 @@ mod tests {
     fn rope_at_position_zero_is_identity_and_preserves_norm() {
         let mut x = Mat::from_vec(2, 8, (0..16).map(|i| i as f32 - 7.5).collect());
         let orig = x.clone();
-        rope(&mut x, 2, 4, &Rope::plain(10000.0), None);
+        rope(&mut x, 2, 2, 4, &Rope::plain(10000.0), None);
         assert_eq!(x.row(0), orig.row(0));
         let n = |r: &[f32]| r.iter().map(|v| v * v).sum::<f32>();
         assert!((n(x.row(1)) - n(orig.row(1))).abs() < 1e-3);
@@ -309,7 +345,14 @@ mod tests {
             .copied()
             .collect();
         let mut x = Mat::from_vec(1, 8, row);
-        rope(&mut x, 2, 4, &Rope::plain(10000.0), Some((&[1.0; 4], 1e-6)));
+        rope(
+            &mut x,
+            1,
+            2,
+            4,
+            &Rope::plain(10000.0),
+            Some((&[1.0; 4], 1e-6)),
+        );
         let (a, b) = x.row(0).split_at(4);
         for (p, q) in a.iter().zip(b) {
             assert!((p - q).abs() < 1e-5, "{a:?} {b:?}");

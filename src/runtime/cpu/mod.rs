@@ -35,7 +35,7 @@ use params::Params;
 #[derive(Default)]
 pub struct Run<'a> {
     /// Start after this residual-stream node (a block input, see [`Graph::block_input`]),
-    /// whose value is given.
+    /// whose value is given: one stream of `tokens.len()` rows, or several stacked.
     pub from: Option<(NodeId, Mat)>,
     /// Stop after this residual-stream node and return its value (default: the logits).
     pub until: Option<NodeId>,
@@ -184,6 +184,16 @@ impl CpuModel {
         };
         let start = match from {
             Some((id, value)) => {
+                if tokens.is_empty() || value.rows % tokens.len() != 0 {
+                    return Err(Error::invalid(
+                        "CPU forward",
+                        format!(
+                            "a start value of {} rows is not a whole number of {}-token streams",
+                            value.rows,
+                            tokens.len()
+                        ),
+                    ));
+                }
                 b.put(Act::X, value);
                 self.boundary(id)?
             }
@@ -262,10 +272,17 @@ impl CpuModel {
                     None => (None, None),
                 };
                 let mut q = b.take(Act::Q, index)?;
-                kernels::rope(&mut q, d.heads, d.head_dim, &d.rope, q_norm);
+                kernels::rope(&mut q, tokens.len(), d.heads, d.head_dim, &d.rope, q_norm);
                 b.put(Act::Q, q);
                 let mut k = b.take(Act::K, index)?;
-                kernels::rope(&mut k, d.kv_heads, d.head_dim, &d.rope, k_norm);
+                kernels::rope(
+                    &mut k,
+                    tokens.len(),
+                    d.kv_heads,
+                    d.head_dim,
+                    &d.rope,
+                    k_norm,
+                );
                 b.act.round_slice(&mut k.data);
                 b.k = Some(k);
                 b.v = Some(b.take(Act::V, index)?);
@@ -283,7 +300,8 @@ impl CpuModel {
                     head_dim: d.head_dim,
                     window,
                 };
-                let att = kernels::causal_attention(b.get(Act::Q, index)?, &k, &v, shape);
+                let att =
+                    kernels::causal_attention(b.get(Act::Q, index)?, &k, &v, tokens.len(), shape);
                 b.put(Act::Att, att);
             }
             Step::SiluMul => {
