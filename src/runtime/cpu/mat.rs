@@ -99,47 +99,34 @@ pub trait Scalar: Copy + Send + Sync + 'static {
     );
 }
 
-impl Scalar for f32 {
-    const ZERO: f32 = 0.0;
-    const ONE: f32 = 1.0;
-    unsafe fn kernel(
-        m: usize,
-        k: usize,
-        n: usize,
-        a: *const f32,
-        rsa: isize,
-        csa: isize,
-        b: *const f32,
-        rsb: isize,
-        csb: isize,
-        beta: f32,
-        c: *mut f32,
-        rsc: isize,
-    ) {
-        matrixmultiply::sgemm(m, k, n, 1.0, a, rsa, csa, b, rsb, csb, beta, c, rsc, 1)
-    }
+/// `Scalar` for a float type and its `matrixmultiply` kernel.
+macro_rules! scalar {
+    ($t:ty, $kernel:path) => {
+        impl Scalar for $t {
+            const ZERO: $t = 0.0;
+            const ONE: $t = 1.0;
+            unsafe fn kernel(
+                m: usize,
+                k: usize,
+                n: usize,
+                a: *const $t,
+                rsa: isize,
+                csa: isize,
+                b: *const $t,
+                rsb: isize,
+                csb: isize,
+                beta: $t,
+                c: *mut $t,
+                rsc: isize,
+            ) {
+                $kernel(m, k, n, 1.0, a, rsa, csa, b, rsb, csb, beta, c, rsc, 1)
+            }
+        }
+    };
 }
 
-impl Scalar for f64 {
-    const ZERO: f64 = 0.0;
-    const ONE: f64 = 1.0;
-    unsafe fn kernel(
-        m: usize,
-        k: usize,
-        n: usize,
-        a: *const f64,
-        rsa: isize,
-        csa: isize,
-        b: *const f64,
-        rsb: isize,
-        csb: isize,
-        beta: f64,
-        c: *mut f64,
-        rsc: isize,
-    ) {
-        matrixmultiply::dgemm(m, k, n, 1.0, a, rsa, csa, b, rsb, csb, beta, c, rsc, 1)
-    }
-}
+scalar!(f32, matrixmultiply::sgemm);
+scalar!(f64, matrixmultiply::dgemm);
 
 /// Whether a product may split its work across rayon threads.
 #[derive(Clone, Copy, PartialEq, Eq)]
