@@ -16,14 +16,14 @@ use std::sync::Arc;
 
 use crate::error::{Error, Result};
 use crate::formats::Format;
-use crate::ir::{Graph, Node, NodeId, Op};
-use crate::lower::{LinearPrecision, PrecisionMap};
+use crate::ir::{Graph, NodeId, Op};
+use crate::lower::LinearPrecision;
 use crate::model::WeightSource;
 use crate::runtime::cpu::mat::matmul_wt;
-use crate::runtime::cpu::{CpuModel, LinearWeights, Mat, Run};
+use crate::runtime::cpu::{LinearWeights, Mat};
 
 use super::gram::Gram;
-use super::{LayerCalibration, LayerMetrics};
+use super::{embed_windows, load_stage, stage_of, stage_run, LayerCalibration, LayerMetrics};
 
 /// How the weight-only error of the layers reading one input is computed; both are exact.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -146,35 +146,14 @@ pub fn measure_eps_with(
     let layers = spec.num_layers;
     let total = (layers + 1) * windows.len();
     let tokens: usize = windows.iter().map(|w| w.len()).sum();
-    let none = PrecisionMap::new();
-    let block_input = |i: usize| graph.block_input(i).expect("every block has an input node");
-    // The residual stream entering block 0 of every window.
-    let embed = CpuModel::load_where(graph, weights, &none, &|n| {
-        matches!(n.op, Op::Embedding { .. })
-    })?;
-    let mut hidden: Vec<Mat> = windows
-        .iter()
-        .map(|w| {
-            let run = Run {
-                until: Some(block_input(0)),
-                ..Run::default()
-            };
-            embed.execute(w, run, &mut |_, _, _| {})
-        })
-        .collect::<Result<_>>()?;
-    drop(embed);
-
-    // Stage of a node: its block, or `layers` for the head (final norm, lm_head).
-    let stage_of = |n: &Node| n.layer.unwrap_or(layers);
+    let mut hidden = embed_windows(graph, weights, windows)?;
     let mut records = Vec::new();
     for stage in 0..=layers {
-        let block = CpuModel::load_where(graph, weights, &none, &|n| {
-            stage_of(n) == stage && !matches!(n.op, Op::Embedding { .. })
-        })?;
+        let block = load_stage(graph, weights, stage)?;
         let mut state: BTreeMap<NodeId, LayerState> = BTreeMap::new();
         for (id, l) in graph
             .linears()
-            .filter(|(id, _)| stage_of(graph.node(*id)) == stage)
+            .filter(|(id, _)| stage_of(graph, graph.node(*id)) == stage)
         {
             let full = block.linear(id).expect("block weights loaded");
             let formats = formats
@@ -221,15 +200,9 @@ pub fn measure_eps_with(
         let mut grams: BTreeMap<NodeId, Gram> = BTreeMap::new();
         for (w, window) in windows.iter().enumerate() {
             let mut seen: BTreeSet<NodeId> = BTreeSet::new();
-            let run = Run {
-                from: Some((
-                    block_input(stage),
-                    std::mem::replace(&mut hidden[w], Mat::zeros(0, 0)),
-                )),
-                // The head stage runs to the logits.
-                until: graph.block_output(stage),
-                replace: None,
-            };
+            // The head stage runs to the logits.
+            let x = std::mem::replace(&mut hidden[w], Mat::zeros(0, 0));
+            let run = stage_run(graph, stage, x);
             let mut observe = |id: NodeId, x: &Mat, y: &Mat| {
                 let Some(s) = state.get_mut(&id) else { return };
                 let method = methods[&s.input];

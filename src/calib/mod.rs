@@ -24,8 +24,12 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
+use crate::error::Result;
 use crate::formats::Format;
-use crate::ir::LinearKind;
+use crate::ir::{Graph, LinearKind, Node, Op};
+use crate::lower::PrecisionMap;
+use crate::model::WeightSource;
+use crate::runtime::cpu::{CpuModel, Mat, Run};
 
 pub(crate) use file::legacy_mx_scale_rule;
 pub use file::{Calibration, KlSetup, ModelRef, TextRef, SCHEMA_VERSION};
@@ -61,6 +65,52 @@ impl LayerCalibration {
             .map(|m| m.kl.unwrap_or(m.eps))
             .fold(0.0, f64::max)
     }
+}
+
+/// The stage a node runs in: its decoder block, or the number of blocks for the head (final
+/// norm, lm_head). Both passes stream the model one stage at a time.
+fn stage_of(graph: &Graph, n: &Node) -> usize {
+    n.layer.unwrap_or(graph.spec().num_layers)
+}
+
+/// The full-precision parameters of one stage (the embedding excluded).
+fn load_stage(graph: &Graph, weights: &dyn WeightSource, stage: usize) -> Result<CpuModel> {
+    CpuModel::load_where(graph, weights, &PrecisionMap::new(), &|n| {
+        stage_of(graph, n) == stage && !matches!(n.op, Op::Embedding { .. })
+    })
+}
+
+/// A run of one stage from its input `x`: to the block's output, or for the head to the logits.
+fn stage_run<'a>(graph: &Graph, stage: usize, x: Mat) -> Run<'a> {
+    Run {
+        from: Some((
+            graph.block_input(stage).expect("every stage has an input"),
+            x,
+        )),
+        until: graph.block_output(stage),
+        replace: None,
+    }
+}
+
+/// The residual stream entering block 0 of every window (only the embedding is loaded).
+fn embed_windows(
+    graph: &Graph,
+    weights: &dyn WeightSource,
+    windows: &[&[u32]],
+) -> Result<Vec<Mat>> {
+    let embed = CpuModel::load_where(graph, weights, &PrecisionMap::new(), &|n| {
+        matches!(n.op, Op::Embedding { .. })
+    })?;
+    windows
+        .iter()
+        .map(|w| {
+            let run = Run {
+                until: graph.block_input(0),
+                ..Run::default()
+            };
+            embed.execute(w, run, &mut |_, _, _| {})
+        })
+        .collect()
 }
 
 /// Spearman rank correlation of two equally long samples (ties get their average rank).

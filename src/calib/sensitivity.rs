@@ -26,11 +26,11 @@ use crate::error::Result;
 use crate::eval::kl::NextTokenReference;
 use crate::formats::Format;
 use crate::ir::{Graph, NodeId, Op};
-use crate::lower::{LinearPrecision, PrecisionMap};
+use crate::lower::LinearPrecision;
 use crate::model::WeightSource;
-use crate::runtime::cpu::{CpuModel, LinearWeights, Mat, Run};
+use crate::runtime::cpu::{LinearWeights, Mat, Run};
 
-use super::LayerCalibration;
+use super::{embed_windows, load_stage, stage_run, LayerCalibration};
 
 /// Bytes of live residual streams one sweep holds.
 pub const STREAM_BYTES: usize = 1 << 30;
@@ -59,39 +59,9 @@ struct Reference {
     next: Vec<NextTokenReference>,
 }
 
-/// Loads the parameters of one stage (the embedding excluded).
-fn load_stage(graph: &Graph, weights: &dyn WeightSource, stage: usize) -> Result<CpuModel> {
-    let layers = graph.spec().num_layers;
-    CpuModel::load_where(graph, weights, &PrecisionMap::new(), &|n| {
-        n.layer.unwrap_or(layers) == stage && !matches!(n.op, Op::Embedding { .. })
-    })
-}
-
-/// `Run` of one stage from its input: to the block's output, or for the head to the logits.
-fn stage_run<'a>(graph: &Graph, stage: usize, x: Mat) -> Run<'a> {
-    Run {
-        from: Some((graph.block_input(stage).expect("stage input"), x)),
-        until: graph.block_output(stage),
-        replace: None,
-    }
-}
-
 fn reference(graph: &Graph, weights: &dyn WeightSource, windows: &[&[u32]]) -> Result<Reference> {
     let layers = graph.spec().num_layers;
-    let embed = CpuModel::load_where(graph, weights, &PrecisionMap::new(), &|n| {
-        matches!(n.op, Op::Embedding { .. })
-    })?;
-    let mut x: Vec<Mat> = windows
-        .iter()
-        .map(|w| {
-            let run = Run {
-                until: graph.block_input(0),
-                ..Run::default()
-            };
-            embed.execute(w, run, &mut |_, _, _| {})
-        })
-        .collect::<Result<_>>()?;
-    drop(embed);
+    let mut x = embed_windows(graph, weights, windows)?;
     let mut stage_inputs = vec![Vec::with_capacity(layers + 1); windows.len()];
     let mut next = Vec::with_capacity(windows.len());
     for stage in 0..=layers {

@@ -13,11 +13,10 @@ use std::time::Instant;
 
 use anyhow::{bail, Result};
 use clap::Args;
-use rayon::prelude::*;
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 
-use fpx::eval::{self, kl, kl::NextTokenReference};
+use fpx::eval::{self, kl::NextTokenReference};
 use fpx::formats::Format;
 use fpx::ir::Graph;
 use fpx::latency::LatencySource;
@@ -122,10 +121,7 @@ impl<'m> Evaluator<'m> {
         let (mut nll, mut kl) = (0.0, 0.0);
         for (w, reference) in self.windows.iter().zip(&self.reference) {
             let logits: Mat = m.forward(w)?;
-            nll += (0..w.len() - 1)
-                .into_par_iter()
-                .map(|i| kl::nll(logits.row(i), w[i + 1]))
-                .sum::<f64>();
+            nll += eval::nll_sum(&logits, w);
             kl += reference.kl_sum(&logits);
         }
         let n = self.predictions as f64;

@@ -45,7 +45,7 @@ pub fn windows(tokens: &[u32], seq_len: usize, max_windows: Option<usize>) -> Re
 }
 
 /// Sum of negative log-likelihoods of `window[i+1]` given logits row `i`.
-fn nll_sum(logits: &Mat, window: &[u32]) -> f64 {
+pub fn nll_sum(logits: &Mat, window: &[u32]) -> f64 {
     (0..window.len() - 1)
         .into_par_iter()
         .map(|i| kl::nll(logits.row(i), window[i + 1]))

@@ -5,6 +5,7 @@
 
 pub mod calib;
 pub mod emu_probe;
+pub mod planner;
 
 use std::path::PathBuf;
 use std::process::Command;
