@@ -18,7 +18,7 @@ SEQ_LEN ?= 512
 WINDOWS ?= 4
 THREADS ?= 2
 
-.PHONY: help run test fetch tools ct-tools bench bench-tools bench-torch gpu-check
+.PHONY: help run test fetch tools ct-tools bench bench-tools bench-torch bench-compare bench-calib-large gpu-check
 
 help:
 	@echo "make run          fetch data + tools, then the main job on the default model (scripts/main-job.sh)"
@@ -29,6 +29,8 @@ help:
 	@echo "make bench        fpx CPU forward tokens/s (SEQ_LEN=$(SEQ_LEN) WINDOWS=$(WINDOWS) THREADS=$(THREADS))"
 	@echo "make bench-tools  create/update .venv-bench (torch, transformers)"
 	@echo "make bench-torch  PyTorch CPU fp32 baseline (SEQ_LEN=$(SEQ_LEN) WINDOWS=$(WINDOWS) THREADS=$(THREADS))"
+	@echo "make bench-compare  fpx bench and bench-torch alternated in one run (ROUNDS=2), with the ratios"
+	@echo "make bench-calib-large  calibrate a synthetic Qwen2.5-1.5B (2k tokens): time and peak RSS (benches/calib_large.rs)"
 	@echo "make gpu-check    the prepared GPU check (scripts/gpu-check.sh): tests, kernel benchmarks, profile, plan, decode"
 
 fetch:
@@ -68,6 +70,17 @@ CUDA_ENV = ld="$$(bash scripts/setup-tools.sh --print-ld-path)"; \
 test: fetch tools ct-tools
 	$(BUILD_ENV) $(CUDA_ENV) FPX_REQUIRE_DATA=1 FPX_PYTHON=$(CURDIR)/.venv/bin/python \
 		FPX_CT_PYTHON=$(CURDIR)/.venv-ct/bin/python $(CARGO) test --all-targets
+
+# fpx (the dev build `make run` and the tests use) and both PyTorch baselines, alternated.
+bench-compare: fetch tools bench-tools
+	$(BUILD_ENV) $(CARGO) build --bin fpx && MODEL=$(MODEL) TEXT=$(TEXT) SEQ_LEN=$(SEQ_LEN) \
+		WINDOWS=$(WINDOWS) THREADS=$(THREADS) bash scripts/bench_compare.sh
+
+# Calibration at the scale of a deployed model: a synthetic Qwen2.5-1.5B-shaped BF16 checkpoint
+# (written by the benchmark, 3.1 GB under target/bench-data), 4 x 512 tokens, the default KL
+# pass; prints time and peak RSS, fails at 4 GB (benches/calib_large.rs).
+bench-calib-large: fetch tools
+	$(BUILD_ENV) $(CARGO) bench --profile dev --bench calib_large -- --threads $(THREADS)
 
 bench-torch: fetch bench-tools
 	.venv-bench/bin/python scripts/bench_torch.py --gguf $(MODEL) --text $(TEXT) \

@@ -11,7 +11,9 @@ mod common;
 use std::collections::BTreeMap;
 
 use common::*;
-use fpx::calib::capture::{measure_eps, measure_eps_with, WeightOnlyMethod};
+use fpx::calib::capture::{
+    formats_per_pass, measure_eps, measure_eps_with, EpsOptions, WeightOnlyMethod,
+};
 use fpx::calib::{sensitivity::measure_kl, Calibration};
 use fpx::eval;
 use fpx::formats::Format;
@@ -56,25 +58,42 @@ fn eps_matches_a_plain_loop_computation() {
         let toks = tokens(48, model.spec.vocab_size);
         let windows = eval::windows(&toks, 16, None).unwrap();
         let formats = [Format::Fp8, Format::Nvfp4, Format::Mxfp4];
-        // Both exact methods, and the default's per-input choice between them.
+        // Both exact methods, the default's per-input choice between them, and the default
+        // measuring one format per pass over each stage (as a 150k-vocabulary lm_head is).
+        let one_per_pass = EpsOptions {
+            quantized_bytes: 1,
+            ..EpsOptions::default()
+        };
+        assert!(formats_per_pass(&graph, 3, 1).iter().all(|&n| n == 1));
         let by_method: Vec<_> = [
-            WeightOnlyMethod::Gram,
-            WeightOnlyMethod::Direct,
-            WeightOnlyMethod::Cheapest,
+            EpsOptions {
+                method: WeightOnlyMethod::Gram,
+                ..EpsOptions::default()
+            },
+            EpsOptions {
+                method: WeightOnlyMethod::Direct,
+                ..EpsOptions::default()
+            },
+            EpsOptions::default(),
+            one_per_pass,
         ]
         .into_iter()
-        .map(|m| {
-            measure_eps_with(
+        .map(|options| {
+            let (mut done, mut total) = (0, 0);
+            let records = measure_eps_with(
                 &graph,
                 model.weights.as_ref(),
                 &windows,
                 &formats,
-                m,
-                &mut |_, _| {},
+                options,
+                &mut |d, t| (done, total) = (d, t),
             )
-            .unwrap()
+            .unwrap();
+            assert_eq!(done, total, "{options:?}: progress ends at its total");
+            records
         })
         .collect();
+        assert_eq!(by_method[3], by_method[2], "passes change nothing");
         let records = &by_method[0];
         assert_eq!(
             records.len(),

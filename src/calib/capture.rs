@@ -8,8 +8,10 @@
 //! lm_head's record has `layer` = the number of blocks (the stage after the last block).
 //!
 //! Memory: the residual stream of every calibration token (`tokens x hidden` FP32), one
-//! block's weights in FP32 plus one fake-quantized copy per format, the f64 Gram matrices of
-//! the block's inputs (`8 K^2` bytes each), and the activations of one window inside one block.
+//! stage's weights in FP32 plus one fake-quantized copy per format of the current pass (at
+//! most [`QUANTIZED_BYTES`], or one format's copy where that alone is larger; the stage's
+//! windows are run once per pass), the f64 Gram matrices of the stage's inputs (`8 K^2` bytes
+//! each), `W - Q_f(W)` in chunks of 64 MiB, and the activations of one window in one stage.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -53,11 +55,51 @@ impl WeightOnlyMethod {
     }
 }
 
+/// Bytes of fake-quantized weight copies a stage holds at once. A stage whose copies in
+/// every format would exceed it is measured in several passes over its windows, each pass
+/// with as many formats as fit (at least one): a 150k-vocabulary lm_head (0.9 GB per copy in
+/// FP32) takes one pass per format.
+pub const QUANTIZED_BYTES: usize = 1 << 30;
+
+/// Bytes of `W - Q_f(W)` formed at a time.
+const DIFF_BYTES: usize = 64 << 20;
+
+/// How the eps pass computes and how much it holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EpsOptions {
+    pub method: WeightOnlyMethod,
+    /// Bytes of fake-quantized weight copies held at once (see [`QUANTIZED_BYTES`]).
+    pub quantized_bytes: usize,
+}
+
+impl Default for EpsOptions {
+    fn default() -> Self {
+        EpsOptions {
+            method: WeightOnlyMethod::Cheapest,
+            quantized_bytes: QUANTIZED_BYTES,
+        }
+    }
+}
+
+/// How many formats each pass over a stage measures: per stage (decoder blocks, then the
+/// head), the number of formats whose quantized copies of the stage's linear layers fit in
+/// `quantized_bytes`, at least one.
+pub fn formats_per_pass(graph: &Graph, formats: usize, quantized_bytes: usize) -> Vec<usize> {
+    let mut weights = vec![0usize; graph.spec().num_layers + 1];
+    for (id, l) in graph.linears() {
+        weights[stage_of(graph, graph.node(id))] += l.in_features * l.out_features;
+    }
+    weights
+        .into_iter()
+        .map(|w| (quantized_bytes / (4 * w).max(1)).clamp(1, formats.max(1)))
+        .collect()
+}
+
 /// One linear layer in one format.
 struct FormatState {
     format: Format,
     /// The quantized weights with quantized activations (W+A); `D = W - Q_f(W)` is formed
-    /// from them when needed, so a stage holds one quantized copy per format, not two.
+    /// from them in row chunks when needed, so a pass holds one quantized copy per format.
     weight_act: LinearWeights,
     weight_error: f64,
     /// `||X D^T||^2` so far (the direct method).
@@ -73,19 +115,39 @@ struct LayerState {
     in_features: usize,
     weight: Arc<Vec<f32>>,
     bias: Option<Arc<Vec<f32>>>,
-    /// `||X W^T||^2` so far.
+    /// `||X W^T||^2` (summed in the first pass).
     reference_sq: f64,
+    /// The formats of the current pass.
     formats: Vec<FormatState>,
+    /// The formats measured in earlier passes.
+    metrics: BTreeMap<Format, LayerMetrics>,
 }
 
 impl LayerState {
-    /// `W - Q_f(W)` of one format.
-    fn diff(&self, f: &FormatState) -> Vec<f32> {
+    /// `W - Q_f(W)` of one format in chunks of whole rows (at most [`DIFF_BYTES`] each):
+    /// `(rows, data)`.
+    fn diff_chunks<'a>(
+        &'a self,
+        f: &'a FormatState,
+    ) -> impl Iterator<Item = (usize, Vec<f32>)> + 'a {
+        let k = self.in_features;
+        let len = (DIFF_BYTES / (4 * k)).max(1) * k;
         self.weight
-            .iter()
-            .zip(f.weight_act.weight.iter())
-            .map(|(a, b)| a - b)
-            .collect()
+            .chunks(len)
+            .zip(f.weight_act.weight.chunks(len))
+            .map(move |(a, b)| (a.len() / k, a.iter().zip(b).map(|(a, b)| a - b).collect()))
+    }
+
+    /// `||X D^T||^2` of one format over every token: from the input's Gram matrix, or the
+    /// direct sum of the pass.
+    fn weight_only_sq(&self, f: &FormatState, gram: Option<&Gram>) -> f64 {
+        match gram {
+            Some(g) => self
+                .diff_chunks(f)
+                .map(|(rows, d)| g.quadratic_form(&d, rows))
+                .sum(),
+            None => f.weight_only_sq,
+        }
     }
 }
 
@@ -114,7 +176,7 @@ fn relative_weight_error(w: &[f32], q: &[f32]) -> f64 {
     }
 }
 
-/// Runs the eps pass over `windows` with the default [`WeightOnlyMethod::Cheapest`].
+/// Runs the eps pass over `windows` with the default [`EpsOptions`].
 pub fn measure_eps(
     graph: &Graph,
     weights: &dyn WeightSource,
@@ -127,51 +189,42 @@ pub fn measure_eps(
         weights,
         windows,
         formats,
-        WeightOnlyMethod::Cheapest,
+        EpsOptions::default(),
         progress,
     )
 }
 
-/// Runs the eps pass over `windows`; `progress(done, total)` is called after each stage and
-/// window. Returns one record per linear layer, lm_head included (no `kl` yet), in graph order.
+/// Runs the eps pass over `windows`; `progress(done, total)` is called after each stage,
+/// pass ([`formats_per_pass`]) and window. Returns one record per linear layer, lm_head
+/// included (no `kl` yet), in graph order.
 pub fn measure_eps_with(
     graph: &Graph,
     weights: &dyn WeightSource,
     windows: &[&[u32]],
     formats: &[Format],
-    method: WeightOnlyMethod,
+    options: EpsOptions,
     progress: &mut dyn FnMut(usize, usize),
 ) -> Result<Vec<LayerCalibration>> {
-    let spec = graph.spec();
-    let layers = spec.num_layers;
-    let total = (layers + 1) * windows.len();
+    let layers = graph.spec().num_layers;
+    let per_pass = formats_per_pass(graph, formats.len(), options.quantized_bytes);
+    let passes: Vec<Vec<&[Format]>> = per_pass
+        .iter()
+        .map(|&n| formats.chunks(n).collect())
+        .collect();
+    let total = passes.iter().map(|p| p.len()).sum::<usize>() * windows.len();
+    let mut done = 0;
     let tokens: usize = windows.iter().map(|w| w.len()).sum();
     let mut hidden = embed_windows(graph, weights, windows)?;
     let mut records = Vec::new();
-    for stage in 0..=layers {
+    for (stage, passes) in passes.iter().enumerate() {
         let block = load_stage(graph, weights, stage)?;
-        let mut state: BTreeMap<NodeId, LayerState> = BTreeMap::new();
-        for (id, l) in graph
+        let linears: Vec<_> = graph
             .linears()
             .filter(|(id, _)| stage_of(graph, graph.node(*id)) == stage)
-        {
+            .collect();
+        let mut state: BTreeMap<NodeId, LayerState> = BTreeMap::new();
+        for &(id, l) in &linears {
             let full = block.linear(id).expect("block weights loaded");
-            let formats = formats
-                .iter()
-                .map(|&format| {
-                    let q = full.quantized(l, LinearPrecision::weight_only(format));
-                    FormatState {
-                        format,
-                        weight_error: relative_weight_error(&full.weight, &q.weight),
-                        weight_act: LinearWeights {
-                            activations: Some(format),
-                            ..q
-                        },
-                        weight_only_sq: 0.0,
-                        weight_act_sq: 0.0,
-                    }
-                })
-                .collect();
             let layer = LayerState {
                 input: graph.inputs(id)[0],
                 out_features: l.out_features,
@@ -179,7 +232,8 @@ pub fn measure_eps_with(
                 weight: full.weight.clone(),
                 bias: full.bias.clone(),
                 reference_sq: 0.0,
-                formats,
+                formats: Vec::new(),
+                metrics: BTreeMap::new(),
             };
             state.insert(id, layer);
         }
@@ -194,54 +248,91 @@ pub fn measure_eps_with(
                 .filter(|o| o.input == s.input)
                 .map(|o| o.out_features)
                 .collect();
-            let m = method.resolve(s.in_features, &outs, tokens, formats.len());
+            let m = options
+                .method
+                .resolve(s.in_features, &outs, tokens, formats.len());
             methods.insert(s.input, m);
         }
         let mut grams: BTreeMap<NodeId, Gram> = BTreeMap::new();
-        for (w, window) in windows.iter().enumerate() {
-            let mut seen: BTreeSet<NodeId> = BTreeSet::new();
-            // The head stage runs to the logits.
-            let x = std::mem::replace(&mut hidden[w], Mat::zeros(0, 0));
-            let run = stage_run(graph, stage, x);
-            let mut observe = |id: NodeId, x: &Mat, y: &Mat| {
-                let Some(s) = state.get_mut(&id) else { return };
-                let method = methods[&s.input];
-                if method == WeightOnlyMethod::Gram && seen.insert(s.input) {
-                    grams
-                        .entry(s.input)
-                        .or_insert_with(|| Gram::new(x.cols))
-                        .add(x);
-                }
-                // ||X W^T||: the output without its bias.
-                s.reference_sq += match &s.bias {
-                    Some(b) => y
-                        .data
-                        .chunks(s.out_features)
-                        .flat_map(|row| {
-                            row.iter()
-                                .zip(b.iter())
-                                .map(|(&v, &b)| ((v - b) as f64).powi(2))
-                        })
-                        .sum(),
-                    None => sum_sq(y),
-                };
-                for i in 0..s.formats.len() {
-                    if method == WeightOnlyMethod::Direct {
-                        let d = s.diff(&s.formats[i]);
-                        s.formats[i].weight_only_sq += sum_sq(&matmul_wt(x, &d, s.out_features));
-                    }
-                    let wa = s.formats[i].weight_act.apply(s.out_features, x);
-                    s.formats[i].weight_act_sq += sum_sq_diff(&wa, y);
-                }
-            };
-            let out = block.execute(window, run, &mut observe)?;
-            if stage < layers {
-                hidden[w] = out;
+        for (pass, pass_formats) in passes.iter().enumerate() {
+            let (first, last) = (pass == 0, pass + 1 == passes.len());
+            for &(id, l) in &linears {
+                let full = block.linear(id).expect("block weights loaded");
+                let s = state.get_mut(&id).expect("inserted above");
+                s.formats = pass_formats
+                    .iter()
+                    .map(|&format| {
+                        let q = full.quantized(l, LinearPrecision::weight_only(format));
+                        FormatState {
+                            format,
+                            weight_error: relative_weight_error(&full.weight, &q.weight),
+                            weight_act: LinearWeights {
+                                activations: Some(format),
+                                ..q
+                            },
+                            weight_only_sq: 0.0,
+                            weight_act_sq: 0.0,
+                        }
+                    })
+                    .collect();
             }
-            progress(stage * windows.len() + w + 1, total);
+            for (w, window) in windows.iter().enumerate() {
+                let mut seen: BTreeSet<NodeId> = BTreeSet::new();
+                // The head stage runs to the logits; the last pass hands the stream on.
+                let x = if last {
+                    std::mem::replace(&mut hidden[w], Mat::zeros(0, 0))
+                } else {
+                    hidden[w].clone()
+                };
+                let mut observe = |id: NodeId, x: &Mat, y: &Mat| {
+                    let Some(s) = state.get_mut(&id) else { return };
+                    let method = methods[&s.input];
+                    if first {
+                        if method == WeightOnlyMethod::Gram && seen.insert(s.input) {
+                            grams
+                                .entry(s.input)
+                                .or_insert_with(|| Gram::new(x.cols))
+                                .add(x);
+                        }
+                        s.reference_sq += reference_sq(y, s.bias.as_deref(), s.out_features);
+                    }
+                    for i in 0..s.formats.len() {
+                        if method == WeightOnlyMethod::Direct {
+                            let sq: f64 = s
+                                .diff_chunks(&s.formats[i])
+                                .map(|(rows, d)| sum_sq(&matmul_wt(x, &d, rows)))
+                                .sum();
+                            s.formats[i].weight_only_sq += sq;
+                        }
+                        let wa = s.formats[i].weight_act.apply(s.out_features, x);
+                        s.formats[i].weight_act_sq += sum_sq_diff(&wa, y);
+                    }
+                };
+                let out = block.execute(window, stage_run(graph, stage, x), &mut observe)?;
+                if last && stage < layers {
+                    hidden[w] = out;
+                }
+                done += 1;
+                progress(done, total);
+            }
+            for s in state.values_mut() {
+                let measured = std::mem::take(&mut s.formats);
+                for f in &measured {
+                    let weight_only = s.weight_only_sq(f, grams.get(&s.input));
+                    s.metrics.insert(
+                        f.format,
+                        LayerMetrics {
+                            eps: (weight_only / s.reference_sq).sqrt(),
+                            eps_wa: (f.weight_act_sq / s.reference_sq).sqrt(),
+                            weight_error: f.weight_error,
+                            kl: None,
+                        },
+                    );
+                }
+            }
         }
-        for (id, s) in &state {
-            let node = graph.node(*id);
+        for (id, s) in state {
+            let node = graph.node(id);
             let Op::Linear(l) = &node.op else { continue };
             if s.reference_sq.is_nan() || s.reference_sq <= 0.0 {
                 return Err(Error::Layer {
@@ -249,31 +340,31 @@ pub fn measure_eps_with(
                     reason: "its full-precision output is zero on the calibration text; eps is undefined".into(),
                 });
             }
-            let mut metrics = BTreeMap::new();
-            for f in &s.formats {
-                let weight_only = match grams.get(&s.input) {
-                    Some(g) => g.quadratic_form(&s.diff(f), s.out_features),
-                    None => f.weight_only_sq,
-                };
-                metrics.insert(
-                    f.format,
-                    LayerMetrics {
-                        eps: (weight_only / s.reference_sq).sqrt(),
-                        eps_wa: (f.weight_act_sq / s.reference_sq).sqrt(),
-                        weight_error: f.weight_error,
-                        kl: None,
-                    },
-                );
-            }
             records.push(LayerCalibration {
                 name: node.name.clone(),
                 layer: stage,
                 kind: l.kind,
                 out_features: l.out_features,
                 in_features: l.in_features,
-                metrics,
+                metrics: s.metrics,
             });
         }
     }
     Ok(records)
+}
+
+/// `||X W^T||^2` of one window: the squared output `y` without its bias.
+fn reference_sq(y: &Mat, bias: Option<&Vec<f32>>, out_features: usize) -> f64 {
+    match bias {
+        Some(b) => y
+            .data
+            .chunks(out_features)
+            .flat_map(|row| {
+                row.iter()
+                    .zip(b.iter())
+                    .map(|(&v, &b)| ((v - b) as f64).powi(2))
+            })
+            .sum(),
+        None => sum_sq(y),
+    }
 }

@@ -12,6 +12,7 @@ use std::time::Instant;
 
 use std::collections::BTreeMap;
 
+use super::capture::{formats_per_pass, QUANTIZED_BYTES};
 use crate::ir::{Graph, LinearKind, NodeId};
 use crate::runtime::cpu::mat::{matmul_wt, Mat};
 
@@ -49,10 +50,15 @@ pub fn weight_only_flops(k: usize, outs: &[usize], tokens: usize, formats: usize
 }
 
 /// The eps pass over `tokens` calibration tokens in windows of `seq`, measuring `formats`
-/// formats: the forward, one W+A product per layer and format, and the weight-only errors by
-/// the cheaper exact method of each layer input ([`weight_only_flops`]).
+/// formats: the forward of every stage once per pass over it ([`formats_per_pass`]), one W+A
+/// product per layer and format, and the weight-only errors by the cheaper exact method of
+/// each layer input ([`weight_only_flops`]).
 pub fn eps_flops(graph: &Graph, tokens: usize, seq: usize, formats: usize) -> f64 {
-    let forward: f64 = stage_flops(graph, seq).iter().sum();
+    let forward: f64 = stage_flops(graph, seq)
+        .iter()
+        .zip(formats_per_pass(graph, formats, QUANTIZED_BYTES))
+        .map(|(flops, per_pass)| flops * formats.div_ceil(per_pass).max(1) as f64)
+        .sum();
     let linear: f64 = graph
         .linears()
         .map(|(_, l)| 2.0 * (l.in_features * l.out_features) as f64)

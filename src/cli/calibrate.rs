@@ -129,17 +129,17 @@ pub fn run(args: CalibrateArgs) -> Result<()> {
         eps_flops / 1e12,
         duration(eps_estimate_seconds)
     );
-    let bar = progress_bar(
-        (model.spec.num_layers + 1) * windows.len(),
-        "eps (blocks and head x windows)",
-    );
+    let bar = progress_bar(0, "eps (stage passes x windows)");
     let start = Instant::now();
     let mut layers = calib::capture::measure_eps(
         &graph,
         model.weights.as_ref(),
         &windows,
         &formats,
-        &mut |d, _| bar.set_position(d as u64),
+        &mut |d, total| {
+            bar.set_length(total as u64);
+            bar.set_position(d as u64)
+        },
     )?;
     bar.finish_and_clear();
     let eps_seconds = start.elapsed().as_secs_f64();

@@ -10,6 +10,8 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
 use memmap2::Mmap;
+#[cfg(unix)]
+use memmap2::UncheckedAdvice;
 use safetensors::{Dtype, SafeTensors};
 use serde::Deserialize;
 
@@ -46,6 +48,28 @@ pub struct SafetensorsSource {
 #[derive(Deserialize)]
 pub struct Index {
     weight_map: HashMap<String, String>,
+}
+
+impl Shard {
+    /// Drops the mapped pages of bytes `start..end` from this process's resident set once a
+    /// tensor has been converted, so a pass that streams the model stage by stage holds the
+    /// pages of the tensor being converted, not every page of the checkpoint it has read
+    /// (they stay in the kernel's page cache; a second read faults them back in). Only whole
+    /// 64 KiB units inside the range are dropped (a multiple of every page size in use; the
+    /// map starts on a page). Advice only: a failure changes nothing.
+    fn release(&self, start: usize, end: usize) {
+        const UNIT: usize = 64 << 10;
+        let (from, to) = (start.next_multiple_of(UNIT), end / UNIT * UNIT);
+        #[cfg(unix)]
+        if to > from {
+            // SAFETY: the map is shared and read-only, so MADV_DONTNEED discards nothing: the
+            // next read of these pages sees the file's bytes, as before.
+            let _ = unsafe {
+                self.mmap
+                    .unchecked_advise_range(UncheckedAdvice::DontNeed, from, to - from)
+            };
+        }
+    }
 }
 
 fn corrupt(path: &Path, reason: impl Into<String>) -> Error {
@@ -238,12 +262,14 @@ impl WeightSource for SafetensorsSource {
         let e = self.entry(name)?;
         let shard = &self.shards[e.shard];
         // read_metadata validated that the offsets lie inside the file.
-        let bytes = &shard.mmap[shard.data_start + e.start..shard.data_start + e.end];
-        let data = convert(bytes, e.dtype).ok_or_else(|| Error::UnsupportedDtype {
-            path: shard.path.clone(),
-            tensor: name.to_string(),
-            dtype: format!("{:?}", e.dtype),
-        })?;
+        let (start, end) = (shard.data_start + e.start, shard.data_start + e.end);
+        let data =
+            convert(&shard.mmap[start..end], e.dtype).ok_or_else(|| Error::UnsupportedDtype {
+                path: shard.path.clone(),
+                tensor: name.to_string(),
+                dtype: format!("{:?}", e.dtype),
+            })?;
+        shard.release(start, end);
         super::check_finite(&shard.path, name, &data)?;
         Ok(Tensor {
             shape: e.shape.clone(),

@@ -18,7 +18,6 @@ use std::path::Path;
 use candle_core::quantized::gguf_file::{self, Value};
 pub use candle_core::quantized::GgmlDType;
 use candle_core::quantized::QTensor;
-use safetensors::tensor::TensorView;
 use safetensors::Dtype;
 
 use super::config::HfConfig;
@@ -134,8 +133,11 @@ pub fn synthetic_pre(arch: Architecture) -> &'static str {
 struct SplitMix(u64);
 
 impl SplitMix {
+    /// The state's increment per draw.
+    const GAMMA: u64 = 0x9e37_79b9_7f4a_7c15;
+
     fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        self.0 = self.0.wrapping_add(Self::GAMMA);
         let mut z = self.0;
         z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
         z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
@@ -168,20 +170,71 @@ pub fn random_weights(spec: &ModelSpec, seed: u64) -> Vec<(String, Tensor)> {
     expected_tensors(spec)
         .into_iter()
         .map(|(name, shape)| {
-            let mut rng = SplitMix(name_seed(seed, &name));
-            let n: usize = shape.iter().product();
-            let data: Vec<f32> = if name.ends_with("norm.weight") {
-                (0..n).map(|_| 1.0 + 0.1 * rng.normal()).collect()
-            } else if name.ends_with(".bias") {
-                (0..n).map(|_| 0.02 * rng.normal()).collect()
-            } else {
-                let fan_in = *shape.last().unwrap_or(&1) as f32;
-                let std = (0.5 / fan_in.sqrt()).clamp(0.02, 0.1);
-                (0..n).map(|_| std * rng.normal()).collect()
-            };
-            (name, Tensor { shape, data })
+            let t = random_tensor(seed, &name, shape);
+            (name, t)
         })
         .collect()
+}
+
+/// Elements generated per rayon task by [`random_tensor`].
+const CHUNK: usize = 1 << 20;
+
+/// One tensor of [`random_weights`]: its values depend on `(seed, name, shape)` only.
+/// Generated in parallel chunks: SplitMix64's state after `i` draws is the seed plus `i`
+/// times its increment, so each chunk starts its own generator where the sequential one
+/// would be (two draws per value) and the values are those of one sequential pass.
+fn random_tensor(seed: u64, name: &str, shape: Vec<usize>) -> Tensor {
+    use rayon::prelude::*;
+    let n: usize = shape.iter().product();
+    let (mean, std) = if name.ends_with("norm.weight") {
+        (1.0, 0.1)
+    } else if name.ends_with(".bias") {
+        (0.0, 0.02)
+    } else {
+        let fan_in = *shape.last().unwrap_or(&1) as f32;
+        (0.0, (0.5 / fan_in.sqrt()).clamp(0.02, 0.1))
+    };
+    let start = name_seed(seed, name);
+    let mut data = vec![0.0f32; n];
+    data.par_chunks_mut(CHUNK)
+        .enumerate()
+        .for_each(|(c, chunk)| {
+            let draws = 2 * (c * CHUNK) as u64;
+            let mut rng = SplitMix(start.wrapping_add(draws.wrapping_mul(SplitMix::GAMMA)));
+            chunk
+                .iter_mut()
+                .for_each(|v| *v = mean + std * rng.normal());
+        });
+    Tensor { shape, data }
+}
+
+/// A tensor of a synthetic checkpoint that is generated when the safetensors writer asks for
+/// its bytes, so writing a checkpoint holds one tensor at a time (a model of billions of
+/// parameters is written in the memory of its largest tensor).
+struct LazyTensor {
+    seed: u64,
+    name: String,
+    shape: Vec<usize>,
+    dtype: HfDtype,
+}
+
+impl safetensors::View for LazyTensor {
+    fn dtype(&self) -> Dtype {
+        self.dtype.safetensors()
+    }
+
+    fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+
+    fn data(&self) -> std::borrow::Cow<'_, [u8]> {
+        let t = random_tensor(self.seed, &self.name, self.shape.clone());
+        self.dtype.encode(&t.data).into()
+    }
+
+    fn data_len(&self) -> usize {
+        self.dtype.width() * self.shape.iter().product::<usize>()
+    }
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
@@ -193,24 +246,36 @@ fn write_json(path: &Path, value: &serde_json::Value) -> Result<()> {
     std::fs::write(path, text).map_err(io(path))
 }
 
-fn to_bytes(data: &[f32], dtype: HfDtype) -> (Dtype, Vec<u8>) {
-    match dtype {
-        HfDtype::F32 => (
-            Dtype::F32,
-            data.iter().flat_map(|x| x.to_le_bytes()).collect(),
-        ),
-        HfDtype::F16 => (
-            Dtype::F16,
-            data.iter()
+impl HfDtype {
+    fn safetensors(self) -> Dtype {
+        match self {
+            HfDtype::F32 => Dtype::F32,
+            HfDtype::F16 => Dtype::F16,
+            HfDtype::BF16 => Dtype::BF16,
+        }
+    }
+
+    /// Bytes per element.
+    fn width(self) -> usize {
+        match self {
+            HfDtype::F32 => 4,
+            HfDtype::F16 | HfDtype::BF16 => 2,
+        }
+    }
+
+    /// Little-endian bytes of `data` in this type (rounded to nearest even).
+    fn encode(self, data: &[f32]) -> Vec<u8> {
+        match self {
+            HfDtype::F32 => data.iter().flat_map(|x| x.to_le_bytes()).collect(),
+            HfDtype::F16 => data
+                .iter()
                 .flat_map(|&x| half::f16::from_f32(x).to_le_bytes())
                 .collect(),
-        ),
-        HfDtype::BF16 => (
-            Dtype::BF16,
-            data.iter()
+            HfDtype::BF16 => data
+                .iter()
                 .flat_map(|&x| half::bf16::from_f32(x).to_le_bytes())
                 .collect(),
-        ),
+        }
     }
 }
 
@@ -224,11 +289,11 @@ pub fn write_hf_checkpoint(
     dtype: HfDtype,
     shards: usize,
 ) -> Result<()> {
-    let weights = random_weights(spec, seed);
-    if shards == 0 || shards > weights.len() {
+    let tensors = expected_tensors(spec);
+    if shards == 0 || shards > tensors.len() {
         return Err(Error::invalid(
             "shards",
-            format!("need 1..={} shards, got {shards}", weights.len()),
+            format!("need 1..={} shards, got {shards}", tensors.len()),
         ));
     }
     std::fs::create_dir_all(dir).map_err(io(dir))?;
@@ -246,34 +311,30 @@ pub fn write_hf_checkpoint(
     let tok = bpe_tokenizer_json(&tokens, &types, &merges, synthetic_pre(spec.architecture));
     write_json(&dir.join("tokenizer.json"), &tok)?;
 
-    let encoded: Vec<(String, Vec<usize>, Dtype, Vec<u8>)> = weights
-        .into_iter()
-        .map(|(name, t)| {
-            let (dt, bytes) = to_bytes(&t.data, dtype);
-            (name, t.shape, dt, bytes)
-        })
-        .collect();
-    let per_shard = encoded.len().div_ceil(shards);
+    let per_shard = tensors.len().div_ceil(shards);
     let mut weight_map = serde_json::Map::new();
     let mut total = 0usize;
-    for (i, chunk) in encoded.chunks(per_shard).enumerate() {
+    for (i, chunk) in tensors.chunks(per_shard).enumerate() {
         let file = if shards == 1 {
             super::safetensors::SINGLE_FILE.to_string()
         } else {
             format!("model-{:05}-of-{:05}.safetensors", i + 1, shards)
         };
         let path = dir.join(&file);
-        let mut views = Vec::with_capacity(chunk.len());
-        for (name, shape, dt, bytes) in chunk {
-            let view = TensorView::new(*dt, shape.clone(), bytes).map_err(|e| Error::Tensor {
-                path: path.clone(),
-                tensor: name.clone(),
-                reason: e.to_string(),
-            })?;
-            views.push((name.clone(), view));
-            weight_map.insert(name.clone(), file.clone().into());
-            total += bytes.len();
-        }
+        let views: Vec<(String, LazyTensor)> = chunk
+            .iter()
+            .map(|(name, shape)| {
+                let view = LazyTensor {
+                    seed,
+                    name: name.clone(),
+                    shape: shape.clone(),
+                    dtype,
+                };
+                weight_map.insert(name.clone(), file.clone().into());
+                total += safetensors::View::data_len(&view);
+                (name.clone(), view)
+            })
+            .collect();
         safetensors::serialize_to_file(views, None, &path).map_err(|e| Error::File {
             path: path.clone(),
             what: "safetensors",

@@ -7,6 +7,7 @@
 use rayon::prelude::*;
 
 use super::mat::{matmul_into, Mat, Threads, View};
+use super::vmath;
 use crate::error::{Error, Result};
 use crate::model::rope::Rope;
 use crate::model::window::first_key;
@@ -205,17 +206,7 @@ pub fn attention_rows(
                 let p = pos0 + r0 + i;
                 let first = first_key(p, window);
                 row[..first].fill(0.0);
-                let live = &mut row[first..=p];
-                let max = live
-                    .iter()
-                    .fold(f32::NEG_INFINITY, |mx, &s| mx.max(s * scale));
-                let mut sum = 0.0f32;
-                for s in live.iter_mut() {
-                    *s = (*s * scale - max).exp();
-                    sum += *s;
-                }
-                let inv = 1.0 / sum;
-                live.iter_mut().for_each(|s| *s *= inv);
+                vmath::softmax(&mut row[first..=p], scale);
                 row[p + 1..].fill(0.0);
             }
             let mut o = vec![0.0f32; rows * head_dim];

@@ -1,6 +1,7 @@
 //! The CPU reference forward: an interpreter of the plan's [`Schedule`] (the same lowering the
 //! kernels are generated from and every backend runs) over a window of tokens, with each
-//! step's op implemented once in [`kernels`]. It computes in FP32 and, with
+//! step's op implemented once in [`kernels`] (products in [`mat`], `e^x` and softmax in
+//! [`vmath`]). It computes in FP32 and, with
 //! [`CpuModel::with_act`], rounds every activation buffer and K/V row it stores to BF16/FP16,
 //! the kernels' rule (`crate::lower::ActDtype`); by default it stays FP32, the reference that
 //! calibration measures quantization error against.
@@ -21,6 +22,7 @@
 pub mod kernels;
 pub mod mat;
 mod params;
+pub mod vmath;
 
 use crate::error::{Error, Result};
 use crate::ir::{Graph, Node, NodeId, Op};
