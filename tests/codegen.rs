@@ -220,7 +220,11 @@ fn every_template_format_arch_and_shape_compiles_to_cubin() {
                     "{what}: native FP4 decode"
                 );
                 if s.format == WeightFormat::Fp8 && s.k % 4 == 0 {
-                    assert!(out.ptx.contains("cvt.rn.f16x2.e4m3x2"), "{what}: FP8 cvt");
+                    assert_eq!(
+                        out.ptx.contains("cvt.rn.f16x2.e4m3x2"),
+                        arch.has_fp8_cvt(),
+                        "{what}: FP8 cvt exactly where the chip has it"
+                    );
                 }
                 if s.format.row_stride_bytes(s.k) % 16 == 0 {
                     assert!(
@@ -231,7 +235,7 @@ fn every_template_format_arch_and_shape_compiles_to_cubin() {
             }
         }
     }
-    assert_eq!(compiler.stats(), (4 * specs.len(), 0));
+    assert_eq!(compiler.stats(), (Arch::ALL.len() * specs.len(), 0));
 }
 
 #[test]
@@ -316,49 +320,60 @@ fn nvrtc_error_carries_log_options_and_dumped_source() {
 }
 
 #[test]
-fn ptxas_rejects_native_fp4_conversion_where_the_chip_lacks_it() {
+fn ptxas_rejects_the_conversions_a_chip_lacks() {
     if !nvrtc() {
         return;
     }
-    // The guard in kernels/fpx_formats.cuh is what keeps sm_89/sm_90 builds working: the same
-    // conversion without it is refused by ptxas for those real targets.
-    let source = r#"extern "C" __global__ void k(const unsigned char* c, unsigned* out) {
+    // The guards in kernels/fpx_formats.cuh are what keep the builds for chips without these
+    // instructions working: the same conversions unguarded are refused by ptxas for those real
+    // targets (FP4: every target before the Blackwell `a` ones; FP8: sm_80/sm_86).
+    let kernel = |cvt: &str, input: &str| {
+        format!(
+            r#"extern "C" __global__ void k(const unsigned char* c, unsigned* out) {{
   unsigned short b = c[threadIdx.x];
   unsigned h2;
-  asm("{ .reg .b8 lo, hi; mov.b16 {lo, hi}, %1; cvt.rn.f16x2.e2m1x2 %0, lo; }" : "=r"(h2) : "h"(b));
+  asm("{{ .reg .b8 lo, hi; mov.b16 {{lo, hi}}, %1; cvt.rn.f16x2.{cvt} %0, {input}; }}" : "=r"(h2) : "h"(b));
   out[threadIdx.x] = h2;
-}
-"#;
+}}
+"#
+        )
+    };
     let compiler = compiler();
-    for arch in Arch::ALL {
-        let src = KernelSource {
-            spec: KernelSpec::SiluMul {
+    /// Whether a target has a conversion instruction.
+    type Has = fn(Arch) -> bool;
+    // (instruction, its operand, which targets have it)
+    let cases: [(&str, &str, Has); 2] = [
+        ("e2m1x2", "lo", Arch::has_fp4_cvt),
+        ("e4m3x2", "%1", Arch::has_fp8_cvt),
+    ];
+    for (cvt, input, has) in cases {
+        let source = kernel(cvt, input);
+        for arch in Arch::ALL {
+            let spec = KernelSpec::SiluMul {
                 dim: 1,
                 act: ActDtype::F32,
-            },
-            arch,
-            name: "unguarded_fp4".into(),
-            file_name: "unguarded_fp4.cu".into(),
-            source: source.into(),
-            entry_points: vec!["k".into()],
-            context: fpx::codegen::KernelContext::new(
-                &KernelSpec::SiluMul {
-                    dim: 1,
-                    act: ActDtype::F32,
-                },
+            };
+            let src = KernelSource {
+                spec,
                 arch,
-            ),
-            headers: fpx::codegen::HelperHeaders::embedded(),
-        };
-        let r = compiler.compile(&src);
-        if arch.has_fp4_cvt() {
-            assert!(r.is_ok(), "{arch}: {:?}", r.err());
-        } else {
-            let msg = r.unwrap_err().to_string();
-            assert!(
-                msg.contains("e2m1x2") && msg.contains("not supported"),
-                "{arch}: {msg}"
-            );
+                name: format!("unguarded_{cvt}"),
+                file_name: format!("unguarded_{cvt}.cu"),
+                source: source.clone(),
+                entry_points: vec!["k".into()],
+                context: fpx::codegen::KernelContext::new(&spec, arch),
+                headers: fpx::codegen::HelperHeaders::embedded(),
+            };
+            let r = compiler.compile(&src);
+            if has(arch) {
+                assert!(r.is_ok(), "{cvt} on {arch}: {:?}", r.err());
+            } else {
+                let msg = r.unwrap_err().to_string();
+                assert!(
+                    msg.contains(cvt)
+                        && (msg.contains("not supported") || msg.contains("requires .target")),
+                    "{cvt} on {arch}: {msg}"
+                );
+            }
         }
     }
 }

@@ -1,6 +1,6 @@
 //! SASS checks without a GPU: every kernel of a mixed plan (all families) plus the linear
-//! kernels of every format on several shapes, compiled by NVRTC to CUBIN for sm_90 and
-//! sm_120a, then inspected with ptxas -v and cuobjdump -sass from the wheels
+//! kernels of every format on several shapes, compiled by NVRTC to CUBIN for sm_80 (no FP8
+//! conversion instruction), sm_90 and sm_120a (native FP4), then inspected with ptxas -v and cuobjdump -sass from the wheels
 //! (`codegen::report`). Asserts: no kernel spills; every decode GEMV whose rows allow 16-byte
 //! loads reads its weights with 128-bit global loads (LDG.E.128); every tensor-core prefill GEMM
 //! issues HMMA fed by ldmatrix (LDSM) and, where x rows are 16-byte aligned, cp.async
@@ -97,7 +97,8 @@ fn sass_no_spills_and_128_bit_weight_loads() {
     let (tools, compiler) = (tools.unwrap(), compiler.unwrap());
     let renderer = Renderer::new().unwrap();
     let specs = specs();
-    for arch in [Arch::Sm90, Arch::Sm120a] {
+    // sm_80: no FP8 conversion instruction (the register decode); sm_90; sm_120a: native FP4.
+    for arch in [Arch::Sm80, Arch::Sm90, Arch::Sm120a] {
         let sources: Vec<_> = specs
             .iter()
             .map(|s| renderer.render(s, arch).unwrap())
@@ -121,7 +122,15 @@ fn sass_no_spills_and_128_bit_weight_loads() {
             );
             for r in &reports {
                 if r.spills() > 0 || r.stack_bytes > 0 {
-                    spilled.push(format!("{} {}", r.entry, arch.name()));
+                    spilled.push(format!(
+                        "{} {} ({} registers, spills {}/{} B stored/loaded, stack {} B)",
+                        r.entry,
+                        arch.name(),
+                        r.registers,
+                        r.spill_store_bytes,
+                        r.spill_load_bytes,
+                        r.stack_bytes
+                    ));
                 }
                 if let KernelContext::Gemv(g) = &src.context {
                     if g.vec_bytes == 16 {
@@ -131,6 +140,11 @@ fn sass_no_spills_and_128_bit_weight_loads() {
                 }
                 let fp8 = c.ptx.contains("cvt.rn.f16x2.e4m3x2");
                 let fp4 = c.ptx.contains("cvt.rn.f16x2.e2m1x2");
+                assert!(
+                    !fp8 || arch.has_fp8_cvt(),
+                    "{} on {arch:?}: FP8 cvt",
+                    r.entry
+                );
                 assert_eq!(
                     r.emulator_cannot_run.len(),
                     usize::from(fp8) + usize::from(fp4),

@@ -27,7 +27,7 @@ pub(crate) struct CodegenArgs {
     /// Hugging Face model directory or GGUF file (only its shapes are read).
     #[arg(long)]
     model: PathBuf,
-    /// Target: sm_89, sm_90, sm_100a or sm_120a.
+    /// Target: sm_80, sm_86, sm_89, sm_90, sm_100a or sm_120a.
     #[arg(long, default_value = "sm_90")]
     arch: String,
     /// Output directory.

@@ -16,11 +16,17 @@ pub const GEMM_TILE: (usize, usize, usize) = (64, 64, 32);
 pub const GEMM_THREADS: usize = 256;
 /// Threads of a block of the tensor-core prefill GEMM (4 warps).
 pub const GEMM_MMA_THREADS: usize = 128;
-/// Blocks of the GEMM that must fit on one SM at once (`__launch_bounds__` minimum): a register
-/// budget of 80 per thread (24 warps per SM). Without it ptxas 12.9 aims at 64 registers and,
-/// for some formats and shapes, spills two or three values out of the K loop; tests/sass.rs
-/// checks that no kernel spills.
-pub const GEMM_MIN_BLOCKS_PER_SM: usize = 3;
+/// Blocks of the SIMT GEMM that must fit on one SM at once (`__launch_bounds__` minimum): 3, a
+/// register budget of 80 per thread (24 warps per SM). Without it ptxas 12.9 aims at 64
+/// registers and, for some formats and shapes, spills two or three values out of the K loop.
+/// On Ampere (sm_80/sm_86) 80 is not enough for the FP8 GEMM (28 bytes spilled), so those
+/// targets get 2 (128 registers, 16 warps). tests/sass.rs checks that no kernel spills.
+pub fn gemm_min_blocks_per_sm(arch: Arch) -> usize {
+    match arch {
+        Arch::Sm80 | Arch::Sm86 => 2,
+        _ => 3,
+    }
+}
 /// Threads of the row-wise kernels (RMSNorm, embedding) and of attention.
 pub const ROW_THREADS: usize = 256;
 pub const ATTENTION_THREADS: usize = 128;
@@ -97,7 +103,7 @@ pub struct GemvCtx {
     pub xv: usize,
     /// The last load of a row extends past K into the zero padding of the last FP4 block.
     pub tail: bool,
-    /// FP8 decode: "cvt" (conversion instruction, sm_89+) or "register".
+    /// FP8 decode: "cvt" (conversion instruction, sm_89+) or "register" (sm_80/sm_86).
     pub fp8_decode: &'static str,
     /// FP4 decode: "native" (sm_100a/sm_120a conversion, exact values) or "scaled" (register
     /// decode to values times 2^-14); `fp4_unit` is the factor that undoes it in the block
@@ -127,7 +133,7 @@ pub struct GemmCtx {
     pub tm: usize,
     pub tn: usize,
     pub threads: usize,
-    /// [`GEMM_MIN_BLOCKS_PER_SM`].
+    /// [`gemm_min_blocks_per_sm`].
     pub min_blocks: usize,
     /// The tensor-core MMA type (`bf16`, `f16`; [`LinearShape::gemm_mma`]), or empty for the
     /// FP32 SIMT GEMM.
@@ -212,7 +218,7 @@ impl KernelContext {
         };
         match *spec {
             KernelSpec::Gemv(s) => KernelContext::Gemv(gemv(common, s, arch)),
-            KernelSpec::Gemm(s) => KernelContext::Gemm(gemm(common, s)),
+            KernelSpec::Gemm(s) => KernelContext::Gemm(gemm(common, s, arch)),
             KernelSpec::Embedding { vocab, hidden, .. } => simple(hidden, vocab, ROW_THREADS),
             KernelSpec::RmsNorm { dim, .. } => simple(dim, 0, ROW_THREADS),
             KernelSpec::SiluMul { dim, .. } => simple(dim, 0, ELEMENTWISE_THREADS),
@@ -367,7 +373,7 @@ fn gemv(common: Common, s: LinearShape, arch: Arch) -> GemvCtx {
     }
 }
 
-fn gemm(common: Common, s: LinearShape) -> GemmCtx {
+fn gemm(common: Common, s: LinearShape, arch: Arch) -> GemmCtx {
     let (bm, bn, bk) = GEMM_TILE;
     let (tm, tn) = (4, 4);
     let mma = s.gemm_mma();
@@ -397,7 +403,7 @@ fn gemm(common: Common, s: LinearShape) -> GemmCtx {
         tm,
         tn,
         threads,
-        min_blocks: GEMM_MIN_BLOCKS_PER_SM,
+        min_blocks: gemm_min_blocks_per_sm(arch),
         tx: bn / tn,
         loads: bm * bk / threads,
     }

@@ -9,6 +9,13 @@ use crate::error::{Error, Result};
 /// A real GPU target the generated kernels are compiled for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub enum Arch {
+    /// Ampere data-center (A100, A30): BF16/FP16 tensor cores, no FP8 or FP4 conversions
+    /// (both decoded by bit manipulation, the path the emulator runs everywhere).
+    #[serde(rename = "sm_80")]
+    Sm80,
+    /// Ampere consumer and workstation (RTX 30xx, A10, A40): as sm_80.
+    #[serde(rename = "sm_86")]
+    Sm86,
     /// Ada (L4, L40S, RTX 40xx): FP8 conversions, no FP4.
     #[serde(rename = "sm_89")]
     Sm89,
@@ -24,11 +31,20 @@ pub enum Arch {
 }
 
 impl Arch {
-    pub const ALL: [Arch; 4] = [Arch::Sm89, Arch::Sm90, Arch::Sm100a, Arch::Sm120a];
+    pub const ALL: [Arch; 6] = [
+        Arch::Sm80,
+        Arch::Sm86,
+        Arch::Sm89,
+        Arch::Sm90,
+        Arch::Sm100a,
+        Arch::Sm120a,
+    ];
 
     /// The NVRTC `--gpu-architecture` value.
     pub fn name(self) -> &'static str {
         match self {
+            Arch::Sm80 => "sm_80",
+            Arch::Sm86 => "sm_86",
             Arch::Sm89 => "sm_89",
             Arch::Sm90 => "sm_90",
             Arch::Sm100a => "sm_100a",
@@ -39,6 +55,8 @@ impl Arch {
     /// Compute capability (major, minor) of the chips this target runs on.
     pub fn compute_capability(self) -> (u32, u32) {
         match self {
+            Arch::Sm80 => (8, 0),
+            Arch::Sm86 => (8, 6),
             Arch::Sm89 => (8, 9),
             Arch::Sm90 => (9, 0),
             Arch::Sm100a => (10, 0),
@@ -58,12 +76,16 @@ impl Arch {
     /// (a chip newer than every target, or a Blackwell variant such as 10.3 that the
     /// arch-specific `a` targets do not run on), the PTX of sm_90 (the newest target without
     /// arch-specific features, so its PTX is forward compatible) for the driver to compile;
-    /// `None` below 9.0 without an own target (no FP8 conversions before sm_89).
+    /// for another 8.x device (e.g. 8.7, Jetson Orin) the PTX of sm_80; `None` before 8.0
+    /// (no BF16 tensor cores).
     pub fn for_device(major: u32, minor: u32) -> Option<DeviceTarget> {
         match Arch::from_compute_capability(major, minor) {
             Some(a) => Some(DeviceTarget::Cubin(a)),
             None if (major, minor) >= Arch::Sm90.compute_capability() => {
                 Some(DeviceTarget::Ptx(Arch::Sm90))
+            }
+            None if (major, minor) >= Arch::Sm80.compute_capability() => {
+                Some(DeviceTarget::Ptx(Arch::Sm80))
             }
             None => None,
         }
@@ -71,7 +93,7 @@ impl Arch {
 
     /// `cvt.rn.f16x2.e4m3x2` exists (sm_89 and newer).
     pub fn has_fp8_cvt(self) -> bool {
-        true
+        !matches!(self, Arch::Sm80 | Arch::Sm86)
     }
 
     /// `cvt.rn.f16x2.e2m1x2` exists (the arch-specific Blackwell targets only).
@@ -112,7 +134,7 @@ impl std::str::FromStr for Arch {
             .ok_or_else(|| {
                 Error::invalid(
                     "GPU architecture",
-                    format!("`{s}` (supported: sm_89, sm_90, sm_100a, sm_120a)"),
+                    format!("`{s}` (supported: sm_80, sm_86, sm_89, sm_90, sm_100a, sm_120a)"),
                 )
             })
     }
@@ -131,7 +153,7 @@ mod tests {
             let json = serde_json::to_string(&a).unwrap();
             assert_eq!(json, format!("\"{}\"", a.name()));
         }
-        assert!("sm_80".parse::<Arch>().is_err());
+        assert!("sm_75".parse::<Arch>().is_err());
         // Own targets load CUBIN; newer chips and Blackwell variants the `a` targets do not
         // run on get sm_90's PTX for the JIT; older chips are refused.
         assert_eq!(
@@ -149,8 +171,13 @@ mod tests {
                 "{major}.{minor}"
             );
         }
-        assert_eq!(Arch::for_device(8, 6), None);
-        assert_eq!(Arch::for_device(8, 0), None);
+        assert_eq!(
+            Arch::for_device(8, 6),
+            Some(DeviceTarget::Cubin(Arch::Sm86))
+        );
+        assert_eq!(Arch::for_device(8, 7), Some(DeviceTarget::Ptx(Arch::Sm80)));
+        assert_eq!(Arch::for_device(7, 5), None);
         assert!(Arch::Sm120a.has_fp4_cvt() && !Arch::Sm90.has_fp4_cvt());
+        assert!(Arch::Sm89.has_fp8_cvt() && !Arch::Sm86.has_fp8_cvt() && !Arch::Sm80.has_fp8_cvt());
     }
 }

@@ -118,7 +118,7 @@ impl LinearShape {
     /// values are exact in the activation type, so that the product is the CPU reference's
     /// FP32 product of the same values: BF16 with FP8, NVFP4 and MXFP4 weights (E4M3 values,
     /// E2M1 times an E4M3 or power-of-two block scale); FP16 with FP16, FP8 and NVFP4 weights
-    /// (an E8M0 scale can leave FP16's range). Every target fpx compiles for (sm_89 and newer)
+    /// (an E8M0 scale can leave FP16's range). Every target fpx compiles for (sm_80 and newer)
     /// has the m16n8k16 MMA.
     pub fn gemm_mma(self) -> Option<&'static str> {
         use WeightFormat::{Fp16, Fp8, Mxfp4, Nvfp4};

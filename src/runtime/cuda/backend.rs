@@ -65,7 +65,7 @@ impl Device {
             Error::CudaUnavailable {
                 what: "supported GPU",
                 hint: format!(
-                    "{name} has compute capability {major}.{minor}; fpx targets sm_89, sm_90, sm_100a, sm_120a (and runs sm_90 PTX on newer chips)"
+                    "{name} has compute capability {major}.{minor}; fpx targets sm_80, sm_86, sm_89, sm_90, sm_100a, sm_120a (and runs sm_80 PTX on other 8.x chips, sm_90 PTX on newer ones)"
                 ),
             }
         })?;
