@@ -208,11 +208,11 @@ fn errors_say_what_binds() {
     let e = fails(
         &[
             &base[..],
-            &["--solver", "ilp", "--gamma", "0.5", "--device", "a100"],
+            &["--solver", "ilp", "--gamma", "0.5", "--device", "v100"],
         ]
         .concat(),
     );
-    assert!(e.contains("`a100` is neither a known GPU"), "{e}");
+    assert!(e.contains("`v100` is neither a known GPU"), "{e}");
     let e = fails(
         &[
             &base[..],

@@ -51,7 +51,7 @@ pub struct PlanSetup {
     /// Calibration file (`fpx calibrate`).
     #[arg(long)]
     pub calib: PathBuf,
-    /// GPU (h100, h200, b200, rtx5090, l40s, rtx4090) or a measured profile JSON (which
+    /// GPU (h100, h200, b200, rtx5090, l40s, rtx4090, a100, rtx3090) or a measured profile JSON (which
     /// overrides both cost models).
     #[arg(long, default_value = "h100")]
     pub device: String,

@@ -36,6 +36,8 @@ pub enum Gpu {
     Rtx5090,
     L40s,
     Rtx4090,
+    A100,
+    Rtx3090,
 }
 
 /// Hardware figures of one GPU. FLOP/s are dense tensor-core peaks.
@@ -92,6 +94,12 @@ const PCIE5: Interconnect = Interconnect {
     bandwidth: 64e9,
     latency: 15e-6,
 };
+/// NVLink 3 (A100 SXM4): 600 GB/s per GPU, both directions together (A100 datasheet).
+const NVLINK3: Interconnect = Interconnect {
+    name: "NVLink 3",
+    bandwidth: 300e9,
+    latency: 5e-6,
+};
 /// PCIe 4.0 x16: 32 GB/s per direction (L40S datasheet: 64 GB/s bidirectional; RTX 4090).
 const PCIE4: Interconnect = Interconnect {
     name: "PCIe 4.0 x16",
@@ -107,13 +115,15 @@ const TFLOPS: f64 = 1e12;
 const LAUNCH: f64 = 2e-6;
 
 impl Gpu {
-    pub const ALL: [Gpu; 6] = [
+    pub const ALL: [Gpu; 8] = [
         Gpu::H100,
         Gpu::H200,
         Gpu::B200,
         Gpu::Rtx5090,
         Gpu::L40s,
         Gpu::Rtx4090,
+        Gpu::A100,
+        Gpu::Rtx3090,
     ];
 
     /// The GPU's figures, with their sources.
@@ -213,6 +223,36 @@ impl Gpu {
                 launch_overhead: LAUNCH,
                 interconnect: PCIE4,
             },
+            // NVIDIA A100 Tensor Core GPU datasheet, 80GB SXM column: 2,039 GB/s HBM2e; FP16
+            // tensor 312 TFLOPS dense (624 with sparsity); FP32 19.5 TFLOPS. No FP8 or FP4
+            // tensor cores: FP8 and FP4 weights run on the 16-bit ones after decoding.
+            Gpu::A100 => GpuSpec {
+                name: "a100",
+                full_name: "NVIDIA A100 SXM4 80GB",
+                arch: "sm_80",
+                bandwidth: 2.039 * TB,
+                fp32_flops: 19.5 * TFLOPS,
+                fp16_flops: 312.0 * TFLOPS,
+                fp8_flops: 312.0 * TFLOPS,
+                fp4_flops: None,
+                launch_overhead: LAUNCH,
+                interconnect: NVLINK3,
+            },
+            // NVIDIA Ampere GA102 whitepaper, GeForce RTX 3090: 936 GB/s GDDR6X; FP16 tensor
+            // with FP32 accumulate 71 TFLOPS dense (142 with sparsity); FP32 35.6 TFLOPS. No
+            // FP8 or FP4 tensor cores (as the A100).
+            Gpu::Rtx3090 => GpuSpec {
+                name: "rtx3090",
+                full_name: "NVIDIA GeForce RTX 3090 24GB",
+                arch: "sm_86",
+                bandwidth: 0.936 * TB,
+                fp32_flops: 35.6 * TFLOPS,
+                fp16_flops: 71.0 * TFLOPS,
+                fp8_flops: 71.0 * TFLOPS,
+                fp4_flops: None,
+                launch_overhead: LAUNCH,
+                interconnect: PCIE4,
+            },
         }
     }
 
@@ -245,6 +285,8 @@ impl Gpu {
             "rtx5090" | "5090" => Gpu::Rtx5090,
             "l40s" => Gpu::L40s,
             "rtx4090" | "4090" => Gpu::Rtx4090,
+            "a100" | "a100sxm" | "a100sxm4" | "a100sxm480gb" => Gpu::A100,
+            "rtx3090" | "3090" => Gpu::Rtx3090,
             _ => {
                 let known: Vec<&str> = Gpu::ALL.iter().map(|g| g.spec().name).collect();
                 return Err(Error::invalid(
@@ -397,7 +439,11 @@ mod tests {
             Gpu::of_device_name("NVIDIA GeForce RTX 4090"),
             Some(Gpu::Rtx4090)
         );
-        assert_eq!(Gpu::of_device_name("NVIDIA A100-SXM4-80GB"), None);
+        assert_eq!(
+            Gpu::of_device_name("NVIDIA A100-SXM4-80GB"),
+            Some(Gpu::A100)
+        );
+        assert_eq!(Gpu::of_device_name("Tesla V100-SXM2-16GB"), None);
     }
 
     #[test]
@@ -453,9 +499,9 @@ mod tests {
         for g in Gpu::ALL {
             assert_eq!(Gpu::parse(g.spec().name).unwrap(), g);
         }
-        let e = Gpu::parse("a100").unwrap_err().to_string();
+        let e = Gpu::parse("v100").unwrap_err().to_string();
         assert!(
-            e.contains("a100") && e.contains("h100") && e.contains("rtx4090"),
+            e.contains("v100") && e.contains("h100") && e.contains("rtx3090"),
             "{e}"
         );
         assert!(Roofline::new(Gpu::H100, 0, 0).is_err());
