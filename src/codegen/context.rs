@@ -103,8 +103,12 @@ pub struct GemvCtx {
     pub xv: usize,
     /// The last load of a row extends past K into the zero padding of the last FP4 block.
     pub tail: bool,
-    /// FP8 decode: "cvt" (conversion instruction, sm_89+) or "register" (sm_80/sm_86).
+    /// FP8 decode of whole 4-byte words: "cvt" (conversion instruction, sm_89+, exact values)
+    /// or "scaled" (sm_80/sm_86: bit manipulation to f16x2, values times 2^-8); `fp8_unit` is
+    /// the factor that undoes it on the row's sum, as a CUDA float literal (1 when loads are
+    /// narrower than a word and bytes are decoded one by one, exactly).
     pub fp8_decode: &'static str,
+    pub fp8_unit: &'static str,
     /// FP4 decode: "native" (sm_100a/sm_120a conversion, exact values) or "scaled" (register
     /// decode to values times 2^-14); `fp4_unit` is the factor that undoes it in the block
     /// scale, as a CUDA float literal.
@@ -358,10 +362,11 @@ fn gemv(common: Common, s: LinearShape, arch: Arch) -> GemvCtx {
         segs: epv / sub,
         xv,
         tail,
-        fp8_decode: if arch.has_fp8_cvt() {
-            "cvt"
+        fp8_decode: if arch.has_fp8_cvt() { "cvt" } else { "scaled" },
+        fp8_unit: if arch.has_fp8_cvt() || vec_bytes < 4 {
+            "1.f"
         } else {
-            "register"
+            "256.f"
         },
         fp4_decode: if arch.has_fp4_cvt() {
             "native"

@@ -81,8 +81,9 @@ pub fn decode_instructions_per_weight(format: WeightFormat, arch: Arch, act: Act
             (Arch::Sm80 | Arch::Sm86 | Arch::Sm89 | Arch::Sm90, W::Fp16) => 1.59375,
             (Arch::Sm100a, W::Fp16) => 2.25,
             (Arch::Sm120a, W::Fp16) => 2.0,
-            // No FP8 conversion instruction: the register decode.
-            (Arch::Sm80 | Arch::Sm86, W::Fp8) => 9.5,
+            // No FP8 conversion instruction: the f16x2 bit decode (`e4m3x4_decode_scaled`).
+            (Arch::Sm80, W::Fp8) => 6.8125,
+            (Arch::Sm86, W::Fp8) => 7.0,
             (Arch::Sm89 | Arch::Sm90 | Arch::Sm100a, W::Fp8) => 2.25,
             (Arch::Sm120a, W::Fp8) => 2.125,
             (Arch::Sm80, W::Nvfp4) => 4.53125,
@@ -102,8 +103,8 @@ pub fn decode_instructions_per_weight(format: WeightFormat, arch: Arch, act: Act
             (Arch::Sm80 | Arch::Sm86 | Arch::Sm89 | Arch::Sm90, W::Fp16) => 2.59375,
             (Arch::Sm100a, W::Fp16) => 3.5,
             (Arch::Sm120a, W::Fp16) => 3.0,
-            (Arch::Sm80, W::Fp8) => 10.5,
-            (Arch::Sm86, W::Fp8) => 10.25,
+            (Arch::Sm80, W::Fp8) => 7.875,
+            (Arch::Sm86, W::Fp8) => 7.75,
             (Arch::Sm89 | Arch::Sm90 | Arch::Sm100a, W::Fp8) => 3.25,
             (Arch::Sm120a, W::Fp8) => 3.125,
             (Arch::Sm80 | Arch::Sm86 | Arch::Sm89, W::Nvfp4) => 5.75,
