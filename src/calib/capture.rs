@@ -18,7 +18,7 @@ use std::sync::Arc;
 
 use crate::error::{Error, Result};
 use crate::formats::Format;
-use crate::ir::{Graph, NodeId, Op};
+use crate::ir::{Graph, Linear, NodeId, Op};
 use crate::lower::LinearPrecision;
 use crate::model::WeightSource;
 use crate::runtime::cpu::mat::matmul_wt;
@@ -106,6 +106,23 @@ struct FormatState {
     weight_only_sq: f64,
     /// `||X W^T - Q(X) Q(W)^T||^2` so far.
     weight_act_sq: f64,
+}
+
+impl FormatState {
+    /// `full` (a layer's FP32 weights) quantized to `format`, with no sums yet.
+    fn new(full: &LinearWeights, l: &Linear, format: Format) -> FormatState {
+        let q = full.quantized(l, LinearPrecision::weight_only(format));
+        FormatState {
+            format,
+            weight_error: relative_weight_error(&full.weight, &q.weight),
+            weight_act: LinearWeights {
+                activations: Some(format),
+                ..q
+            },
+            weight_only_sq: 0.0,
+            weight_act_sq: 0.0,
+        }
+    }
 }
 
 /// One linear layer of the stage being measured.
@@ -261,19 +278,7 @@ pub fn measure_eps_with(
                 let s = state.get_mut(&id).expect("inserted above");
                 s.formats = pass_formats
                     .iter()
-                    .map(|&format| {
-                        let q = full.quantized(l, LinearPrecision::weight_only(format));
-                        FormatState {
-                            format,
-                            weight_error: relative_weight_error(&full.weight, &q.weight),
-                            weight_act: LinearWeights {
-                                activations: Some(format),
-                                ..q
-                            },
-                            weight_only_sq: 0.0,
-                            weight_act_sq: 0.0,
-                        }
-                    })
+                    .map(|&format| FormatState::new(full, l, format))
                     .collect();
             }
             for (w, window) in windows.iter().enumerate() {

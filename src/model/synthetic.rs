@@ -255,6 +255,15 @@ impl HfDtype {
         }
     }
 
+    /// The `torch_dtype` config.json names it by.
+    fn torch_name(self) -> &'static str {
+        match self {
+            HfDtype::F32 => "float32",
+            HfDtype::F16 => "float16",
+            HfDtype::BF16 => "bfloat16",
+        }
+    }
+
     /// Bytes per element.
     fn width(self) -> usize {
         match self {
@@ -299,12 +308,7 @@ pub fn write_hf_checkpoint(
     std::fs::create_dir_all(dir).map_err(io(dir))?;
 
     let mut config = serde_json::to_value(HfConfig::from(spec)).expect("config serializes");
-    let torch_dtype = match dtype {
-        HfDtype::F32 => "float32",
-        HfDtype::F16 => "float16",
-        HfDtype::BF16 => "bfloat16",
-    };
-    config["torch_dtype"] = torch_dtype.into();
+    config["torch_dtype"] = dtype.torch_name().into();
     write_json(&dir.join("config.json"), &config)?;
 
     let (tokens, types, merges) = synthetic_vocab(spec.vocab_size)?;
