@@ -42,6 +42,31 @@ fn qwen2_5_1_5b() -> ModelSpec {
     }
 }
 
+/// The benchmark's options (`cargo bench --bench calib_large -- --help`).
+#[derive(clap::Parser)]
+struct Cli {
+    /// Where the checkpoint is written (and reused).
+    #[arg(long)]
+    dir: Option<PathBuf>,
+    #[arg(long, default_value_t = 4)]
+    windows: usize,
+    /// Tokens per window (default 512; 32 under `cargo test`).
+    #[arg(long)]
+    seq_len: Option<usize>,
+    #[arg(long, default_value_t = 2)]
+    threads: usize,
+    /// Fail when the calibration's peak RSS reaches this many GB.
+    #[arg(long, default_value_t = 4.0)]
+    max_rss_gb: f64,
+    /// One more argument for `fpx calibrate` (repeatable).
+    #[arg(long = "calibrate-arg", allow_hyphen_values = true)]
+    calibrate: Vec<String>,
+    /// Passed by `cargo bench`: the full-size run.
+    #[arg(long)]
+    bench: bool,
+}
+
+/// The options with their size-dependent defaults filled in.
 struct Args {
     dir: PathBuf,
     windows: usize,
@@ -51,37 +76,30 @@ struct Args {
     calibrate: Vec<String>,
 }
 
-fn parse_args(bench: bool) -> Result<Args, String> {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let mut a = Args {
-        dir: root.join(if bench {
-            "target/bench-data/qwen2.5-1.5b"
-        } else {
-            "target/bench-data/qwen2-tiny"
-        }),
-        windows: 4,
-        seq_len: if bench { 512 } else { 32 },
-        threads: 2,
-        max_rss_gb: 4.0,
-        calibrate: Vec::new(),
+/// The options: parsed under `cargo bench`; the defaults under `cargo test`, whose harness
+/// flags (a test filter, `--nocapture`) are not ours.
+fn parse_args(bench: bool) -> Args {
+    use clap::Parser;
+    let cli = if bench {
+        Cli::parse()
+    } else {
+        Cli::parse_from(["calib_large"])
     };
-    let mut it = std::env::args().skip(1).filter(|s| s != "--bench");
-    while let Some(flag) = it.next() {
-        let mut value = || it.next().ok_or(format!("{flag} needs a value"));
-        let number = |v: String| v.parse::<f64>().map_err(|e| format!("{flag} {v}: {e}"));
-        match flag.as_str() {
-            "--dir" => a.dir = PathBuf::from(value()?),
-            "--windows" => a.windows = number(value()?)? as usize,
-            "--seq-len" => a.seq_len = number(value()?)? as usize,
-            "--threads" => a.threads = number(value()?)? as usize,
-            "--max-rss-gb" => a.max_rss_gb = number(value()?)?,
-            "--calibrate-arg" => a.calibrate.push(value()?),
-            // cargo's own harness flags (a test filter, --nocapture) are not ours.
-            _ if !bench => {}
-            _ => return Err(format!("unknown argument {flag}")),
-        }
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    Args {
+        dir: cli.dir.unwrap_or_else(|| {
+            root.join(if bench {
+                "target/bench-data/qwen2.5-1.5b"
+            } else {
+                "target/bench-data/qwen2-tiny"
+            })
+        }),
+        windows: cli.windows,
+        seq_len: cli.seq_len.unwrap_or(if bench { 512 } else { 32 }),
+        threads: cli.threads,
+        max_rss_gb: cli.max_rss_gb,
+        calibrate: cli.calibrate,
     }
-    Ok(a)
 }
 
 /// Peak resident set of the waited-for children, in bytes (Linux reports kilobytes).
@@ -95,7 +113,8 @@ fn children_peak_rss() -> u64 {
 
 fn run() -> Result<(), String> {
     let bench = std::env::args().any(|a| a == "--bench");
-    let args = parse_args(bench)?;
+    let args = parse_args(bench);
+    let (dir, seq_len) = (&args.dir, args.seq_len);
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let text = root.join("data/text/moby-dick.txt");
     if !text.is_file() {
@@ -118,28 +137,28 @@ fn run() -> Result<(), String> {
     // The checkpoint, unless the one in `dir` has this spec's config already.
     let config = serde_json::to_string(&fpx::model::config::HfConfig::from(&spec))
         .map_err(|e| e.to_string())?;
-    let stamp = args.dir.join(".fpx-bench-config");
+    let stamp = dir.join(".fpx-bench-config");
     let written = Instant::now();
     let reused = std::fs::read_to_string(&stamp).is_ok_and(|s| s == config);
     if !reused {
         eprintln!(
             "calib_large: writing {parameters} random BF16 parameters to {}",
-            args.dir.display()
+            dir.display()
         );
-        write_hf_checkpoint(&args.dir, &spec, 17, HfDtype::BF16, 1).map_err(|e| e.to_string())?;
+        write_hf_checkpoint(dir, &spec, 17, HfDtype::BF16, 1).map_err(|e| e.to_string())?;
         std::fs::write(&stamp, &config).map_err(|e| format!("{}: {e}", stamp.display()))?;
     }
     let write_seconds = written.elapsed().as_secs_f64();
 
-    let out = args.dir.join("calibration.json");
+    let out = dir.join("calibration.json");
     let started = Instant::now();
     let run = Command::new(env!("CARGO_BIN_EXE_fpx"))
         .arg("calibrate")
         .arg("--model")
-        .arg(&args.dir)
+        .arg(dir)
         .arg("--text")
         .arg(&text)
-        .args(["--seq-len", &args.seq_len.to_string()])
+        .args(["--seq-len", &seq_len.to_string()])
         .args(["--windows", &args.windows.to_string()])
         .args(["--threads", &args.threads.to_string()])
         .arg("-o")
@@ -159,7 +178,7 @@ fn run() -> Result<(), String> {
     let field = |k: &str| summary.get(k).cloned().unwrap_or_default();
     let report = serde_json::json!({
         "parameters": parameters,
-        "tokens": args.windows * args.seq_len,
+        "tokens": args.windows * seq_len,
         "threads": args.threads,
         "checkpoint_reused": reused,
         "write_seconds": write_seconds,
