@@ -5,14 +5,18 @@
 #
 #   setup        make fetch tools            (data/, .venv with the NVRTC wheels)
 #   build        cargo build --all-targets   (all cores)
-#   gpu-tests    cargo test --test codegen_gpu with FPX_REQUIRE_GPU=1 (every linear kernel vs
-#                the cpu backend, FP32 and BF16; whole plans' logits and greedy tokens)
+#   gpu-tests    cargo test --test codegen_gpu --test calib_kernels with FPX_REQUIRE_GPU=1 (every
+#                linear kernel vs the cpu backend, FP32 and BF16; whole plans' logits and greedy
+#                tokens; both calibration passes on the kernels vs the cpu interpreter)
 #   bench        FPX_BENCH_QUICK=1 cargo bench --bench kernels (every GEMV/GEMM on the device,
 #                fraction of peak bandwidth / FLOPs; whole-plan decode steps)
 #   profile      fpx profile of SmolLM2 (each linear shape x format, rest of the step)
 #   compare      fpx profile --compare: measured / modelled per kernel family (compare.json)
 #   plan         fpx plan from that profile (greedy, gamma 0.5; and on the p95, plan-p95.json)
 #   decode       fpx run of that plan on the cuda backend and on the cpu backend: same tokens
+#   calibrate    fpx calibrate of SmolLM2 (4 x 128 tokens, KL on 32) with --backend cuda and
+#                --backend cpu: times, and every record's eps / KL within 1e-3 / 2e-2 relative
+#                (KL: + 1e-6 absolute)
 #
 # Every part is timed; a part whose usual time no longer fits the budget is skipped and says
 # so. Results go to one folder (default gpu-results/<UTC time>, or $1): results.json (device,
@@ -32,6 +36,7 @@ RESULTS="${1:-gpu-results/$(date -u +%Y%m%dT%H%M%SZ)}"
 MODEL="data/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 CALIB="docs/smollm2.calib.json"
 PROMPT="The sea was calm and the ship sailed on towards the"
+TEXT="data/text/moby-dick.txt"
 mkdir -p "$RESULTS" || { echo "gpu-check: cannot create $RESULTS" >&2; exit 1; }
 PARTS="$RESULTS/parts.tsv"
 : >"$PARTS"
@@ -85,9 +90,9 @@ if command -v nvidia-smi >/dev/null 2>&1 &&
 fi
 
 if [[ -z "$GPU_NAME" ]]; then
-    for p in gpu-tests bench profile compare plan decode; do skip "$p" "no GPU: nvidia-smi finds no device"; done
+    for p in gpu-tests bench profile compare plan decode calibrate; do skip "$p" "no GPU: nvidia-smi finds no device"; done
 else
-    part gpu-tests 150 env FPX_REQUIRE_GPU=1 FPX_REQUIRE_DATA=1 cargo test --test codegen_gpu
+    part gpu-tests 150 env FPX_REQUIRE_GPU=1 FPX_REQUIRE_DATA=1 cargo test --test codegen_gpu --test calib_kernels
     part bench 150 env FPX_BENCH_QUICK=1 cargo bench --profile dev --bench kernels
     part profile 90 "$FPX" profile --model "$MODEL" --device 0 --repeats 20 -o "$RESULTS/profile.json"
     if [[ -f "$RESULTS/profile.json" ]]; then
@@ -127,6 +132,31 @@ PY
     else
         skip decode "no plan"
     fi
+    calibrate() {
+        for b in cuda cpu; do
+            "$FPX" calibrate --model "$MODEL" --text "$TEXT" --seq-len 128 --windows 4 \
+                --kl-seq-len 32 --backend "$b" -o "$RESULTS/calib-$b.json" --json \
+                >"$RESULTS/calib-$b.summary.json" || return 1
+        done
+        python3 - "$RESULTS" <<'PY'
+import json, sys
+d = sys.argv[1]
+runs = {b: json.load(open(f"{d}/calib-{b}.json")) for b in ("cuda", "cpu")}
+times = {b: json.load(open(f"{d}/calib-{b}.summary.json")) for b in runs}
+for b, t in times.items():
+    print(f"{b}: eps {t['eps_seconds']:.1f} s, KL {t['kl_seconds']:.1f} s")
+# Relative differences; KL with an absolute floor of 1e-6 (nats) for layers that barely move it.
+worst, floor = {"eps": 0.0, "kl": 0.0}, {"eps": 1e-12, "kl": 1e-6}
+for g, c in zip(runs["cuda"]["layers"], runs["cpu"]["layers"]):
+    for f, m in c["metrics"].items():
+        n = g["metrics"][f]
+        for k in worst:
+            worst[k] = max(worst[k], abs(n[k] - m[k]) / (abs(m[k]) + floor[k]))
+print("largest relative difference cuda vs cpu:", worst)
+sys.exit(0 if worst["eps"] <= 1e-3 and worst["kl"] <= 2e-2 else 1)
+PY
+    }
+    part calibrate 120 calibrate
 fi
 
 python3 - "$RESULTS" "$GPU_NAME" "$DRIVER" "$CUDA" "$BUDGET" "$(($(date +%s) - START))" <<'PY'

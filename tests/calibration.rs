@@ -14,7 +14,7 @@ use common::*;
 use fpx::calib::capture::{
     formats_per_pass, measure_eps, measure_eps_with, EpsOptions, WeightOnlyMethod,
 };
-use fpx::calib::{sensitivity::measure_kl, Calibration};
+use fpx::calib::{sensitivity::measure_kl, Calibration, CpuForwards};
 use fpx::eval;
 use fpx::formats::Format;
 use fpx::ir::{Graph, NodeId, Op};
@@ -86,6 +86,7 @@ fn eps_matches_a_plain_loop_computation() {
                 &windows,
                 &formats,
                 options,
+                &mut CpuForwards,
                 &mut |d, t| (done, total) = (d, t),
             )
             .unwrap();
@@ -180,6 +181,7 @@ fn kl_pass_equals_eval_of_a_single_layer_plan() {
         model.weights.as_ref(),
         &windows,
         &mut records,
+        &mut CpuForwards,
         &mut |_, _| {},
     )
     .unwrap();

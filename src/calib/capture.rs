@@ -24,8 +24,9 @@ use crate::model::WeightSource;
 use crate::runtime::cpu::mat::matmul_wt;
 use crate::runtime::cpu::{LinearWeights, Mat};
 
+use super::forwards::{CpuForwards, StageForwards};
 use super::gram::Gram;
-use super::{embed_windows, load_stage, stage_of, stage_run, LayerCalibration, LayerMetrics};
+use super::{embed_windows, stage_of, LayerCalibration, LayerMetrics};
 
 /// How the weight-only error of the layers reading one input is computed; both are exact.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -193,7 +194,7 @@ fn relative_weight_error(w: &[f32], q: &[f32]) -> f64 {
     }
 }
 
-/// Runs the eps pass over `windows` with the default [`EpsOptions`].
+/// Runs the eps pass over `windows` with the default [`EpsOptions`] on the CPU interpreter.
 pub fn measure_eps(
     graph: &Graph,
     weights: &dyn WeightSource,
@@ -207,19 +208,21 @@ pub fn measure_eps(
         windows,
         formats,
         EpsOptions::default(),
+        &mut CpuForwards,
         progress,
     )
 }
 
-/// Runs the eps pass over `windows`; `progress(done, total)` is called after each stage,
-/// pass ([`formats_per_pass`]) and window. Returns one record per linear layer, lm_head
-/// included (no `kl` yet), in graph order.
+/// Runs the eps pass over `windows`, its forwards on `forwards`; `progress(done, total)` is
+/// called after each stage, pass ([`formats_per_pass`]) and window. Returns one record per
+/// linear layer, lm_head included (no `kl` yet), in graph order.
 pub fn measure_eps_with(
     graph: &Graph,
     weights: &dyn WeightSource,
     windows: &[&[u32]],
     formats: &[Format],
     options: EpsOptions,
+    forwards: &mut dyn StageForwards,
     progress: &mut dyn FnMut(usize, usize),
 ) -> Result<Vec<LayerCalibration>> {
     let layers = graph.spec().num_layers;
@@ -234,14 +237,14 @@ pub fn measure_eps_with(
     let mut hidden = embed_windows(graph, weights, windows)?;
     let mut records = Vec::new();
     for (stage, passes) in passes.iter().enumerate() {
-        let block = load_stage(graph, weights, stage)?;
+        let mut block = forwards.load(graph, weights, stage)?;
         let linears: Vec<_> = graph
             .linears()
             .filter(|(id, _)| stage_of(graph, graph.node(*id)) == stage)
             .collect();
         let mut state: BTreeMap<NodeId, LayerState> = BTreeMap::new();
         for &(id, l) in &linears {
-            let full = block.linear(id).expect("block weights loaded");
+            let full = block.linear(id);
             let layer = LayerState {
                 input: graph.inputs(id)[0],
                 out_features: l.out_features,
@@ -274,7 +277,7 @@ pub fn measure_eps_with(
         for (pass, pass_formats) in passes.iter().enumerate() {
             let (first, last) = (pass == 0, pass + 1 == passes.len());
             for &(id, l) in &linears {
-                let full = block.linear(id).expect("block weights loaded");
+                let full = block.linear(id);
                 let s = state.get_mut(&id).expect("inserted above");
                 s.formats = pass_formats
                     .iter()
@@ -313,7 +316,7 @@ pub fn measure_eps_with(
                         s.formats[i].weight_act_sq += sum_sq_diff(&wa, y);
                     }
                 };
-                let out = block.execute(window, stage_run(graph, stage, x), &mut observe)?;
+                let out = block.run(window, x, None, Some(&mut observe))?;
                 if last && stage < layers {
                     hidden[w] = out;
                 }

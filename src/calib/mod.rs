@@ -17,7 +17,9 @@
 pub mod capture;
 pub mod cost;
 pub mod file;
+pub mod forwards;
 pub mod gram;
+pub mod kernel_stages;
 pub mod sensitivity;
 
 use std::collections::BTreeMap;
@@ -30,6 +32,9 @@ use crate::ir::{Graph, LinearKind, Node, Op};
 use crate::lower::PrecisionMap;
 use crate::model::WeightSource;
 use crate::runtime::cpu::{CpuModel, Mat, Run};
+
+pub use forwards::{CpuForwards, Stage, StageForwards};
+pub use kernel_stages::KernelStages;
 
 pub(crate) use file::legacy_mx_scale_rule;
 pub use file::{Calibration, KlSetup, ModelRef, TextRef, SCHEMA_VERSION};
@@ -71,25 +76,6 @@ impl LayerCalibration {
 /// norm, lm_head). Both passes stream the model one stage at a time.
 fn stage_of(graph: &Graph, n: &Node) -> usize {
     n.layer.unwrap_or(graph.spec().num_layers)
-}
-
-/// The full-precision parameters of one stage (the embedding excluded).
-fn load_stage(graph: &Graph, weights: &dyn WeightSource, stage: usize) -> Result<CpuModel> {
-    CpuModel::load_where(graph, weights, &PrecisionMap::new(), &|n| {
-        stage_of(graph, n) == stage && !matches!(n.op, Op::Embedding { .. })
-    })
-}
-
-/// A run of one stage from its input `x`: to the block's output, or for the head to the logits.
-fn stage_run<'a>(graph: &Graph, stage: usize, x: Mat) -> Run<'a> {
-    Run {
-        from: Some((
-            graph.block_input(stage).expect("every stage has an input"),
-            x,
-        )),
-        until: graph.block_output(stage),
-        replace: None,
-    }
 }
 
 /// The residual stream entering block 0 of every window (only the embedding is loaded).

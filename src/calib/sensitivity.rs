@@ -25,12 +25,12 @@ use std::collections::BTreeMap;
 use crate::error::Result;
 use crate::eval::kl::NextTokenReference;
 use crate::formats::Format;
-use crate::ir::{Graph, NodeId, Op};
-use crate::lower::LinearPrecision;
+use crate::ir::{Graph, NodeId};
 use crate::model::WeightSource;
-use crate::runtime::cpu::{LinearWeights, Mat, Run};
+use crate::runtime::cpu::Mat;
 
-use super::{embed_windows, load_stage, stage_run, LayerCalibration};
+use super::forwards::StageForwards;
+use super::{embed_windows, LayerCalibration};
 
 /// Bytes of live residual streams one sweep holds.
 pub const STREAM_BYTES: usize = 1 << 30;
@@ -59,20 +59,21 @@ struct Reference {
     next: Vec<NextTokenReference>,
 }
 
-fn reference(graph: &Graph, weights: &dyn WeightSource, windows: &[&[u32]]) -> Result<Reference> {
+fn reference(
+    graph: &Graph,
+    weights: &dyn WeightSource,
+    windows: &[&[u32]],
+    forwards: &mut dyn StageForwards,
+) -> Result<Reference> {
     let layers = graph.spec().num_layers;
     let mut x = embed_windows(graph, weights, windows)?;
     let mut stage_inputs = vec![Vec::with_capacity(layers + 1); windows.len()];
     let mut next = Vec::with_capacity(windows.len());
     for stage in 0..=layers {
-        let model = load_stage(graph, weights, stage)?;
+        let mut model = forwards.load(graph, weights, stage)?;
         for (w, window) in windows.iter().enumerate() {
             stage_inputs[w].push(x[w].clone());
-            let out = model.execute(
-                window,
-                stage_run(graph, stage, x[w].clone()),
-                &mut |_, _, _| {},
-            )?;
+            let out = model.run(window, x[w].clone(), None, None)?;
             if stage < layers {
                 x[w] = out;
             } else {
@@ -103,12 +104,14 @@ fn unstack(x: Mat, seq: usize) -> Vec<Mat> {
 }
 
 /// Fills `kl` of every record for every format it has, streaming the model's weights stage by
-/// stage. `progress(done, total)` counts stage crossings of (variant, window) streams.
+/// stage, its forwards on `forwards`. `progress(done, total)` counts stage crossings of
+/// (variant, window) streams.
 pub fn measure_kl(
     graph: &Graph,
     weights: &dyn WeightSource,
     windows: &[&[u32]],
     records: &mut [LayerCalibration],
+    forwards: &mut dyn StageForwards,
     progress: &mut dyn FnMut(usize, usize),
 ) -> Result<()> {
     let layers = graph.spec().num_layers;
@@ -136,7 +139,7 @@ pub fn measure_kl(
         .sum::<usize>()
         + (layers + 1) * windows.len();
     let mut done = 0;
-    let reference = reference(graph, weights, windows)?;
+    let reference = reference(graph, weights, windows, forwards)?;
     done += (layers + 1) * windows.len();
     progress(done, total);
 
@@ -149,7 +152,7 @@ pub fn measure_kl(
         // Streams that have crossed their own stage, with their residual stream.
         let mut live: Vec<(&Stream, Mat)> = Vec::new();
         for stage in first..=layers {
-            let model = load_stage(graph, weights, stage)?;
+            let mut model = forwards.load(graph, weights, stage)?;
             let head = stage == layers;
             // Live streams cross this full-precision stage in batches (their tokens matter
             // only through their positions, which every window shares).
@@ -167,8 +170,7 @@ pub fn measure_kl(
                 if ids.is_empty() {
                     break;
                 }
-                let run = stage_run(graph, stage, stack(xs));
-                let out = model.execute(windows[0], run, &mut |_, _, _| {})?;
+                let out = model.run(windows[0], stack(xs), None, None)?;
                 done += ids.len();
                 for (s, x) in ids.into_iter().zip(unstack(out, seq)) {
                     if head {
@@ -181,31 +183,14 @@ pub fn measure_kl(
             }
             live = crossed;
             // Streams whose own layer is in this stage start here, from the reference.
-            let mut quantized: Option<(usize, LinearWeights)> = None;
             for s in sweep.iter().filter(|s| variants[s.variant].stage == stage) {
                 let v = &variants[s.variant];
-                if quantized.as_ref().map(|q| q.0) != Some(s.variant) {
-                    let Op::Linear(l) = &graph.node(v.node).op else {
-                        unreachable!("records are linear layers")
-                    };
-                    let full = model
-                        .linear(v.node)
-                        .expect("the stage's weights are loaded");
-                    quantized = Some((
-                        s.variant,
-                        full.quantized(l, LinearPrecision::weight_only(v.format)),
-                    ));
-                }
-                let w = &quantized.as_ref().expect("set above").1;
-                let run = Run {
-                    replace: Some((v.node, w)),
-                    ..stage_run(
-                        graph,
-                        stage,
-                        reference.stage_inputs[s.window][stage].clone(),
-                    )
-                };
-                let out = model.execute(windows[s.window], run, &mut |_, _, _| {})?;
+                let out = model.run(
+                    windows[s.window],
+                    reference.stage_inputs[s.window][stage].clone(),
+                    Some((v.node, v.format)),
+                    None,
+                )?;
                 if head {
                     kl[s.variant] += reference.next[s.window].kl_sum(&out);
                 } else {

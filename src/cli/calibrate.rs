@@ -17,6 +17,7 @@ use std::path::PathBuf;
 
 use clap::Args;
 
+use crate::cli::run::BackendKind;
 use crate::{emit, progress_bar, ModelText};
 
 #[derive(Args)]
@@ -36,7 +37,7 @@ pub struct CalibrateArgs {
     #[arg(long, default_value_t = 1)]
     pub(crate) kl_windows: usize,
     /// Tokens per KL window (default: the longest of 256, 128, 64, 32 whose estimated KL pass
-    /// fits --kl-budget-minutes).
+    /// fits --kl-budget-minutes; with --backend cuda the longest).
     #[arg(long)]
     pub(crate) kl_seq_len: Option<usize>,
     /// Run-time budget that sizes the default KL window, from the pass's counted flops and
@@ -50,6 +51,14 @@ pub struct CalibrateArgs {
     /// Calibration file to write.
     #[arg(short, long)]
     pub(crate) output: PathBuf,
+    /// Where the passes' forwards run: the CPU interpreter, the generated kernels on a GPU
+    /// (cuda), or the generated kernels on the CPU emulator (emu: a check, slow). The errors,
+    /// Gram matrices and KL sums are computed on the host for every backend.
+    #[arg(long, value_enum, default_value_t = BackendKind::Cpu)]
+    pub(crate) backend: BackendKind,
+    /// CUDA device ordinal (--backend cuda).
+    #[arg(long, default_value_t = 0)]
+    pub(crate) device: usize,
     /// Print a JSON summary instead of the table.
     #[arg(long)]
     pub(crate) json: bool,
@@ -60,6 +69,8 @@ struct Summary<'a> {
     output: String,
     model: &'a ModelRef,
     text: &'a TextRef,
+    /// Where the forwards ran: cpu, emu or cuda.
+    backend: &'static str,
     seq_len: usize,
     windows: usize,
     formats: &'a [Format],
@@ -120,22 +131,29 @@ pub fn run(args: CalibrateArgs) -> Result<()> {
     let (calib_tokens, held_out) = tokens.split_at(args.seq_len * args.windows);
     let windows = eval::windows(calib_tokens, args.seq_len, None)?;
 
+    let max_seq = args
+        .seq_len
+        .max(if args.kl_windows > 0 { kl_seq_len } else { 0 });
+    let mut forwards = forwards(&args, &graph, &formats, max_seq)?;
     let eps_flops = cost::eps_flops(&graph, calib_tokens.len(), args.seq_len, formats.len());
     let eps_estimate_seconds = eps_flops / (gflops * 1e9);
     eprintln!(
-        "eps pass: {} tokens x {} formats, {:.1} TFLOP, about {} at {gflops:.0} GFLOP/s (measured)",
+        "eps pass: {} tokens x {} formats, {:.1} TFLOP, about {}{}",
         calib_tokens.len(),
         formats.len(),
         eps_flops / 1e12,
-        duration(eps_estimate_seconds)
+        duration(eps_estimate_seconds),
+        estimate_basis(args.backend, gflops),
     );
     let bar = progress_bar(0, "eps (stage passes x windows)");
     let start = Instant::now();
-    let mut layers = calib::capture::measure_eps(
+    let mut layers = calib::capture::measure_eps_with(
         &graph,
         model.weights.as_ref(),
         &windows,
         &formats,
+        calib::capture::EpsOptions::default(),
+        forwards.as_mut(),
         &mut |d, total| {
             bar.set_length(total as u64);
             bar.set_position(d as u64)
@@ -149,12 +167,13 @@ pub fn run(args: CalibrateArgs) -> Result<()> {
         let flops = cost::kl_flops(&graph, kl_windows.len(), kl_seq_len, formats.len());
         let estimate = flops / (gflops * 1e9);
         eprintln!(
-            "KL pass: {} layers x {} formats on {} x {kl_seq_len} held-out tokens, {:.1} TFLOP, about {}",
+            "KL pass: {} layers x {} formats on {} x {kl_seq_len} held-out tokens, {:.1} TFLOP, about {}{}",
             layers.len(),
             formats.len(),
             kl_windows.len(),
             flops / 1e12,
-            duration(estimate)
+            duration(estimate),
+            estimate_basis(args.backend, gflops),
         );
         let bar = progress_bar(0, "kl (stage crossings of layer x format x window)");
         let start = Instant::now();
@@ -163,6 +182,7 @@ pub fn run(args: CalibrateArgs) -> Result<()> {
             model.weights.as_ref(),
             &kl_windows,
             &mut layers,
+            forwards.as_mut(),
             &mut |d, total| {
                 bar.set_length(total as u64);
                 bar.set_position(d as u64)
@@ -223,6 +243,7 @@ pub fn run(args: CalibrateArgs) -> Result<()> {
         output: args.output.display().to_string(),
         model: &calibration.model,
         text: &calibration.text,
+        backend: forwards.name(),
         seq_len: calibration.seq_len,
         windows: calibration.windows,
         formats: &calibration.formats,
@@ -247,6 +268,39 @@ pub fn run(args: CalibrateArgs) -> Result<()> {
         emit(&table(&summary, &sorted)?);
     }
     Ok(())
+}
+
+/// The backend the passes' forwards run on, its kernels built before any long work.
+fn forwards(
+    args: &CalibrateArgs,
+    graph: &Graph,
+    formats: &[Format],
+    max_seq: usize,
+) -> Result<Box<dyn calib::StageForwards>> {
+    Ok(match args.backend {
+        BackendKind::Cpu => Box::new(calib::CpuForwards),
+        BackendKind::Emu => Box::new(calib::KernelStages::emu(
+            graph,
+            formats,
+            max_seq,
+            &fpx::runtime::emu::EmuOptions::default(),
+        )?),
+        BackendKind::Cuda => Box::new(calib::KernelStages::cuda(
+            graph,
+            formats,
+            max_seq,
+            args.device,
+        )?),
+    })
+}
+
+/// What a run-time estimate assumes: the CPU's measured product rate (the estimates model
+/// the cpu backend; kernel backends run at their own speed).
+fn estimate_basis(backend: BackendKind, gflops: f64) -> String {
+    match backend {
+        BackendKind::Cpu => format!(" at {gflops:.0} GFLOP/s (measured)"),
+        _ => format!(" on the cpu backend at {gflops:.0} GFLOP/s (the kernel backends differ)"),
+    }
 }
 
 /// KL window lengths the default chooses from, longest first.
@@ -279,6 +333,10 @@ fn default_kl_seq_len(
             spec.max_position_embeddings
         );
     };
+    // The estimate models the CPU; a GPU runs the pass orders of magnitude faster.
+    if args.backend == BackendKind::Cuda {
+        return Ok(fits[0]);
+    }
     match fits.iter().find(|&&n| seconds(n) <= budget) {
         Some(&n) => Ok(n),
         None => {

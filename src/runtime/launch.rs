@@ -14,7 +14,7 @@
 
 use super::exec::{check_pass, Backend, ExecutablePlan, PackedLinear};
 use crate::error::Result;
-use crate::lower::{Act, ActDtype, KernelSpec, LinearShape, Param, Step};
+use crate::lower::{Act, ActDtype, KernelSpec, LinearShape, Param, Schedule, Step};
 
 /// One kernel argument: a buffer (passed as its device pointer) or a value.
 pub enum Arg<'a, B> {
@@ -212,6 +212,40 @@ pub fn run_linear<L: Launcher>(
     Ok(shape.act.decode(&bytes))
 }
 
+/// The kernel arguments of `step` in a pass of `m` rows: [`Step::params`] bound to a plan's
+/// parameter and sequence buffers (the one binding every launcher uses).
+pub fn step_args<'b, B>(
+    schedule: &Schedule,
+    p: &'b ParamBuffers<B>,
+    s: &'b SequenceBuffers<B>,
+    step: &Step,
+    m: usize,
+    decode: bool,
+) -> Vec<Arg<'b, B>> {
+    step.params(decode)
+        .into_iter()
+        .map(|param| match param {
+            Param::Act(a) => Arg::Buf(&s.acts[a as usize]),
+            Param::Tokens => Arg::Buf(&s.tokens),
+            Param::Next => Arg::Buf(&s.next),
+            Param::Embedding => Arg::Buf(&p.embedding),
+            Param::Norm(i) => Arg::Buf(&p.norms[i]),
+            Param::KCache(l) => Arg::Buf(&s.k_cache[l]),
+            Param::VCache(l) => Arg::Buf(&s.v_cache[l]),
+            Param::RopeCos => Arg::Buf(&p.rope_cos),
+            Param::RopeSin => Arg::Buf(&p.rope_sin),
+            Param::Pos => Arg::Buf(&s.pos),
+            Param::Rows => Arg::I32(step.rows(m) as i32),
+            Param::Eps => Arg::F32(schedule.dims.eps),
+            Param::Row0 => Arg::I32(step.row0(m)),
+            Param::LinearCodes(i) => Arg::Buf(&p.linears[i].codes),
+            Param::LinearScales(i) => Arg::Buf(&p.linears[i].scales),
+            Param::LinearGlobal(i) => Arg::F32(p.linears[i].global),
+            Param::LinearBias(i) => Arg::Buf(&p.linears[i].bias),
+        })
+        .collect()
+}
+
 /// An executable plan on a [`Launcher`]: its parameters and one sequence's buffers.
 pub struct KernelBackend<'a, L: Launcher> {
     pub plan: &'a ExecutablePlan,
@@ -250,32 +284,17 @@ impl<'a, L: Launcher> KernelBackend<'a, L> {
         }
     }
 
-    /// The kernel arguments of `step` in a pass of `m` rows: [`Step::params`] bound to this
-    /// backend's buffers (the one binding every launcher uses).
+    /// The kernel arguments of `step` in a pass of `m` rows, bound to this backend's buffers
+    /// ([`step_args`]).
     pub fn args(&self, step: &Step, m: usize, decode: bool) -> Vec<Arg<'_, L::Buf>> {
-        let (p, s) = (&self.params, &self.seq);
-        step.params(decode)
-            .into_iter()
-            .map(|param| match param {
-                Param::Act(a) => Arg::Buf(&s.acts[a as usize]),
-                Param::Tokens => Arg::Buf(&s.tokens),
-                Param::Next => Arg::Buf(&s.next),
-                Param::Embedding => Arg::Buf(&p.embedding),
-                Param::Norm(i) => Arg::Buf(&p.norms[i]),
-                Param::KCache(l) => Arg::Buf(&s.k_cache[l]),
-                Param::VCache(l) => Arg::Buf(&s.v_cache[l]),
-                Param::RopeCos => Arg::Buf(&p.rope_cos),
-                Param::RopeSin => Arg::Buf(&p.rope_sin),
-                Param::Pos => Arg::Buf(&s.pos),
-                Param::Rows => Arg::I32(step.rows(m) as i32),
-                Param::Eps => Arg::F32(self.plan.schedule.dims.eps),
-                Param::Row0 => Arg::I32(step.row0(m)),
-                Param::LinearCodes(i) => Arg::Buf(&p.linears[i].codes),
-                Param::LinearScales(i) => Arg::Buf(&p.linears[i].scales),
-                Param::LinearGlobal(i) => Arg::F32(p.linears[i].global),
-                Param::LinearBias(i) => Arg::Buf(&p.linears[i].bias),
-            })
-            .collect()
+        step_args(
+            &self.plan.schedule,
+            &self.params,
+            &self.seq,
+            step,
+            m,
+            decode,
+        )
     }
 
     /// Launches step `index` of the schedule for a pass of `m` rows.

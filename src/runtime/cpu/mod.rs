@@ -148,6 +148,11 @@ impl CpuModel {
         self.params.linears[slot].as_ref()
     }
 
+    /// The loaded weight of norm slot `slot` ([`Schedule::norms`]).
+    pub fn norm(&self, slot: usize) -> Option<&[f32]> {
+        self.params.norms[slot].as_deref().map(Vec::as_slice)
+    }
+
     /// Logits `[tokens, vocab]` of one window; token `i` sits at position `i`.
     pub fn forward(&self, tokens: &[u32]) -> Result<Mat> {
         self.execute(tokens, Run::default(), &mut |_, _, _| {})

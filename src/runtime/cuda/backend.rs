@@ -15,7 +15,7 @@ use cudarc::driver::{
 use super::compile::{Compiler, CompilerOptions};
 use crate::codegen::Renderer;
 use crate::error::{Error, Result};
-use crate::lower::{Arch, DeviceTarget, KernelSpec, LinearShape, Step};
+use crate::lower::{Arch, DeviceTarget, KernelSpec, LinearShape, Schedule, Step};
 use crate::runtime::exec::{ExecutablePlan, PackedLinear};
 use crate::runtime::launch::{Arg, KernelBackend, Launcher, Memory, RunPass};
 use crate::runtime::LoadedKernels;
@@ -120,17 +120,17 @@ impl Device {
         Ok(())
     }
 
-    /// Lets the attention kernel use the dynamic shared memory `plan.max_seq` positions need
+    /// Lets the attention kernels of `schedule` use the dynamic shared memory `max_seq` positions need
     /// (beyond the default 48 KiB, up to the device's opt-in limit).
-    fn allow_attention_shared_memory(&self, plan: &ExecutablePlan) -> Result<()> {
-        for spec in plan.schedule.kernels() {
+    pub fn allow_attention_shared_memory(&self, schedule: &Schedule, max_seq: usize) -> Result<()> {
+        for spec in schedule.kernels() {
             if !matches!(spec, KernelSpec::Attention { .. }) {
                 continue;
             }
             let Some(ctx) = self.kernels.context(&spec) else {
                 continue;
             };
-            let bytes = ctx.launch(1, plan.max_seq).shared_bytes as i32;
+            let bytes = ctx.launch(1, max_seq).shared_bytes as i32;
             let limit = self
                 .ctx
                 .attribute(
@@ -142,7 +142,7 @@ impl Device {
                     "max_seq",
                     format!(
                         "{} positions need {bytes} bytes of shared memory in the attention kernel; {} allows {limit}",
-                        plan.max_seq, self.name
+                        max_seq, self.name
                     ),
                 ));
             }
@@ -322,7 +322,7 @@ impl<'a> KernelBackend<'a, Device> {
             ..CompilerOptions::default()
         });
         dev.load_kernels(&plan.schedule.kernels(), opts)?;
-        dev.allow_attention_shared_memory(plan)?;
+        dev.allow_attention_shared_memory(&plan.schedule, plan.max_seq)?;
         KernelBackend::on(plan, dev, "cuda")
     }
 
