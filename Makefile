@@ -18,7 +18,7 @@ SEQ_LEN ?= 512
 WINDOWS ?= 4
 THREADS ?= 2
 
-.PHONY: help run test fetch tools ct-tools bench bench-tools bench-torch bench-compare bench-calib-large gpu-check
+.PHONY: help run test fetch tools ct-tools bench bench-tools bench-torch bench-compare bench-linear bench-calib-large gpu-check
 
 help:
 	@echo "make run          fetch data + tools, then the main job on the default model (scripts/main-job.sh)"
@@ -30,6 +30,7 @@ help:
 	@echo "make bench-tools  create/update .venv-bench (torch, transformers)"
 	@echo "make bench-torch  PyTorch CPU fp32 baseline (SEQ_LEN=$(SEQ_LEN) WINDOWS=$(WINDOWS) THREADS=$(THREADS))"
 	@echo "make bench-compare  fpx bench and bench-torch alternated in one run (ROUNDS=2), with the ratios"
+	@echo "make bench-linear the CPU linear kernel vs matrixmultiply vs torch (MKL) at SmolLM2's shapes"
 	@echo "make bench-calib-large  calibrate a synthetic Qwen2.5-1.5B (2k tokens): time and peak RSS (benches/calib_large.rs)"
 	@echo "make gpu-check    the prepared GPU check (scripts/gpu-check.sh): tests, kernel benchmarks, profile, plan, decode"
 
@@ -81,6 +82,12 @@ bench-compare: fetch tools bench-tools
 # pass; prints time and peak RSS, fails at 4 GB (benches/calib_large.rs).
 bench-calib-large: fetch tools
 	$(BUILD_ENV) $(CARGO) bench --profile dev --bench calib_large -- --threads $(THREADS)
+
+# The CPU linear-layer product at SmolLM2's prefill shapes: fpx's AVX-512 kernel over packed
+# weights and matrixmultiply (benches/cpu_linear.rs), then torch's F.linear (MKL), same threads.
+bench-linear: bench-tools
+	RAYON_NUM_THREADS=$(THREADS) $(BUILD_ENV) $(CARGO) bench --profile dev --bench cpu_linear
+	.venv-bench/bin/python scripts/bench_linear_torch.py $(THREADS)
 
 bench-torch: fetch bench-tools
 	.venv-bench/bin/python scripts/bench_torch.py --gguf $(MODEL) --text $(TEXT) \

@@ -116,10 +116,7 @@ impl FormatState {
         FormatState {
             format,
             weight_error: relative_weight_error(&full.weight, &q.weight),
-            weight_act: LinearWeights {
-                activations: Some(format),
-                ..q
-            },
+            weight_act: q.with_activations(Some(format)),
             weight_only_sq: 0.0,
             weight_act_sq: 0.0,
         }

@@ -365,7 +365,7 @@ impl<L: Launcher> Stage for KernelStage<'_, L> {
     ) -> Result<Mat> {
         let m = tokens.len();
         let hidden = self.schedule.dims.hidden;
-        if m == 0 || m > self.max_seq || x.rows % m != 0 || x.cols != hidden {
+        if m == 0 || m > self.max_seq || !x.rows.is_multiple_of(m) || x.cols != hidden {
             return Err(Error::invalid(
                 "calibration stage",
                 format!(

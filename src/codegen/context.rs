@@ -305,7 +305,7 @@ pub fn attention_shared_floats(c: &HeadsCtx, context: usize) -> usize {
 /// Largest power of two <= `cap` that divides `v` (`v > 0`).
 fn pow2_divisor(v: usize, cap: usize) -> usize {
     let mut p = 1;
-    while p * 2 <= cap && v % (p * 2) == 0 {
+    while p * 2 <= cap && v.is_multiple_of(p * 2) {
         p *= 2;
     }
     p
@@ -419,7 +419,7 @@ fn heads_ctx(
     (heads, kv_heads, head_dim): (usize, usize, usize),
     threads: usize,
 ) -> HeadsCtx {
-    let groups = if head_dim <= threads && threads % head_dim == 0 {
+    let groups = if head_dim <= threads && threads.is_multiple_of(head_dim) {
         threads / head_dim
     } else {
         1

@@ -277,7 +277,7 @@ pub fn gemv_instructions_per_weight(report: &KernelReport, gemv: &GemvCtx) -> Op
     let main = report.main_loop?;
     let per_trip = 1 + gemv.epv.div_ceil(gemv.xv) + if gemv.block > 0 { gemv.segs } else { 0 };
     let trips = main.global_loads as usize / per_trip;
-    (trips > 0 && main.global_loads as usize % per_trip == 0)
+    (trips > 0 && (main.global_loads as usize).is_multiple_of(per_trip))
         .then(|| main.instructions as f64 / (trips * gemv.epv) as f64)
 }
 

@@ -99,7 +99,10 @@ impl Schedule {
             eps: spec.rms_norm_eps,
             rope: spec.rope(),
         };
-        if dims.head_dim % 2 != 0 || dims.kv_heads == 0 || dims.heads % dims.kv_heads != 0 {
+        if !dims.head_dim.is_multiple_of(2)
+            || dims.kv_heads == 0
+            || !dims.heads.is_multiple_of(dims.kv_heads)
+        {
             return Err(Error::invalid(
                 "model for codegen",
                 format!(

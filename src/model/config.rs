@@ -239,7 +239,7 @@ impl TryFrom<HfConfig> for ModelSpec {
             // transformers' Qwen3Config defaults head_dim to 128, not hidden / heads.
             None if architecture == Architecture::Qwen3 => 128,
             None => {
-                if c.hidden_size % c.num_attention_heads != 0 {
+                if !c.hidden_size.is_multiple_of(c.num_attention_heads) {
                     return Err(ConfigError::Invalid(format!(
                         "hidden_size {} is not divisible by num_attention_heads {}",
                         c.hidden_size, c.num_attention_heads
@@ -384,13 +384,13 @@ pub fn validate_spec(s: &ModelSpec) -> Result<(), String> {
     ] {
         crate::limits::tensor_elements(&[rows, cols]).map_err(|e| format!("{name}: {e}"))?;
     }
-    if s.num_heads % s.num_kv_heads != 0 {
+    if !s.num_heads.is_multiple_of(s.num_kv_heads) {
         return Err(format!(
             "num_attention_heads {} is not a multiple of num_key_value_heads {}",
             s.num_heads, s.num_kv_heads
         ));
     }
-    if s.head_dim % 2 != 0 {
+    if !s.head_dim.is_multiple_of(2) {
         return Err(format!("head_dim {} must be even for RoPE", s.head_dim));
     }
     if !(s.rope_theta.is_finite() && s.rope_theta > 0.0) {

@@ -305,7 +305,7 @@ pub(crate) fn supported_type(t: u32) -> Option<GgmlDType> {
 /// Bytes a tensor of `n` elements takes, or why `n` does not fit the type's blocks.
 pub(crate) fn byte_size(t: GgmlDType, n: usize) -> Result<usize, String> {
     let block = t.block_size();
-    if n % block != 0 {
+    if !n.is_multiple_of(block) {
         return Err(format!(
             "{n} elements are not a whole number of {t:?} blocks ({block})"
         ));

@@ -70,7 +70,10 @@ pub fn shards_cleanly(kind: LinearKind, k: usize, format: Format, tp: usize) -> 
     if tp <= 1 || !matches!(kind, LinearKind::O | LinearKind::Down) {
         return true;
     }
-    k % tp == 0 && format.block_size().is_none_or(|b| (k / tp) % b == 0)
+    k.is_multiple_of(tp)
+        && format
+            .block_size()
+            .is_none_or(|b| (k / tp).is_multiple_of(b))
 }
 
 fn group_key(kind: LinearKind, groups: &[GroupKind]) -> Option<u8> {

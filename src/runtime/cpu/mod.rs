@@ -20,6 +20,8 @@
 //! steps it will execute, that is how calibration streams one block at a time through memory.
 
 pub mod kernels;
+#[cfg(target_arch = "x86_64")]
+mod linear_avx512;
 pub mod mat;
 mod params;
 pub mod vmath;
@@ -97,7 +99,20 @@ impl CpuModel {
         weights: &dyn WeightSource,
         precision: &PrecisionMap,
     ) -> Result<CpuModel> {
-        Self::load_where(graph, weights, precision, &|_| true)
+        let mut model = Self::load_where(graph, weights, precision, &|_| true)?;
+        model.pack_linears();
+        Ok(model)
+    }
+
+    /// Packs every loaded linear layer for the AVX-512 product where the CPU has it (a second
+    /// copy of the weights: [`LinearWeights::with_panels`]). [`CpuModel::load`] does; the
+    /// streamed stages of calibration ([`CpuModel::load_where`]) do not.
+    pub fn pack_linears(&mut self) {
+        for (slot, w) in self.schedule.linears.iter().zip(&mut self.params.linears) {
+            if let Some(lw) = w.take() {
+                *w = Some(lw.with_panels(slot.shape.n));
+            }
+        }
     }
 
     /// Loads the parameters of the nodes `keep` selects; running a step whose parameters were

@@ -22,32 +22,81 @@ pub struct LinearWeights {
     pub bias: Option<Arc<Vec<f32>>>,
     /// Activations are quantized to this format before the product.
     pub activations: Option<Format>,
+    /// The same weights packed for the AVX-512 product ([`LinearWeights::with_panels`]).
+    #[cfg(target_arch = "x86_64")]
+    panels: Option<Arc<super::linear_avx512::Panels>>,
 }
 
 impl LinearWeights {
+    pub fn new(
+        weight: Arc<Vec<f32>>,
+        bias: Option<Arc<Vec<f32>>>,
+        activations: Option<Format>,
+    ) -> LinearWeights {
+        LinearWeights {
+            weight,
+            bias,
+            activations,
+            #[cfg(target_arch = "x86_64")]
+            panels: None,
+        }
+    }
+
+    /// These weights with a second copy packed for the AVX-512 product, where the CPU has it
+    /// (a forward-heavy model trades the memory for the time; calibration's streamed stages
+    /// do not pack).
+    pub fn with_panels(self, out_features: usize) -> LinearWeights {
+        #[cfg(target_arch = "x86_64")]
+        if super::linear_avx512::available() && self.panels.is_none() {
+            let k = self.weight.len() / out_features.max(1);
+            let panels = super::linear_avx512::Panels::pack(&self.weight, out_features, k);
+            return LinearWeights {
+                panels: Some(Arc::new(panels)),
+                ..self
+            };
+        }
+        let _ = out_features;
+        self
+    }
+
     /// These weights fake-quantized to `precision` (bias unchanged).
     pub fn quantized(&self, l: &Linear, precision: LinearPrecision) -> LinearWeights {
-        LinearWeights {
-            weight: Arc::new(precision.weights.fake_quantize_weights(
+        LinearWeights::new(
+            Arc::new(precision.weights.fake_quantize_weights(
                 &self.weight,
                 l.out_features,
                 l.in_features,
             )),
-            bias: self.bias.clone(),
-            activations: precision.activations,
+            self.bias.clone(),
+            precision.activations,
+        )
+    }
+
+    /// These weights with their input activations quantized to `format` first.
+    pub fn with_activations(self, format: Option<Format>) -> LinearWeights {
+        LinearWeights {
+            activations: format,
+            ..self
         }
     }
 
     /// `x W^T + b` for a layer of `out_features` outputs, quantizing `x` first when the layer
     /// quantizes activations.
     pub fn apply(&self, out_features: usize, x: &Mat) -> Mat {
+        let product = |x: &Mat| {
+            #[cfg(target_arch = "x86_64")]
+            if let Some(p) = self.panels.as_deref().filter(|p| p.runs(x.rows)) {
+                return Mat::from_vec(x.rows, out_features, p.matmul_wt(&x.data, x.rows));
+            }
+            mat::matmul_wt(x, &self.weight, out_features)
+        };
         let mut y = match self.activations {
             Some(f) => {
                 let mut xq = x.clone();
                 f.fake_quantize_activations(&mut xq.data, xq.rows, xq.cols);
-                mat::matmul_wt(&xq, &self.weight, out_features)
+                product(&xq)
             }
-            None => mat::matmul_wt(x, &self.weight, out_features),
+            None => product(x),
         };
         if let Some(b) = &self.bias {
             for row in y.data.chunks_mut(out_features) {
@@ -130,14 +179,14 @@ impl Params {
                         .iter()
                         .position(|s| s.name == node.name)
                         .expect("the schedule has a slot per linear node");
-                    let full = LinearWeights {
-                        weight: table(&l.weight, &[l.out_features, l.in_features])?,
-                        bias: match &l.bias {
+                    let full = LinearWeights::new(
+                        table(&l.weight, &[l.out_features, l.in_features])?,
+                        match &l.bias {
                             Some(b) => Some(table(b, &[l.out_features])?),
                             None => None,
                         },
-                        activations: None,
-                    };
+                        None,
+                    );
                     p.linears[slot] = Some(match precision.get(&node.name) {
                         Some(&prec) => full.quantized(l, prec),
                         None => full,

@@ -29,11 +29,11 @@ fn write(buf: &mut HostBuf, act: ActDtype, at: usize, v: &[f32]) {
 
 /// The weights a packed layer decodes to, as the CPU interpreter applies them.
 fn decoded(p: &PackedLinear, shape: &LinearShape) -> LinearWeights {
-    LinearWeights {
-        weight: std::sync::Arc::new(p.dequantize(shape.n, shape.k)),
-        bias: p.bias.clone().map(std::sync::Arc::new),
-        activations: None,
-    }
+    LinearWeights::new(
+        std::sync::Arc::new(p.dequantize(shape.n, shape.k)),
+        p.bias.clone().map(std::sync::Arc::new),
+        None,
+    )
 }
 
 /// The cpu backend's linear step on values: `y (+)= x W^T + b` over `rows` rows of `x`
