@@ -6,6 +6,8 @@
 //! `X D^T` of every window; and compares the full-precision output with the output through the
 //! quantized weights and quantized activations (W+A eps, which has no such shortcut).
 //! lm_head's record has `layer` = the number of blocks (the stage after the last block).
+//! On a kernel backend ([`super::Stage::computes_products`]) the products run on its kernels,
+//! after each window's forward, and weight-only eps takes the direct method.
 //!
 //! Memory: the residual stream of every calibration token (`tokens x hidden` FP32), one
 //! stage's weights in FP32 plus one fake-quantized copy per format of the current pass (at
@@ -31,12 +33,14 @@ use super::{embed_windows, stage_of, LayerCalibration, LayerMetrics};
 /// How the weight-only error of the layers reading one input is computed; both are exact.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum WeightOnlyMethod {
-    /// Per input, whichever of the two counts fewer flops (the default).
+    /// Per input, whichever of the two counts fewer flops (the default); on a kernel backend
+    /// ([`super::Stage::computes_products`]) the direct products, which run there.
     Cheapest,
     /// `trace(D G D^T)` from the input's Gram matrix `G = X^T X`, in f64 (cheaper when the
     /// tokens outnumber the input width several times).
     Gram,
-    /// `||X D^T||^2` from the product of every window with `D`, in f32.
+    /// `||X D^T||^2` from the product of every window with `D`, in f32 (on a kernel backend
+    /// `||X Q(W)^T - X W^T||^2`, both products on the device).
     Direct,
 }
 
@@ -265,9 +269,11 @@ pub fn measure_eps_with(
                 .filter(|o| o.input == s.input)
                 .map(|o| o.out_features)
                 .collect();
-            let m = options
-                .method
-                .resolve(s.in_features, &outs, tokens, formats.len());
+            let m = match options.method {
+                // The device runs the products; Gram matrices and traces would run here.
+                WeightOnlyMethod::Cheapest if block.computes_products() => WeightOnlyMethod::Direct,
+                method => method.resolve(s.in_features, &outs, tokens, formats.len()),
+            };
             methods.insert(s.input, m);
         }
         let mut grams: BTreeMap<NodeId, Gram> = BTreeMap::new();
@@ -289,6 +295,11 @@ pub fn measure_eps_with(
                 } else {
                     hidden[w].clone()
                 };
+                // On a kernel backend the products run there, after the forward (which
+                // holds the stage), on the inputs and outputs it showed; on the CPU they run
+                // here, on the pass's own quantized copies, as each layer is seen.
+                let device = block.computes_products();
+                let mut shown: Vec<(NodeId, Mat, Mat)> = Vec::new();
                 let mut observe = |id: NodeId, x: &Mat, y: &Mat| {
                     let Some(s) = state.get_mut(&id) else { return };
                     let method = methods[&s.input];
@@ -300,6 +311,10 @@ pub fn measure_eps_with(
                                 .add(x);
                         }
                         s.reference_sq += reference_sq(y, s.bias.as_deref(), s.out_features);
+                    }
+                    if device {
+                        shown.push((id, x.clone(), y.clone()));
+                        return;
                     }
                     for i in 0..s.formats.len() {
                         if method == WeightOnlyMethod::Direct {
@@ -314,6 +329,18 @@ pub fn measure_eps_with(
                     }
                 };
                 let out = block.run(window, x, None, Some(&mut observe))?;
+                for (id, x, y) in shown {
+                    let s = state.get_mut(&id).expect("only measured layers are kept");
+                    let direct = methods[&s.input] == WeightOnlyMethod::Direct;
+                    for f in &mut s.formats {
+                        if direct {
+                            let yq = block.quantized_product(id, f.format, &x, false)?;
+                            f.weight_only_sq += sum_sq_diff(&yq, &y);
+                        }
+                        let wa = block.quantized_product(id, f.format, &x, true)?;
+                        f.weight_act_sq += sum_sq_diff(&wa, &y);
+                    }
+                }
                 if last && stage < layers {
                     hidden[w] = out;
                 }

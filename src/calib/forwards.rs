@@ -5,8 +5,9 @@
 //! show each linear layer's input and output (the eps pass). [`StageForwards`] is that
 //! interface; the CPU interpreter implements it here ([`CpuForwards`]), the generated kernels
 //! on any [`Launcher`](crate::runtime::launch::Launcher) in [`super::kernel_stages`] (the emu
-//! and cuda backends). What the passes compute from those forwards (Gram matrices, traces, the
-//! W+A products, KL sums) is the same host code for every backend.
+//! and cuda backends), which also run the eps pass's quantized products
+//! ([`Stage::quantized_product`]). What the passes compute from those (Gram matrices and
+//! traces on the CPU, sums of squares, KL sums) is the same host code for every backend.
 
 use crate::error::Result;
 use crate::formats::Format;
@@ -51,6 +52,28 @@ pub trait Stage {
         variant: Option<(NodeId, Format)>,
         observe: Option<Observer<'_>>,
     ) -> Result<Mat>;
+
+    /// Whether [`Stage::quantized_product`] runs the eps pass's products on this backend (the
+    /// kernel backends); otherwise the pass multiplies its own quantized copies on the host.
+    fn computes_products(&self) -> bool {
+        false
+    }
+
+    /// `x Q_f(W)^T + b` of linear layer `id` in `format` (with `x` quantized to `format` first
+    /// when `quantize_activations`: the W+A product), where [`Stage::computes_products`].
+    fn quantized_product(
+        &mut self,
+        id: NodeId,
+        format: Format,
+        x: &Mat,
+        quantize_activations: bool,
+    ) -> Result<Mat> {
+        let _ = (id, format, x, quantize_activations);
+        Err(crate::error::Error::invalid(
+            "calibration stage",
+            "this backend leaves the eps products to the host",
+        ))
+    }
 }
 
 /// The calibration forwards on the CPU interpreter ([`CpuModel`]), in FP32.

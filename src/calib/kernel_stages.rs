@@ -12,9 +12,12 @@
 //!   measures the kernels a plan would run, not FP32 weights that decode the same values);
 //! - an observed linear layer's input and output are read back; for an accumulating layer
 //!   (o_proj, down_proj) its kernel runs a second time into a zeroed buffer, so the output is
-//!   the layer's own, not the residual sum minus the residual.
+//!   the layer's own, not the residual sum minus the residual;
+//! - the eps pass's products (`x Q_f(W)^T`, and the W+A `Q_f(x) Q_f(W)^T` with `x` quantized on
+//!   the host by the CPU reference's own quantizer, as the kernels cannot yet) run the layer's
+//!   kernel in its format on packed bytes kept for the stage ([`Stage::quantized_product`]).
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::ops::Range;
 use std::sync::Arc;
 
@@ -32,7 +35,7 @@ use crate::runtime::cuda::{CompilerOptions, Device, KernelCache};
 use crate::runtime::emu::{EmuKernels, EmuOptions};
 use crate::runtime::exec::{ExecutablePlan, PackedLinear, PackedScales};
 use crate::runtime::launch::{
-    linear_args, step_args, Launcher, LinearBuffers, ParamBuffers, SequenceBuffers,
+    linear_args, run_linear_on, step_args, Launcher, LinearBuffers, ParamBuffers, SequenceBuffers,
 };
 
 /// The FP32 schedule calibration runs ([`PrecisionMap::new`]: every linear layer in FP32).
@@ -145,6 +148,8 @@ struct KernelStage<'s, L: Launcher> {
     steps: Range<usize>,
     head: bool,
     variant: Option<Variant<L::Buf>>,
+    /// The eps pass's quantized layers, kept for every window of the stage.
+    products: BTreeMap<(NodeId, Format), Variant<L::Buf>>,
 }
 
 impl<'s, L: Launcher> KernelStage<'s, L> {
@@ -227,14 +232,12 @@ impl<'s, L: Launcher> KernelStage<'s, L> {
             steps: start..end,
             head,
             variant: None,
+            products: BTreeMap::new(),
         })
     }
 
-    /// Uploads the packed weights of variant `key` unless they are the current ones.
-    fn set_variant(&mut self, key: (NodeId, Format)) -> Result<()> {
-        if self.variant.as_ref().map(|v| v.key) == Some(key) {
-            return Ok(());
-        }
+    /// Linear layer `id`'s weights packed in `format` and uploaded.
+    fn pack(&self, key: (NodeId, Format)) -> Result<Variant<L::Buf>> {
         let (id, format) = key;
         let slot = self
             .nodes
@@ -250,12 +253,19 @@ impl<'s, L: Launcher> KernelStage<'s, L> {
             shape.k,
             w.bias.as_deref().cloned(),
         );
-        self.variant = Some(Variant {
+        Ok(Variant {
             key,
             slot,
             shape,
             buffers: LinearBuffers::upload(self.l, &packed)?,
-        });
+        })
+    }
+
+    /// Uploads the packed weights of variant `key` unless they are the current ones.
+    fn set_variant(&mut self, key: (NodeId, Format)) -> Result<()> {
+        if self.variant.as_ref().map(|v| v.key) != Some(key) {
+            self.variant = Some(self.pack(key)?);
+        }
         Ok(())
     }
 
@@ -354,6 +364,37 @@ impl<L: Launcher> Stage for KernelStage<'_, L> {
         self.host
             .linear(id)
             .expect("the passes ask only for the stage's own linear layers")
+    }
+
+    fn computes_products(&self) -> bool {
+        true
+    }
+
+    fn quantized_product(
+        &mut self,
+        id: NodeId,
+        format: Format,
+        x: &Mat,
+        quantize_activations: bool,
+    ) -> Result<Mat> {
+        let key = (id, format);
+        if !self.products.contains_key(&key) {
+            let packed = self.pack(key)?;
+            self.products.insert(key, packed);
+        }
+        let v = &self.products[&key];
+        let quantized;
+        let input = if quantize_activations {
+            let mut q = x.data.clone();
+            format.fake_quantize_activations(&mut q, x.rows, x.cols);
+            quantized = q;
+            &quantized
+        } else {
+            &x.data
+        };
+        let zeros = vec![0f32; x.rows * v.shape.n];
+        let y = run_linear_on(self.l, v.shape, &v.buffers, input, x.rows, &zeros)?;
+        Ok(Mat::from_vec(x.rows, v.shape.n, y))
     }
 
     fn run(

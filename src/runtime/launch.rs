@@ -192,6 +192,25 @@ pub fn run_linear<L: Launcher>(
     rows: usize,
     y_init: &[f32],
 ) -> Result<Vec<f32>> {
+    run_linear_on(
+        l,
+        shape,
+        &LinearBuffers::upload(l, packed)?,
+        x,
+        rows,
+        y_init,
+    )
+}
+
+/// [`run_linear`] on weights already in the launcher's memory.
+pub fn run_linear_on<L: Launcher>(
+    l: &L,
+    shape: LinearShape,
+    w: &LinearBuffers<L::Buf>,
+    x: &[f32],
+    rows: usize,
+    y_init: &[f32],
+) -> Result<Vec<f32>> {
     if x.len() < rows * shape.k || y_init.len() < rows * shape.n {
         return Err(crate::error::Error::invalid(
             "linear input",
@@ -202,12 +221,11 @@ pub fn run_linear<L: Launcher>(
             ),
         ));
     }
-    let w = LinearBuffers::upload(l, packed)?;
     let x = l.upload(&shape.act.encode(&x[..rows * shape.k]))?;
     let y = l.upload(&shape.act.encode(&y_init[..rows * shape.n]))?;
     let (spec, entry) = shape.kernel_for_rows(rows);
     // SAFETY: x and y hold rows x k and rows x n elements of the layer's activation type.
-    unsafe { l.launch(&spec, &entry, rows, 0, &linear_args(&w, &x, &y, rows))? };
+    unsafe { l.launch(&spec, &entry, rows, 0, &linear_args(w, &x, &y, rows))? };
     let bytes = l.read(&y, rows * shape.n * shape.act.bytes())?;
     Ok(shape.act.decode(&bytes))
 }
