@@ -69,9 +69,22 @@ fn every_key_that_changes_the_computation_refuses_what_fpx_does_not_implement() 
             "\"longrope\" is not supported",
         ),
         (
-            with(&base, "rope_scaling.type", json!("yarn")),
-            "rope_scaling.type",
-            "\"yarn\"",
+            with(
+                &with(&base, "rope_scaling.type", json!("yarn")),
+                "rope_scaling.beta_fast",
+                json!(-1.0),
+            ),
+            "rope_scaling.beta_fast",
+            "must be positive",
+        ),
+        (
+            with(
+                &with(&base, "rope_scaling.type", json!("yarn")),
+                "rope_scaling.truncate",
+                json!("yes"),
+            ),
+            "rope_scaling.truncate",
+            "not a boolean",
         ),
         (
             with(&base, "rope_scaling.type", json!("dynamic")),
@@ -235,6 +248,35 @@ fn supported_values_and_harmless_keys_load() {
             original_max_position_embeddings: 64
         }
     );
+    // YaRN: betas default to 32 / 1, truncation on, the attention factor from the mscales
+    // (DeepSeek-V3 style) or from the factor alone (0.1 ln 4 + 1).
+    let yarn = |extra: Value| {
+        let mut d =
+            json!({"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64});
+        d.as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().unwrap().clone());
+        load(&with(&base, "rope_scaling", d)).unwrap().rope_scaling
+    };
+    assert_eq!(
+        yarn(json!({})),
+        RopeScaling::Yarn {
+            factor: 4.0,
+            original_max_position_embeddings: 64,
+            beta_fast: 32.0,
+            beta_slow: 1.0,
+            attention_factor: (0.1 * 4f64.ln() + 1.0) as f32,
+            truncate: true,
+        }
+    );
+    let RopeScaling::Yarn {
+        attention_factor, ..
+    } = yarn(json!({"mscale": 2.0, "mscale_all_dim": 1.0}))
+    else {
+        panic!("yarn")
+    };
+    let m = |s: f64| 0.1 * s * 4f64.ln() + 1.0;
+    assert_eq!(attention_factor, (m(2.0) / m(1.0)) as f32);
     // transformers 5: rope_theta inside rope_parameters, which wins over the top-level key.
     let v5 = with(
         &base,

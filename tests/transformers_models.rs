@@ -1,7 +1,7 @@
 //! fpx against transformers itself on checkpoints transformers builds
 //! (`AutoModelForCausalLM.from_config`, FP32, random weights with the norm weights drawn
 //! around 1, saved with `save_pretrained` by `scripts/hf_tiny.py`): tiny Llama models with
-//! llama3 and linear RoPE scaling, a Qwen3 (q/k norms, head_dim 32 against hidden 64 / 4 heads),
+//! llama3, linear and yarn RoPE scaling, a Qwen3 (q/k norms, head_dim 32 against hidden 64 / 4 heads),
 //! a Mistral whose sliding window (16) is shorter than the sequence, and a Qwen3 whose window
 //! is on one layer of two. fpx's CPU reference logits on the same tokens equal transformers'
 //! within 1e-4 of the largest logit, greedy tokens agree (CPU reference and the schedule's cpu
@@ -215,6 +215,28 @@ fn llama3_rope_scaling_matches_transformers() {
     assert_eq!(spec.rope_scaling, want, "rope scaling fpx read");
     assert_eq!(spec.eos_token_id.ids(), &[0, 1]);
     check_transformers4_spelling(dir.path(), 96);
+}
+
+#[test]
+fn yarn_rope_scaling_matches_transformers() {
+    let Some(py) = ct_python() else {
+        common::have(".venv-ct (transformers)", false);
+        return;
+    };
+    let mut config = tiny_llama();
+    // head_dim 16, theta 1e4, original context 64: the correction range is pairs 0..3 of 8
+    // (kept, ramped, interpolated all occur); the attention factor 0.1 ln 4 + 1 scales q.k.
+    config["rope_scaling"] = json!({
+        "rope_type": "yarn",
+        "factor": 4.0,
+        "original_max_position_embeddings": 64
+    });
+    let (spec, _dir) = check(&py, &config, 96, "rope_scaling");
+    assert!(
+        matches!(spec.rope_scaling, RopeScaling::Yarn { factor: 4.0, .. }),
+        "{:?}",
+        spec.rope_scaling
+    );
 }
 
 #[test]

@@ -120,8 +120,8 @@ pub fn check_mlp(c: &HfConfig) -> Result<(), ConfigError> {
 /// `standardize_rope_params` do: `rope_scaling` if set, else `rope_parameters`; the type from
 /// `rope_type`, else `type`, else "default"; `rope_theta` from the dict, else the top-level key,
 /// else 10000; llama3's `original_max_position_embeddings` from the top-level key, else the
-/// dict, else `max_position_embeddings`. Types other than default, linear and llama3 are
-/// refused by name, as is a partial rotary dimension.
+/// dict, else `max_position_embeddings` (yarn likewise). Types other than default, linear,
+/// llama3 and yarn are refused by name, as is a partial rotary dimension.
 pub fn rope(c: &HfConfig, max_positions: usize) -> Result<(f32, RopeScaling), ConfigError> {
     let (name, dict) = match (&c.rope_scaling, &c.rope_parameters) {
         (Some(v), _) if !is_empty(v) => ("rope_scaling", v),
@@ -163,6 +163,19 @@ pub fn rope(c: &HfConfig, max_positions: usize) -> Result<(f32, RopeScaling), Co
             ));
         }
     }
+    // llama3 and yarn: the top-level key, else the dict's, else the model's context
+    // (`standardize_rope_params`).
+    let original = || -> Result<usize, ConfigError> {
+        match (c.original_max_position_embeddings, number(ORIGINAL)?) {
+            (Some(n), _) => Ok(n),
+            (None, Some(n)) if n > 0.0 && n.fract() == 0.0 => Ok(n as usize),
+            (None, Some(n)) => Err(ConfigError::Invalid(format!(
+                "{} = {n} is not a positive integer",
+                key(ORIGINAL)
+            ))),
+            (None, None) => Ok(max_positions),
+        }
+    };
     // transformers 4 configs may spell it `type`.
     let type_key = if dict.contains_key("rope_type") {
         "rope_type"
@@ -187,33 +200,76 @@ pub fn rope(c: &HfConfig, max_positions: usize) -> Result<(f32, RopeScaling), Co
             },
             &["factor"],
         ),
-        "llama3" => {
-            let original = match (c.original_max_position_embeddings, number(ORIGINAL)?) {
-                (Some(n), _) => n,
-                (None, Some(n)) if n >= 0.0 && n.fract() == 0.0 => n as usize,
-                (None, Some(n)) => {
+        "llama3" => (
+            RopeScaling::Llama3 {
+                factor: required("factor", rope_type)?,
+                low_freq_factor: required("low_freq_factor", rope_type)?,
+                high_freq_factor: required("high_freq_factor", rope_type)?,
+                original_max_position_embeddings: original()?,
+            },
+            &["factor", "low_freq_factor", "high_freq_factor", ORIGINAL],
+        ),
+        "yarn" => {
+            let original = original()?;
+            // `_compute_yarn_parameters`: a missing factor is the context ratio (DeepSeek-V3);
+            // betas of 0 take the defaults (`or 32`, `or 1`); the attention factor from the
+            // mscales in f64, as Python computes it.
+            let factor = number("factor")?.unwrap_or(max_positions as f64 / original as f64);
+            let mscale = |m: f64| {
+                if factor <= 1.0 {
+                    1.0
+                } else {
+                    0.1 * m * factor.ln() + 1.0
+                }
+            };
+            let attention_factor = match (
+                number("attention_factor")?,
+                number("mscale")?,
+                number("mscale_all_dim")?,
+            ) {
+                (Some(a), _, _) => a,
+                (None, Some(m), Some(all)) if m != 0.0 && all != 0.0 => mscale(m) / mscale(all),
+                _ => mscale(1.0),
+            };
+            let truncate = match dict.get("truncate") {
+                None | Some(Value::Null) => true,
+                Some(Value::Bool(b)) => *b,
+                Some(v) => {
                     return Err(ConfigError::Invalid(format!(
-                        "{} = {n} is not a positive integer",
-                        key(ORIGINAL)
+                        "{} = {v} is not a boolean",
+                        key("truncate")
                     )))
                 }
-                (None, None) => max_positions,
+            };
+            let beta = |k: &str, default: f64| -> Result<f32, ConfigError> {
+                Ok(number(k)?.filter(|&b| b != 0.0).unwrap_or(default) as f32)
             };
             (
-                RopeScaling::Llama3 {
-                    factor: required("factor", rope_type)?,
-                    low_freq_factor: required("low_freq_factor", rope_type)?,
-                    high_freq_factor: required("high_freq_factor", rope_type)?,
+                RopeScaling::Yarn {
+                    factor: factor as f32,
                     original_max_position_embeddings: original,
+                    beta_fast: beta("beta_fast", 32.0)?,
+                    beta_slow: beta("beta_slow", 1.0)?,
+                    attention_factor: attention_factor as f32,
+                    truncate,
                 },
-                &["factor", "low_freq_factor", "high_freq_factor", ORIGINAL],
+                &[
+                    "factor",
+                    ORIGINAL,
+                    "beta_fast",
+                    "beta_slow",
+                    "attention_factor",
+                    "mscale",
+                    "mscale_all_dim",
+                    "truncate",
+                ],
             )
         }
         other => {
             return Err(unsupported(
                 &key(type_key),
                 &Value::from(other),
-                "fpx implements default, linear and llama3",
+                "fpx implements default, linear, llama3 and yarn",
             ))
         }
     };

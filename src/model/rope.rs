@@ -36,6 +36,20 @@ pub enum RopeScaling {
     /// llama.cpp's `rope_freqs` tensor (GGUF): frequency `i` divided by `factors[i]`, one
     /// factor per rotated pair (`head_dim / 2`).
     Factors { factors: Vec<f32> },
+    /// YaRN (Qwen2.5/Qwen3 long-context configs, DeepSeek): frequencies of pairs below the
+    /// correction range (from `beta_fast` / `beta_slow` rotations over the original context)
+    /// kept, above it divided by `factor`, a linear ramp between; cos and sin scaled by
+    /// `attention_factor` (resolved from `factor`, `mscale` and `mscale_all_dim` when the
+    /// config does not give it).
+    Yarn {
+        factor: f32,
+        original_max_position_embeddings: usize,
+        beta_fast: f32,
+        beta_slow: f32,
+        attention_factor: f32,
+        /// Round the correction range outwards to whole pairs (transformers' default).
+        truncate: bool,
+    },
 }
 
 impl RopeScaling {
@@ -52,6 +66,7 @@ impl RopeScaling {
             RopeScaling::Linear { .. } => "linear",
             RopeScaling::Llama3 { .. } => "llama3",
             RopeScaling::Factors { .. } => "factors",
+            RopeScaling::Yarn { .. } => "yarn",
         }
     }
 
@@ -108,6 +123,23 @@ impl RopeScaling {
                     None => Ok(()),
                 }
             }
+            RopeScaling::Yarn {
+                factor,
+                original_max_position_embeddings,
+                beta_fast,
+                beta_slow,
+                attention_factor,
+                ..
+            } => {
+                positive("factor", factor)?;
+                positive("beta_fast", beta_fast)?;
+                positive("beta_slow", beta_slow)?;
+                positive("attention_factor", attention_factor)?;
+                if original_max_position_embeddings == 0 {
+                    return Err("rope_scaling.original_max_position_embeddings must be > 0".into());
+                }
+                Ok(())
+            }
             RopeScaling::Llama3 {
                 factor,
                 low_freq_factor,
@@ -148,6 +180,16 @@ impl Rope {
         }
     }
 
+    /// What cos and sin are multiplied by (YaRN's attention factor; 1 otherwise).
+    pub fn attention_factor(&self) -> f32 {
+        match self.scaling {
+            RopeScaling::Yarn {
+                attention_factor, ..
+            } => attention_factor,
+            _ => 1.0,
+        }
+    }
+
     /// The `head_dim / 2` inverse frequencies: `theta^(-2i/head_dim)`, then the scaling.
     pub fn inv_freq(&self, head_dim: usize) -> Vec<f32> {
         let base: Vec<f32> = (0..head_dim / 2)
@@ -180,6 +222,41 @@ impl Rope {
                                 / (high_freq_factor - low_freq_factor);
                             (1.0 - smooth) * f / factor + smooth * f
                         }
+                    })
+                    .collect()
+            }
+            RopeScaling::Yarn {
+                factor,
+                original_max_position_embeddings,
+                beta_fast,
+                beta_slow,
+                truncate,
+                ..
+            } => {
+                // transformers' `_compute_yarn_parameters`: the range in f64 (Python floats),
+                // the frequencies in f32 (torch).
+                let (dim, theta) = (head_dim as f64, self.theta as f64);
+                let correction_dim = |rotations: f32| {
+                    let turns = original_max_position_embeddings as f64
+                        / (rotations as f64 * 2.0 * std::f64::consts::PI);
+                    dim * turns.ln() / (2.0 * theta.ln())
+                };
+                let (mut low, mut high) = (correction_dim(beta_fast), correction_dim(beta_slow));
+                if truncate {
+                    (low, high) = (low.floor(), high.ceil());
+                }
+                let (low, mut high) = (low.max(0.0), high.min(dim - 1.0));
+                if low == high {
+                    high += 0.001;
+                }
+                (0..head_dim / 2)
+                    .map(|i| {
+                        let pos_freq = self.theta.powf((2 * i) as f32 / head_dim as f32);
+                        let (extrapolated, interpolated) =
+                            (1.0 / pos_freq, 1.0 / (factor * pos_freq));
+                        let ramp = ((i as f32 - low as f32) / (high - low) as f32).clamp(0.0, 1.0);
+                        let keep = 1.0 - ramp;
+                        interpolated * (1.0 - keep) + extrapolated * keep
                     })
                     .collect()
             }

@@ -90,17 +90,19 @@ pub fn norm_rope_rows(
 
 /// cos and sin of `pos * inv_freq[i]` for every position below `positions` and
 /// `i < head_dim / 2` (f32, `sin_cos`), the frequencies from [`Rope::inv_freq`] (base and
-/// scaling): the tables [`rope_rows`] reads and the kernels get.
+/// scaling), times [`Rope::attention_factor`] (YaRN; 1 otherwise): the tables [`rope_rows`]
+/// reads and the kernels get.
 pub fn rope_tables(positions: usize, head_dim: usize, rope: &Rope) -> (Vec<f32>, Vec<f32>) {
     let half = head_dim / 2;
     let inv_freq = rope.inv_freq(head_dim);
+    let scale = rope.attention_factor();
     let mut cos = Vec::with_capacity(positions * half);
     let mut sin = Vec::with_capacity(positions * half);
     for pos in 0..positions {
         for &f in &inv_freq {
             let (s, c) = (pos as f32 * f).sin_cos();
-            sin.push(s);
-            cos.push(c);
+            sin.push(s * scale);
+            cos.push(c * scale);
         }
     }
     (cos, sin)
