@@ -88,8 +88,8 @@ fn every_key_that_changes_the_computation_refuses_what_fpx_does_not_implement() 
         ),
         (
             with(&base, "rope_scaling.type", json!("dynamic")),
-            "rope_scaling.type",
-            "\"dynamic\"",
+            "rope_scaling.factor",
+            "is required",
         ),
         (
             with(&base, "rope_parameters.rope_type", json!("proportional")),

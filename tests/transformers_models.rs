@@ -240,6 +240,31 @@ fn yarn_rope_scaling_matches_transformers() {
 }
 
 #[test]
+fn dynamic_rope_scaling_is_the_default_rope_within_the_context() {
+    let Some(py) = ct_python() else {
+        common::have(".venv-ct (transformers)", false);
+        return;
+    };
+    let mut config = tiny_llama();
+    config["rope_scaling"] = json!({"rope_type": "dynamic", "factor": 4.0});
+    let dir = tempfile::tempdir().unwrap();
+    // 96 of the model's 256 positions: transformers' dynamic update never fires.
+    let toks = tokens(96);
+    let hf = transformers_model(&py, dir.path(), &config, &toks);
+    let (logits, greedy, spec) = fpx_run(&dir.path().join("model"), &toks);
+    assert_eq!(spec.rope_scaling, RopeScaling::Default);
+    let err = common::rel_err(&logits, &logits_of(&hf));
+    assert!(err < 1e-4, "logits: relative error {err}");
+    let hf_greedy: Vec<u32> = serde_json::from_value(hf["greedy"].clone()).unwrap();
+    assert_eq!(greedy, hf_greedy, "greedy tokens");
+    let ablated = hf["ablated"]["rope_scaling"].as_f64().unwrap();
+    assert_eq!(
+        ablated, 0.0,
+        "transformers' own dynamic RoPE within the context"
+    );
+}
+
+#[test]
 fn linear_rope_scaling_and_explicit_head_dim_match_transformers() {
     let Some(py) = ct_python() else {
         common::have(".venv-ct (transformers)", false);

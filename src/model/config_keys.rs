@@ -120,8 +120,9 @@ pub fn check_mlp(c: &HfConfig) -> Result<(), ConfigError> {
 /// `standardize_rope_params` do: `rope_scaling` if set, else `rope_parameters`; the type from
 /// `rope_type`, else `type`, else "default"; `rope_theta` from the dict, else the top-level key,
 /// else 10000; llama3's `original_max_position_embeddings` from the top-level key, else the
-/// dict, else `max_position_embeddings` (yarn likewise). Types other than default, linear,
-/// llama3 and yarn are refused by name, as is a partial rotary dimension.
+/// dict, else `max_position_embeddings` (yarn likewise). `dynamic` is the default RoPE within
+/// the model's context (the only positions fpx runs). Other types are refused by name, as is a
+/// partial rotary dimension.
 pub fn rope(c: &HfConfig, max_positions: usize) -> Result<(f32, RopeScaling), ConfigError> {
     let (name, dict) = match (&c.rope_scaling, &c.rope_parameters) {
         (Some(v), _) if !is_empty(v) => ("rope_scaling", v),
@@ -209,6 +210,16 @@ pub fn rope(c: &HfConfig, max_positions: usize) -> Result<(f32, RopeScaling), Co
             },
             &["factor", "low_freq_factor", "high_freq_factor", ORIGINAL],
         ),
+        // Dynamic NTK scaling raises the base only for sequences longer than
+        // `max_position_embeddings` (transformers' `dynamic_rope_update`), and fpx refuses
+        // those: within the context it is the default RoPE, bit for bit.
+        "dynamic" => {
+            let factor = required("factor", rope_type)?;
+            RopeScaling::Linear { factor }
+                .validate()
+                .map_err(ConfigError::Invalid)?;
+            (RopeScaling::Default, &["factor"])
+        }
         "yarn" => {
             let original = original()?;
             // `_compute_yarn_parameters`: a missing factor is the context ratio (DeepSeek-V3);
@@ -269,7 +280,7 @@ pub fn rope(c: &HfConfig, max_positions: usize) -> Result<(f32, RopeScaling), Co
             return Err(unsupported(
                 &key(type_key),
                 &Value::from(other),
-                "fpx implements default, linear, llama3 and yarn",
+                "fpx implements default, linear, llama3, yarn and dynamic",
             ))
         }
     };
