@@ -11,7 +11,8 @@
 
 mod common;
 
-use common::{fpx, have};
+use common::emu_probe::emu_opts;
+use common::{fpx, gpu};
 use fpx::calib::capture::{measure_eps_with, EpsOptions};
 use fpx::calib::sensitivity::measure_kl;
 use fpx::calib::{CpuForwards, KernelStages, LayerCalibration, StageForwards};
@@ -21,18 +22,6 @@ use fpx::ir::Graph;
 use fpx::lower::Arch;
 use fpx::model::synthetic::{tiny_spec, write_hf_checkpoint, HfDtype};
 use fpx::model::{load_model, Architecture, Model};
-use fpx::runtime::emu::{EmuOptions, Toolchain};
-
-fn emu_opts() -> Option<EmuOptions> {
-    let ok = Toolchain::find().is_ok();
-    if !have("g++ and the CUDA header wheels (.venv)", ok) {
-        return None;
-    }
-    Some(EmuOptions {
-        arch: Arch::Sm90,
-        cache_dir: Some(std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("emu-cache")),
-    })
-}
 
 /// eps and W+A eps, relative: the inputs come from a whole forward in other summation orders,
 /// and on the kernels weight-only eps is the difference of two products (measured: at most
@@ -121,24 +110,12 @@ fn check_against_cpu<F: StageForwards>(
 
 #[test]
 fn emu_calibration_equals_the_cpu_interpreters() {
-    let Some(opts) = emu_opts() else { return };
+    let Some(opts) = emu_opts(Arch::Sm90) else {
+        return;
+    };
     check_against_cpu("emu", EPS_TOL, KL_TOL, |graph| {
         KernelStages::emu(graph, &FORMATS, 12, &opts).unwrap()
     });
-}
-
-/// Whether a GPU is usable; prints why not, or panics under FPX_REQUIRE_GPU=1.
-fn gpu() -> bool {
-    match fpx::runtime::cuda::probe_driver() {
-        Ok(_) => true,
-        Err(e) => {
-            if std::env::var("FPX_REQUIRE_GPU").is_ok_and(|v| v == "1") {
-                panic!("FPX_REQUIRE_GPU=1 but no GPU is usable: {e}");
-            }
-            eprintln!("skipped: {e} (set FPX_REQUIRE_GPU=1 to fail instead)");
-            false
-        }
-    }
 }
 
 #[test]
@@ -155,7 +132,9 @@ fn cuda_calibration_equals_the_cpu_interpreters() {
 
 #[test]
 fn fpx_calibrate_runs_on_the_emulator_and_refuses_a_missing_gpu() {
-    let Some(_) = emu_opts() else { return };
+    let Some(_) = emu_opts(Arch::Sm90) else {
+        return;
+    };
     let dir = tempfile::tempdir().unwrap();
     let model_dir = dir.path().join("model");
     write_hf_checkpoint(

@@ -5,26 +5,12 @@
 
 mod common;
 
-use common::smollm2;
+use common::{gpu, smollm2};
 use fpx::lower::{ActDtype, LinearShape, WeightFormat};
 use fpx::model::synthetic::{tiny_spec, write_gguf, GgmlDType};
 use fpx::model::Architecture;
-use fpx::runtime::cuda::{probe_driver, CudaBackend, Device};
+use fpx::runtime::cuda::{CudaBackend, Device};
 use fpx::runtime::exec::{reference_linear, PackedLinear};
-
-/// Whether a GPU is usable; prints why not, or panics under FPX_REQUIRE_GPU=1.
-fn gpu() -> bool {
-    match probe_driver() {
-        Ok(_) => true,
-        Err(e) => {
-            if std::env::var("FPX_REQUIRE_GPU").is_ok_and(|v| v == "1") {
-                panic!("FPX_REQUIRE_GPU=1 but no GPU is usable: {e}");
-            }
-            eprintln!("skipped: {e} (set FPX_REQUIRE_GPU=1 to fail instead)");
-            false
-        }
-    }
-}
 
 fn close(what: &str, got: &[f32], want: &[f32], rel: f32) {
     assert_eq!(got.len(), want.len(), "{what}: lengths");

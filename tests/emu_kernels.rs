@@ -25,27 +25,13 @@ use fpx::ir::Graph;
 use fpx::lower::{ActDtype, Arch, KernelSpec, LinearShape, WeightFormat};
 use fpx::model::synthetic::{tiny_spec, write_gguf, write_hf_checkpoint, GgmlDType, HfDtype};
 use fpx::model::{load_model, Architecture, ModelSpec, SlidingWindow};
-use fpx::runtime::emu::{EmuBackend, EmuKernels, EmuOptions, Toolchain};
+use fpx::runtime::emu::{EmuBackend, EmuKernels, EmuOptions};
 use fpx::runtime::exec::{
     compare_steps, reference_linear, CpuBackend, ExecutablePlan, PackedLinear,
 };
 use fpx::runtime::launch::run_linear;
 
-pub fn emu_opts(arch: Arch) -> Option<EmuOptions> {
-    let ok = Toolchain::find().is_ok()
-        && std::process::Command::new("g++")
-            .arg("--version")
-            .output()
-            .is_ok_and(|o| o.status.success());
-    if !common::have("g++ and the CUDA header wheels (.venv)", ok) {
-        return None;
-    }
-    Some(EmuOptions {
-        arch,
-        cache_dir: Some(std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("emu-cache")),
-    })
-}
-
+use common::emu_probe::emu_opts;
 use common::rel_err;
 
 const SHAPES: [(usize, usize, bool, bool); 3] = [

@@ -11,22 +11,12 @@
 
 mod common;
 
+use common::emu_probe::emu_opts;
 use common::{have, smollm2};
 use fpx::lower::Arch;
 use fpx::model::synthetic::{tiny_spec, write_gguf, GgmlDType};
 use fpx::model::Architecture;
-use fpx::runtime::emu::{EmuBackend, EmuOptions, Toolchain};
-
-fn emu_opts() -> Option<EmuOptions> {
-    let ok = Toolchain::find().is_ok();
-    if !have("g++ and the CUDA header wheels (.venv)", ok) {
-        return None;
-    }
-    Some(EmuOptions {
-        arch: Arch::Sm90,
-        cache_dir: Some(std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("emu-cache")),
-    })
-}
+use fpx::runtime::emu::{EmuBackend, EmuOptions};
 
 /// Prefill logits: the kernels sum in other orders than the cpu backend; 1e-3 of the largest
 /// logit after a whole forward pass.
@@ -40,7 +30,9 @@ fn compare(model_path: &std::path::Path, prompt: Option<&str>, n: usize, opts: &
 
 #[test]
 fn emu_tiny_models_give_the_cpu_backends_tokens() {
-    let Some(opts) = emu_opts() else { return };
+    let Some(opts) = emu_opts(Arch::Sm90) else {
+        return;
+    };
     let dir = tempfile::tempdir().unwrap();
     for arch in [
         Architecture::Llama,
@@ -66,7 +58,9 @@ fn emu_tiny_models_give_the_cpu_backends_tokens() {
 
 #[test]
 fn emu_smollm2_mixed_plan_gives_the_cpu_backends_tokens() {
-    let Some(opts) = emu_opts() else { return };
+    let Some(opts) = emu_opts(Arch::Sm90) else {
+        return;
+    };
     if !have("data/smollm2 (SmolLM2-135M GGUF)", smollm2().exists()) {
         return;
     }
@@ -75,7 +69,9 @@ fn emu_smollm2_mixed_plan_gives_the_cpu_backends_tokens() {
 
 #[test]
 fn fpx_run_check_kernels_reports_every_entry_point() {
-    let Some(_) = emu_opts() else { return };
+    let Some(_) = emu_opts(Arch::Sm90) else {
+        return;
+    };
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("tiny.gguf");
     write_gguf(&path, &tiny_spec(Architecture::Llama), 11, GgmlDType::F32).unwrap();

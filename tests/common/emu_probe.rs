@@ -24,18 +24,25 @@ pub fn source(name: &str, source: &str, entries: &[&str], arch: Arch) -> KernelS
     }
 }
 
-/// `kernel` built by the emulator for sm_90 (`None`, after saying why, without g++ or the
-/// CUDA header wheels).
-pub fn kernels(kernel: KernelSource) -> Option<EmuKernels> {
-    if !super::have(
-        "g++ and the CUDA header wheels (.venv)",
-        Toolchain::find().is_ok(),
-    ) {
+/// Emulator options for `arch` with the tests' shared build cache (`None`, after saying why,
+/// without g++ or the CUDA header wheels; a failure under FPX_REQUIRE_DATA=1).
+pub fn emu_opts(arch: Arch) -> Option<EmuOptions> {
+    let ok = Toolchain::find().is_ok()
+        && std::process::Command::new("g++")
+            .arg("--version")
+            .output()
+            .is_ok_and(|o| o.status.success());
+    if !super::have("g++ and the CUDA header wheels (.venv)", ok) {
         return None;
     }
-    let opts = EmuOptions {
-        arch: Arch::Sm90,
+    Some(EmuOptions {
+        arch,
         cache_dir: Some(std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("emu-cache")),
-    };
+    })
+}
+
+/// `kernel` built by the emulator for sm_90 (`None` as for [`emu_opts`]).
+pub fn kernels(kernel: KernelSource) -> Option<EmuKernels> {
+    let opts = emu_opts(Arch::Sm90)?;
     Some(EmuKernels::from_sources(&[kernel], &opts).unwrap())
 }

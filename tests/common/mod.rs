@@ -25,6 +25,20 @@ pub fn moby_dick() -> PathBuf {
     repo().join("data/text/moby-dick.txt")
 }
 
+/// Whether a GPU is usable; prints why not, or panics under FPX_REQUIRE_GPU=1.
+pub fn gpu() -> bool {
+    match fpx::runtime::cuda::probe_driver() {
+        Ok(_) => true,
+        Err(e) => {
+            if std::env::var("FPX_REQUIRE_GPU").is_ok_and(|v| v == "1") {
+                panic!("FPX_REQUIRE_GPU=1 but no GPU is usable: {e}");
+            }
+            eprintln!("skipped: {e} (set FPX_REQUIRE_GPU=1 to fail instead)");
+            false
+        }
+    }
+}
+
 /// Returns `true` when the resource exists. When it does not, a test that needs it is skipped
 /// with a `SKIPPED <test>: <reason>` line in the `cargo test` output (passing tests included),
 /// or fails when FPX_REQUIRE_DATA=1 (the README's test command sets it).
