@@ -12,11 +12,11 @@
 use crate::error::Result;
 use crate::formats::Format;
 use crate::ir::{Graph, NodeId, Op};
-use crate::lower::{LinearPrecision, PrecisionMap};
+use crate::lower::LinearPrecision;
 use crate::model::WeightSource;
 use crate::runtime::cpu::{CpuModel, LinearWeights, Mat, Run};
 
-use super::stage_of;
+use super::load_stage;
 
 /// Sees a linear layer's input and output (before a fused residual add).
 pub type Observer<'o> = &'o mut dyn FnMut(NodeId, &Mat, &Mat);
@@ -91,9 +91,7 @@ impl StageForwards for CpuForwards {
         weights: &dyn WeightSource,
         stage: usize,
     ) -> Result<Box<dyn Stage + 's>> {
-        let model = CpuModel::load_where(graph, weights, &PrecisionMap::new(), &|n| {
-            stage_of(graph, n) == stage && !matches!(n.op, Op::Embedding { .. })
-        })?;
+        let model = load_stage(graph, weights, stage)?;
         Ok(Box::new(CpuStage {
             graph,
             stage,

@@ -22,10 +22,10 @@ use std::ops::Range;
 use std::sync::Arc;
 
 use super::forwards::{Observer, Stage, StageForwards};
-use super::stage_of;
+use super::load_stage;
 use crate::error::{Error, Result};
 use crate::formats::Format;
-use crate::ir::{Graph, NodeId, Op};
+use crate::ir::{Graph, NodeId};
 use crate::lower::{
     Act, ActDtype, KernelSpec, LinearShape, PrecisionMap, Schedule, Step, WeightFormat,
 };
@@ -160,9 +160,7 @@ impl<'s, L: Launcher> KernelStage<'s, L> {
         stage: usize,
     ) -> Result<Self> {
         let l = &stages.launcher;
-        let host = CpuModel::load_where(graph, weights, &PrecisionMap::new(), &|n| {
-            stage_of(graph, n) == stage && !matches!(n.op, Op::Embedding { .. })
-        })?;
+        let host = load_stage(graph, weights, stage)?;
         let schedule = reference_schedule(graph)?;
         let nodes: Vec<Option<NodeId>> = schedule
             .linears

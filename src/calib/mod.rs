@@ -78,6 +78,13 @@ fn stage_of(graph: &Graph, n: &Node) -> usize {
     n.layer.unwrap_or(graph.spec().num_layers)
 }
 
+/// The full-precision parameters of one stage on the host (the embedding excluded).
+fn load_stage(graph: &Graph, weights: &dyn WeightSource, stage: usize) -> Result<CpuModel> {
+    CpuModel::load_where(graph, weights, &PrecisionMap::new(), &|n| {
+        stage_of(graph, n) == stage && !matches!(n.op, Op::Embedding { .. })
+    })
+}
+
 /// The residual stream entering block 0 of every window (only the embedding is loaded).
 fn embed_windows(
     graph: &Graph,
