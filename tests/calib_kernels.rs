@@ -3,7 +3,8 @@
 //! every record's eps, W+A eps and KL must equal the cpu backend's within the tolerances below
 //! (the kernels sum in other orders; weight errors are host arithmetic and must be identical).
 //! Windows of 12 tokens run the GEMM kernels, the KL windows of 6 the GEMV kernels, and the
-//! KL variants run each layer's kernel in its format (fp8, nvfp4, mxfp4) on packed bytes.
+//! KL variants run each layer's kernel in its format (fp8, nvfp4, mxfp4) on packed bytes; tiny
+//! Llama (tied lm_head), Qwen2 (biases) and Qwen3 (q/k head norms) models.
 //!
 //! The emulator tests need g++ and the CUDA header wheels in .venv (skipped without, failing
 //! under FPX_REQUIRE_DATA=1); the same check on a GPU needs a CUDA driver (skipped without,
@@ -23,10 +24,13 @@ use fpx::lower::Arch;
 use fpx::model::synthetic::{tiny_spec, write_hf_checkpoint, HfDtype};
 use fpx::model::{load_model, Architecture, Model};
 
-/// eps and W+A eps, relative: the inputs come from a whole forward in other summation orders,
-/// and on the kernels weight-only eps is the difference of two products (measured: at most
-/// 6.2e-7 and 1.1e-6 on these models).
+/// Weight-only eps, relative: the inputs come from a whole forward in other summation orders,
+/// and on the kernels it is the difference of two products (measured: at most 1.1e-6).
 const EPS_TOL: f64 = 1e-5;
+/// W+A eps, relative: activation quantization is discontinuous, so inputs that differ by 1e-6
+/// can round a value to the neighbouring code (measured: at most 1.4e-4, Qwen3's o_proj in
+/// fp8; 1.1e-6 on the other models).
+const WA_TOL: f64 = 1e-3;
 /// KL, relative (measured: at most 2.6e-5; the kernels decode the same values the CPU's
 /// fake-quantized weights hold).
 const KL_TOL: f64 = 2e-4;
@@ -66,12 +70,16 @@ fn close(what: &str, got: f64, want: f64, rel: f64) {
 /// Both passes on `kernels` (built per graph) and on the CPU interpreter, record by record.
 fn check_against_cpu<F: StageForwards>(
     backend: &str,
-    eps_tol: f64,
-    kl_tol: f64,
+    (eps_tol, wa_tol, kl_tol): (f64, f64, f64),
     mut kernels_for: impl FnMut(&Graph) -> F,
 ) {
-    // Llama: tied lm_head, no bias; Qwen2: q/k/v bias, its own lm_head.
-    for arch in [Architecture::Llama, Architecture::Qwen2] {
+    // Llama: tied lm_head, no bias; Qwen2: q/k/v bias, its own lm_head; Qwen3: q/k head norms
+    // in the RoPE step.
+    for arch in [
+        Architecture::Llama,
+        Architecture::Qwen2,
+        Architecture::Qwen3,
+    ] {
         let dir = tempfile::tempdir().unwrap();
         write_hf_checkpoint(dir.path(), &tiny_spec(arch), 11, HfDtype::F32, 1).unwrap();
         let model = load_model(dir.path()).unwrap();
@@ -99,7 +107,7 @@ fn check_against_cpu<F: StageForwards>(
                 let what = |m: &str| format!("{backend} {arch:?} {} {f} {m}", k.name);
                 assert_eq!(km.weight_error, cm.weight_error, "{}", what("weight error"));
                 close(&what("eps"), km.eps, cm.eps, eps_tol);
-                close(&what("W+A eps"), km.eps_wa, cm.eps_wa, eps_tol);
+                close(&what("W+A eps"), km.eps_wa, cm.eps_wa, wa_tol);
                 let (kk, ck) = (km.kl.unwrap(), cm.kl.unwrap());
                 assert!(ck > 0.0, "{}: the variant changes the output", what("KL"));
                 close(&what("KL"), kk, ck, kl_tol);
@@ -113,7 +121,7 @@ fn emu_calibration_equals_the_cpu_interpreters() {
     let Some(opts) = emu_opts(Arch::Sm90) else {
         return;
     };
-    check_against_cpu("emu", EPS_TOL, KL_TOL, |graph| {
+    check_against_cpu("emu", (EPS_TOL, WA_TOL, KL_TOL), |graph| {
         KernelStages::emu(graph, &FORMATS, 12, &opts).unwrap()
     });
 }
@@ -125,7 +133,8 @@ fn cuda_calibration_equals_the_cpu_interpreters() {
     }
     // Ten times the emulator's tolerances: the device contracts multiply-adds (not measured
     // on a GPU yet).
-    check_against_cpu("cuda", 10.0 * EPS_TOL, 10.0 * KL_TOL, |graph| {
+    let tolerances = (10.0 * EPS_TOL, 10.0 * WA_TOL, 10.0 * KL_TOL);
+    check_against_cpu("cuda", tolerances, |graph| {
         KernelStages::cuda(graph, &FORMATS, 12, 0).unwrap()
     });
 }
