@@ -156,7 +156,7 @@ print("largest relative difference cuda vs cpu:", worst)
 sys.exit(0 if worst["eps"] <= 1e-3 and worst["kl"] <= 2e-2 else 1)
 PY
     }
-    part calibrate 120 calibrate
+    part calibrate 180 calibrate
 fi
 
 python3 - "$RESULTS" "$GPU_NAME" "$DRIVER" "$CUDA" "$BUDGET" "$(($(date +%s) - START))" <<'PY'
