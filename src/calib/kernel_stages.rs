@@ -4,8 +4,8 @@
 //! with the one argument binding every backend uses ([`step_args`], [`linear_args`]).
 //!
 //! Per stage, its FP32 weights are loaded on the host (the passes quantize them and measure
-//! there) and uploaded once; each stream of a run is one prefill pass over its rows at
-//! positions from 0. Where the plan's kernels differ from what calibration needs:
+//! there) and uploaded once; one sequence's activation buffers and KV cache serve every
+//! stage; each stream of a run is one prefill pass over its rows at positions from 0. Where the plan's kernels differ from what calibration needs:
 //! - the head runs the final norm and lm_head on every row into a logits buffer of
 //!   `max_seq` rows (a plan keeps the last row's);
 //! - a variant launches the layer's kernel *in that format*, on its packed bytes (the KL pass
@@ -71,15 +71,35 @@ pub struct KernelStages<L: Launcher> {
     name: &'static str,
     /// The longest stream a run may get (sizes the activation buffers and the KV cache).
     max_seq: usize,
+    schedule: Schedule,
+    /// The graph node of each schedule linear slot.
+    nodes: Vec<Option<NodeId>>,
+    /// One sequence's buffers, shared by every stage: a stage's steps write their own layer's
+    /// KV cache only, and each stream starts from the residual stream it is given.
+    seq: SequenceBuffers<L::Buf>,
+    /// `[max_seq, vocab]`, every row's logits, allocated when the head first loads.
+    logits: Option<L::Buf>,
 }
 
 impl<L: Launcher> KernelStages<L> {
-    pub fn new(launcher: L, name: &'static str, max_seq: usize) -> Self {
-        KernelStages {
+    /// `graph`'s FP32 schedule on `launcher`, for streams of up to `max_seq` tokens.
+    pub fn new(launcher: L, name: &'static str, graph: &Graph, max_seq: usize) -> Result<Self> {
+        let schedule = reference_schedule(graph)?;
+        let nodes = schedule
+            .linears
+            .iter()
+            .map(|s| graph.find(&s.name))
+            .collect();
+        let seq = SequenceBuffers::for_schedule(&launcher, &schedule, max_seq)?;
+        Ok(KernelStages {
             launcher,
             name,
             max_seq,
-        }
+            schedule,
+            nodes,
+            seq,
+            logits: None,
+        })
     }
 }
 
@@ -92,7 +112,7 @@ impl KernelStages<EmuKernels> {
         opts: &EmuOptions,
     ) -> Result<Self> {
         let launcher = EmuKernels::load(&kernels(graph, formats)?, opts)?;
-        Ok(KernelStages::new(launcher, "emu", max_seq))
+        KernelStages::new(launcher, "emu", graph, max_seq)
     }
 }
 
@@ -105,8 +125,11 @@ impl KernelStages<Device> {
             ..CompilerOptions::default()
         };
         dev.load_kernels(&kernels(graph, formats)?, opts)?;
-        dev.allow_attention_shared_memory(&reference_schedule(graph)?, max_seq)?;
-        Ok(KernelStages::new(dev, "cuda", max_seq))
+        let stages = KernelStages::new(dev, "cuda", graph, max_seq)?;
+        stages
+            .launcher
+            .allow_attention_shared_memory(&stages.schedule, max_seq)?;
+        Ok(stages)
     }
 }
 
@@ -125,9 +148,8 @@ impl<L: Launcher> StageForwards for KernelStages<L> {
     }
 }
 
-/// A variant's packed weights on the launcher.
+/// A linear layer's packed weights in one format on the launcher.
 struct Variant<B> {
-    key: (NodeId, Format),
     slot: usize,
     shape: LinearShape,
     buffers: LinearBuffers<B>,
@@ -136,37 +158,37 @@ struct Variant<B> {
 struct KernelStage<'s, L: Launcher> {
     l: &'s L,
     max_seq: usize,
-    schedule: Schedule,
+    schedule: &'s Schedule,
+    nodes: &'s [Option<NodeId>],
+    seq: &'s mut SequenceBuffers<L::Buf>,
+    /// Set for the head.
+    logits: Option<&'s L::Buf>,
     /// The stage's FP32 parameters on the host.
     host: CpuModel,
-    /// The graph node of each schedule linear slot.
-    nodes: Vec<Option<NodeId>>,
     params: ParamBuffers<L::Buf>,
-    seq: SequenceBuffers<L::Buf>,
-    /// `[max_seq, vocab]` for the head.
-    logits: Option<L::Buf>,
     steps: Range<usize>,
-    head: bool,
-    variant: Option<Variant<L::Buf>>,
-    /// The eps pass's quantized layers, kept for every window of the stage.
-    products: BTreeMap<(NodeId, Format), Variant<L::Buf>>,
+    /// Layers in other formats (KL variants, the eps pass's products), packed once for the
+    /// stage.
+    variants: BTreeMap<(NodeId, Format), Variant<L::Buf>>,
 }
 
 impl<'s, L: Launcher> KernelStage<'s, L> {
     fn load(
-        stages: &'s KernelStages<L>,
+        stages: &'s mut KernelStages<L>,
         graph: &'s Graph,
         weights: &dyn WeightSource,
         stage: usize,
     ) -> Result<Self> {
-        let l = &stages.launcher;
+        let KernelStages {
+            launcher: l,
+            max_seq,
+            schedule,
+            nodes,
+            seq,
+            logits,
+            ..
+        } = stages;
         let host = load_stage(graph, weights, stage)?;
-        let schedule = reference_schedule(graph)?;
-        let nodes: Vec<Option<NodeId>> = schedule
-            .linears
-            .iter()
-            .map(|s| graph.find(&s.name))
-            .collect();
         let boundary = |id: Option<NodeId>| id.and_then(|id| schedule.boundaries.get(&id).copied());
         let start = boundary(graph.block_input(stage)).ok_or_else(|| {
             Error::invalid(
@@ -187,7 +209,7 @@ impl<'s, L: Launcher> KernelStage<'s, L> {
         let linears = schedule
             .linears
             .iter()
-            .zip(&nodes)
+            .zip(nodes.iter())
             .map(|(slot, node)| match node.and_then(|id| host.linear(id)) {
                 Some(w) => PackedLinear::pack(
                     WeightFormat::F32,
@@ -201,10 +223,10 @@ impl<'s, L: Launcher> KernelStage<'s, L> {
             .collect();
         let d = &schedule.dims;
         let (rope_cos, rope_sin) =
-            crate::runtime::cpu::kernels::rope_tables(stages.max_seq, d.head_dim, &d.rope);
+            crate::runtime::cpu::kernels::rope_tables(*max_seq, d.head_dim, &d.rope);
         let plan = ExecutablePlan {
             schedule: schedule.clone(),
-            max_seq: stages.max_seq,
+            max_seq: *max_seq,
             embedding: Arc::new(Vec::new()),
             norms: (0..schedule.norms.len())
                 .map(|i| host.norm(i).map(<[f32]>::to_vec).unwrap_or_default())
@@ -213,87 +235,84 @@ impl<'s, L: Launcher> KernelStage<'s, L> {
             rope_cos,
             rope_sin,
         };
-        let logits = if head {
-            Some(l.zeros(stages.max_seq * d.vocab * ActDtype::F32.bytes())?)
-        } else {
-            None
-        };
-        Ok(KernelStage {
-            l,
-            max_seq: stages.max_seq,
-            params: ParamBuffers::upload(l, &plan)?,
-            seq: SequenceBuffers::zeros(l, &plan)?,
-            schedule,
-            host,
-            nodes,
-            logits,
-            steps: start..end,
-            head,
-            variant: None,
-            products: BTreeMap::new(),
-        })
-    }
-
-    /// Linear layer `id`'s weights packed in `format` and uploaded.
-    fn pack(&self, key: (NodeId, Format)) -> Result<Variant<L::Buf>> {
-        let (id, format) = key;
-        let slot = self
-            .nodes
-            .iter()
-            .position(|&n| n == Some(id))
-            .expect("variants are schedule linear slots");
-        let shape = variant_shape(self.schedule.linears[slot].shape, format);
-        let w = self.linear(id);
-        let packed = PackedLinear::pack(
-            shape.format,
-            &w.weight,
-            shape.n,
-            shape.k,
-            w.bias.as_deref().cloned(),
-        );
-        Ok(Variant {
-            key,
-            slot,
-            shape,
-            buffers: LinearBuffers::upload(self.l, &packed)?,
-        })
-    }
-
-    /// Uploads the packed weights of variant `key` unless they are the current ones.
-    fn set_variant(&mut self, key: (NodeId, Format)) -> Result<()> {
-        if self.variant.as_ref().map(|v| v.key) != Some(key) {
-            self.variant = Some(self.pack(key)?);
+        if head && logits.is_none() {
+            *logits = Some(l.zeros(*max_seq * d.vocab * ActDtype::F32.bytes())?);
         }
-        Ok(())
+        Ok(KernelStage {
+            params: ParamBuffers::upload(&*l, &plan)?,
+            l,
+            max_seq: *max_seq,
+            schedule,
+            nodes,
+            seq,
+            logits: if head { logits.as_ref() } else { None },
+            host,
+            steps: start..end,
+            variants: BTreeMap::new(),
+        })
+    }
+
+    /// Linear layer `id` in `format`, packed and uploaded on first use.
+    fn variant(&mut self, key: (NodeId, Format)) -> Result<&Variant<L::Buf>> {
+        if !self.variants.contains_key(&key) {
+            let (id, format) = key;
+            let slot = self
+                .nodes
+                .iter()
+                .position(|&n| n == Some(id))
+                .expect("variants are schedule linear slots");
+            let shape = variant_shape(self.schedule.linears[slot].shape, format);
+            let w = self.linear(id);
+            let packed = PackedLinear::pack(
+                shape.format,
+                &w.weight,
+                shape.n,
+                shape.k,
+                w.bias.as_deref().cloned(),
+            );
+            let buffers = LinearBuffers::upload(self.l, &packed)?;
+            self.variants.insert(
+                key,
+                Variant {
+                    slot,
+                    shape,
+                    buffers,
+                },
+            );
+        }
+        Ok(&self.variants[&key])
     }
 
     fn read(&self, buf: &L::Buf, values: usize) -> Result<Vec<f32>> {
         Ok(ActDtype::F32.decode(&self.l.read(buf, values * 4)?))
     }
 
-    /// One linear step over `m` rows (the variant's kernel and weights where it is the variant),
-    /// observed when asked.
+    /// The buffer activation `a` lives in (the head's logits: every row's).
+    fn buf(&self, a: Act) -> &L::Buf {
+        match (a, self.logits) {
+            (Act::Logits, Some(logits)) => logits,
+            _ => &self.seq.acts[a as usize],
+        }
+    }
+
+    /// One linear step over `m` rows (in `variant`'s format where it is this layer), observed
+    /// when asked.
     fn linear_step(
         &self,
         slot: usize,
-        src: Act,
-        dst: Act,
+        (src, dst): (Act, Act),
         m: usize,
-        use_variant: bool,
+        variant: Option<&Variant<L::Buf>>,
         observe: &mut Option<Observer<'_>>,
     ) -> Result<()> {
-        let (shape, w) = match &self.variant {
-            Some(v) if use_variant && v.slot == slot => (v.shape, &v.buffers),
+        let (shape, w) = match variant {
+            Some(v) if v.slot == slot => (v.shape, &v.buffers),
             _ => (
                 self.schedule.linears[slot].shape,
                 &self.params.linears[slot],
             ),
         };
-        let x = &self.seq.acts[src as usize];
-        let y = match (dst, &self.logits) {
-            (Act::Logits, Some(logits)) => logits,
-            _ => &self.seq.acts[dst as usize],
-        };
+        let (x, y) = (self.buf(src), self.buf(dst));
         let (spec, entry) = shape.kernel_for_rows(m);
         let launch = |y: &L::Buf| {
             // SAFETY: `linear_args` is the linear kernels' signature; x and y hold `m` rows of
@@ -323,16 +342,15 @@ impl<'s, L: Launcher> KernelStage<'s, L> {
 
     /// The stage's steps over one stream of `m` rows already in [`Act::X`].
     fn run_stream(
-        &mut self,
+        &self,
         m: usize,
-        use_variant: bool,
+        variant: Option<&Variant<L::Buf>>,
         observe: &mut Option<Observer<'_>>,
     ) -> Result<()> {
-        self.l.write(&mut self.seq.pos, &0i32.to_le_bytes())?;
         for index in self.steps.clone() {
             let step = match self.schedule.steps[index] {
                 Step::Linear { linear, src, dst } => {
-                    self.linear_step(linear, src, dst, m, use_variant, observe)?;
+                    self.linear_step(linear, (src, dst), m, variant, observe)?;
                     continue;
                 }
                 // Calibration needs every row's logits.
@@ -345,7 +363,7 @@ impl<'s, L: Launcher> KernelStage<'s, L> {
                 other => other,
             };
             let (spec, entry) = self.schedule.launch_of(&step, m);
-            let args = step_args(&self.schedule, &self.params, &self.seq, &step, m, false);
+            let args = step_args(self.schedule, &self.params, self.seq, &step, m, false);
             // SAFETY: `Step::params` lists the kernel's signature in order; the buffers were
             // allocated for this schedule and `max_seq` rows.
             unsafe {
@@ -375,12 +393,8 @@ impl<L: Launcher> Stage for KernelStage<'_, L> {
         x: &Mat,
         quantize_activations: bool,
     ) -> Result<Mat> {
-        let key = (id, format);
-        if !self.products.contains_key(&key) {
-            let packed = self.pack(key)?;
-            self.products.insert(key, packed);
-        }
-        let v = &self.products[&key];
+        let l = self.l;
+        let v = self.variant((id, format))?;
         let quantized;
         let input = if quantize_activations {
             let mut q = x.data.clone();
@@ -391,7 +405,7 @@ impl<L: Launcher> Stage for KernelStage<'_, L> {
             &x.data
         };
         let zeros = vec![0f32; x.rows * v.shape.n];
-        let y = run_linear_on(self.l, v.shape, &v.buffers, input, x.rows, &zeros)?;
+        let y = run_linear_on(l, v.shape, &v.buffers, input, x.rows, &zeros)?;
         Ok(Mat::from_vec(x.rows, v.shape.n, y))
     }
 
@@ -414,26 +428,24 @@ impl<L: Launcher> Stage for KernelStage<'_, L> {
             ));
         }
         if let Some(key) = variant {
-            self.set_variant(key)?;
+            self.variant(key)?;
         }
-        let (out, cols) = if self.head {
-            (Act::Logits, self.schedule.dims.vocab)
-        } else {
-            (Act::X, hidden)
+        let (out, cols) = match self.logits {
+            Some(_) => (Act::Logits, self.schedule.dims.vocab),
+            None => (Act::X, hidden),
         };
-        let mut data = Vec::with_capacity(x.rows / m * m * cols);
+        let l = self.l;
+        l.write(&mut self.seq.pos, &0i32.to_le_bytes())?;
+        let mut data = Vec::with_capacity(x.rows * cols);
         for stream in x.data.chunks(m * hidden) {
-            self.l.write(
+            l.write(
                 &mut self.seq.acts[Act::X as usize],
                 &ActDtype::F32.encode(stream),
             )?;
-            self.run_stream(m, variant.is_some(), &mut observe)?;
-            let buf = match (&self.logits, out) {
-                (Some(logits), Act::Logits) => logits,
-                _ => &self.seq.acts[out as usize],
-            };
-            data.extend(self.read(buf, m * cols)?);
+            let v = variant.map(|key| &self.variants[&key]);
+            self.run_stream(m, v, &mut observe)?;
+            data.extend(self.read(self.buf(out), m * cols)?);
         }
-        Ok(Mat::from_vec(data.len() / cols, cols, data))
+        Ok(Mat::from_vec(x.rows, cols, data))
     }
 }

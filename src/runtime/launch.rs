@@ -94,34 +94,39 @@ pub struct SequenceBuffers<B> {
 impl<B> SequenceBuffers<B> {
     /// Zeroed buffers for `plan`.
     pub fn zeros<L: Memory<Buf = B>>(l: &L, plan: &ExecutablePlan) -> Result<Self> {
-        let s = &plan.schedule;
+        Self::for_schedule(l, &plan.schedule, plan.max_seq)
+    }
+
+    /// Zeroed buffers for `schedule` and `max_seq` positions.
+    pub fn for_schedule<L: Memory<Buf = B>>(l: &L, s: &Schedule, max_seq: usize) -> Result<Self> {
         let e = s.act.bytes();
         let acts = Act::ALL
             .iter()
-            .map(|&a| l.zeros(act_rows(plan, a) * s.act_cols(a) * e))
+            .map(|&a| l.zeros(act_rows(max_seq, a) * s.act_cols(a) * e))
             .collect::<Result<_>>()?;
         let cache = || -> Result<Vec<B>> {
             (0..s.dims.layers)
-                .map(|_| l.zeros(plan.max_seq * s.dims.kv_dim * e))
+                .map(|_| l.zeros(max_seq * s.dims.kv_dim * e))
                 .collect()
         };
         Ok(SequenceBuffers {
             acts,
             k_cache: cache()?,
             v_cache: cache()?,
-            tokens: l.zeros(4 * plan.max_seq)?,
+            tokens: l.zeros(4 * max_seq)?,
             pos: l.zeros(4)?,
             next: l.zeros(4)?,
         })
     }
 }
 
-/// Rows of activation buffer `a` (the logits keep one row).
-pub fn act_rows(plan: &ExecutablePlan, a: Act) -> usize {
+/// Rows of activation buffer `a` in a sequence of `max_seq` positions (the logits keep one
+/// row).
+pub fn act_rows(max_seq: usize, a: Act) -> usize {
     if a == Act::Logits {
         1
     } else {
-        plan.max_seq
+        max_seq
     }
 }
 
