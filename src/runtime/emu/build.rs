@@ -15,8 +15,16 @@ use sha2::{Digest, Sha256};
 use crate::codegen::{HelperHeaders, KernelSource};
 use crate::error::{Error, Result};
 
-/// The emulation header (kernels/emu/fpx_emu.h), embedded.
-pub const EMU_HEADER: &str = include_str!("../../../kernels/emu/fpx_emu.h");
+/// The emulation headers (kernels/emu/), embedded: the tensor-core instructions, and
+/// `fpx_emu.h`, which each translation unit includes and which includes them. `fpx_emu.h` is
+/// written last: its presence marks a complete include directory.
+pub const EMU_HEADERS: [(&str, &str); 2] = [
+    (
+        "fpx_emu_mma.h",
+        include_str!("../../../kernels/emu/fpx_emu_mma.h"),
+    ),
+    ("fpx_emu.h", include_str!("../../../kernels/emu/fpx_emu.h")),
+];
 
 /// Flags of every host build (one optimisation level keeps tests short and results stable).
 /// `-fno-gnu-unique`: the emulator's state (the running block, its fibers) lives in statics of
@@ -147,7 +155,10 @@ pub fn build(tc: &Toolchain, sources: &[KernelSource], cache: &Path) -> Result<P
         ));
     }
     let mut inc = Sha256::new();
-    inc.update(EMU_HEADER);
+    for (name, text) in EMU_HEADERS {
+        inc.update(name);
+        inc.update(text);
+    }
     for (name, text) in headers.iter() {
         inc.update(name);
         inc.update(text);
@@ -157,7 +168,7 @@ pub fn build(tc: &Toolchain, sources: &[KernelSource], cache: &Path) -> Result<P
     if !include_dir.join("fpx_emu.h").exists() {
         std::fs::create_dir_all(&include_dir).map_err(|e| io("cache", &include_dir, e))?;
         // Atomic writes: a concurrent build may already be compiling against these files.
-        for (name, text) in headers.iter().chain([("fpx_emu.h", EMU_HEADER)]) {
+        for (name, text) in headers.iter().chain(EMU_HEADERS) {
             crate::fsutil::write_atomic(&include_dir.join(name), text.as_bytes())?;
         }
     }

@@ -13,7 +13,7 @@ mod backend;
 pub mod build;
 
 pub use backend::EmuBackend;
-pub use build::{translate, Toolchain, EMU_HEADER};
+pub use build::{translate, Toolchain, EMU_HEADERS};
 
 use std::ffi::{c_char, c_void};
 use std::path::PathBuf;
