@@ -1,6 +1,6 @@
 //! The CPU linear-layer product at SmolLM2's prefill shapes (512 rows), side by side: the
-//! AVX-512 kernel over packed weights (`LinearWeights::with_panels`, what `CpuModel::load`
-//! runs) and the general `matrixmultiply` path (what runs without AVX-512 and for streamed
+//! SIMD kernel (AVX-512 or AVX2) over packed weights (`LinearWeights::with_panels`, what `CpuModel::load`
+//! runs) and the general `matrixmultiply` path (what runs without either and for streamed
 //! calibration stages). Prints GFLOP/s per shape as JSON lines; `scripts/bench_linear_torch.py`
 //! times `torch.nn.functional.linear` (MKL) at the same shapes. `make bench-linear` runs both.
 //! Under `cargo test` (`--bench` absent) each shape runs once at 16 rows, so the code is tested.

@@ -21,7 +21,11 @@
 
 pub mod kernels;
 #[cfg(target_arch = "x86_64")]
+mod linear_avx2;
+#[cfg(target_arch = "x86_64")]
 mod linear_avx512;
+#[cfg(target_arch = "x86_64")]
+mod linear_packed;
 pub mod mat;
 mod params;
 pub mod vmath;
@@ -104,7 +108,8 @@ impl CpuModel {
         Ok(model)
     }
 
-    /// Packs every loaded linear layer for the AVX-512 product where the CPU has it (a second
+    /// Packs every loaded linear layer for the packed product where the CPU has AVX-512 or AVX2
+    /// (a second
     /// copy of the weights: [`LinearWeights::with_panels`]). [`CpuModel::load`] does; the
     /// streamed stages of calibration ([`CpuModel::load_where`]) do not.
     pub fn pack_linears(&mut self) {

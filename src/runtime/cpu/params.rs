@@ -22,9 +22,9 @@ pub struct LinearWeights {
     pub bias: Option<Arc<Vec<f32>>>,
     /// Activations are quantized to this format before the product.
     pub activations: Option<Format>,
-    /// The same weights packed for the AVX-512 product ([`LinearWeights::with_panels`]).
+    /// The same weights packed for the SIMD product ([`LinearWeights::with_panels`]).
     #[cfg(target_arch = "x86_64")]
-    panels: Option<Arc<super::linear_avx512::Panels>>,
+    panels: Option<Arc<super::linear_packed::Panels>>,
 }
 
 impl LinearWeights {
@@ -42,18 +42,20 @@ impl LinearWeights {
         }
     }
 
-    /// These weights with a second copy packed for the AVX-512 product, where the CPU has it
-    /// (a forward-heavy model trades the memory for the time; calibration's streamed stages
-    /// do not pack).
+    /// These weights with a second copy packed for the SIMD product, where the CPU has AVX-512
+    /// or AVX2 (a forward-heavy model trades the memory for the time; calibration's streamed
+    /// stages do not pack).
     pub fn with_panels(self, out_features: usize) -> LinearWeights {
         #[cfg(target_arch = "x86_64")]
-        if super::linear_avx512::available() && self.panels.is_none() {
+        if self.panels.is_none() {
             let k = self.weight.len() / out_features.max(1);
-            let panels = super::linear_avx512::Panels::pack(&self.weight, out_features, k);
-            return LinearWeights {
-                panels: Some(Arc::new(panels)),
-                ..self
-            };
+            if let Some(p) = super::linear_packed::Panels::pack_best(&self.weight, out_features, k)
+            {
+                return LinearWeights {
+                    panels: Some(Arc::new(p)),
+                    ..self
+                };
+            }
         }
         let _ = out_features;
         self
