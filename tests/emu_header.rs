@@ -128,12 +128,18 @@ fn emu_warp_shuffles_and_votes_follow_cuda_semantics() {
     let mut u = vec![0u32; n * 5];
     let (pi, pf, pu) = (v.as_ptr(), f.as_mut_ptr(), u.as_mut_ptr());
     let mut args: Vec<*mut c_void> = vec![arg(&pi), arg(&pf), arg(&pu)];
+    let lens = [
+        size_of_val(&v[..]),
+        size_of_val(&f[..]),
+        size_of_val(&u[..]),
+    ];
     // SAFETY: in has n floats, f n x 6 floats, u n x 5 words, as the kernel indexes them.
     unsafe {
         k.launch_with(
             "warp_ops",
             launch(blocks as u32, threads as u32, 0),
             &mut args,
+            &lens,
         )
     }
     .unwrap();
@@ -173,6 +179,11 @@ fn emu_shared_memory_and_atomics_follow_cuda_semantics() {
     let mut counters = vec![0i32; 6 + blocks];
     let (pi, po, pc) = (v.as_ptr(), out.as_mut_ptr(), counters.as_mut_ptr());
     let mut args: Vec<*mut c_void> = vec![arg(&pi), arg(&po), arg(&pc)];
+    let lens = [
+        size_of_val(&v[..]),
+        size_of_val(&out[..]),
+        size_of_val(&counters[..]),
+    ];
     let smem = (threads * 4) as u32;
     // SAFETY: in and out hold n floats, counters 6 + blocks ints; smem holds a block's floats.
     unsafe {
@@ -180,6 +191,7 @@ fn emu_shared_memory_and_atomics_follow_cuda_semantics() {
             "block_ops",
             launch(blocks as u32, threads as u32, smem),
             &mut args,
+            &lens,
         )
     }
     .unwrap();
@@ -214,9 +226,14 @@ fn emu_vector_loads_and_intrinsics_follow_cuda_semantics() {
     let mut bits = vec![0u32; threads * 4];
     let (pi, po, pb) = (v.as_ptr(), out.as_mut_ptr(), bits.as_mut_ptr());
     let mut args: Vec<*mut c_void> = vec![arg(&pi), arg(&po), arg(&pb)];
-    // SAFETY: in and out hold threads float4s (Vec<f32> from the allocator: 16-byte aligned
-    // in practice; the emulator's loads are plain copies either way), bits threads x 4 words.
-    unsafe { k.launch_with("vec_math", launch(1, threads as u32, 0), &mut args) }.unwrap();
+    let lens = [
+        size_of_val(&v[..]),
+        size_of_val(&out[..]),
+        size_of_val(&bits[..]),
+    ];
+    // SAFETY: in and out hold threads float4s (Vec<f32> from the allocator: 16-byte aligned,
+    // which the emulator checks), bits threads x 4 words.
+    unsafe { k.launch_with("vec_math", launch(1, threads as u32, 0), &mut args, &lens) }.unwrap();
     for t in 0..threads {
         let a = &v[4 * t..4 * t + 4];
         assert_eq!(&out[4 * t..4 * t + 4], &[a[3], a[2], a[1], a[0]]);
@@ -238,7 +255,8 @@ fn emu_reports_a_divergent_barrier_as_a_deadlock() {
     let po = out.as_mut_ptr();
     let mut args: Vec<*mut c_void> = vec![arg(&po)];
     // SAFETY: out holds one word per thread.
-    let err = unsafe { k.launch_with("deadlock", launch(1, 32, 0), &mut args) }.unwrap_err();
+    let err =
+        unsafe { k.launch_with("deadlock", launch(1, 32, 0), &mut args, &[128]) }.unwrap_err();
     assert!(err.to_string().contains("deadlock"), "{err}");
 }
 

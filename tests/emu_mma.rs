@@ -183,9 +183,17 @@ fn run_bf16(k: &EmuKernels, variant: i32) -> fpx::Result<Bf16Run> {
         arg(&pf),
         arg(&variant),
     ];
+    let lens = [
+        a.len() * 2,
+        at.len() * 2,
+        b.len() * 2,
+        d.len() * 4,
+        frags.len() * 4,
+        0,
+    ];
     // SAFETY: a, at hold 256 and b 128 u16, d 128 floats, frags 192 words; 1280 bytes of
     // shared memory hold the three tiles.
-    unsafe { k.launch_with("mma_bf16_probe", one_warp(1280), &mut args) }?;
+    unsafe { k.launch_with("mma_bf16_probe", one_warp(1280), &mut args, &lens) }?;
     Ok(Bf16Run { d, frags })
 }
 
@@ -282,8 +290,9 @@ fn e4m3_fragments_follow_the_isa_layout_and_the_mma_is_the_product() {
     let mut frags = vec![0u32; 32 * 6];
     let (pa, pb, pd, pf) = (a.as_ptr(), b.as_ptr(), d.as_mut_ptr(), frags.as_mut_ptr());
     let mut args: Vec<*mut c_void> = vec![arg(&pa), arg(&pb), arg(&pd), arg(&pf)];
+    let lens = [a.len(), b.len(), d.len() * 4, frags.len() * 4];
     // SAFETY: a 512 and b 256 bytes, d 128 floats, frags 192 words; 768 bytes of shared memory.
-    unsafe { k.launch_with("mma_e4m3_probe", one_warp(768), &mut args) }.unwrap();
+    unsafe { k.launch_with("mma_e4m3_probe", one_warp(768), &mut args, &lens) }.unwrap();
     for lane in 0..32 {
         for v in 0..16 {
             let (m, kk) = a_16x32(lane, v);

@@ -18,6 +18,11 @@
 // implementations of their PTX ISA semantics in fpx_emu_mma.h. Misuse the hardware
 // would not forgive (a misaligned ldmatrix row or cp.async address, a warp-collective
 // instruction without every lane) is reported as the launch's error.
+// Every load and store of kernel code is checked (fpx_emu_memcheck.h): one outside the
+// launch's buffer arguments (of the lengths the host passes), its dynamic shared memory, the
+// thread's stack and the library's statics, or a typed access misaligned for its type (a uint4
+// at an address that is not 16-byte aligned), stops the launch with an error naming the access,
+// the argument, the byte offset and the thread.
 #pragma once
 #include <algorithm>
 #include <cmath>
@@ -27,6 +32,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <tuple>
 #include <type_traits>
 #include <utility>
 #include <vector>
@@ -162,6 +168,7 @@ struct Block {
   void (*body)(void*) = nullptr;
   void* arg = nullptr;
   const char* error = nullptr;
+  bool aborted = false;  // a failed memory check: no thread resumes
 };
 
 inline Block*& block() {
@@ -179,8 +186,22 @@ inline void yield() {
 #endif
 }
 
+}  // namespace fpx_emu
+
+#include "fpx_emu_memcheck.h"
+
+namespace fpx_emu {
+
+// Records the first misuse of the running launch (the launch returns it when its block ends).
+inline void report(const char* what) {
+  Unchecked u;
+  Block* b = block();
+  if (b->error == nullptr) b->error = what;
+}
+
 // Arrives at `bar` and waits until every live participant has arrived.
 inline void arrive(Barrier& bar) {
+  Unchecked u;
   Block* b = block();
   b->progressed = true;
   if (++bar.arrived >= bar.expected) {
@@ -211,6 +232,7 @@ inline bool complete(LaneBarrier& lb, unsigned mask, unsigned live) {
 // The calling thread arrives at its warp's rendezvous for `mask` and waits for the other live
 // lanes of `mask`.
 inline void arrive_lanes(unsigned mask) {
+  Unchecked u;
   Block* b = block();
   b->progressed = true;
   const unsigned t = b->current;
@@ -270,6 +292,8 @@ inline void start(Fiber& f) {
 
 inline void resume(Block& b, unsigned i) {
   b.current = i;
+  checks.stack_lo = reinterpret_cast<uintptr_t>(b.fibers[i].stack.data());
+  checks.stack_hi = checks.stack_lo + b.fibers[i].stack.size();
 #if defined(__x86_64__)
   fpx_emu_switch(&b.sched.sp, b.fibers[i].ctx.sp);
 #else
@@ -291,6 +315,8 @@ inline const char* launch(fpx_emu_dim3 grid, fpx_emu_dim3 blk, size_t smem_bytes
   b.votes.assign(nt, 0);
   b.wide.assign(nt, {});
   b.error = nullptr;
+  b.aborted = false;
+  checks.smem_hi = reinterpret_cast<uintptr_t>(fpx_emu_dyn_smem) + smem_bytes;
   b.body = body;
   b.arg = arg;
   block() = &b;
@@ -321,6 +347,10 @@ inline const char* launch(fpx_emu_dim3 grid, fpx_emu_dim3 blk, size_t smem_bytes
             if (b.fibers[t].state == State::Done) continue;
             threadIdx = {t % blk.x, (t / blk.x) % blk.y, t / (blk.x * blk.y)};
             resume(b, t);
+            if (b.aborted) {
+              block() = nullptr;
+              return b.error;
+            }
             if (b.fibers[t].state != State::Done) ++live;
           }
           if (live > 0 && !b.progressed) {
@@ -340,6 +370,7 @@ inline const char* launch(fpx_emu_dim3 grid, fpx_emu_dim3 blk, size_t smem_bytes
 // Exchange among the lanes of `mask`: every lane posts `v`, reads its source lane's value
 // after all have posted, and waits again before its slot may be reused.
 template <class T> inline T shuffle(unsigned mask, T v, int src_of_lane(int, int, int), int arg, int width) {
+  Unchecked u;
   Block* b = block();
   const unsigned t = b->current;
   const unsigned lane = t & 31, base = t & ~31u;
@@ -367,6 +398,7 @@ inline int src_idx(int lane, int s, int w) { return (lane / w) * w + (s % w); }
 
 // Ballot of `pred` over the warp's lanes in `mask`.
 inline unsigned ballot(unsigned mask, bool pred) {
+  Unchecked u;
   Block* b = block();
   const unsigned t = b->current, base = t & ~31u;
   b->votes[t] = pred ? 1u : 0u;
@@ -379,28 +411,31 @@ inline unsigned ballot(unsigned mask, bool pred) {
 }
 
 // Calls kernel `f` with the arguments that `args[i]` point to (cuLaunchKernel's convention).
+// The kernel runs checked; its arguments are read before, unchecked (they are host memory).
 template <class... A> struct Call {
   void (*f)(A...);
   void** args;
   template <size_t... I> void run(std::index_sequence<I...>) {
-    f(*static_cast<std::remove_cv_t<std::remove_reference_t<A>>*>(args[I])...);
+    std::tuple<std::remove_cv_t<std::remove_reference_t<A>>...> v{
+        *static_cast<std::remove_cv_t<std::remove_reference_t<A>>*>(args[I])...};
+    void (*const kernel)(A...) = f;
+    checks.on = true;
+    kernel(std::get<I>(v)...);
+    checks.on = false;
   }
   static void body(void* p) { static_cast<Call*>(p)->run(std::index_sequence_for<A...>{}); }
 };
 
-// dims: grid x y z, block x y z, dynamic shared bytes. Returns 0, or 1 with `err` filled.
-template <class... A> int run(void (*f)(A...), const unsigned* dims, void** args, char* err, size_t len) {
+// dims: grid x y z, block x y z, dynamic shared bytes; lens: the byte length of each buffer
+// argument (entries of value arguments are not read). Returns 0, or 1 with `err` filled.
+template <class... A>
+int run(void (*f)(A...), const unsigned* dims, void** args, const size_t* lens, char* err, size_t len) {
+  register_args<A...>(args, lens);
   Call<A...> c{f, args};
   const char* e = launch({dims[0], dims[1], dims[2]}, {dims[3], dims[4], dims[5]}, dims[6], &Call<A...>::body, &c);
   if (e == nullptr) return 0;
   std::snprintf(err, len, "%s", e);
   return 1;
-}
-
-// Records the first misuse of the running launch (the launch returns it when its block ends).
-inline void report(const char* what) {
-  Block* b = block();
-  if (b->error == nullptr) b->error = what;
 }
 
 }  // namespace fpx_emu

@@ -8,12 +8,15 @@ namespace fpx_emu {
 
 // Warp-collective instructions need every lane of the warp (.aligned).
 inline void check_full_warp(const char* what) {
+  Unchecked u;
   Block* b = block();
   if (b->warps[b->current / 32].live != ~0u) report(what);
 }
 
 // ldmatrix .m8n8 .b16 of `n` matrices (kernels/fpx_mma.cuh has the layout).
 inline void ldmatrix(uint32_t* r, int n, bool trans, const void* row) {
+  if ((block()->current & 31) < 8u * n) access(reinterpret_cast<uintptr_t>(row), 16, false);
+  Unchecked u;
   Block* b = block();
   const unsigned t = b->current, lane = t & 31, base = t & ~31u;
   check_full_warp("ldmatrix needs every lane of the warp");
@@ -72,6 +75,7 @@ inline float element(uint32_t w, int sub, MmaType ty) {
 // FP32 in k order onto the accumulator (the hardware's internal order and rounding of the sum
 // may differ in the last bits).
 inline void mma(float* d, const uint32_t* a, const uint32_t* bf, MmaType ty) {
+  Unchecked u;
   Block* blk = block();
   const unsigned t = blk->current, lane = t & 31, base = t & ~31u;
   check_full_warp("mma.sync needs every lane of the warp");
@@ -108,6 +112,9 @@ inline void mma(float* d, const uint32_t* a, const uint32_t* bf, MmaType ty) {
 
 // cp.async of `n` bytes: queued in the thread's open group.
 inline void cp_async(void* dst, const void* src, size_t n) {
+  access(reinterpret_cast<uintptr_t>(src), n, false);
+  access(reinterpret_cast<uintptr_t>(dst), n, true);
+  Unchecked u;
   Block* b = block();
   if (reinterpret_cast<uintptr_t>(dst) % n != 0 || reinterpret_cast<uintptr_t>(src) % n != 0)
     report("cp.async: an address is not aligned to the copy size");
@@ -115,6 +122,7 @@ inline void cp_async(void* dst, const void* src, size_t n) {
 }
 
 inline void cp_async_commit() {
+  Unchecked u;
   AsyncCopies& c = block()->copies[block()->current];
   c.committed.push_back(std::move(c.open));
   c.open.clear();
@@ -122,6 +130,7 @@ inline void cp_async_commit() {
 
 // The thread's oldest committed groups land until at most `pending` remain in flight.
 inline void cp_async_wait(int pending) {
+  Unchecked u;
   AsyncCopies& c = block()->copies[block()->current];
   while (c.committed.size() > static_cast<size_t>(pending)) {
     for (const Copy& k : c.committed.front()) std::memcpy(k.dst, k.src, k.n);

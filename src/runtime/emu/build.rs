@@ -2,10 +2,12 @@
 //! prefixed with `#include "fpx_emu.h"`, each `extern __shared__ T name[];` becomes a `T*` named
 //! `name` into the emulator's dynamic shared memory, and one C entry point per
 //! kernel is appended (`fpx_emu_run_<entry>`: launch dimensions + cuLaunchKernel-style argument
-//! pointers). Every kernel is its own translation unit (the templates' constants live in
-//! anonymous namespaces), compiled by the host C++ compiler against CUDA's host headers from
-//! the PyPI wheels; objects and the linked shared library are cached on disk under names that
-//! hash the translated source, the headers, the compiler and its flags.
+//! pointers and each buffer's byte length). Every kernel is its own translation unit (the
+//! templates' constants live in anonymous namespaces), compiled by the host C++ compiler
+//! against CUDA's host headers from the PyPI wheels, with the instrumentation through which the
+//! emulator checks every memory access (kernels/emu/fpx_emu_memcheck.h); objects and the
+//! linked shared library are cached on disk under names that hash the translated source, the
+//! headers, the compiler and its flags.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -15,10 +17,14 @@ use sha2::{Digest, Sha256};
 use crate::codegen::{HelperHeaders, KernelSource};
 use crate::error::{Error, Result};
 
-/// The emulation headers (kernels/emu/), embedded: the tensor-core instructions, and
-/// `fpx_emu.h`, which each translation unit includes and which includes them. `fpx_emu.h` is
-/// written last: its presence marks a complete include directory.
-pub const EMU_HEADERS: [(&str, &str); 2] = [
+/// The emulation headers (kernels/emu/), embedded: the memory checks, the tensor-core
+/// instructions, and `fpx_emu.h`, which each translation unit includes and which includes
+/// them. `fpx_emu.h` is written last: its presence marks a complete include directory.
+pub const EMU_HEADERS: [(&str, &str); 3] = [
+    (
+        "fpx_emu_memcheck.h",
+        include_str!("../../../kernels/emu/fpx_emu_memcheck.h"),
+    ),
     (
         "fpx_emu_mma.h",
         include_str!("../../../kernels/emu/fpx_emu_mma.h"),
@@ -30,13 +36,22 @@ pub const EMU_HEADERS: [(&str, &str); 2] = [
 /// `-fno-gnu-unique`: the emulator's state (the running block, its fibers) lives in statics of
 /// inline functions, which g++ otherwise makes process-wide unique symbols shared by every
 /// loaded kernel library; two libraries would then corrupt each other's state.
-pub const CXX_FLAGS: [&str; 6] = [
+/// The sanitizer flags make every load and store call a hook of fpx_emu_memcheck.h (bounds:
+/// kernel-address with every check out of line and no stack or global redzones, so neither
+/// shadow memory nor a runtime library; alignment: UBSan's typed-access check, whose handler is
+/// there too). They are g++'s spelling.
+pub const CXX_FLAGS: [&str; 11] = [
     "-std=c++20",
     "-O1",
     "-fPIC",
     "-w",
     "-fno-fast-math",
     "-fno-gnu-unique",
+    "-fsanitize=kernel-address",
+    "--param=asan-instrumentation-with-call-threshold=0",
+    "--param=asan-stack=0",
+    "--param=asan-globals=0",
+    "-fsanitize=alignment",
 ];
 
 fn emu_err(stage: &str, reason: impl Into<String>) -> Error {
@@ -106,10 +121,13 @@ static DYNAMIC_SHARED: std::sync::LazyLock<regex::Regex> = std::sync::LazyLock::
     .expect("valid regex")
 });
 
-/// The translation unit the host compiler gets for `src`.
+/// The translation unit the host compiler gets for `src` (its lines numbered as in the kernel's
+/// own file, which the emulator's alignment errors name).
 pub fn translate(src: &KernelSource) -> String {
     let mut out = String::with_capacity(src.source.len() + 512);
     out.push_str("#include \"fpx_emu.h\"\n");
+    let file = src.file_name.replace(['"', '\\'], "_");
+    out.push_str(&format!("#line 1 \"{file}\"\n"));
     out.push_str(&DYNAMIC_SHARED.replace_all(
         &src.source,
         "${ty}* const ${name} = reinterpret_cast<${ty}*>(fpx_emu_dyn_smem);",
@@ -117,8 +135,8 @@ pub fn translate(src: &KernelSource) -> String {
     out.push_str("\n// fpx emulator entry points\n");
     for e in &src.entry_points {
         out.push_str(&format!(
-            "extern \"C\" int fpx_emu_run_{e}(const unsigned* d, void** a, char* err, size_t n) \
-             {{ return fpx_emu::run(&{e}, d, a, err, n); }}\n"
+            "extern \"C\" int fpx_emu_run_{e}(const unsigned* d, void** a, const size_t* l, \
+             char* err, size_t n) {{ return fpx_emu::run(&{e}, d, a, l, err, n); }}\n"
         ));
     }
     out

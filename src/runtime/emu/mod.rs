@@ -5,7 +5,9 @@
 //! [`ExecutablePlan`](crate::runtime::exec::ExecutablePlan) with the launch dimensions of
 //! [`KernelContext::launch`](crate::codegen::KernelContext::launch), the ones the cuda backend
 //! uses (both look kernels up through [`LoadedKernels`]). Inline PTX sits behind
-//! `__CUDA_ARCH__` guards, so the portable paths run.
+//! `__CUDA_ARCH__` guards, so the portable paths run. Each launch passes the byte length of every
+//! buffer argument: a kernel that reads or writes outside its buffers, or loads a vector from a
+//! misaligned address, fails the launch (kernels/emu/fpx_emu_memcheck.h).
 //!
 //! Launches are serialised process-wide: the emulator keeps the running block in globals.
 
@@ -28,8 +30,10 @@ use crate::runtime::exec::{HostBuf, HostMemory};
 use crate::runtime::launch::{Arg, Launcher, Memory, RunPass};
 use crate::runtime::LoadedKernels;
 
-/// `fpx_emu_run_<entry>(dims, args, err, err_len)`: dims = grid xyz, block xyz, shared bytes.
-type RunFn = unsafe extern "C" fn(*const u32, *mut *mut c_void, *mut c_char, usize) -> i32;
+/// `fpx_emu_run_<entry>(dims, args, lens, err, err_len)`: dims = grid xyz, block xyz, shared
+/// bytes; lens = the byte length of each buffer argument (not read for values).
+type RunFn =
+    unsafe extern "C" fn(*const u32, *mut *mut c_void, *const usize, *mut c_char, usize) -> i32;
 
 static LAUNCH: Mutex<()> = Mutex::new(());
 
@@ -118,11 +122,12 @@ impl EmuKernels {
     }
 
     /// Launches entry `entry` of `spec` for `rows` rows (and `context` KV positions) with the
-    /// cuda backend's launch dimensions; `args` in cuLaunchKernel's convention.
+    /// cuda backend's launch dimensions; `args` in cuLaunchKernel's convention, `lens` the byte
+    /// length of each buffer argument.
     ///
     /// # Safety
     /// `args` must point to values matching the kernel's parameters, and every pointer among
-    /// them must be valid for what the kernel reads and writes.
+    /// them must be valid for reads and writes of its `lens` bytes.
     unsafe fn launch_raw(
         &self,
         spec: &KernelSpec,
@@ -130,13 +135,15 @@ impl EmuKernels {
         rows: usize,
         context: usize,
         args: &mut [*mut c_void],
+        lens: &[usize],
     ) -> Result<()> {
         let (_, l) = self.kernels.get(spec, entry, rows, context)?;
-        self.launch_with(entry, l, args)
+        self.launch_with(entry, l, args, lens)
     }
 
     /// Launches entry `entry` with explicit dimensions (for hand-written kernels: the tests of
-    /// the emulator itself).
+    /// the emulator itself). `lens[i]` is the byte length of the buffer that argument `i`
+    /// points to (any value for a non-pointer argument): an access outside it fails the launch.
     ///
     /// # Safety
     /// As for [`EmuKernels::launch`].
@@ -145,7 +152,14 @@ impl EmuKernels {
         entry: &str,
         l: Launch,
         args: &mut [*mut c_void],
+        lens: &[usize],
     ) -> Result<()> {
+        if lens.len() != args.len() {
+            return Err(Error::Emu {
+                stage: format!("launch of {entry}"),
+                reason: format!("{} arguments but {} buffer lengths", args.len(), lens.len()),
+            });
+        }
         let f = self.kernels.function(entry)?;
         let dims = [
             l.grid.0,
@@ -156,12 +170,13 @@ impl EmuKernels {
             l.block.2,
             l.shared_bytes,
         ];
-        let mut msg = [0 as c_char; 256];
+        let mut msg = [0 as c_char; 512];
         let rc = {
             let _guard = LAUNCH.lock().unwrap_or_else(|p| p.into_inner());
             f(
                 dims.as_ptr(),
                 args.as_mut_ptr(),
+                lens.as_ptr(),
                 msg.as_mut_ptr(),
                 msg.len(),
             )
@@ -224,7 +239,14 @@ impl Launcher for EmuKernels {
                 Arg::F32(v) => arg(v),
             })
             .collect();
-        self.launch_raw(spec, entry, rows, context, &mut values)
+        let lens: Vec<usize> = args
+            .iter()
+            .map(|a| match a {
+                Arg::Buf(b) => b.bytes().len(),
+                _ => 0,
+            })
+            .collect();
+        self.launch_raw(spec, entry, rows, context, &mut values, &lens)
     }
 }
 
