@@ -161,6 +161,15 @@ template <int THREADS> __device__ __forceinline__ float block_max(float v, float
   return m;
 }
 
+// A device-wide memory fence: this thread's global writes are visible to every block before
+// its later writes (split attention publishes partials before counting itself done). The
+// emulator runs blocks one after another, so it needs none.
+__device__ __forceinline__ void fence() {
+#ifdef __CUDA_ARCH__
+  __threadfence();
+#endif
+}
+
 // Arg-max step: (v, i) wins over (w, j) when v > w, or v == w and i < j (the first maximum).
 // NaN never wins (a NaN logit is skipped, as by the CPU backend).
 __device__ __forceinline__ void argmax_merge(float& v, int& i, float w, int j) {

@@ -484,7 +484,11 @@ fn param_c_type(p: Param) -> (&'static str, bool) {
         Param::Act(_) | Param::KCache(_) | Param::VCache(_) | Param::Embedding => ("act_t", true),
         Param::LinearCodes(_) => ("fpx::u8", true),
         Param::LinearScales(_) => ("void", true),
-        Param::Norm(_) | Param::RopeCos | Param::RopeSin | Param::LinearBias(_) => ("float", true),
+        Param::Norm(_)
+        | Param::RopeCos
+        | Param::RopeSin
+        | Param::LinearBias(_)
+        | Param::AttnPartials => ("float", true),
     }
 }
 

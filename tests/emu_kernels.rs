@@ -466,8 +466,8 @@ fn emu_step_comparison_catches_a_short_window_and_swapped_qk_norms() {
     // Each windowed query sees one position fewer than its window.
     let attention = break_once(
         embedded(&fpx::codegen::TEMPLATES, "attention.cu.tera"),
-        "const int lo = len > WINDOW ? len - WINDOW : 0;",
-        "const int lo = len > WINDOW - 1 ? len - WINDOW + 1 : 0;",
+        "const int first = len > WINDOW ? len - WINDOW : 0;",
+        "const int first = len > WINDOW - 1 ? len - WINDOW + 1 : 0;",
     );
     // q normalised with k's weight.
     let rope = break_once(

@@ -6,7 +6,7 @@
 
 use serde::Serialize;
 
-use crate::lower::{ActDtype, Arch};
+use crate::lower::{split_kv, ActDtype, Arch};
 use crate::lower::{KernelSpec, LinearShape, WeightFormat, GEMV_ROW_TILES};
 
 /// Threads per block of the GEMV kernels (4 warps).
@@ -185,6 +185,9 @@ pub struct HeadsCtx {
     pub qk_norm: bool,
     /// Attention: positions a query sees (its own included); 0: the whole context.
     pub window: usize,
+    /// Attention: the split-KV layout ([`split_kv`]): rows that split, splits per row.
+    pub split_rows: usize,
+    pub max_splits: usize,
 }
 
 /// The context of one kernel.
@@ -286,18 +289,25 @@ impl KernelContext {
             },
             KernelContext::Heads(c) => match c.common.family {
                 "rope_kv" => Launch::new((rows, c.heads + c.kv_heads), c.threads, 0),
-                _ => Launch::new(
-                    (c.heads, rows),
-                    c.threads,
-                    4 * attention_shared_floats(c, context),
-                ),
+                _ => {
+                    let splits = split_kv::splits(rows, context);
+                    Launch {
+                        grid: (c.heads as u32, rows.max(1) as u32, splits as u32),
+                        ..Launch::new(
+                            (1, 1),
+                            c.threads,
+                            4 * attention_shared_floats(c, context.div_ceil(splits)),
+                        )
+                    }
+                }
             },
         }
     }
 }
 
-/// Floats of dynamic shared memory of the attention kernel for `context` cache positions:
-/// the query row, the per-group partial outputs, a reduction scratch and the scores.
+/// Floats of dynamic shared memory of the attention kernel for `context` cache positions (of
+/// one split): the query row, the per-group partial outputs, a reduction scratch and the
+/// scores.
 pub fn attention_shared_floats(c: &HeadsCtx, context: usize) -> usize {
     c.head_dim + c.groups * c.head_dim + 32 + context
 }
@@ -440,6 +450,8 @@ fn heads_ctx(
         scale: f32_literal(scale),
         qk_norm: false,
         window: 0,
+        split_rows: split_kv::SPLIT_ROWS,
+        max_splits: split_kv::MAX_SPLITS,
     }
 }
 

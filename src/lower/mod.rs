@@ -17,6 +17,7 @@ pub mod arch;
 pub mod dtype;
 pub mod schedule;
 pub mod spec;
+pub mod split_kv;
 pub mod step;
 pub mod work;
 

@@ -114,6 +114,8 @@ pub enum Param {
     RopeSin,
     /// The pass's first position (`const int*`, one element).
     Pos,
+    /// Split attention's partial results and counters (`float*`, [`super::split_kv`]).
+    AttnPartials,
     /// Value: the pass's rows (`int`).
     Rows,
     /// Value: the RMSNorm epsilon (`float`).
@@ -163,6 +165,7 @@ impl Step {
                 P::KCache(layer),
                 P::VCache(layer),
                 P::Act(Act::Att),
+                P::AttnPartials,
                 P::Pos,
                 P::Rows,
             ],

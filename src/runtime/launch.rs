@@ -14,7 +14,7 @@
 
 use super::exec::{check_pass, Backend, ExecutablePlan, PackedLinear};
 use crate::error::Result;
-use crate::lower::{Act, ActDtype, KernelSpec, LinearShape, Param, Schedule, Step};
+use crate::lower::{split_kv, Act, ActDtype, KernelSpec, LinearShape, Param, Schedule, Step};
 
 /// One kernel argument: a buffer (passed as its device pointer) or a value.
 pub enum Arg<'a, B> {
@@ -80,7 +80,8 @@ impl<B> LinearBuffers<B> {
 
 /// The buffers of one sequence: activations `[max_seq, cols]` by [`Act`] (logits: one row)
 /// and a `[max_seq, kv_dim]` K and V cache per layer, all in the schedule's activation type;
-/// the prompt's token ids, the pass's first position and the greedy next token (`i32`).
+/// the prompt's token ids, the pass's first position and the greedy next token (`i32`); split
+/// attention's partials.
 #[derive(Clone)]
 pub struct SequenceBuffers<B> {
     pub acts: Vec<B>,
@@ -89,6 +90,8 @@ pub struct SequenceBuffers<B> {
     pub tokens: B,
     pub pos: B,
     pub next: B,
+    /// Split attention's partials and counters ([`crate::lower::split_kv`]), zeroed.
+    pub attn_partials: B,
 }
 
 impl<B> SequenceBuffers<B> {
@@ -116,6 +119,7 @@ impl<B> SequenceBuffers<B> {
             tokens: l.zeros(4 * max_seq)?,
             pos: l.zeros(4)?,
             next: l.zeros(4)?,
+            attn_partials: l.zeros(split_kv::partials_bytes(s.dims.heads, s.dims.head_dim))?,
         })
     }
 }
@@ -258,6 +262,7 @@ pub fn step_args<'b, B>(
             Param::RopeCos => Arg::Buf(&p.rope_cos),
             Param::RopeSin => Arg::Buf(&p.rope_sin),
             Param::Pos => Arg::Buf(&s.pos),
+            Param::AttnPartials => Arg::Buf(&s.attn_partials),
             Param::Rows => Arg::I32(step.rows(m) as i32),
             Param::Eps => Arg::F32(schedule.dims.eps),
             Param::Row0 => Arg::I32(step.row0(m)),

@@ -130,7 +130,9 @@ impl Device {
             let Some(ctx) = self.kernels.context(&spec) else {
                 continue;
             };
-            let bytes = ctx.launch(1, max_seq).shared_bytes as i32;
+            // A pass too long to split holds every position's score: the most shared memory.
+            let rows = crate::lower::split_kv::SPLIT_ROWS + 1;
+            let bytes = ctx.launch(rows, max_seq).shared_bytes as i32;
             let limit = self
                 .ctx
                 .attribute(
