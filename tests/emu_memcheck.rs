@@ -239,18 +239,7 @@ fn emu_fails_generated_gemvs_that_overrun_or_misalign() {
 
 #[test]
 fn the_memcheck_probe_is_real_cuda() {
-    let compiler = fpx::runtime::cuda::Compiler::new(fpx::runtime::cuda::CompilerOptions {
-        cache_dir: None,
-        ..Default::default()
-    });
-    if !common::have("NVRTC (.venv)", compiler.is_ok()) {
+    let Some(_ptx) = common::emu_probe::nvrtc_ptx(&probe_source(Arch::Sm90), &ENTRIES) else {
         return;
-    }
-    let compiled = compiler
-        .unwrap()
-        .compile(&probe_source(Arch::Sm90))
-        .unwrap();
-    for entry in ENTRIES {
-        assert!(compiled.ptx.contains(&format!(".entry {entry}")), "{entry}");
-    }
+    };
 }

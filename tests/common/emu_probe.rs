@@ -24,6 +24,23 @@ pub fn source(name: &str, source: &str, entries: &[&str], arch: Arch) -> KernelS
     }
 }
 
+/// The PTX NVRTC makes of `kernel` (`None`, after saying why, without NVRTC), after checking
+/// that it holds each of `entries`: a hand-written probe is real CUDA, not only emulator C++.
+pub fn nvrtc_ptx(kernel: &KernelSource, entries: &[&str]) -> Option<String> {
+    let compiler = fpx::runtime::cuda::Compiler::new(fpx::runtime::cuda::CompilerOptions {
+        cache_dir: None,
+        ..Default::default()
+    });
+    if !super::have("NVRTC (.venv)", compiler.is_ok()) {
+        return None;
+    }
+    let ptx = compiler.unwrap().compile(kernel).unwrap().ptx;
+    for entry in entries {
+        assert!(ptx.contains(&format!(".entry {entry}")), "{entry}");
+    }
+    Some(ptx)
+}
+
 /// Emulator options for `arch` with the tests' shared build cache (`None`, after saying why,
 /// without g++ or the CUDA header wheels; a failure under FPX_REQUIRE_DATA=1).
 pub fn emu_opts(arch: Arch) -> Option<EmuOptions> {
