@@ -5,7 +5,7 @@
 #
 #   setup        make fetch tools            (data/, .venv with the NVRTC wheels)
 #   build        cargo build --all-targets   (all cores)
-#   gpu-tests    cargo test --test codegen_gpu --test calib_kernels with FPX_REQUIRE_GPU=1 (every
+#   gpu-tests    cargo test --test codegen_gpu --test calib_kernels --test emu_split_attention with FPX_REQUIRE_GPU=1 (every
 #                linear kernel vs the cpu backend, FP32 and BF16; whole plans' logits and greedy
 #                tokens; both calibration passes on the kernels vs the cpu interpreter)
 #   bench        FPX_BENCH_QUICK=1 cargo bench --bench kernels (every GEMV/GEMM on the device,
@@ -92,7 +92,7 @@ fi
 if [[ -z "$GPU_NAME" ]]; then
     for p in gpu-tests bench profile compare plan decode calibrate; do skip "$p" "no GPU: nvidia-smi finds no device"; done
 else
-    part gpu-tests 150 env FPX_REQUIRE_GPU=1 FPX_REQUIRE_DATA=1 cargo test --test codegen_gpu --test calib_kernels
+    part gpu-tests 150 env FPX_REQUIRE_GPU=1 FPX_REQUIRE_DATA=1 cargo test --test codegen_gpu --test calib_kernels --test emu_split_attention
     part bench 150 env FPX_BENCH_QUICK=1 cargo bench --profile dev --bench kernels
     part profile 90 "$FPX" profile --model "$MODEL" --device 0 --repeats 20 -o "$RESULTS/profile.json"
     if [[ -f "$RESULTS/profile.json" ]]; then
