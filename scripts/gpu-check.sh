@@ -5,9 +5,10 @@
 #
 #   setup        make fetch tools            (data/, .venv with the NVRTC wheels)
 #   build        cargo build --all-targets   (all cores)
-#   gpu-tests    cargo test --test codegen_gpu --test calib_kernels --test emu_split_attention with FPX_REQUIRE_GPU=1 (every
-#                linear kernel vs the cpu backend, FP32 and BF16; whole plans' logits and greedy
-#                tokens; both calibration passes on the kernels vs the cpu interpreter)
+#   gpu-tests    cargo test --test codegen_gpu --test calib_kernels --test emu_split_attention
+#                with FPX_REQUIRE_GPU=1 (every linear kernel vs the cpu backend, FP32 and BF16;
+#                whole plans' logits and greedy tokens; both calibration passes on the kernels vs
+#                the cpu interpreter; split-KV attention vs the CPU reference)
 #   bench        FPX_BENCH_QUICK=1 cargo bench --bench kernels (every GEMV/GEMM on the device,
 #                fraction of peak bandwidth / FLOPs; whole-plan decode steps)
 #   profile      fpx profile of SmolLM2 (each linear shape x format, rest of the step)
