@@ -291,14 +291,10 @@ impl KernelContext {
                 "rope_kv" => Launch::new((rows, c.heads + c.kv_heads), c.threads, 0),
                 _ => {
                     let splits = split_kv::splits(rows, context);
-                    Launch {
-                        grid: (c.heads as u32, rows.max(1) as u32, splits as u32),
-                        ..Launch::new(
-                            (1, 1),
-                            c.threads,
-                            4 * attention_shared_floats(c, context.div_ceil(splits)),
-                        )
-                    }
+                    let shared = 4 * attention_shared_floats(c, context.div_ceil(splits));
+                    let mut l = Launch::new((c.heads, rows), c.threads, shared);
+                    l.grid.2 = splits as u32; // at most split_kv::MAX_SPLITS
+                    l
                 }
             },
         }

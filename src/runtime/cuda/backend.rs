@@ -130,9 +130,8 @@ impl Device {
             let Some(ctx) = self.kernels.context(&spec) else {
                 continue;
             };
-            // A pass too long to split holds every position's score: the most shared memory.
-            let rows = crate::lower::split_kv::SPLIT_ROWS + 1;
-            let bytes = ctx.launch(rows, max_seq).shared_bytes as i32;
+            // The longest pass needs the most: it splits the context least (or not at all).
+            let bytes = ctx.launch(max_seq, max_seq).shared_bytes as i32;
             let limit = self
                 .ctx
                 .attribute(
