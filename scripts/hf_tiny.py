@@ -15,7 +15,9 @@ Run by the Rust tests (tests/transformers_models.rs) with the interpreter of .ve
                    weights in a model without each feature C uses, so a test can tell that
                    the feature changes the result: "rope_scaling" (the config without it),
                    "sliding_window" (without the window), "qk_norm" (qwen3's weights in a
-                   Llama of the same shape, without q_norm / k_norm)
+                   Llama of the same shape, without q_norm / k_norm), "top_k" (a MoE model
+                   routing every token to all its experts), "norm_topk_prob" (a Qwen3-MoE
+                   without renormalised top-k weights)
 """
 
 import argparse
@@ -88,6 +90,12 @@ def main():
         for key in ("sliding_window", "use_sliding_window", "layer_types", "max_window_layers"):
             llama.pop(key, None)
         ablated["qk_norm"] = differs(llama, strict=False)
+
+    experts = config.get("num_experts") or config.get("num_local_experts")
+    if experts:
+        ablated["top_k"] = differs({**config, "num_experts_per_tok": experts})
+    if config["model_type"] == "qwen3_moe" and config.get("norm_topk_prob"):
+        ablated["norm_topk_prob"] = differs({**config, "norm_topk_prob": False})
 
     json.dump({"logits": logits.tolist(), "greedy": greedy, "ablated": ablated}, sys.stdout)
 

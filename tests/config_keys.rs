@@ -218,9 +218,43 @@ fn every_key_that_changes_the_computation_refuses_what_fpx_does_not_implement() 
             "999",
         ),
         (
-            with(&base, "architectures", json!(["Qwen3MoeForCausalLM"])),
-            "Qwen3MoeForCausalLM",
+            with(&base, "architectures", json!(["DeepseekV3ForCausalLM"])),
+            "DeepseekV3ForCausalLM",
             "unsupported architecture",
+        ),
+        // Mixture of experts: a dense architecture with an expert key, and values the
+        // router cannot take.
+        (
+            with(&base, "num_experts", json!(8)),
+            "num_experts",
+            "dense architecture",
+        ),
+        (
+            with(
+                &with(&base, "architectures", json!(["MixtralForCausalLM"])),
+                "norm_topk_prob",
+                json!(false),
+            ),
+            "norm_topk_prob = false",
+            "always renormalises",
+        ),
+        (
+            with(
+                &with(&base, "architectures", json!(["Qwen3MoeForCausalLM"])),
+                "num_experts_per_tok",
+                json!(200),
+            ),
+            "num_experts_per_tok 200",
+            "between 1 and num_experts",
+        ),
+        (
+            with(
+                &with(&base, "architectures", json!(["Qwen3MoeForCausalLM"])),
+                "mlp_only_layers",
+                json!([5]),
+            ),
+            "layer 5",
+            "outside",
         ),
     ];
     for (config, key, text) in &cases {

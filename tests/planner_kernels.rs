@@ -53,6 +53,7 @@ fn qwen25_14b_plans_at_tensor_parallel_2_on_rtx5090() {
         sliding_window: None,
         bos_token_id: None,
         eos_token_id: Default::default(),
+        moe: None,
     };
     let dir = tempfile::tempdir().unwrap();
     let calib = dir.path().join("qwen14b.calib.json");

@@ -136,6 +136,8 @@ struct LayerState {
     bias: Option<Arc<Vec<f32>>>,
     /// `||X W^T||^2` (summed in the first pass).
     reference_sq: f64,
+    /// Rows seen (summed in the first pass); counted for MoE experts only.
+    tokens: Option<usize>,
     /// The formats of the current pass.
     formats: Vec<FormatState>,
     /// The formats measured in earlier passes.
@@ -253,6 +255,7 @@ pub fn measure_eps_with(
                 weight: full.weight.clone(),
                 bias: full.bias.clone(),
                 reference_sq: 0.0,
+                tokens: l.expert.map(|_| 0),
                 formats: Vec::new(),
                 metrics: BTreeMap::new(),
             };
@@ -311,6 +314,9 @@ pub fn measure_eps_with(
                                 .add(x);
                         }
                         s.reference_sq += reference_sq(y, s.bias.as_deref(), s.out_features);
+                        if let Some(t) = &mut s.tokens {
+                            *t += x.rows;
+                        }
                     }
                     if device {
                         shown.push((id, x.clone(), y.clone()));
@@ -351,11 +357,17 @@ pub fn measure_eps_with(
                 let measured = std::mem::take(&mut s.formats);
                 for f in &measured {
                     let weight_only = s.weight_only_sq(f, grams.get(&s.input));
+                    // An expert no calibration token reached: its weight error stands in.
+                    let unseen = s.tokens == Some(0);
+                    let relative = |sq: f64| match unseen {
+                        true => f.weight_error,
+                        false => (sq / s.reference_sq).sqrt(),
+                    };
                     s.metrics.insert(
                         f.format,
                         LayerMetrics {
-                            eps: (weight_only / s.reference_sq).sqrt(),
-                            eps_wa: (f.weight_act_sq / s.reference_sq).sqrt(),
+                            eps: relative(weight_only),
+                            eps_wa: relative(f.weight_act_sq),
                             weight_error: f.weight_error,
                             kl: None,
                         },
@@ -366,7 +378,8 @@ pub fn measure_eps_with(
         for (id, s) in state {
             let node = graph.node(id);
             let Op::Linear(l) = &node.op else { continue };
-            if s.reference_sq.is_nan() || s.reference_sq <= 0.0 {
+            let unseen = s.tokens == Some(0);
+            if !unseen && (s.reference_sq.is_nan() || s.reference_sq <= 0.0) {
                 return Err(Error::Layer {
                     layer: node.name.clone(),
                     reason: "its full-precision output is zero on the calibration text; eps is undefined".into(),
@@ -379,6 +392,7 @@ pub fn measure_eps_with(
                 out_features: l.out_features,
                 in_features: l.in_features,
                 metrics: s.metrics,
+                tokens: s.tokens,
             });
         }
     }

@@ -59,9 +59,24 @@ pub struct LayerCalibration {
     pub out_features: usize,
     pub in_features: usize,
     pub metrics: BTreeMap<Format, LayerMetrics>,
+    /// For a MoE expert's projection: the calibration tokens routed to it (its eps is
+    /// measured on those alone). Absent for dense layers, which see every token.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tokens: Option<usize>,
 }
 
+/// Fewer routed calibration tokens than this make an expert's eps a weak estimate:
+/// [`LayerCalibration::undersampled`] flags it, `fpx calibrate` warns. An expert that saw no
+/// token at all has no output to compare; its eps and eps_wa are then its relative weight
+/// error (the data-free estimate), never a silent zero.
+pub const MIN_EXPERT_TOKENS: usize = 32;
+
 impl LayerCalibration {
+    /// An expert projection that saw fewer than [`MIN_EXPERT_TOKENS`] calibration tokens.
+    pub fn undersampled(&self) -> bool {
+        self.tokens.is_some_and(|t| t < MIN_EXPERT_TOKENS)
+    }
+
     /// How sensitive the layer is: its largest KL over the formats when measured, else its
     /// largest eps. Reports sort worst-first by this.
     pub fn sensitivity(&self) -> f64 {

@@ -33,6 +33,9 @@ struct LinearRow {
     name: String,
     layer: Option<usize>,
     kind: &'static str,
+    /// The MoE expert the projection belongs to.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    expert: Option<usize>,
     out_features: usize,
     in_features: usize,
     params: usize,
@@ -129,8 +132,20 @@ fn settings(s: &ModelSpec) -> String {
             w.layers
         ),
     };
+    let mlp = match &s.moe {
+        None => "dense SiLU-gated".to_string(),
+        Some(m) => format!(
+            "mixture of experts: {} experts of {} per block, top-{}{}, router in FP32; dense \
+             MLP on layers {:?}",
+            m.experts,
+            m.expert_ffn,
+            m.top_k,
+            if m.norm_top_k { " renormalised" } else { "" },
+            m.dense_layers
+        ),
+    };
     format!(
-        "rope theta {} scaling {rope}\nattention {attention}\nbos {}  eos {:?}\n",
+        "rope theta {} scaling {rope}\nattention {attention}\nmlp {mlp}\nbos {}  eos {:?}\n",
         s.rope_theta,
         s.bos_token_id.map_or("none".to_string(), |b| b.to_string()),
         s.eos_token_id.ids()
@@ -152,6 +167,7 @@ pub fn run(args: InspectArgs) -> Result<()> {
                 name: node.name.clone(),
                 layer: node.layer,
                 kind: l.kind.name(),
+                expert: l.expert,
                 out_features: l.out_features,
                 in_features: l.in_features,
                 params: l.params(),

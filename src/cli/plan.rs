@@ -88,6 +88,10 @@ pub struct PlanSetup {
     /// Layers that must share a format: qkv, gate_up (comma-separated).
     #[arg(long, value_delimiter = ',')]
     pub group: Vec<String>,
+    /// Give each MoE expert projection its own format (default: a block's experts share one,
+    /// as the engines' fused MoE kernels need).
+    #[arg(long)]
+    pub per_expert_formats: bool,
     /// Plan for a serving engine's constraints: vllm or sglang fuse q/k/v and gate/up, so
     /// both groups are on (what `fpx export` needs).
     #[arg(long, value_enum)]
@@ -206,6 +210,12 @@ fn measured_or_roofline(
                 s.tensor_parallel
             )
         }
+        CostArg::Roofline if calib.spec.moe.is_some() => {
+            bail!(
+                "--cost roofline prices every layer as dense; a MoE model's experts need \
+                 --cost kernels (which prices each expert by the tokens routed to it)"
+            )
+        }
         CostArg::Roofline => Ok(Some(Box::new(
             Roofline::new(gpu, s.batch, s.context)?
                 .with_launch_overhead(s.launch_overhead_us * 1e-6)?,
@@ -276,6 +286,7 @@ impl PlanSetup {
             tensor_parallel: self.tensor_parallel,
             objective: self.objective.parse::<Objective>()?,
             groups,
+            per_expert: self.per_expert_formats,
             pins,
         };
         let (problem, report) = build_problem(&calib, latency.as_ref(), &options)?;

@@ -3,6 +3,7 @@
 use petgraph::graph::{DiGraph, NodeIndex};
 
 use super::ops::{Linear, LinearKind, Node, Op};
+use crate::model::moe::{MoeNames, MoeSpec};
 use crate::model::ModelSpec;
 
 struct Builder {
@@ -51,8 +52,68 @@ impl Builder {
             in_features,
             out_features,
             kind,
+            expert: None,
         });
         self.add(name, layer, op, &[x])
+    }
+
+    /// The dense SiLU-gated MLP `down(silu(gate(x)) * up(x))` of `ffn` rows, its projections
+    /// named `{prefix}.{gate,up,down}` (the last name component is a projection name of
+    /// `names`), returning the down projection.
+    fn mlp(
+        &mut self,
+        [gate, up, down]: [String; 3],
+        layer: Option<usize>,
+        (h, ffn): (usize, usize),
+        expert: Option<usize>,
+        x: NodeIndex,
+    ) -> NodeIndex {
+        let act = format!("{}.act", gate.rsplit_once('.').map_or("", |(p, _)| p));
+        let g = self.linear(gate, layer, LinearKind::Gate, (h, ffn), false, x);
+        let u = self.linear(up, layer, LinearKind::Up, (h, ffn), false, x);
+        let a = self.add(act, layer, Op::SiluMul { dim: ffn }, &[g, u]);
+        let d = self.linear(down, layer, LinearKind::Down, (ffn, h), false, a);
+        if expert.is_some() {
+            for id in [g, u, d] {
+                if let Op::Linear(l) = &mut self.graph[id].op {
+                    l.expert = expert;
+                }
+            }
+        }
+        d
+    }
+
+    /// A MoE block on `x` (router, each expert's rows and MLP, the weighted combine),
+    /// returning the combine.
+    fn moe(&mut self, spec: &ModelSpec, moe: &MoeSpec, layer: usize, x: NodeIndex) -> NodeIndex {
+        let names = MoeNames::of(spec.architecture).expect("MoE specs have MoE names");
+        let l = Some(layer);
+        let h = spec.hidden_size;
+        let router_name = names.router(layer);
+        let router = Op::Router {
+            tensor: format!("{router_name}.weight"),
+            hidden: h,
+            experts: moe.experts,
+            top_k: moe.top_k,
+            norm_top_k: moe.norm_top_k,
+        };
+        let router = self.add(router_name, l, router, &[x]);
+        let mut inputs = vec![router];
+        for e in 0..moe.experts {
+            let projections = names.expert(layer, e);
+            let rows_name = format!(
+                "{}.rows",
+                projections[0].rsplit_once('.').map_or("", |(p, _)| p)
+            );
+            let rows = self.add(rows_name, l, Op::ExpertRows { expert: e }, &[x, router]);
+            inputs.push(self.mlp(projections, l, (h, moe.expert_ffn), Some(e), rows));
+        }
+        let combine = Op::MoeCombine {
+            experts: moe.experts,
+            dim: h,
+        };
+        let name = format!("model.layers.{layer}.{}.combine", names.block);
+        self.add(name, l, combine, &inputs)
     }
 }
 
@@ -145,37 +206,13 @@ pub(super) fn build(spec: &ModelSpec) -> DiGraph<Node, usize> {
         x = b.add(format!("{p}.residual_attn"), l, Op::Add { dim: h }, &[x, o]);
 
         let xn = b.rms_norm(format!("{p}.post_attention_layernorm"), l, h, eps, x);
-        let mlp = format!("{p}.mlp");
-        let gate = b.linear(
-            format!("{mlp}.gate_proj"),
-            l,
-            LinearKind::Gate,
-            (h, ffn),
-            false,
-            xn,
-        );
-        let up = b.linear(
-            format!("{mlp}.up_proj"),
-            l,
-            LinearKind::Up,
-            (h, ffn),
-            false,
-            xn,
-        );
-        let act = b.add(
-            format!("{mlp}.act"),
-            l,
-            Op::SiluMul { dim: ffn },
-            &[gate, up],
-        );
-        let down = b.linear(
-            format!("{mlp}.down_proj"),
-            l,
-            LinearKind::Down,
-            (ffn, h),
-            false,
-            act,
-        );
+        let down = match spec.moe_of(i) {
+            Some(moe) => b.moe(spec, moe, i, xn),
+            None => {
+                let names = ["gate_proj", "up_proj", "down_proj"].map(|n| format!("{p}.mlp.{n}"));
+                b.mlp(names, l, (h, ffn), None, xn)
+            }
+        };
         x = b.add(
             format!("{p}.residual_mlp"),
             l,
@@ -195,6 +232,7 @@ pub(super) fn build(spec: &ModelSpec) -> DiGraph<Node, usize> {
         in_features: h,
         out_features: spec.vocab_size,
         kind: LinearKind::LmHead,
+        expert: None,
     });
     b.add("lm_head".to_string(), None, lm_head, &[xn]);
     b.graph

@@ -48,6 +48,17 @@ pub(super) fn dump(graph: &Graph) -> String {
             }
             Op::SiluMul { dim } => format!("silu_mul dim={dim}"),
             Op::Add { dim } => format!("add dim={dim}"),
+            Op::Router {
+                experts,
+                top_k,
+                norm_top_k,
+                ..
+            } => {
+                let norm = if *norm_top_k { " normalised" } else { "" };
+                format!("router experts={experts} top_k={top_k}{norm}")
+            }
+            Op::ExpertRows { expert } => format!("expert_rows expert={expert}"),
+            Op::MoeCombine { experts, dim } => format!("moe_combine experts={experts} dim={dim}"),
         };
         let _ = writeln!(out, "%{i} {} = {detail} ({})", node.name, inputs.join(", "));
     }

@@ -55,6 +55,23 @@ pub enum Op {
     },
     /// `silu(gate) * up`. Operands: 0 gate, 1 up.
     SiluMul { dim: usize },
+    /// A MoE block's router ([`crate::model::moe`]): scores `x R^T` with `tensor`
+    /// (`[experts, hidden]`, kept in FP32, as the engines keep it), softmax over the experts,
+    /// the `top_k` largest probabilities (divided by their sum with `norm_top_k`). Its value is
+    /// each token's experts and weights. Operand 0: x.
+    Router {
+        tensor: String,
+        hidden: usize,
+        experts: usize,
+        top_k: usize,
+        norm_top_k: bool,
+    },
+    /// The rows of x routed to `expert`: the input of that expert's gate and up projections.
+    /// Operands: 0 x, 1 the router.
+    ExpertRows { expert: usize },
+    /// The MoE block's output: each token's sum over its experts of routing weight times that
+    /// expert's down projection. Operands: 0 the router, then expert 0..`experts`'s down.
+    MoeCombine { experts: usize, dim: usize },
     /// Residual add. Operands: 0 residual stream, 1 branch output.
     Add { dim: usize },
 }
@@ -99,6 +116,10 @@ pub struct Linear {
     pub in_features: usize,
     pub out_features: usize,
     pub kind: LinearKind,
+    /// The expert of a MoE block this projection belongs to (its input: the tokens routed
+    /// to it, [`Op::ExpertRows`]).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub expert: Option<usize>,
 }
 
 impl Linear {

@@ -25,9 +25,10 @@ use serde::Serialize;
 use crate::error::{Error, Result};
 use crate::formats::Format;
 use crate::ir::{Graph, LinearKind};
+use crate::lower::moe::expert_work;
 use crate::lower::{
-    linear_work, ActDtype, Arch, InstructionPath, KernelWork, LinearShape, PrecisionMap, Schedule,
-    Step, WeightFormat,
+    linear_work, ActDtype, Arch, InstructionPath, KernelWork, LinearShape, MoeSlot, PrecisionMap,
+    Schedule, Step, WeightFormat,
 };
 
 use super::roofline::{Gpu, GpuSpec};
@@ -158,6 +159,13 @@ impl KernelCost {
         if work.path == InstructionPath::AllReduce {
             return work.bytes / s.interconnect.bandwidth + s.interconnect.latency;
         }
+        self.busy_seconds(work) + s.launch_overhead
+    }
+
+    /// [`KernelCost::seconds`] without the launch overhead: the share of a grouped launch
+    /// (one MoE expert's projection) that `work` takes.
+    fn busy_seconds(&self, work: &KernelWork) -> f64 {
+        let s = &self.spec;
         let compute = match work.path {
             InstructionPath::AllReduce => 0.0,
             InstructionPath::SimtF32 => {
@@ -167,7 +175,45 @@ impl KernelCost {
             InstructionPath::TensorFp8 => work.flops / s.fp8_flops,
             InstructionPath::TensorFp4 => work.flops / s.fp4_flops.unwrap_or(s.fp16_flops),
         };
-        (work.bytes / s.bandwidth).max(compute) + s.launch_overhead
+        (work.bytes / s.bandwidth).max(compute)
+    }
+
+    /// The MoE block whose experts include linear slot `slot`.
+    fn moe_of_slot(&self, slot: usize) -> Option<&MoeSlot> {
+        self.schedule
+            .moes
+            .iter()
+            .find(|m| m.linears().any(|l| l == slot))
+    }
+
+    /// Seconds of one expert projection (`shape`, in its format) in a decode step: its
+    /// expected share of the block's grouped launch ([`crate::lower::moe::expert_load`]).
+    fn expert_seconds(&self, shape: LinearShape, kind: LinearKind, moe: &MoeSlot) -> f64 {
+        let shard = self.shard(shape, kind);
+        let work = expert_work(&shard, self.batch, moe.experts.len(), moe.top_k, self.arch);
+        self.busy_seconds(&work)
+    }
+
+    /// Seconds of MoE block `moe` outside its experts' planned projections: the router, the
+    /// three grouped launches (gate, up, down) and every expert projection not in `planned`.
+    fn moe_fixed_seconds(&self, moe: &MoeSlot, planned: &dyn Fn(&str) -> bool) -> f64 {
+        let router = LinearShape {
+            n: moe.experts.len(),
+            k: self.schedule.dims.hidden,
+            format: WeightFormat::F32,
+            bias: false,
+            accumulate: false,
+            act: self.schedule.act,
+        };
+        let unplanned: f64 = moe
+            .linears()
+            .map(|l| &self.schedule.linears[l])
+            .filter(|l| !planned(&l.name))
+            .map(|l| self.expert_seconds(l.shape, l.kind, moe))
+            .sum();
+        self.seconds(&linear_work(&router, self.batch, self.arch))
+            + 3.0 * self.spec.launch_overhead
+            + unplanned
     }
 
     /// Seconds the chip allows for the same bytes and FLOPs: peak bandwidth, or the tensor peak
@@ -220,6 +266,10 @@ impl KernelCost {
         }
         let mut rows = Vec::with_capacity(self.schedule.steps.len());
         for (i, step) in self.schedule.steps.iter().enumerate() {
+            if let Step::Moe { moe } = step {
+                rows.extend(self.explain_moe(i, &self.schedule.moes[*moe], precision)?);
+                continue;
+            }
             let (layer, format, shape) = match step {
                 Step::Linear { linear, .. } => {
                     let slot = &self.schedule.linears[*linear];
@@ -268,6 +318,47 @@ impl KernelCost {
     }
 }
 
+impl KernelCost {
+    /// The rows of MoE step `step`: the router and the block's launch overheads, then each
+    /// expert projection's expected share ([`KernelCost::expert_seconds`]).
+    fn explain_moe(
+        &self,
+        step: usize,
+        moe: &MoeSlot,
+        precision: &PrecisionMap,
+    ) -> Result<Vec<KernelRow>> {
+        let fixed = self.moe_fixed_seconds(moe, &|_| true);
+        let mut rows = vec![KernelRow {
+            step,
+            kernel: "moe_router (cpu reference only)".into(),
+            layer: Some(moe.name.clone()),
+            seconds: fixed,
+            bound_seconds: fixed,
+            work: KernelWork {
+                bytes: 0.0,
+                flops: 0.0,
+                decode_instructions: 0.0,
+                path: InstructionPath::SimtF32,
+            },
+        }];
+        for slot in moe.linears() {
+            let l = &self.schedule.linears[slot];
+            let f = WeightFormat::of(precision.get(&l.name).map(|p| p.weights));
+            let shape = self.shard(self.shape_of(&l.name, f)?, l.kind);
+            let work = expert_work(&shape, self.batch, moe.experts.len(), moe.top_k, self.arch);
+            rows.push(KernelRow {
+                step,
+                kernel: "moe_expert (cpu reference only)".into(),
+                layer: Some(l.name.clone()),
+                seconds: self.busy_seconds(&work),
+                bound_seconds: self.bound(&work, f),
+                work,
+            });
+        }
+        Ok(rows)
+    }
+}
+
 impl LatencyModel for KernelCost {
     fn source(&self) -> LatencySource {
         LatencySource::Kernels {
@@ -283,6 +374,14 @@ impl LatencyModel for KernelCost {
 
     fn latency(&self, layer: &LayerShape, format: Format) -> Result<f64> {
         let shape = self.shape_of(&layer.name, WeightFormat::of(Some(format)))?;
+        let slot = self
+            .schedule
+            .linears
+            .iter()
+            .position(|l| l.name == layer.name);
+        if let Some(moe) = slot.and_then(|s| self.moe_of_slot(s)) {
+            return Ok(self.expert_seconds(shape, layer.kind, moe));
+        }
         let shard = self.shard(shape, layer.kind);
         Ok(self.seconds(&linear_work(&shard, self.batch, self.arch)))
     }
@@ -299,7 +398,12 @@ impl LatencyModel for KernelCost {
                 }
                 _ => true,
             })
-            .map(|step| self.seconds(&self.step_work(step, None)))
+            .map(|step| match step {
+                Step::Moe { moe } => {
+                    self.moe_fixed_seconds(&self.schedule.moes[*moe], &|n| planned.contains(n))
+                }
+                _ => self.seconds(&self.step_work(step, None)),
+            })
             .sum::<f64>()
             + self.all_reduce_seconds()
     }

@@ -13,12 +13,13 @@
 use serde::Serialize;
 
 use super::dtype::ActDtype;
+pub use super::moe::MoeSlot;
 use super::spec::{KernelSpec, LinearShape, WeightFormat};
 pub use super::step::{Act, NormSlot, Param, QkNorm, Step};
 use super::PrecisionMap;
 use crate::error::{Error, Result};
 use crate::formats::Format;
-use crate::ir::{Graph, LinearKind, NodeId, Op};
+use crate::ir::{Graph, Linear, LinearKind, NodeId, Op};
 
 /// The shapes of the decoder the steps run.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -62,6 +63,8 @@ pub struct Schedule {
     /// order of its norm nodes.
     pub norms: Vec<NormSlot>,
     pub linears: Vec<LinearSlot>,
+    /// The mixture-of-experts blocks, indexed by [`Step::Moe::moe`].
+    pub moes: Vec<MoeSlot>,
     pub steps: Vec<Step>,
     /// Element type of every activation buffer and of the KV cache.
     pub act: ActDtype,
@@ -117,6 +120,7 @@ impl Schedule {
             embedding_tensor: String::new(),
             norms: Vec::new(),
             linears: Vec::new(),
+            moes: Vec::new(),
             steps: Vec::new(),
             act: ActDtype::F32,
             boundaries: Default::default(),
@@ -151,8 +155,17 @@ impl Schedule {
                     });
                     Act::Xn
                 }
+                _ if super::moe::build_node(
+                    graph,
+                    id,
+                    &mut s,
+                    held.operand(id, 0).ok(),
+                    precision,
+                )? =>
+                {
+                    continue;
+                }
                 Op::Linear(l) => {
-                    let p = precision.get(&node.name);
                     // A projection whose only consumer is a residual add writes into the
                     // residual stream: the add is the linear's accumulate epilogue.
                     let residual = fused_residual(graph, id);
@@ -173,21 +186,12 @@ impl Schedule {
                             })
                         }
                     };
-                    s.linears.push(LinearSlot {
-                        name: node.name.clone(),
-                        weight_tensor: l.weight.clone(),
-                        bias_tensor: l.bias.clone(),
-                        kind: l.kind,
-                        shape: LinearShape {
-                            format: WeightFormat::of(p.map(|p| p.weights)),
-                            n: l.out_features,
-                            k: l.in_features,
-                            bias: l.bias.is_some(),
-                            accumulate: residual.is_some(),
-                            act: ActDtype::F32,
-                        },
-                        activations: p.and_then(|p| p.activations),
-                    });
+                    s.linears.push(linear_slot(
+                        &node.name,
+                        l,
+                        precision.get(&node.name),
+                        residual.is_some(),
+                    ));
                     s.steps.push(Step::Linear {
                         linear: s.linears.len() - 1,
                         src: held.operand(id, 0)?,
@@ -262,6 +266,9 @@ impl Schedule {
                     check_fused_add(graph, id)?;
                     held.operand(id, 0)?
                 }
+                Op::Router { .. } | Op::ExpertRows { .. } | Op::MoeCombine { .. } => {
+                    unreachable!("super::moe::build_node takes the MoE nodes")
+                }
             };
             held.held[id.index()] = Some(value);
             if value == Act::X {
@@ -269,11 +276,21 @@ impl Schedule {
             }
         }
         s.steps.push(Step::Argmax);
+        super::moe::check_complete(&s)?;
         Ok(s)
     }
 
-    /// Refuses what the generated kernels cannot run yet: activation quantization.
+    /// Refuses what the generated kernels cannot run yet: mixture-of-experts blocks and
+    /// activation quantization.
     pub fn check_kernels(&self) -> Result<()> {
+        if let Some(m) = self.moes.first() {
+            return Err(Error::Layer {
+                layer: m.name.clone(),
+                reason: "mixture-of-experts blocks run on the CPU reference only: the generated \
+                         kernels have no grouped expert GEMV/GEMM yet"
+                    .into(),
+            });
+        }
         match self.linears.iter().find_map(|l| Some((l, l.activations?))) {
             Some((l, a)) => Err(Error::Layer {
                 layer: l.name.clone(),
@@ -315,6 +332,8 @@ impl Schedule {
                 window,
             }],
             Step::SiluMul => vec![KernelSpec::SiluMul { dim: d.ffn, act }],
+            // No kernel yet ([`Schedule::check_kernels`] refuses the schedule).
+            Step::Moe { .. } => Vec::new(),
             Step::Argmax => vec![KernelSpec::Argmax {
                 vocab: d.vocab,
                 act,
@@ -356,6 +375,31 @@ impl Schedule {
             Act::Gate | Act::Up => d.ffn,
             Act::Logits => d.vocab,
         }
+    }
+}
+
+/// The slot of linear node `name` in precision `p` (FP32 weights without one), on FP32
+/// activations; `accumulate`: its output is added to its destination.
+pub(super) fn linear_slot(
+    name: &str,
+    l: &Linear,
+    p: Option<&super::LinearPrecision>,
+    accumulate: bool,
+) -> LinearSlot {
+    LinearSlot {
+        name: name.to_string(),
+        weight_tensor: l.weight.clone(),
+        bias_tensor: l.bias.clone(),
+        kind: l.kind,
+        shape: LinearShape {
+            format: WeightFormat::of(p.map(|p| p.weights)),
+            n: l.out_features,
+            k: l.in_features,
+            bias: l.bias.is_some(),
+            accumulate,
+            act: ActDtype::F32,
+        },
+        activations: p.and_then(|p| p.activations),
     }
 }
 
@@ -423,9 +467,15 @@ impl Buffers<'_> {
 /// A residual add must add a linear layer's output (fused as that linear's epilogue) to the
 /// residual stream.
 fn check_fused_add(graph: &Graph, id: NodeId) -> Result<()> {
-    let fused = graph.inputs(id).get(1).is_some_and(|&b| {
-        matches!(graph.node(b).op, Op::Linear(_)) && fused_residual(graph, b) == Some(id)
-    });
+    let fused = graph
+        .inputs(id)
+        .get(1)
+        .is_some_and(|&b| match graph.node(b).op {
+            Op::Linear(_) => fused_residual(graph, b) == Some(id),
+            // The MoE step adds its output into the stream itself.
+            Op::MoeCombine { .. } => true,
+            _ => false,
+        });
     if fused {
         Ok(())
     } else {

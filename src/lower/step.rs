@@ -86,6 +86,10 @@ pub enum Step {
     },
     /// `Gate = silu(Gate) * Up`.
     SiluMul,
+    /// Mixture-of-experts block `moes[moe]` ([`super::moe`]): routes each row of its source,
+    /// runs the chosen experts' MLPs and adds their weighted sum to its destination. The CPU
+    /// interpreter runs it; no kernel is generated for it yet.
+    Moe { moe: usize },
     /// Next token = argmax of `Logits`.
     Argmax,
 }
@@ -170,6 +174,7 @@ impl Step {
                 P::Rows,
             ],
             Step::SiluMul => vec![P::Act(Act::Gate), P::Act(Act::Up), P::Rows],
+            Step::Moe { .. } => Vec::new(),
             Step::Argmax => vec![P::Act(Act::Logits), P::Next],
             Step::Linear { linear, src, dst } => vec![
                 P::LinearCodes(linear),

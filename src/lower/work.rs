@@ -160,6 +160,9 @@ impl Schedule {
     /// The work of `step` over `rows` independent sequences, one new token each, each attending
     /// `context` cached positions (a decode step of a batch; `rows = 1` for one sequence).
     pub fn work(&self, step: &Step, rows: usize, context: usize, arch: Arch) -> KernelWork {
+        if let Step::Moe { moe } = *step {
+            return self.moe_work(moe, rows, arch);
+        }
         let d = &self.dims;
         let r = rows as f64;
         let act = self.act.bytes() as f64;
@@ -207,6 +210,7 @@ impl Schedule {
             }
             Step::SiluMul => simt(3.0 * r * d.ffn as f64 * act, 5.0 * r * d.ffn as f64),
             Step::Argmax => simt(r * d.vocab as f64 * act, 0.0),
+            Step::Moe { .. } => unreachable!("returned above"),
         }
     }
 }

@@ -16,8 +16,8 @@ use super::{config_keys, Architecture, EosIds, ModelSpec};
 use crate::error::{Error, Result};
 
 /// The `architectures` entries fpx accepts, as a message for errors.
-pub const SUPPORTED_HF: &str =
-    "LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM";
+pub const SUPPORTED_HF: &str = "LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, \
+     Qwen3ForCausalLM, Qwen3MoeForCausalLM, MixtralForCausalLM";
 
 /// `eos_token_id` is an integer in most configs and a list in some (Llama 3).
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
@@ -176,6 +176,8 @@ impl HfConfig {
             "MistralForCausalLM" | "mistral" => Ok(Architecture::Mistral),
             "Qwen2ForCausalLM" | "qwen2" => Ok(Architecture::Qwen2),
             "Qwen3ForCausalLM" | "qwen3" => Ok(Architecture::Qwen3),
+            "Qwen3MoeForCausalLM" | "qwen3_moe" => Ok(Architecture::Qwen3Moe),
+            "MixtralForCausalLM" | "mixtral" => Ok(Architecture::Mixtral),
             other => Err(ConfigError::UnsupportedArchitecture(other.to_string())),
         }
     }
@@ -188,6 +190,8 @@ pub fn hf_architecture_name(arch: Architecture) -> &'static str {
         Architecture::Mistral => "MistralForCausalLM",
         Architecture::Qwen2 => "Qwen2ForCausalLM",
         Architecture::Qwen3 => "Qwen3ForCausalLM",
+        Architecture::Qwen3Moe => "Qwen3MoeForCausalLM",
+        Architecture::Mixtral => "MixtralForCausalLM",
     }
 }
 
@@ -198,14 +202,22 @@ pub fn hf_model_type(arch: Architecture) -> &'static str {
         Architecture::Mistral => "mistral",
         Architecture::Qwen2 => "qwen2",
         Architecture::Qwen3 => "qwen3",
+        Architecture::Qwen3Moe => "qwen3_moe",
+        Architecture::Mixtral => "mixtral",
     }
 }
 
 impl TryFrom<HfConfig> for ModelSpec {
     type Error = ConfigError;
 
-    fn try_from(c: HfConfig) -> Result<Self, ConfigError> {
+    fn try_from(mut c: HfConfig) -> Result<Self, ConfigError> {
         let architecture = c.architecture()?;
+        let moe = super::moe::from_config(
+            architecture,
+            &mut c.other,
+            c.intermediate_size,
+            c.num_hidden_layers,
+        )?;
         // Named as the config names them (validate_spec, shared with GGUF, uses spec names).
         for (key, v) in [
             ("hidden_size", Some(c.hidden_size)),
@@ -250,8 +262,9 @@ impl TryFrom<HfConfig> for ModelSpec {
         };
         let default_ctx = match architecture {
             Architecture::Llama => 2048,
-            Architecture::Mistral => 32768,
-            Architecture::Qwen2 | Architecture::Qwen3 => 32768,
+            Architecture::Mixtral => 131072,
+            Architecture::Mistral | Architecture::Qwen2 | Architecture::Qwen3 => 32768,
+            Architecture::Qwen3Moe => 32768,
         };
         let max_position_embeddings = c.max_position_embeddings.unwrap_or(default_ctx);
         let (rope_theta, rope_scaling) = config_keys::rope(&c, max_position_embeddings)?;
@@ -275,13 +288,16 @@ impl TryFrom<HfConfig> for ModelSpec {
             // attention has none whatever the config says (transformers does not read it).
             attention_bias: match architecture {
                 Architecture::Qwen2 => true,
-                Architecture::Mistral => false,
-                Architecture::Llama | Architecture::Qwen3 => c.attention_bias.unwrap_or(false),
+                Architecture::Mistral | Architecture::Mixtral => false,
+                Architecture::Llama | Architecture::Qwen3 | Architecture::Qwen3Moe => {
+                    c.attention_bias.unwrap_or(false)
+                }
             },
             max_position_embeddings,
             sliding_window,
             bos_token_id: c.bos_token_id.as_ref().and_then(TokenIds::first),
             eos_token_id: EosIds::new(c.eos_token_id.iter().flat_map(|t| t.ids().to_vec())),
+            moe,
         };
         validate_spec(&spec).map_err(ConfigError::Invalid)?;
         Ok(spec)
@@ -322,8 +338,11 @@ impl From<&ModelSpec> for HfConfig {
                 _ => None,
             },
             use_sliding_window: (s.sliding_window.is_some()
-                && s.architecture != Architecture::Mistral)
-                .then_some(true),
+                && !matches!(
+                    s.architecture,
+                    Architecture::Mistral | Architecture::Mixtral
+                ))
+            .then_some(true),
             max_window_layers: None,
             layer_types: match (s.architecture, &s.sliding_window) {
                 (Architecture::Qwen2 | Architecture::Qwen3, Some(w)) => Some(
@@ -340,7 +359,11 @@ impl From<&ModelSpec> for HfConfig {
                 ),
                 _ => None,
             },
-            other: BTreeMap::new(),
+            other: s
+                .moe
+                .as_ref()
+                .map(|m| super::moe::to_config(s.architecture, m))
+                .unwrap_or_default(),
         }
     }
 }
@@ -409,19 +432,26 @@ pub fn validate_spec(s: &ModelSpec) -> Result<(), String> {
         }
     }
     if let Some(w) = &s.sliding_window {
-        if !matches!(
+        if s.architecture == Architecture::Llama {
+            return Err("Llama has no sliding-window attention".into());
+        }
+        let every_layer = matches!(
             s.architecture,
-            Architecture::Mistral | Architecture::Qwen2 | Architecture::Qwen3
-        ) {
+            Architecture::Mistral | Architecture::Mixtral | Architecture::Qwen3Moe
+        );
+        if every_layer && w.layers.len() != s.num_layers {
             return Err(format!(
-                "{:?} has no sliding-window attention",
+                "{:?} slides every layer's attention or none",
                 s.architecture
             ));
         }
-        if s.architecture == Architecture::Mistral && w.layers.len() != s.num_layers {
-            return Err("Mistral slides every layer's attention or none".into());
-        }
         w.validate(s.num_layers)?;
+    }
+    match (&s.moe, crate::model::moe::MoeNames::of(s.architecture)) {
+        (Some(m), Some(_)) => m.validate(s.num_layers)?,
+        (None, None) => {}
+        (Some(_), None) => return Err(format!("{:?} has no experts", s.architecture)),
+        (None, Some(_)) => return Err(format!("{:?} needs its experts", s.architecture)),
     }
     if let crate::model::rope::RopeScaling::Factors { factors } = &s.rope_scaling {
         if factors.len() != s.head_dim / 2 {

@@ -67,6 +67,18 @@ pub const IGNORED_KEYS: &[(&str, &str)] = &[
     ("do_sample", "generation default (fpx decodes greedily)"),
     ("temperature", "generation default (fpx decodes greedily)"),
     ("top_k", "generation default (fpx decodes greedily)"),
+    (
+        "router_aux_loss_coef",
+        "MoE load-balancing loss (training only)",
+    ),
+    (
+        "output_router_logits",
+        "MoE router logits as an output (training only)",
+    ),
+    (
+        "router_jitter_noise",
+        "Mixtral's router noise, applied in training only",
+    ),
     ("top_p", "generation default (fpx decodes greedily)"),
     ("num_beams", "generation default (fpx decodes greedily)"),
     (
@@ -351,10 +363,14 @@ pub fn sliding_window(
     let window = match arch {
         Architecture::Llama => None,
         Architecture::Mistral => c.sliding_window.unwrap_or(Some(DEFAULT_WINDOW)),
-        Architecture::Qwen2 | Architecture::Qwen3 if c.use_sliding_window == Some(true) => {
+        // MixtralConfig's sliding_window defaults to null.
+        Architecture::Mixtral => c.sliding_window.flatten(),
+        Architecture::Qwen2 | Architecture::Qwen3 | Architecture::Qwen3Moe
+            if c.use_sliding_window == Some(true) =>
+        {
             c.sliding_window.unwrap_or(Some(DEFAULT_WINDOW))
         }
-        Architecture::Qwen2 | Architecture::Qwen3 => None,
+        Architecture::Qwen2 | Architecture::Qwen3 | Architecture::Qwen3Moe => None,
     };
     let size = match window {
         Some(w) if w < max_positions as u64 => w as usize,
@@ -372,7 +388,10 @@ pub fn sliding_window(
     crate::limits::at_most(n, crate::limits::MAX_LAYERS, "num_hidden_layers")
         .map_err(ConfigError::Invalid)?;
     let layers: Vec<usize> = match (arch, &c.layer_types) {
-        (Architecture::Mistral, _) => (0..n).collect(),
+        // Their attention classes window every layer (Qwen3-MoE reads no layer_types).
+        (Architecture::Mistral | Architecture::Mixtral | Architecture::Qwen3Moe, _) => {
+            (0..n).collect()
+        }
         (_, Some(t)) => (0..n)
             .filter(|&l| t.get(l).is_some_and(|t| t == "sliding_attention"))
             .collect(),

@@ -163,6 +163,7 @@ fn spec_from_metadata(
         sliding_window: None,
         bos_token_id: token_id("tokenizer.ggml.bos_token_id"),
         eos_token_id: EosIds::new(eos.into_iter().flatten()),
+        moe: None,
     };
     validate_spec(&spec).map_err(|r| config_err(path, r))?;
     Ok(spec)

@@ -14,6 +14,7 @@ pub mod gguf;
 pub(crate) mod gguf_header;
 mod gguf_rope;
 pub mod llama_cpp;
+pub mod moe;
 pub mod rope;
 pub mod safetensors;
 pub mod synthetic;
@@ -40,6 +41,11 @@ pub enum Architecture {
     Qwen2,
     /// Qwen2 without q/k/v biases, with a per-head RMSNorm of q and k before RoPE.
     Qwen3,
+    /// Qwen3 with mixture-of-experts MLPs ([`moe`]).
+    #[serde(rename = "qwen3_moe")]
+    Qwen3Moe,
+    /// Mistral with mixture-of-experts MLPs ([`moe`]).
+    Mixtral,
 }
 
 /// Validated hyper-parameters of a decoder-only transformer. Deserialized (from a calibration
@@ -73,6 +79,9 @@ pub struct ModelSpec {
     /// Generation stops at any of these.
     #[serde(default)]
     pub eos_token_id: EosIds,
+    /// Mixture-of-experts MLPs (Qwen3-MoE, Mixtral); absent from the JSON of a dense model.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub moe: Option<moe::MoeSpec>,
 }
 
 impl ModelSpec {
@@ -87,14 +96,25 @@ impl ModelSpec {
     /// Whether q and k are RMS-normalised per head before RoPE (`self_attn.q_norm`,
     /// `self_attn.k_norm`, weights of `head_dim`).
     pub fn qk_norm(&self) -> bool {
-        self.architecture == Architecture::Qwen3
+        matches!(
+            self.architecture,
+            Architecture::Qwen3 | Architecture::Qwen3Moe
+        )
+    }
+
+    /// The MoE block of decoder layer `layer` (`None`: a dense MLP).
+    pub fn moe_of(&self, layer: usize) -> Option<&moe::MoeSpec> {
+        self.moe.as_ref().filter(|m| m.is_moe_layer(layer))
     }
 
     /// Whether o_proj has a bias: transformers' Llama and Qwen3 give it one with
     /// `attention_bias` (Qwen2's o_proj never has one).
     pub fn o_proj_bias(&self) -> bool {
         self.attention_bias
-            && matches!(self.architecture, Architecture::Llama | Architecture::Qwen3)
+            && matches!(
+                self.architecture,
+                Architecture::Llama | Architecture::Qwen3 | Architecture::Qwen3Moe
+            )
     }
 
     /// The attention window of decoder layer `layer` (`None`: the whole context).
@@ -205,9 +225,23 @@ pub fn expected_tensors(spec: &ModelSpec) -> Vec<(String, Vec<usize>)> {
             out.push((format!("{p}.self_attn.o_proj.bias"), vec![h]));
         }
         out.push((format!("{p}.post_attention_layernorm.weight"), vec![h]));
-        out.push((format!("{p}.mlp.gate_proj.weight"), vec![ffn, h]));
-        out.push((format!("{p}.mlp.up_proj.weight"), vec![ffn, h]));
-        out.push((format!("{p}.mlp.down_proj.weight"), vec![h, ffn]));
+        match (spec.moe_of(i), moe::MoeNames::of(spec.architecture)) {
+            (Some(m), Some(names)) => {
+                out.push((format!("{}.weight", names.router(i)), vec![m.experts, h]));
+                for e in 0..m.experts {
+                    let [gate, up, down] = names.expert(i, e);
+                    let f = m.expert_ffn;
+                    out.push((format!("{gate}.weight"), vec![f, h]));
+                    out.push((format!("{up}.weight"), vec![f, h]));
+                    out.push((format!("{down}.weight"), vec![h, f]));
+                }
+            }
+            _ => {
+                out.push((format!("{p}.mlp.gate_proj.weight"), vec![ffn, h]));
+                out.push((format!("{p}.mlp.up_proj.weight"), vec![ffn, h]));
+                out.push((format!("{p}.mlp.down_proj.weight"), vec![h, ffn]));
+            }
+        }
     }
     out.push(("model.norm.weight".to_string(), vec![h]));
     if !spec.tie_word_embeddings {

@@ -64,8 +64,20 @@ const MERGES: [(&str, &str); 20] = [
 pub const MIN_SYNTHETIC_VOCAB: usize = 1 + 256 + MERGES.len();
 
 /// A small spec: hidden 64, 2 layers, 4 heads / 2 KV heads of dim 16, FFN 128, vocab 300.
-/// Qwen2 gets q/k/v biases and an untied lm_head; Llama and Mistral tie embeddings.
+/// Qwen2 gets q/k/v biases and an untied lm_head; Llama and Mistral tie embeddings; Qwen3-MoE
+/// and Mixtral get 4 experts of 32, top-2 (Qwen3-MoE's layer 0 dense).
 pub fn tiny_spec(arch: Architecture) -> ModelSpec {
+    let moe = super::moe::MoeNames::of(arch).map(|_| super::moe::MoeSpec {
+        experts: 4,
+        top_k: 2,
+        expert_ffn: 32,
+        norm_top_k: true,
+        dense_layers: if arch == Architecture::Qwen3Moe {
+            vec![0]
+        } else {
+            Vec::new()
+        },
+    });
     ModelSpec {
         architecture: arch,
         hidden_size: 64,
@@ -84,6 +96,7 @@ pub fn tiny_spec(arch: Architecture) -> ModelSpec {
         sliding_window: None,
         bos_token_id: Some(0),
         eos_token_id: EosIds::new([0]),
+        moe,
     }
 }
 
@@ -124,8 +137,8 @@ pub fn synthetic_vocab(vocab_size: usize) -> Result<(Vec<String>, Vec<i32>, Vec<
 /// architecture's synthetic checkpoints.
 pub fn synthetic_pre(arch: Architecture) -> &'static str {
     match arch {
-        Architecture::Qwen2 | Architecture::Qwen3 => "qwen2",
-        Architecture::Llama | Architecture::Mistral => "smollm",
+        Architecture::Qwen2 | Architecture::Qwen3 | Architecture::Qwen3Moe => "qwen2",
+        Architecture::Llama | Architecture::Mistral | Architecture::Mixtral => "smollm",
     }
 }
 
@@ -371,6 +384,12 @@ pub fn write_gguf(path: &Path, spec: &ModelSpec, seed: u64, linear_type: GgmlDTy
         Architecture::Llama | Architecture::Mistral => "llama",
         Architecture::Qwen2 => "qwen2",
         Architecture::Qwen3 => "qwen3",
+        Architecture::Qwen3Moe | Architecture::Mixtral => {
+            return Err(Error::invalid(
+                "synthetic gguf",
+                "MoE checkpoints are not written as GGUF (fpx reads no GGUF experts yet)",
+            ))
+        }
     };
     let refuse = |reason: &str| Err(Error::invalid("synthetic gguf", reason.to_string()));
     if spec.sliding_window.is_some() {

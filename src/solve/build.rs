@@ -33,6 +33,10 @@ pub struct BuildOptions {
     pub objective: Objective,
     /// Layers that must share a format.
     pub groups: Vec<GroupKind>,
+    /// Each MoE expert projection takes its own format. By default every expert projection
+    /// of a block shares one (the fused MoE kernels of vLLM and SGLang, and ModelOpt's
+    /// exports, quantize a block's experts alike).
+    pub per_expert: bool,
     pub pins: Option<Pins>,
 }
 
@@ -44,6 +48,7 @@ impl Default for BuildOptions {
             tensor_parallel: 1,
             objective: Objective::Eps,
             groups: Vec::new(),
+            per_expert: false,
             pins: None,
         }
     }
@@ -76,7 +81,11 @@ pub fn shards_cleanly(kind: LinearKind, k: usize, format: Format, tp: usize) -> 
             .is_none_or(|b| (k / tp).is_multiple_of(b))
 }
 
-fn group_key(kind: LinearKind, groups: &[GroupKind]) -> Option<u8> {
+fn group_key(kind: LinearKind, expert: bool, o: &BuildOptions) -> Option<u8> {
+    let groups = &o.groups;
+    if expert {
+        return (!o.per_expert).then_some(2);
+    }
     let qkv = matches!(kind, LinearKind::Q | LinearKind::K | LinearKind::V);
     let gate_up = matches!(kind, LinearKind::Gate | LinearKind::Up);
     if qkv && groups.contains(&GroupKind::Qkv) {
@@ -179,10 +188,16 @@ pub fn build_problem(
         fixed_latency: latency.fixed_latency(&shapes),
         ..Problem::default()
     };
+    let graph = calib.graph();
+    let is_expert = |name: &str| {
+        graph.find(name).is_some_and(
+            |id| matches!(&graph.node(id).op, crate::ir::Op::Linear(l) if l.expert.is_some()),
+        )
+    };
     let mut group_ids: BTreeMap<(usize, u8), u32> = BTreeMap::new();
     for (i, (shape, record)) in shapes.iter().zip(&calib.layers).enumerate() {
         p.names.push(shape.name.clone());
-        let id = match group_key(shape.kind, &o.groups) {
+        let id = match group_key(shape.kind, is_expert(&shape.name), o) {
             Some(k) => {
                 let next = (shapes.len() + group_ids.len()) as u32;
                 *group_ids.entry((shape.layer, k)).or_insert(next)

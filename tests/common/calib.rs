@@ -27,6 +27,7 @@ pub fn smollm2_spec(blocks: usize) -> ModelSpec {
         sliding_window: None,
         bos_token_id: None,
         eos_token_id: Default::default(),
+        moe: None,
     }
 }
 
@@ -69,6 +70,7 @@ pub fn synthetic(spec: ModelSpec, with_kl: bool, seed: u64) -> Calibration {
                 out_features: l.out_features,
                 in_features: l.in_features,
                 metrics,
+                tokens: None,
             }
         })
         .collect();

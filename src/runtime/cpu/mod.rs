@@ -27,11 +27,12 @@ mod linear_avx512;
 #[cfg(target_arch = "x86_64")]
 mod linear_packed;
 pub mod mat;
+pub mod moe;
 mod params;
 pub mod vmath;
 
 use crate::error::{Error, Result};
-use crate::ir::{Graph, Node, NodeId, Op};
+use crate::ir::{Graph, Node, NodeId};
 use crate::lower::{Act, ActDtype, PrecisionMap, Schedule, Step};
 use crate::model::WeightSource;
 
@@ -244,6 +245,27 @@ impl CpuModel {
         }
     }
 
+    /// `x W^T (+ b)` of linear slot `linear` (the weights `replace` gives for its node, else
+    /// the loaded ones), seen by `observe`.
+    fn apply_linear(
+        &self,
+        linear: usize,
+        replace: Option<(NodeId, &LinearWeights)>,
+        x: &Mat,
+        observe: &mut dyn FnMut(NodeId, &Mat, &Mat),
+    ) -> Result<Mat> {
+        let id = self.linear_nodes[linear];
+        let weights = match replace {
+            Some((r, w)) if r == id => w,
+            _ => self.params.linears[linear]
+                .as_ref()
+                .ok_or_else(|| self.not_loaded(&self.schedule.linears[linear].name))?,
+        };
+        let y = weights.apply(self.schedule.linears[linear].shape.n, x);
+        observe(id, x, &y);
+        Ok(y)
+    }
+
     /// Runs step `index` on `b`.
     fn step(
         &self,
@@ -269,18 +291,7 @@ impl CpuModel {
             }
             Step::Linear { linear, src, dst } => {
                 let slot = &s.linears[linear];
-                let id = self.linear_nodes[linear];
-                let weights = match replace {
-                    Some((r, w)) if r == id => w,
-                    _ => self.params.linears[linear]
-                        .as_ref()
-                        .ok_or_else(|| self.not_loaded(&slot.name))?,
-                };
-                let Op::Linear(l) = &self.graph.node(id).op else {
-                    unreachable!("schedule linear slots are linear nodes")
-                };
-                let y = weights.apply(l.out_features, b.get(src, index)?);
-                observe(id, b.get(src, index)?, &y);
+                let y = self.apply_linear(linear, replace, b.get(src, index)?, observe)?;
                 if slot.shape.accumulate {
                     let acc = b.take(dst, index)?;
                     b.put(dst, kernels::add(acc, &y));
@@ -335,6 +346,33 @@ impl CpuModel {
                 let gate = b.take(Act::Gate, index)?;
                 let y = kernels::silu_mul(gate, b.get(Act::Up, index)?);
                 b.put(Act::Gate, y);
+            }
+            Step::Moe { moe } => {
+                let slot = &s.moes[moe];
+                let router = self.params.routers[moe].as_ref();
+                let router = router.ok_or_else(|| self.not_loaded(&slot.name))?;
+                let x = b.get(slot.src, index)?;
+                let experts = slot.experts.len();
+                let routing = moe::route(x, router, experts, slot.top_k, slot.norm_top_k);
+                let mut out = Mat::zeros(x.rows, d.hidden);
+                for (e, &[gate, up, down]) in slot.experts.iter().enumerate() {
+                    let (rows, weights) = routing.rows_of(e);
+                    if rows.is_empty() {
+                        continue;
+                    }
+                    let xe = moe::gather(x, &rows);
+                    // Rounded where the dense MLP's buffers would be (Gate, Up, then Gate).
+                    let mut g = self.apply_linear(gate, replace, &xe, observe)?;
+                    let mut u = self.apply_linear(up, replace, &xe, observe)?;
+                    b.act.round_slice(&mut g.data);
+                    b.act.round_slice(&mut u.data);
+                    let mut a = kernels::silu_mul(g, &u);
+                    b.act.round_slice(&mut a.data);
+                    let y = self.apply_linear(down, replace, &a, observe)?;
+                    moe::scatter_add(&mut out, &rows, &weights, &y);
+                }
+                let acc = b.take(slot.dst, index)?;
+                b.put(slot.dst, kernels::add(acc, &out));
             }
             // The reference keeps every position's logits; generation's argmax is not its job.
             Step::Argmax => {}

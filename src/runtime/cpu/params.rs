@@ -114,6 +114,8 @@ pub(super) struct Params {
     pub embedding: Option<Arc<Vec<f32>>>,
     pub norms: Vec<Option<Arc<Vec<f32>>>>,
     pub linears: Vec<Option<LinearWeights>>,
+    /// Router weights `[experts, hidden]` by [`Schedule::moes`] slot.
+    pub routers: Vec<Option<Arc<Vec<f32>>>>,
 }
 
 fn load_tensor(weights: &dyn WeightSource, name: &str, expected: &[usize]) -> Result<Tensor> {
@@ -153,7 +155,14 @@ impl Params {
             embedding: None,
             norms: vec![None; schedule.norms.len()],
             linears: vec![None; schedule.linears.len()],
+            routers: vec![None; schedule.moes.len()],
         };
+        let slots: HashMap<&str, usize> = (schedule.linears.iter().enumerate())
+            .map(|(i, s)| (s.name.as_str(), i))
+            .collect();
+        let routers: HashMap<&str, usize> = (schedule.moes.iter().enumerate())
+            .map(|(i, m)| (m.name.as_str(), i))
+            .collect();
         // RMSNorm and per-head norm nodes fill the schedule's norm slots in topological order.
         let mut norm = 0;
         for &id in graph.topo_order() {
@@ -176,11 +185,7 @@ impl Params {
                     norm += 1;
                 }
                 Op::Linear(l) if keep(node) => {
-                    let slot = schedule
-                        .linears
-                        .iter()
-                        .position(|s| s.name == node.name)
-                        .expect("the schedule has a slot per linear node");
+                    let slot = slots[node.name.as_str()];
                     let full = LinearWeights::new(
                         table(&l.weight, &[l.out_features, l.in_features])?,
                         match &l.bias {
@@ -193,6 +198,15 @@ impl Params {
                         Some(&prec) => full.quantized(l, prec),
                         None => full,
                     });
+                }
+                Op::Router {
+                    tensor,
+                    hidden,
+                    experts,
+                    ..
+                } if keep(node) => {
+                    let slot = routers[node.name.as_str()];
+                    p.routers[slot] = Some(table(tensor, &[*experts, *hidden])?);
                 }
                 _ => {}
             }

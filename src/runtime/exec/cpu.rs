@@ -152,6 +152,9 @@ impl<'a> CpuBackend<'a> {
                 kernels::silu_mul_in_place(&mut gate, &up);
                 write(&mut st.acts[buf(Act::Gate)], act, 0, &gate);
             }
+            Step::Moe { .. } => {
+                unreachable!("ExecutablePlan::new refuses MoE schedules (Schedule::check_kernels)")
+            }
             Step::Argmax => {
                 let logits = HostState::values(&st.acts[buf(Act::Logits)], act, d.vocab);
                 let next = kernels::argmax(&logits) as i32;

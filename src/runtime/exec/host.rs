@@ -160,6 +160,9 @@ impl HostState {
             Step::Attention { .. } => rows_of(Act::Att, rows),
             Step::SiluMul => rows_of(Act::Gate, rows),
             Step::Argmax => vec![self.next() as f32],
+            Step::Moe { .. } => {
+                unreachable!("ExecutablePlan::new refuses MoE schedules (Schedule::check_kernels)")
+            }
         }
     }
 }
