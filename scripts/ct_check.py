@@ -18,6 +18,12 @@ Run by the Rust tests (tests/export_ct.rs) with the interpreter of .venv-ct
       compressed-tensors integration decompresses it); perplexity over the windows of N
       tokens in T.json (as `fpx eval --save-tokens` writes them; each window predicts its
       tokens 1..N-1, as fpx eval does).
+      Mixture-of-experts models (Qwen3-MoE, Mixtral): transformers 5 fuses a block's experts
+      into 3-D parameters, which its compressed-tensors integration cannot target (it matches
+      nn.Linear modules by name). Those exports are decompressed layer by layer with
+      compressed-tensors' own compressors (as `compare` does), written as a dense checkpoint,
+      and loaded by from_pretrained, whose conversion fuses the per-expert tensors; vLLM and
+      SGLang load the per-expert layout fpx writes as it is.
 """
 
 import argparse
@@ -125,10 +131,49 @@ def compare(args):
     json.dump({"layers": layers}, sys.stdout)
 
 
+def is_moe(path):
+    with open(os.path.join(path, "config.json")) as f:
+        config = json.load(f)
+    return bool(config.get("num_experts") or config.get("num_local_experts"))
+
+
+def decompressed_moe(path, out):
+    """The export at `path` as a dense FP32 checkpoint in `out`: every quantized layer through
+    compressed-tensors' decompression, every other tensor as stored."""
+    from safetensors.torch import save_file
+
+    tensors = load_export(path)
+    dense = {}
+    quantized = schemes(path)
+    for layer, scheme in quantized.items():
+        dense[layer + ".weight"] = ct_decompress(tensors, layer, scheme).float()
+    for k, v in tensors.items():
+        layer = k.rsplit(".", 1)[0]
+        if layer not in quantized or k.endswith(".bias"):
+            dense[k] = v.float()
+    save_file({k: v.contiguous() for k, v in dense.items()}, os.path.join(out, "model.safetensors"))
+    with open(os.path.join(path, "config.json")) as f:
+        config = json.load(f)
+    config.pop("quantization_config")
+    config["torch_dtype"] = "float32"
+    with open(os.path.join(out, "config.json"), "w") as f:
+        json.dump(config, f)
+    return len(quantized)
+
+
 def ppl(args):
+    import tempfile
+
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
+    if is_moe(args.model):
+        with tempfile.TemporaryDirectory() as dense:
+            decompressed = decompressed_moe(args.model, dense)
+            model = AutoModelForCausalLM.from_pretrained(dense, dtype=torch.float32)
+        quantized = decompressed > 0
+    else:
+        model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
+        quantized = bool(getattr(model.config, "quantization_config", None))
     if getattr(model, "hf_quantizer", None) is not None:
         # The integration decompresses on the first forward (a pre-hook); compressed-tensors'
         # FP4 decompression yields bfloat16 weights, which an FP32 model cannot multiply.
@@ -152,7 +197,7 @@ def ppl(args):
             count += len(w) - 1
     weights = {type(m.weight).__name__ for m in model.modules() if isinstance(m, torch.nn.Linear)}
     json.dump({"ppl": math.exp(nll / count), "tokens": count,
-               "quantized": bool(getattr(model.config, "quantization_config", None)),
+               "quantized": quantized,
                "linear_weight_types": sorted(weights)}, sys.stdout)
 
 

@@ -35,8 +35,13 @@ fn err(args: &[&str]) -> String {
 
 /// A tiny Qwen2 (biases) with an untied lm_head, and a hand-written plan for it.
 fn setup(dir: &Path, layers: &[(&str, &str)]) -> (PathBuf, PathBuf) {
+    setup_arch(dir, Architecture::Qwen2, layers)
+}
+
+/// A tiny model of `arch` with an untied lm_head, and a hand-written plan for it.
+fn setup_arch(dir: &Path, arch: Architecture, layers: &[(&str, &str)]) -> (PathBuf, PathBuf) {
     let model = dir.join("model");
-    let mut spec = tiny_spec(Architecture::Qwen2);
+    let mut spec = tiny_spec(arch);
     spec.tie_word_embeddings = false;
     write_hf_checkpoint(&model, &spec, 3, HfDtype::F32, 1).unwrap();
     let identity = load_model(&model).unwrap().identity;
@@ -260,6 +265,70 @@ fn export_refuses_split_fused_layers_other_models_and_inexpressible_schemes() {
         "{e}"
     );
     assert!(!out.exists());
+}
+
+#[test]
+fn moe_exports_keep_a_blocks_experts_in_one_scheme_and_routers_in_ignore() {
+    let dir = tempfile::tempdir().unwrap();
+    // Qwen3-MoE's block 1 is sparse: one expert in NVFP4, its siblings in 16 bits.
+    let (model, plan) = setup_arch(
+        dir.path(),
+        Architecture::Qwen3Moe,
+        &[("model.layers.1.mlp.experts.2.down_proj", "nvfp4")],
+    );
+    let out = dir.path().join("out");
+    let e = export_err(&model, &plan, &out);
+    assert!(
+        e.contains("experts into one MoE layer")
+            && e.contains("model.layers.1.mlp.experts.2.down_proj = nvfp4")
+            && e.contains("--per-expert-formats"),
+        "{e}"
+    );
+    assert!(!out.exists(), "nothing written");
+
+    // Every expert projection of the block in FP8: one scheme, the router ignored.
+    let layers: Vec<(String, &str)> = (0..4)
+        .flat_map(|x| {
+            ["gate_proj", "up_proj", "down_proj"]
+                .map(|p| (format!("model.layers.1.mlp.experts.{x}.{p}"), "fp8"))
+        })
+        .collect();
+    let layers: Vec<(&str, &str)> = layers.iter().map(|(n, f)| (n.as_str(), *f)).collect();
+    let (model, plan) = setup_arch(dir.path(), Architecture::Qwen3Moe, &layers);
+    let report: Value = serde_json::from_str(&ok(&[
+        "export",
+        "--model",
+        s(&model),
+        "--plan",
+        s(&plan),
+        "-o",
+        s(&out),
+        "--json",
+    ]))
+    .unwrap();
+    assert_eq!(
+        report["layers_per_format"]["float-quantized"], 12,
+        "{report}"
+    );
+    let config: Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
+    let ignore = &config["quantization_config"]["ignore"];
+    assert!(
+        ignore
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|v| v == "model.layers.1.mlp.gate"),
+        "{ignore}"
+    );
+    // The per-expert layout vLLM loads: experts.{e}.{proj}.weight and .weight_scale.
+    let index: Value = serde_json::from_str(
+        &std::fs::read_to_string(out.join("model.safetensors.index.json")).unwrap(),
+    )
+    .unwrap();
+    let map = index["weight_map"].as_object().unwrap();
+    assert!(map.contains_key("model.layers.1.mlp.experts.3.down_proj.weight_scale"));
+    assert!(map.contains_key("model.layers.1.mlp.gate.weight"));
 }
 
 #[test]

@@ -40,6 +40,27 @@ kinds = ["down"]
 format = "fp16"
 "#;
 
+/// For MoE models, whose experts of a block share one format (vLLM's fused MoE layer): every
+/// MLP in MXFP4, q/k/v in NVFP4, o in FP8 but block 0's in 16 bits.
+const MOE_PINS: &str = r#"
+[[pin]]
+layers = "0-99"
+kinds = ["q", "k", "v"]
+format = "nvfp4"
+[[pin]]
+layers = "0-99"
+kinds = ["gate", "up", "down"]
+format = "mxfp4"
+[[pin]]
+layers = "1-99"
+kinds = ["o"]
+format = "fp8"
+[[pin]]
+layers = "0"
+kinds = ["o"]
+format = "fp16"
+"#;
+
 fn ct_python() -> Option<PathBuf> {
     let p = std::env::var_os("FPX_CT_PYTHON")
         .map(PathBuf::from)
@@ -80,10 +101,10 @@ fn python(py: &Path, args: &[&str]) -> Value {
 }
 
 /// Calibrate briefly, then plan with the pins for vLLM: the plan every check below exports.
-fn mixed_plan(model: &Path, text: &Path, dir: &Path) -> PathBuf {
+fn mixed_plan(model: &Path, text: &Path, dir: &Path, pins_toml: &str) -> PathBuf {
     let calib = dir.join("calib.json");
     let pins = dir.join("pins.toml");
-    std::fs::write(&pins, PINS).unwrap();
+    std::fs::write(&pins, pins_toml).unwrap();
     let (m, t, c, p) = (
         model.to_str().unwrap(),
         text.to_str().unwrap(),
@@ -162,11 +183,33 @@ fn write_weights(model: &Path, plan: &Plan, blocks: Option<&[usize]>, out: &Path
     safetensors::serialize_to_file(views, None, out).unwrap();
 }
 
+/// The pins of a check and the linear they leave in 16 bits.
+struct Pins {
+    toml: &'static str,
+    ignored: &'static str,
+}
+
+const DENSE: Pins = Pins {
+    toml: PINS,
+    ignored: "model.layers.0.mlp.down_proj",
+};
+const MOE: Pins = Pins {
+    toml: MOE_PINS,
+    ignored: "model.layers.0.self_attn.o_proj",
+};
+
 /// The whole check for one model: export, compressed-tensors' decompression and quantizer,
 /// transformers' perplexity, fpx's read-back perplexity.
-fn check_model(py: &Path, model: &Path, text: &Path, seq_len: usize, blocks: Option<&[usize]>) {
+fn check_model(
+    py: &Path,
+    model: &Path,
+    text: &Path,
+    seq_len: usize,
+    blocks: Option<&[usize]>,
+    pins: &Pins,
+) {
     let dir = tempfile::tempdir().unwrap();
-    let plan_path = mixed_plan(model, text, dir.path());
+    let plan_path = mixed_plan(model, text, dir.path(), pins.toml);
     let plan = Plan::read(&plan_path).unwrap();
     let out = dir.path().join("export");
     let (m, t, p, o) = (
@@ -180,10 +223,13 @@ fn check_model(py: &Path, model: &Path, text: &Path, seq_len: usize, blocks: Opt
     ]));
     assert_eq!(report["mx_scale_rule"], "round");
     let ignored = report["ignored"].as_array().unwrap();
-    assert!(
-        ignored.iter().any(|v| v == "model.layers.0.mlp.down_proj"),
-        "{report}"
-    );
+    assert!(ignored.iter().any(|v| v == pins.ignored), "{report}");
+    // MoE routers stay in the export dtype, named in `ignore`.
+    let graph = fpx::ir::Graph::build(&load_model(model).unwrap().spec);
+    for id in graph.routers() {
+        let router = &graph.node(id).name;
+        assert!(ignored.iter().any(|v| v == router), "{router}: {report}");
+    }
 
     // Tensor by tensor: decompression and quantizer, per format.
     let weights = dir.path().join("weights.safetensors");
@@ -297,7 +343,7 @@ fn smollm2_mixed_export_matches_compressed_tensors_and_transformers() {
     ) {
         return;
     }
-    check_model(&py, &model, &text, 256, Some(&[0, 15, 29]));
+    check_model(&py, &model, &text, 256, Some(&[0, 15, 29]), &DENSE);
 }
 
 #[test]
@@ -321,6 +367,25 @@ fn tiny_llama_qwen2_and_qwen3_exports_match_compressed_tensors_and_transformers(
         // Untied lm_head (Qwen2's tiny spec has q/k/v biases).
         spec.tie_word_embeddings = false;
         write_hf_checkpoint(dir.path(), &spec, 7, HfDtype::F32, 2).unwrap();
-        check_model(&py, dir.path(), &text, 32, None);
+        check_model(&py, dir.path(), &text, 32, None, &DENSE);
+    }
+}
+
+#[test]
+fn tiny_qwen3_moe_and_mixtral_exports_match_compressed_tensors_and_transformers() {
+    let Some(py) = ct_python() else {
+        common::have(".venv-ct (compressed-tensors)", false);
+        return;
+    };
+    let text = common::moby_dick();
+    if !common::have("the Moby Dick text", text.is_file()) {
+        return;
+    }
+    for arch in [Architecture::Qwen3Moe, Architecture::Mixtral] {
+        let dir = tempfile::tempdir().unwrap();
+        let mut spec = tiny_spec(arch);
+        spec.tie_word_embeddings = false;
+        write_hf_checkpoint(dir.path(), &spec, 7, HfDtype::F32, 2).unwrap();
+        check_model(&py, dir.path(), &text, 32, None, &MOE);
     }
 }

@@ -252,8 +252,15 @@ impl PlanSetup {
             .iter()
             .map(|g| g.parse::<GroupKind>())
             .collect::<Result<Vec<_>, _>>()?;
+        if self.target.is_some() && self.per_expert_formats {
+            bail!(
+                "--per-expert-formats conflicts with --target: vLLM and SGLang run a MoE block's \
+                 experts as one fused layer of one quantization scheme; drop one of the two"
+            );
+        }
         if self.target.is_some() {
-            // Both engines fuse q/k/v into qkv_proj and gate/up into gate_up_proj.
+            // Both engines fuse q/k/v into qkv_proj and gate/up into gate_up_proj (and a MoE
+            // block's experts into one layer, which the default expert grouping gives).
             for g in [GroupKind::Qkv, GroupKind::GateUp] {
                 if !groups.contains(&g) {
                     groups.push(g);

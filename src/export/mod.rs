@@ -112,7 +112,7 @@ pub struct ExportReport {
     pub tensor_bytes: u64,
     /// Layers per compressed-tensors group format (`float-quantized`, ...).
     pub layers_per_format: BTreeMap<String, usize>,
-    /// Linears left in the export dtype (`ignore`).
+    /// Linears left in the export dtype (`ignore`), MoE routers included.
     pub ignored: Vec<String>,
     /// The memory bound of the stream: the largest source tensor in FP32 plus its output.
     pub peak_tensor_bytes: u64,
@@ -196,6 +196,9 @@ pub fn export(
         groups.entry(scheme).or_default().push(name.clone());
         quantized.insert(name.clone(), weights);
     }
+    // Routers stay in the export dtype (fpx computes them in FP32, as the engines do); named
+    // in `ignore` as llm-compressor's MoE recipes name them, so no loader quantizes them.
+    ignored.extend(graph.routers().map(|id| graph.node(id).name.clone()));
 
     let spec = &model.spec;
     // A tied lm_head gets a tensor of its own when the plan stores it otherwise than the
@@ -311,41 +314,81 @@ fn key(p: Option<&LayerPrecision>) -> LayerPrecision {
     p.copied().unwrap_or((Format::Fp16, None))
 }
 
-/// q/k/v and gate/up of a block must share weights and activations: the engines fuse them.
+/// The layers an engine fuses into one, which need one scheme: q/k/v, a dense MLP's gate/up,
+/// and every projection of every expert of a MoE block (vLLM's and SGLang's fused MoE layer
+/// holds one quantization method).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Fused {
+    Qkv,
+    GateUp,
+    Experts,
+}
+
+impl Fused {
+    fn of(l: &crate::ir::Linear) -> Option<Fused> {
+        match (l.kind, l.expert) {
+            (_, Some(_)) => Some(Fused::Experts),
+            (LinearKind::Q | LinearKind::K | LinearKind::V, None) => Some(Fused::Qkv),
+            (LinearKind::Gate | LinearKind::Up, None) => Some(Fused::GateUp),
+            _ => None,
+        }
+    }
+
+    /// What the engines fuse, and how to plan for it.
+    fn describe(self) -> (&'static str, &'static str) {
+        match self {
+            Fused::Qkv => (
+                "q/k/v into one layer",
+                "`fpx plan --target vllm` (or `--group qkv`)",
+            ),
+            Fused::GateUp => (
+                "gate/up into one layer",
+                "`fpx plan --target vllm` (or `--group gate_up`)",
+            ),
+            Fused::Experts => (
+                "a block's experts into one MoE layer",
+                "`fpx plan` without `--per-expert-formats`",
+            ),
+        }
+    }
+}
+
+/// Layers an engine fuses ([`Fused`]) must share weights and activations.
 fn check_fused(graph: &Graph, precision: &Precision) -> Result<()> {
-    let mut by_block: BTreeMap<(usize, bool), Vec<(&str, LayerPrecision)>> = BTreeMap::new();
+    let mut by_block: BTreeMap<(usize, Fused), Vec<(&str, LayerPrecision)>> = BTreeMap::new();
     for (id, l) in graph.linears() {
         let n = graph.node(id);
-        let attn = match l.kind {
-            LinearKind::Q | LinearKind::K | LinearKind::V => true,
-            LinearKind::Gate | LinearKind::Up => false,
-            _ => continue,
-        };
-        if let Some(b) = n.layer {
+        if let (Some(b), Some(fused)) = (n.layer, Fused::of(l)) {
             by_block
-                .entry((b, attn))
+                .entry((b, fused))
                 .or_default()
                 .push((n.name.as_str(), key(precision.get(&n.name))));
         }
     }
-    for ((_, attn), members) in by_block {
+    for ((_, fused), members) in by_block {
         let first = members[0].1;
         if members.iter().any(|(_, p)| *p != first) {
             let names: Vec<String> = members
                 .iter()
+                .filter(|(_, p)| *p != first)
+                .take(4)
                 .map(|&(n, (w, a))| match a {
                     Some(a) => format!("{n} = {w} (activations {a})"),
                     None => format!("{n} = {w}"),
                 })
                 .collect();
+            let (what, how) = fused.describe();
+            let (w, a) = first;
+            let first = match a {
+                Some(a) => format!("{} = {w} (activations {a})", members[0].0),
+                None => format!("{} = {w}", members[0].0),
+            };
             return Err(Error::Layer {
                 layer: members[0].0.to_string(),
                 reason: format!(
-                    "vLLM and SGLang fuse {} into one layer, which needs one scheme, but the \
-                     plan has {}; plan with `fpx plan --target vllm` (or `--group {}`)",
-                    if attn { "q/k/v" } else { "gate/up" },
+                    "vLLM and SGLang fuse {what}, which needs one scheme, but the plan has \
+                     {first} and {}; plan with {how}",
                     names.join(", "),
-                    if attn { "qkv" } else { "gate_up" }
                 ),
             });
         }

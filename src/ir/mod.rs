@@ -116,6 +116,14 @@ impl Graph {
             })
     }
 
+    /// Every MoE router (module names such as `model.layers.1.mlp.gate`) in topological order.
+    pub fn routers(&self) -> impl Iterator<Item = NodeId> + '_ {
+        self.order
+            .iter()
+            .copied()
+            .filter(|&id| matches!(self.graph[id].op, Op::Router { .. }))
+    }
+
     /// Every projection inside a decoder block (q, k, v, o, gate, up, down): all linear layers
     /// but lm_head (which plans cover too: see [`Graph::linears`]).
     pub fn block_linears(&self) -> impl Iterator<Item = (NodeId, &Linear)> + '_ {

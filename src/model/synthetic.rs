@@ -65,12 +65,17 @@ pub const MIN_SYNTHETIC_VOCAB: usize = 1 + 256 + MERGES.len();
 
 /// A small spec: hidden 64, 2 layers, 4 heads / 2 KV heads of dim 16, FFN 128, vocab 300.
 /// Qwen2 gets q/k/v biases and an untied lm_head; Llama and Mistral tie embeddings; Qwen3-MoE
-/// and Mixtral get 4 experts of 32, top-2 (Qwen3-MoE's layer 0 dense).
+/// and Mixtral get 4 experts, top-2: Qwen3-MoE's of 32 (`moe_intermediate_size`, layer 0
+/// dense), Mixtral's of the FFN width, as its config has no width of its own for experts.
 pub fn tiny_spec(arch: Architecture) -> ModelSpec {
     let moe = super::moe::MoeNames::of(arch).map(|_| super::moe::MoeSpec {
         experts: 4,
         top_k: 2,
-        expert_ffn: 32,
+        expert_ffn: if arch == Architecture::Mixtral {
+            128
+        } else {
+            32
+        },
         norm_top_k: true,
         dense_layers: if arch == Architecture::Qwen3Moe {
             vec![0]
