@@ -92,6 +92,23 @@ struct Summary<'a> {
     rank_correlation: std::collections::BTreeMap<Format, f64>,
     /// The ten most sensitive layers, worst first.
     worst: Vec<&'a LayerCalibration>,
+    /// MoE experts routed fewer than [`calib::MIN_EXPERT_TOKENS`] calibration tokens (module
+    /// name -> tokens): their eps is a weak estimate (with none, the weight error).
+    undersampled_experts: std::collections::BTreeMap<String, usize>,
+}
+
+/// The experts (module names, as `model.layers.1.mlp.experts.3`) of `layers` that saw fewer
+/// than [`calib::MIN_EXPERT_TOKENS`] tokens, with their counts. An expert's projections see
+/// the same tokens, so each is named once.
+fn undersampled_experts(layers: &[LayerCalibration]) -> std::collections::BTreeMap<String, usize> {
+    layers
+        .iter()
+        .filter(|l| l.undersampled())
+        .map(|l| {
+            let expert = l.name.rsplit_once('.').map_or(l.name.as_str(), |(e, _)| e);
+            (expert.to_string(), l.tokens.unwrap_or(0))
+        })
+        .collect()
 }
 
 pub fn run(args: CalibrateArgs) -> Result<()> {
@@ -224,6 +241,17 @@ pub fn run(args: CalibrateArgs) -> Result<()> {
         layers,
     };
     calibration.write(&args.output)?;
+    let undersampled = undersampled_experts(&calibration.layers);
+    if let Some((name, seen)) = undersampled.iter().min_by_key(|(_, t)| **t) {
+        eprintln!(
+            "warning: {} expert(s) were routed fewer than {} of the {} calibration tokens \
+             (fewest: {name}, {seen}); their eps is a weak estimate (the weight error where \
+             none came); calibrate on more text (--windows) for per-expert plans",
+            undersampled.len(),
+            calib::MIN_EXPERT_TOKENS,
+            calib_tokens.len()
+        );
+    }
 
     let mut sorted: Vec<&LayerCalibration> = calibration.layers.iter().collect();
     sorted.sort_by(|a, b| b.sensitivity().total_cmp(&a.sensitivity()));
@@ -261,6 +289,7 @@ pub fn run(args: CalibrateArgs) -> Result<()> {
         measured_gflops: gflops,
         rank_correlation,
         worst: sorted.iter().take(10).copied().collect(),
+        undersampled_experts: undersampled,
     };
     if args.json {
         emit(&(serde_json::to_string_pretty(&summary)? + "\n"));
