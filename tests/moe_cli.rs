@@ -166,4 +166,54 @@ fn tiny_qwen3_moe_calibrates_per_expert_and_plans_shared_or_per_expert_formats()
     ]);
     let eval: Value = serde_json::from_str(&eval).unwrap();
     assert!(eval["perplexity"].as_f64().unwrap().is_finite(), "{eval}");
+
+    // No grouped expert kernels yet: the kernel commands refuse by the router's name.
+    let shared = dir.path().join("shared.json");
+    for args in [
+        vec![
+            "run",
+            "--model",
+            s(&model),
+            "--plan",
+            s(&shared),
+            "--prompt",
+            "a",
+            "--max-tokens",
+            "2",
+        ],
+        vec![
+            "run",
+            "--model",
+            s(&model),
+            "--prompt",
+            "a",
+            "--max-tokens",
+            "2",
+            "--backend",
+            "emu",
+        ],
+        vec![
+            "codegen",
+            "--model",
+            s(&model),
+            "-o",
+            s(&dir.path().join("cg")),
+            "--no-compile",
+        ],
+        vec![
+            "bench",
+            "--model",
+            s(&model),
+            "--text",
+            s(&text),
+            "--seq-len",
+            "16",
+            "--windows",
+            "1",
+        ],
+    ] {
+        let (code, _, err) = fpx(&args);
+        assert_ne!(code, 0, "{args:?}");
+        assert!(err.contains("model.layers.1.mlp.gate"), "{args:?}: {err}");
+    }
 }
