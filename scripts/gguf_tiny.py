@@ -3,9 +3,13 @@
 does, with the `gguf` package's writer and its tensor-name maps. Nothing here shares code with
 fpx. Run by tests/transformers_models.rs with the interpreter of .venv (numpy + gguf).
 
-  gguf_tiny.py --model DIR --out FILE.gguf
+  gguf_tiny.py --model DIR --out FILE.gguf [--type f32|q8_0]
 
-DIR holds config.json (a Llama or Qwen3 config as transformers saves it), model.safetensors
+`--type q8_0` stores every matrix (2-D and stacked 3-D) in Q8_0 with gguf.quants (rows are
+quantized on their own, so each expert of a stack is a whole number of blocks); vectors stay F32.
+
+DIR holds config.json (a Llama, Qwen3, Qwen3-MoE or Mixtral config as transformers saves it),
+model.safetensors
 (FP32, read here with numpy) and tokenizer.json (a byte-level BPE). What convert_hf_to_gguf.py
 does and this does too:
   - tensor names from gguf.get_tensor_name_map (blk.N.attn_q.weight, blk.N.attn_q_norm.weight..);
@@ -14,13 +18,19 @@ does and this does too:
   - llama3 rope scaling as a `rope_freqs` tensor of one factor per rotated pair
     (LlamaModel.generate_extra_tensors), with no rope scaling metadata; linear scaling as
     rope.scaling.type / rope.scaling.factor;
-  - the first eos_token_id as tokenizer.ggml.eos_token_id, a second as eot_token_id.
+  - the first eos_token_id as tokenizer.ggml.eos_token_id, a second as eot_token_id;
+  - mixture of experts: Qwen3-MoE as `qwen3moe` (Qwen2MoeModel: expert_count,
+    expert_used_count, expert_feed_forward_length), Mixtral as `llama` (LlamaModel:
+    expert_count, expert_used_count; q/k permuted); each block's experts stacked into one
+    [experts, out, in] tensor per projection (`blk.N.ffn_gate_exps` ...), the router as
+    `blk.N.ffn_gate_inp`; a Qwen3-MoE block in mlp_only_layers keeps ffn_gate/up/down.
 Prints one JSON object: {"rope_freqs": [...] or null}.
 """
 
 import argparse
 import json
 import math
+import re
 import struct
 import sys
 
@@ -77,17 +87,41 @@ def llama3_factors(c, head_dim):
     return np.array(out, dtype=np.float32)
 
 
+def stack_experts(tensors):
+    """Each block's per-expert projections as one [experts, out, in] tensor, named as
+    convert_hf_to_gguf.py names the merged tensor before its name map (Qwen2MoeModel:
+    `model.layers.N.mlp.experts.gate_proj`; LlamaModel for Mixtral:
+    `layers.N.feed_forward.experts.w1`)."""
+    out, stacks = {}, {}
+    pat = re.compile(r"model\.layers\.(\d+)\.(mlp|block_sparse_moe)\.experts\.(\d+)\.(\w+)\.weight")
+    for name, t in tensors.items():
+        m = pat.fullmatch(name)
+        if m is None:
+            out[name] = t
+            continue
+        bid, block, xid, proj = m.groups()
+        merged = (f"model.layers.{bid}.mlp.experts.{proj}" if block == "mlp"
+                  else f"layers.{bid}.feed_forward.experts.{proj}")
+        stacks.setdefault(merged, {})[int(xid)] = t
+    for merged, by_expert in stacks.items():
+        out[merged + ".weight"] = np.stack([by_expert[x] for x in sorted(by_expert)])
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", required=True)
     ap.add_argument("--out", required=True)
+    ap.add_argument("--type", choices=["f32", "q8_0"], default="f32")
     args = ap.parse_args()
     with open(f"{args.model}/config.json") as f:
         c = json.load(f)
     with open(f"{args.model}/tokenizer.json") as f:
         tok = json.load(f)
     arch_name = c["model_type"]
-    arch = {"llama": gguf.MODEL_ARCH.LLAMA, "qwen3": gguf.MODEL_ARCH.QWEN3}[arch_name]
+    arch_name = {"qwen3_moe": "qwen3moe", "mixtral": "llama"}.get(arch_name, arch_name)
+    arch = {"llama": gguf.MODEL_ARCH.LLAMA, "qwen3": gguf.MODEL_ARCH.QWEN3,
+            "qwen3moe": gguf.MODEL_ARCH.QWEN3MOE}[arch_name]
     n_layer, n_head = c["num_hidden_layers"], c["num_attention_heads"]
     n_kv = c.get("num_key_value_heads") or n_head
     head_dim = c.get("head_dim") or c["hidden_size"] // n_head
@@ -106,6 +140,12 @@ def main():
     w.add_rope_freq_base(theta)
     w.add_layer_norm_rms_eps(c["rms_norm_eps"])
     w.add_vocab_size(c["vocab_size"])
+    experts = c.get("num_experts") or c.get("num_local_experts")
+    if experts:
+        w.add_expert_count(experts)
+        w.add_expert_used_count(c["num_experts_per_tok"])
+        if arch == gguf.MODEL_ARCH.QWEN3MOE:
+            w.add_expert_feed_forward_length(c["moe_intermediate_size"])
     if rope_type == "linear":
         w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
         w.add_rope_scaling_factor(params["factor"])
@@ -132,7 +172,7 @@ def main():
         factors = llama3_factors(c, head_dim)
         w.add_tensor(gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight", factors)
     names = gguf.get_tensor_name_map(arch, n_layer)
-    for name, t in read_safetensors(f"{args.model}/model.safetensors").items():
+    for name, t in stack_experts(read_safetensors(f"{args.model}/model.safetensors")).items():
         new = names.get_name(name, try_suffixes=(".weight", ".bias"))
         if new is None:
             raise SystemExit(f"no llama.cpp name for {name}")
@@ -140,7 +180,12 @@ def main():
             t = permute(t, n_head)
         if arch == gguf.MODEL_ARCH.LLAMA and name.endswith("k_proj.weight"):
             t = permute(t, n_kv)
-        w.add_tensor(new, np.ascontiguousarray(t))
+        t = np.ascontiguousarray(t)
+        if args.type == "q8_0" and t.ndim >= 2:
+            q = gguf.GGMLQuantizationType.Q8_0
+            w.add_tensor(new, gguf.quants.quantize(t, q), raw_dtype=q)
+        else:
+            w.add_tensor(new, t)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()

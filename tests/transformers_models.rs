@@ -331,6 +331,26 @@ fn qwen3_window_on_one_layer_matches_transformers() {
     assert_eq!((w.size, w.layers), (12, vec![1]));
 }
 
+/// `DIR/model` written as `DIR/model.gguf` by `scripts/gguf_tiny.py` (the gguf package's
+/// writer, as llama.cpp's converter does).
+/// `ty`: `f32` or `q8_0` (every matrix).
+fn as_gguf(gguf_py: &std::path::Path, dir: &std::path::Path, ty: &str) -> std::path::PathBuf {
+    let gguf = dir.join(format!("model-{ty}.gguf"));
+    let out = Command::new(gguf_py)
+        .arg(common::repo().join("scripts/gguf_tiny.py"))
+        .args(["--model".as_ref(), dir.join("model").as_os_str()])
+        .args(["--out".as_ref(), gguf.as_os_str()])
+        .args(["--type", ty])
+        .output()
+        .expect("runs python");
+    assert!(
+        out.status.success(),
+        "gguf_tiny.py: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    gguf
+}
+
 #[test]
 fn llama3_gguf_with_rope_freqs_gives_the_hf_logits() {
     let (Some(py), Some(gguf_py)) = (ct_python(), common::python()) else {
@@ -340,18 +360,7 @@ fn llama3_gguf_with_rope_freqs_gives_the_hf_logits() {
     let (config, want) = llama3_config();
     let n = 96;
     let (hf_spec, dir) = check(&py, &config, n, "rope_scaling");
-    let gguf = dir.path().join("model.gguf");
-    let out = Command::new(gguf_py)
-        .arg(common::repo().join("scripts/gguf_tiny.py"))
-        .args(["--model".as_ref(), dir.path().join("model").as_os_str()])
-        .args(["--out".as_ref(), gguf.as_os_str()])
-        .output()
-        .expect("runs python");
-    assert!(
-        out.status.success(),
-        "gguf_tiny.py: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let gguf = as_gguf(&gguf_py, dir.path(), "f32");
     let toks = tokens(n);
     let (hf_logits, hf_greedy, _) = fpx_run(&dir.path().join("model"), &toks);
     let (logits, greedy, spec) = fpx_run(&gguf, &toks);
@@ -417,4 +426,54 @@ fn mixtral_router_and_experts_match_transformers() {
     let moe = spec.moe.expect("fpx read the experts");
     assert_eq!((moe.experts, moe.top_k, moe.expert_ffn), (4, 2, 128));
     assert!(moe.norm_top_k);
+}
+
+#[test]
+fn qwen3moe_and_mixtral_ggufs_give_the_hf_logits() {
+    let (Some(py), Some(gguf_py)) = (ct_python(), common::python()) else {
+        common::have(".venv-ct (transformers) and .venv (gguf)", false);
+        return;
+    };
+    let mut qwen = tiny_moe("Qwen3MoeForCausalLM", "qwen3_moe");
+    qwen["head_dim"] = json!(16);
+    qwen["moe_intermediate_size"] = json!(32);
+    qwen["norm_topk_prob"] = json!(true);
+    // llama.cpp's qwen3moe has no dense blocks (its converter maps no ffn_gate for it).
+    qwen["mlp_only_layers"] = json!([]);
+    let mixtral = tiny_moe("MixtralForCausalLM", "mixtral");
+    for (config, arch) in [
+        (qwen, Architecture::Qwen3Moe),
+        (mixtral, Architecture::Mixtral),
+    ] {
+        let n = 40;
+        let (hf_spec, dir) = check(&py, &config, n, "top_k");
+        let toks = tokens(n);
+        let (hf_logits, hf_greedy, _) = fpx_run(&dir.path().join("model"), &toks);
+        let (logits, greedy, spec) = fpx_run(&as_gguf(&gguf_py, dir.path(), "f32"), &toks);
+        assert_eq!(spec.architecture, arch);
+        assert_eq!(
+            spec.moe, hf_spec.moe,
+            "{arch:?}: experts, top-k, dense layers"
+        );
+        let err = common::rel_err(&logits, &hf_logits);
+        eprintln!("{arch:?} GGUF (stacked experts) vs the HF checkpoint in fpx: {err:.2e}");
+        assert!(err < 1e-5, "{arch:?}: GGUF vs HF logits: {err}");
+        assert_eq!(greedy, hf_greedy);
+        // Q8_0 stacks: each expert is its own run of blocks inside the stack.
+        let q8 = load_model(&as_gguf(&gguf_py, dir.path(), "q8_0")).unwrap();
+        let hf = load_model(&dir.path().join("model")).unwrap();
+        let names = fpx::model::moe::MoeNames::of(arch).unwrap();
+        for e in 0..4 {
+            for proj in names.expert(1, e) {
+                let t = format!("{proj}.weight");
+                let (got, want) = (
+                    q8.weights.tensor(&t).unwrap(),
+                    hf.weights.tensor(&t).unwrap(),
+                );
+                assert_eq!(got.shape, want.shape, "{t}");
+                let err = common::rel_err(&got.data, &want.data);
+                assert!(err < 1e-2, "{arch:?} {t}: Q8_0 expert vs HF: {err}");
+            }
+        }
+    }
 }

@@ -1,4 +1,6 @@
-//! GGUF checkpoints as llama.cpp writes them (architectures `llama`, `qwen2` and `qwen3`).
+//! GGUF checkpoints as llama.cpp writes them (architectures `llama`, `qwen2`, `qwen3`,
+//! `qwen3moe`, and `llama` with experts: Mixtral; the experts as [`super::gguf_moe`] reads
+//! them).
 //!
 //! The file stays memory-mapped; [`GgufSource::tensor`] dequantizes one tensor per call
 //! (F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K) and nothing is cached.
@@ -26,13 +28,14 @@ use memmap2::Mmap;
 
 use super::config::validate_spec;
 use super::gguf_header::{self, as_f64, as_usize};
+use super::gguf_moe::{self, MoeTensor};
 use super::gguf_rope::{read_vector, rope_scaling, ReadFactors};
 pub use super::llama_cpp::{gguf_name, hf_name, permute_rows, unpermute_rows};
 use super::{Architecture, EosIds, ModelSpec, Tensor, TensorHeader, WeightSource};
 use crate::error::{Error, Result};
 
 /// GGUF architectures fpx reads, as a message for errors.
-pub const SUPPORTED_GGUF: &str = "llama, qwen2, qwen3";
+pub const SUPPORTED_GGUF: &str = "llama (Mixtral: llama with experts), qwen2, qwen3, qwen3moe";
 
 pub use super::gguf_rope::ROPE_FREQS;
 
@@ -90,18 +93,6 @@ fn spec_from_metadata(
             ))
         }
     };
-    let architecture = match arch_name.as_str() {
-        "llama" => Architecture::Llama,
-        "qwen2" => Architecture::Qwen2,
-        "qwen3" => Architecture::Qwen3,
-        _ => {
-            return Err(Error::UnsupportedArchitecture {
-                path: path.to_path_buf(),
-                arch: arch_name,
-                supported: SUPPORTED_GGUF,
-            })
-        }
-    };
     let key = |k: &str| format!("{arch_name}.{k}");
     let opt_usize = |k: &str| -> Result<Option<usize>> {
         match meta.get(&key(k)) {
@@ -120,6 +111,19 @@ fn spec_from_metadata(
             Some(v) => as_f64(v)
                 .map(Some)
                 .ok_or_else(|| config_err(path, format!("{} is not a number", key(k)))),
+        }
+    };
+    let architecture = match arch_name.as_str() {
+        "llama" => gguf_moe::llama_or_mixtral(opt_usize("expert_count")?),
+        "qwen2" => Architecture::Qwen2,
+        "qwen3" => Architecture::Qwen3,
+        "qwen3moe" => Architecture::Qwen3Moe,
+        _ => {
+            return Err(Error::UnsupportedArchitecture {
+                path: path.to_path_buf(),
+                arch: arch_name,
+                supported: SUPPORTED_GGUF,
+            })
         }
     };
     let rope_scaling = rope_scaling(path, meta, &arch_name, rope_freqs, &opt_f64)?;
@@ -144,11 +148,24 @@ fn spec_from_metadata(
         .ok_or_else(|| config_err(path, "cannot tell the vocabulary size"))?;
     let token_id = |k: &str| meta.get(k).and_then(as_usize).map(|v| v as u32);
     let eos = ["eos", "eot", "eom"].map(|t| token_id(&format!("tokenizer.ggml.{t}_token_id")));
+    let (layers, ffn) = (req_usize("block_count")?, req_usize("feed_forward_length")?);
+    let moe = gguf_moe::moe_spec(
+        path,
+        architecture,
+        layers,
+        ffn,
+        &|k| opt_usize(k).map_err(|_| config_err(path, format!("{} is not an integer", key(k)))),
+        &|k| match meta.get(&key(k)) {
+            Some(Value::Bool(b)) => Some(*b),
+            _ => None,
+        },
+        has,
+    )?;
     let spec = ModelSpec {
         architecture,
         hidden_size: hidden,
-        intermediate_size: req_usize("feed_forward_length")?,
-        num_layers: req_usize("block_count")?,
+        intermediate_size: ffn,
+        num_layers: layers,
         num_heads: heads,
         num_kv_heads: kv_heads,
         head_dim,
@@ -159,11 +176,11 @@ fn spec_from_metadata(
         tie_word_embeddings: !has("output.weight"),
         attention_bias: has("blk.0.attn_q.bias"),
         max_position_embeddings: opt_usize("context_length")?.unwrap_or(2048),
-        // llama.cpp's llama, qwen2 and qwen3 attend the whole context.
+        // llama.cpp's llama, qwen2, qwen3 and their MoE forms attend the whole context.
         sliding_window: None,
         bos_token_id: token_id("tokenizer.ggml.bos_token_id"),
         eos_token_id: EosIds::new(eos.into_iter().flatten()),
-        moe: None,
+        moe,
     };
     validate_spec(&spec).map_err(|r| config_err(path, r))?;
     Ok(spec)
@@ -206,34 +223,36 @@ impl GgufSource {
                 .map(|f| f as &dyn Fn() -> Result<Vec<f32>>),
             embed_rows,
         )?;
-        let permute = spec.architecture == Architecture::Llama;
+        // Mixtral converts as a llama model, q/k permutation included.
+        let permute = matches!(
+            spec.architecture,
+            Architecture::Llama | Architecture::Mixtral
+        );
+        let experts = spec.moe.as_ref().map_or(0, |m| m.experts);
 
         let mut entries = BTreeMap::new();
         for t in &header.tensors {
-            let name = hf_name(&t.name).unwrap_or_else(|| t.name.clone());
-            let dtype = gguf_header::supported_type(t.ggml_type);
-            let n: usize = t.dims.iter().product();
-            let range = match dtype {
-                None => None,
-                Some(dt) => {
-                    let size = gguf_header::byte_size(dt, n)
-                        .map_err(|r| corrupt(format!("tensor `{}`: {r}", t.name)))?;
-                    let start = header.data_offset.checked_add(t.offset);
-                    let end = start.and_then(|s| s.checked_add(size));
-                    match (start, end) {
-                        (Some(s), Some(e)) if e <= mmap.len() => Some((s, e)),
-                        _ => {
-                            return Err(corrupt(format!(
-                                "tensor `{}` needs bytes up to {} but the file has {} \
-                                 (truncated?)",
-                                t.name,
-                                end.map_or("overflow".to_string(), |e| e.to_string()),
-                                mmap.len()
-                            )))
-                        }
+            let moe = gguf_moe::moe_tensor(&t.name, spec.architecture, experts);
+            let stack = matches!(moe, Some(MoeTensor::Experts(_)));
+            let names = match moe {
+                Some(MoeTensor::Router(name)) => vec![name],
+                Some(MoeTensor::Experts(names)) => {
+                    if t.dims.len() != 3 || t.dims[2] != experts {
+                        return Err(corrupt(format!(
+                            "tensor `{}` has dims {:?}; a stack of {experts} experts has 3 \
+                             dims, the last {experts}",
+                            t.name, t.dims
+                        )));
                     }
+                    names
                 }
+                None => vec![hf_name(&t.name).unwrap_or_else(|| t.name.clone())],
             };
+            let dtype = gguf_header::supported_type(t.ggml_type);
+            let n: usize = t.dims.iter().product::<usize>() / names.len();
+            let shape: Vec<usize> = t.dims.iter().rev().copied().collect();
+            // One expert of a stack: its [out, in] matrix.
+            let shape = if stack { shape[1..].to_vec() } else { shape };
             let permuted_heads = if !permute {
                 None
             } else if t.name.contains(".attn_q.") {
@@ -243,16 +262,25 @@ impl GgufSource {
             } else {
                 None
             };
-            let entry = Entry {
-                gguf_name: t.name.clone(),
-                type_id: t.ggml_type,
-                dtype,
-                shape: t.dims.iter().rev().copied().collect(),
-                range,
-                permuted_heads,
-            };
-            if entries.insert(name.clone(), entry).is_some() {
-                return Err(corrupt(format!("tensor `{name}` appears twice")));
+            for (i, name) in names.into_iter().enumerate() {
+                let range = match dtype {
+                    None => None,
+                    Some(dt) => Some(
+                        byte_range(&header, t, dt, n, i, mmap.len())
+                            .map_err(|r| corrupt(format!("tensor `{}`: {r}", t.name)))?,
+                    ),
+                };
+                let entry = Entry {
+                    gguf_name: t.name.clone(),
+                    type_id: t.ggml_type,
+                    dtype,
+                    shape: shape.clone(),
+                    range,
+                    permuted_heads,
+                };
+                if entries.insert(name.clone(), entry).is_some() {
+                    return Err(corrupt(format!("tensor `{name}` appears twice")));
+                }
             }
         }
         check_no_overlap(&entries).map_err(corrupt)?;
@@ -288,6 +316,31 @@ impl GgufSource {
     }
 }
 
+/// The bytes of the `index`-th of the equal `n`-element parts of tensor `t` (the whole
+/// tensor, or one expert of a stack), absolute in a file of `len` bytes.
+fn byte_range(
+    header: &gguf_header::GgufHeader,
+    t: &gguf_header::RawTensorInfo,
+    dt: GgmlDType,
+    n: usize,
+    index: usize,
+    len: usize,
+) -> std::result::Result<(usize, usize), String> {
+    let size = gguf_header::byte_size(dt, n)?;
+    let start = size
+        .checked_mul(index)
+        .and_then(|o| o.checked_add(t.offset))
+        .and_then(|o| o.checked_add(header.data_offset));
+    let end = start.and_then(|s| s.checked_add(size));
+    match (start, end) {
+        (Some(s), Some(e)) if e <= len => Ok((s, e)),
+        _ => Err(format!(
+            "needs bytes up to {} but the file has {len} (truncated?)",
+            end.map_or("overflow".to_string(), |e| e.to_string()),
+        )),
+    }
+}
+
 /// Tensors may not share bytes: llama.cpp never writes such a file, and reading one would
 /// silently alias two weights.
 fn check_no_overlap(entries: &BTreeMap<String, Entry>) -> std::result::Result<(), String> {
@@ -310,7 +363,7 @@ fn check_no_overlap(entries: &BTreeMap<String, Entry>) -> std::result::Result<()
 
 /// `hf (gguf)` for error messages, so a user can find the tensor in either naming.
 fn describe(hf: &str) -> String {
-    match gguf_name(hf) {
+    match gguf_name(hf).or_else(|| gguf_moe::gguf_moe_name(hf)) {
         Some(g) => format!("{hf} ({g})"),
         None => hf.to_string(),
     }

@@ -12,6 +12,7 @@ pub mod config_keys;
 pub mod eos;
 pub mod gguf;
 pub(crate) mod gguf_header;
+pub mod gguf_moe;
 mod gguf_rope;
 pub mod llama_cpp;
 pub mod moe;

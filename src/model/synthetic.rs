@@ -392,7 +392,8 @@ pub fn write_gguf(path: &Path, spec: &ModelSpec, seed: u64, linear_type: GgmlDTy
         Architecture::Qwen3Moe | Architecture::Mixtral => {
             return Err(Error::invalid(
                 "synthetic gguf",
-                "MoE checkpoints are not written as GGUF (fpx reads no GGUF experts yet)",
+                "this synthetic writer does not stack experts; scripts/gguf_tiny.py writes MoE GGUFs \
+                 as llama.cpp's converter does",
             ))
         }
     };
