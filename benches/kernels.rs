@@ -148,7 +148,7 @@ fn gpu_kernels(c: &mut Criterion) {
     configure(&mut gemv);
     for &shape in &shapes {
         let (n, k) = (shape.n, shape.k);
-        let packed = PackedLinear::pack(shape.format, &timing_weights(n, k), n, k, None);
+        let packed = PackedLinear::pack(shape.format, &timing_weights(n, k), n, k, None, None);
         let copies = (4 * l2)
             .div_ceil(packed.weight_bytes().max(1))
             .clamp(2, 4096);
@@ -196,7 +196,7 @@ fn gpu_kernels(c: &mut Criterion) {
     configure(&mut gemm);
     for &shape in &shapes {
         let (n, k) = (shape.n, shape.k);
-        let packed = PackedLinear::pack(shape.format, &timing_weights(n, k), n, k, None);
+        let packed = PackedLinear::pack(shape.format, &timing_weights(n, k), n, k, None, None);
         let w = LinearBuffers::upload(&dev, &packed).unwrap();
         let x = dev
             .upload(&shape.act.encode(&vec![0.5; PREFILL_ROWS * k]))

@@ -30,6 +30,7 @@ import argparse
 import json
 import math
 import os
+import re
 import sys
 
 import torch
@@ -61,9 +62,24 @@ def schemes(path):
     return out
 
 
-def ct_quantize(weight, scheme):
+FUSED = re.compile(r"(.*)\.(q_proj|k_proj|v_proj|gate_proj|up_proj|w1|w3)$")
+
+
+def fused_group(layer):
+    """The matrix vLLM and SGLang fuse `layer` into (q/k/v -> qkv_proj, gate/up -> gate_up_proj
+    or an expert's w13), or None."""
+    m = FUSED.fullmatch(layer)
+    if m is None:
+        return None
+    return m.group(1) + (".qkv" if m.group(2) in ("q_proj", "k_proj", "v_proj") else ".gate_up")
+
+
+def ct_quantize(weight, scheme, group_weights=()):
     """compressed-tensors' quantization of an FP32 weight under `scheme`: the min-max
-    observer's statistics through its own qparam rules, then the compressor's compress()."""
+    observer's statistics through its own qparam rules, then the compressor's compress().
+    NVFP4 members of a fused group take the group's global scale, as llm-compressor's
+    update_fused_layer_weight_global_scales sets it (the smallest gparam of the members, i.e.
+    the one of their largest magnitude); `group_weights` are the other members' weights."""
     from compressed_tensors.compressors import BaseCompressor
     from compressed_tensors.quantization.quant_args import QuantizationStrategy
     from compressed_tensors.quantization.utils import calculate_qparams, generate_gparam
@@ -77,7 +93,9 @@ def ct_quantize(weight, scheme):
         groups = weight.unflatten(-1, (weight.shape[-1] // args.group_size, args.group_size))
         lo, hi = groups.amin(dim=-1), groups.amax(dim=-1)
         if args.strategy == QuantizationStrategy.TENSOR_GROUP:
-            global_scale = generate_gparam(weight.amin(), weight.amax())
+            members = [weight, *group_weights]
+            global_scale = generate_gparam(min(m.amin() for m in members),
+                                           max(m.amax() for m in members))
             sd["weight_global_scale"] = global_scale
     scale, _ = calculate_qparams(lo, hi, args, global_scale=global_scale)
     sd["weight_scale"] = scale
@@ -99,8 +117,20 @@ def compare(args):
     tensors = load_export(args.export)
     by_layer = schemes(args.export)
     layers = []
+    # vLLM and SGLang keep one global scale per fused NVFP4 matrix: its members must agree.
+    globals_by_group = {}
+    for layer, scheme in by_layer.items():
+        g = fused_group(layer)
+        if g is not None and scheme.format == "nvfp4-pack-quantized":
+            globals_by_group.setdefault(g, set()).add(
+                bytes(tensors[layer + ".weight_global_scale"].contiguous().view(torch.uint8).tolist()))
+    fused_differ = sorted(g for g, v in globals_by_group.items() if len(v) > 1)
     with safe_open(args.weights, framework="pt") as w:
         names = set(w.keys())
+        nvfp4_source = {
+            l: w.get_tensor(l + ".source") for l, sc in by_layer.items()
+            if sc.format == "nvfp4-pack-quantized" and l + ".source" in names
+        }
         for layer, scheme in sorted(by_layer.items()):
             if layer + ".source" not in names:
                 continue
@@ -110,7 +140,10 @@ def compare(args):
             want = fpx.to(dec.dtype)
             diff = (dec.float() - want.float()).abs()
             ulp = want.float().abs() * (2.0 ** -7 if dec.dtype == torch.bfloat16 else 2.0 ** -23)
-            ours = ct_quantize(source, scheme)
+            group = fused_group(layer)
+            peers = [t for l, t in nvfp4_source.items()
+                     if l != layer and group is not None and fused_group(l) == group]
+            ours = ct_quantize(source, scheme, peers if layer in nvfp4_source else ())
             byte_diffs = {}
             for k, v in ours.items():
                 mine = tensors[f"{layer}.{k}"]
@@ -128,7 +161,7 @@ def compare(args):
                 "quantizer_byte_mismatches": byte_diffs,
                 "tensor_bytes": {k: v.numel() * v.element_size() for k, v in ours.items()},
             })
-    json.dump({"layers": layers}, sys.stdout)
+    json.dump({"layers": layers, "fused_nvfp4_global_scales_differ": fused_differ}, sys.stdout)
 
 
 def is_moe(path):

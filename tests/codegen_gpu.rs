@@ -39,7 +39,7 @@ fn gpu_linear_kernels_match_the_cpu_backend() {
                 .map(|i| ((i * 7919 % 1013) as f32 / 1013.0 - 0.5) * 0.2)
                 .collect();
             let b = bias.then(|| (0..n).map(|i| i as f32 * 0.01).collect::<Vec<f32>>());
-            let packed = PackedLinear::pack(format, &w, n, k, b);
+            let packed = PackedLinear::pack(format, &w, n, k, b, None);
             for (act, rows) in [ActDtype::F32, ActDtype::Bf16]
                 .into_iter()
                 .flat_map(|a| [1, 5, 8, 20].map(|r| (a, r)))

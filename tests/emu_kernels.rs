@@ -68,7 +68,7 @@ fn linear_errors(kernels: &EmuKernels, format: WeightFormat, act: ActDtype) -> V
         for rows in ROWS {
             let (w, x, y0) = inputs(n, k, rows);
             let b = bias.then(|| (0..n).map(|i| i as f32 * 0.01).collect::<Vec<f32>>());
-            let packed = PackedLinear::pack(format, &w, n, k, b);
+            let packed = PackedLinear::pack(format, &w, n, k, b, None);
             let got = run_linear(kernels, shape, &packed, &x, rows, &y0).unwrap();
             let want = reference_linear(&packed, &shape, &x, rows, &y0);
             out.push((

@@ -190,7 +190,7 @@ fn emu_fails_generated_gemvs_that_overrun_or_misalign() {
         .collect();
     let x: Vec<f32> = (0..shape.k).map(|i| (i % 7) as f32 / 8.0 - 0.3).collect();
     let y0 = vec![0f32; shape.n];
-    let packed = PackedLinear::pack(shape.format, &w, shape.n, shape.k, None);
+    let packed = PackedLinear::pack(shape.format, &w, shape.n, shape.k, None, None);
     let gemv = fpx::codegen::TEMPLATES
         .iter()
         .find(|(n, _)| *n == "gemv.cu.tera")

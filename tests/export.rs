@@ -161,15 +161,30 @@ fn export_writes_shards_config_and_reads_back_as_the_plan_dequantizes() {
 
     // fpx reads it back: the decoded weights are fpx's own dequantization of the plan (bit
     // for bit for fp8/mxfp4; NVFP4 within an ulp: the divisor is the tensor scale's reciprocal).
+    // q/k/v in NVFP4 share the fused qkv matrix's tensor scale, as vLLM decodes them.
     let src = load_model(&model).unwrap();
     let back = load_model(&out).unwrap();
     assert_eq!(back.spec, src.spec);
+    let graph = fpx::ir::Graph::build(&src.spec);
+    let formats: std::collections::HashMap<String, Format> = layers
+        .iter()
+        .map(|(n, f)| (n.clone(), f.parse().unwrap()))
+        .collect();
+    let shared = fpx::lower::fused::nvfp4_tensor_amax(&graph, src.weights.as_ref(), &|n| {
+        formats.get(n).copied()
+    })
+    .unwrap();
+    assert!(
+        shared.contains_key("model.layers.0.self_attn.k_proj"),
+        "{shared:?}"
+    );
     for (name, f) in &layers {
         let f: Format = f.parse().unwrap();
         let w = src.weights.tensor(&format!("{name}.weight")).unwrap();
         let (rows, cols) = (w.shape[0], w.shape[1]);
         fpx::formats::set_mx_scale_rule(fpx::formats::MxScaleRule::OcpFloor);
-        let want = f.quantize(&w.data, rows, cols).dequantize();
+        let amax = shared.get(name).copied();
+        let want = f.quantize_against(&w.data, rows, cols, amax).dequantize();
         let got = back.weights.tensor(&format!("{name}.weight")).unwrap();
         assert_eq!(got.shape, w.shape);
         for (a, b) in got.data.iter().zip(&want) {

@@ -156,6 +156,17 @@ fn mixed_plan(model: &Path, text: &Path, dir: &Path, pins_toml: &str) -> PathBuf
 fn write_weights(model: &Path, plan: &Plan, blocks: Option<&[usize]>, out: &Path) {
     let m = load_model(model).unwrap();
     set_mx_scale_rule(plan.mx_scale_rule());
+    // NVFP4 members of a fused q/k/v or gate/up share its tensor scale (lower::fused).
+    let graph = fpx::ir::Graph::build(&m.spec);
+    let formats: std::collections::HashMap<&str, Format> = plan
+        .layers
+        .iter()
+        .map(|l| (l.name.as_str(), l.format))
+        .collect();
+    let shared = fpx::lower::fused::nvfp4_tensor_amax(&graph, m.weights.as_ref(), &|n| {
+        formats.get(n).copied()
+    })
+    .unwrap();
     let mut tensors = Vec::new();
     for l in &plan.layers {
         let block: Option<usize> = l.name.split('.').nth(2).and_then(|b| b.parse().ok());
@@ -166,7 +177,11 @@ fn write_weights(model: &Path, plan: &Plan, blocks: Option<&[usize]>, out: &Path
         }
         let w = m.weights.tensor(&format!("{}.weight", l.name)).unwrap();
         let (rows, cols) = (w.shape[0], w.shape[1]);
-        let deq = l.format.quantize(&w.data, rows, cols).dequantize();
+        let amax = shared.get(&l.name).copied();
+        let deq = l
+            .format
+            .quantize_against(&w.data, rows, cols, amax)
+            .dequantize();
         for (suffix, data) in [("source", w.data), ("fpx", deq)] {
             let bytes: Vec<u8> = data.iter().flat_map(|v| v.to_le_bytes()).collect();
             tensors.push((format!("{}.{suffix}", l.name), vec![rows, cols], bytes));
@@ -243,6 +258,11 @@ fn check_model(
             "--weights",
             weights.to_str().unwrap(),
         ],
+    );
+    assert_eq!(
+        cmp["fused_nvfp4_global_scales_differ"],
+        serde_json::json!([]),
+        "vLLM keeps one global scale per fused NVFP4 matrix"
     );
     let layers = cmp["layers"].as_array().unwrap();
     let mut seen = std::collections::BTreeMap::new();
@@ -324,8 +344,12 @@ fn check_model(
         ((read_back - planned) / planned).abs() < 1e-5,
         "{read_back} vs {planned}"
     );
+    // compressed-tensors decodes NVFP4 in bfloat16, its global scale included: that rounds a
+    // whole tensor's scale by up to 2^-9, the same way for the q/k/v (or gate/up) that share
+    // it. Measured on the tiny Mixtral: 1.2e-3 here, while transformers on fpx's FP32 decode
+    // of the same bytes gives fpx's perplexity to 3e-8.
     assert!(
-        ((hf_ppl - planned) / planned).abs() < 1e-3,
+        ((hf_ppl - planned) / planned).abs() < 3e-3,
         "{hf_ppl} vs {planned}"
     );
 }

@@ -116,7 +116,7 @@ struct FormatState {
 impl FormatState {
     /// `full` (a layer's FP32 weights) quantized to `format`, with no sums yet.
     fn new(full: &LinearWeights, l: &Linear, format: Format) -> FormatState {
-        let q = full.quantized(l, LinearPrecision::weight_only(format));
+        let q = full.quantized(l, LinearPrecision::weight_only(format), None);
         FormatState {
             format,
             weight_error: relative_weight_error(&full.weight, &q.weight),

@@ -131,7 +131,7 @@ impl Stage for CpuStage<'_> {
                 };
                 let q = self
                     .linear(id)
-                    .quantized(l, LinearPrecision::weight_only(format));
+                    .quantized(l, LinearPrecision::weight_only(format), None);
                 self.variant = Some((key, q));
             }
         }

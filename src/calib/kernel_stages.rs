@@ -217,6 +217,7 @@ impl<'s, L: Launcher> KernelStage<'s, L> {
                     slot.shape.n,
                     slot.shape.k,
                     w.bias.as_deref().cloned(),
+                    None,
                 ),
                 None => empty(),
             })
@@ -269,6 +270,8 @@ impl<'s, L: Launcher> KernelStage<'s, L> {
                 shape.n,
                 shape.k,
                 w.bias.as_deref().cloned(),
+                // Calibration measures each layer alone (lower::fused).
+                None,
             );
             let buffers = LinearBuffers::upload(self.l, &packed)?;
             self.variants.insert(

@@ -23,6 +23,7 @@ use serde::Serialize;
 use crate::error::{Error, Result};
 use crate::formats::{Format, MxScaleRule, QuantizedMatrix, Scales};
 use crate::ir::{Graph, LinearKind};
+use crate::lower::fused::{nvfp4_tensor_amax, Fused};
 use crate::model::{expected_tensors, Model};
 use crate::plan::Plan;
 
@@ -129,6 +130,8 @@ enum Source {
         format: Format,
         rows: usize,
         cols: usize,
+        /// The NVFP4 tensor amax of its fused group ([`crate::lower::fused`]), if shared.
+        tensor_amax: Option<f32>,
     },
 }
 
@@ -201,6 +204,9 @@ pub fn export(
     ignored.extend(graph.routers().map(|id| graph.node(id).name.clone()));
 
     let spec = &model.spec;
+    let shared_amax = nvfp4_tensor_amax(&graph, model.weights.as_ref(), &|n| {
+        quantized.get(n).copied()
+    })?;
     // A tied lm_head gets a tensor of its own when the plan stores it otherwise than the
     // embedding table is exported: quantized, or rounded through fp16 in a wider dtype.
     let lm_head_format = precision.get("lm_head").map(|p| p.0);
@@ -235,6 +241,7 @@ pub fn export(
                         format,
                         rows,
                         cols,
+                        tensor_amax: shared_amax.get(layer).copied(),
                     },
                 ));
             }
@@ -314,42 +321,21 @@ fn key(p: Option<&LayerPrecision>) -> LayerPrecision {
     p.copied().unwrap_or((Format::Fp16, None))
 }
 
-/// The layers an engine fuses into one, which need one scheme: q/k/v, a dense MLP's gate/up,
-/// and every projection of every expert of a MoE block (vLLM's and SGLang's fused MoE layer
-/// holds one quantization method).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-enum Fused {
-    Qkv,
-    GateUp,
-    Experts,
-}
-
-impl Fused {
-    fn of(l: &crate::ir::Linear) -> Option<Fused> {
-        match (l.kind, l.expert) {
-            (_, Some(_)) => Some(Fused::Experts),
-            (LinearKind::Q | LinearKind::K | LinearKind::V, None) => Some(Fused::Qkv),
-            (LinearKind::Gate | LinearKind::Up, None) => Some(Fused::GateUp),
-            _ => None,
-        }
-    }
-
-    /// What the engines fuse, and how to plan for it.
-    fn describe(self) -> (&'static str, &'static str) {
-        match self {
-            Fused::Qkv => (
-                "q/k/v into one layer",
-                "`fpx plan --target vllm` (or `--group qkv`)",
-            ),
-            Fused::GateUp => (
-                "gate/up into one layer",
-                "`fpx plan --target vllm` (or `--group gate_up`)",
-            ),
-            Fused::Experts => (
-                "a block's experts into one MoE layer",
-                "`fpx plan` without `--per-expert-formats`",
-            ),
-        }
+/// What the engines fuse in a [`Fused`] group, and how to plan for it.
+fn describe(fused: Fused) -> (&'static str, &'static str) {
+    match fused {
+        Fused::Qkv => (
+            "q/k/v into one layer",
+            "`fpx plan --target vllm` (or `--group qkv`)",
+        ),
+        Fused::GateUp => (
+            "gate/up into one layer",
+            "`fpx plan --target vllm` (or `--group gate_up`)",
+        ),
+        Fused::Experts => (
+            "a block's experts into one MoE layer",
+            "`fpx plan` without `--per-expert-formats`",
+        ),
     }
 }
 
@@ -377,7 +363,7 @@ fn check_fused(graph: &Graph, precision: &Precision) -> Result<()> {
                     None => format!("{n} = {w}"),
                 })
                 .collect();
-            let (what, how) = fused.describe();
+            let (what, how) = describe(fused);
             let (w, a) = first;
             let first = match a {
                 Some(a) => format!("{} = {w} (activations {a})", members[0].0),
@@ -438,9 +424,15 @@ fn produce(model: &Model, source: &Source, dtype: ExportDtype) -> Result<Vec<Vec
             format,
             rows,
             cols,
+            tensor_amax,
         } => {
             let w = model.weights.tensor(tensor)?;
-            Ok(relay(format.quantize(&w.data, *rows, *cols)))
+            Ok(relay(format.quantize_against(
+                &w.data,
+                *rows,
+                *cols,
+                *tensor_amax,
+            )))
         }
     }
 }

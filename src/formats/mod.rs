@@ -155,9 +155,29 @@ impl Format {
     /// # Panics
     /// If `w.len() != rows * cols`.
     pub fn fake_quantize_weights(self, w: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+        self.fake_quantize_weights_against(w, rows, cols, None)
+    }
+
+    /// [`Format::fake_quantize_weights`] with the NVFP4 tensor scale taken from `tensor_amax`
+    /// (the largest magnitude of the engine-fused matrix this one is part of:
+    /// [`crate::lower::fused`]) instead of this matrix's own; `None`, and other formats, as
+    /// `fake_quantize_weights`. Equal to `quantize_against(..).dequantize()`.
+    pub fn fake_quantize_weights_against(
+        self,
+        w: &[f32],
+        rows: usize,
+        cols: usize,
+        tensor_amax: Option<f32>,
+    ) -> Vec<f32> {
         check_shape(w.len(), rows, cols);
         let mut out = w.to_vec();
-        self.fake_quantize_in_place(&mut out, cols);
+        if let (Format::Nvfp4, Some(amax)) = (self, tensor_amax) {
+            if !out.is_empty() {
+                fp4::fake_quantize::<Nvfp4Block>(&mut out, cols, nvfp4::global_scale(amax));
+            }
+        } else {
+            self.fake_quantize_in_place(&mut out, cols);
+        }
         out
     }
 
@@ -178,6 +198,21 @@ impl Format {
     /// # Panics
     /// If `w.len() != rows * cols`.
     pub fn quantize(self, w: &[f32], rows: usize, cols: usize) -> QuantizedMatrix {
+        self.quantize_against(w, rows, cols, None)
+    }
+
+    /// [`Format::quantize`] with the NVFP4 tensor scale from `tensor_amax` (see
+    /// [`Format::fake_quantize_weights_against`]).
+    ///
+    /// # Panics
+    /// If `w.len() != rows * cols`.
+    pub fn quantize_against(
+        self,
+        w: &[f32],
+        rows: usize,
+        cols: usize,
+        tensor_amax: Option<f32>,
+    ) -> QuantizedMatrix {
         check_shape(w.len(), rows, cols);
         let (codes, scales) = match self {
             Format::Fp16 => (fp16::encode(w), Scales::None),
@@ -194,7 +229,8 @@ impl Format {
                 (codes, Scales::Row(scales))
             }
             Format::Nvfp4 => {
-                let global = nvfp4::global_scale_of(w);
+                let global =
+                    tensor_amax.map_or_else(|| nvfp4::global_scale_of(w), nvfp4::global_scale);
                 let (codes, block) = fp4::quantize::<Nvfp4Block>(w, rows, cols, global);
                 (codes, Scales::Nvfp4 { block, global })
             }

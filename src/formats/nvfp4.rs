@@ -3,8 +3,9 @@
 //!
 //! * Global (tensor) scale: `global = amax(tensor) / (448 * 6)`, so that the largest block
 //!   scale lands on the top of the E4M3 range. `amax` is over finite elements (NaN and ±inf are
-//!   ignored). For weights the tensor is the whole matrix; for activations it is the whole
-//!   `[tokens, cols]` buffer being quantized (dynamic).
+//!   ignored). For weights the tensor is the whole matrix, or the engine-fused matrix it is
+//!   part of ([`crate::lower::fused`], via `Format::quantize_against`); for activations it
+//!   is the whole `[tokens, cols]` buffer being quantized (dynamic).
 //! * Block scale byte: `e4m3(amax(block) / 6 / global)` (RNE, saturating), or the E4M3 NaN code
 //!   0x7F if the block contains a NaN, or 0 when `global == 0`.
 //! * Effective block scale: `eff = decode(byte) * global`. Element code: `e2m1(x / eff)`
@@ -28,14 +29,17 @@ pub fn global_scale(amax: f32) -> f32 {
     amax / (E4M3_MAX * E2M1_MAX)
 }
 
-/// The FP32 tensor scale of `x` (parallel over chunks).
-pub(crate) fn global_scale_of(x: &[f32]) -> f32 {
+/// The largest finite magnitude of `x` (parallel over chunks): what a tensor scale is made of.
+pub fn tensor_amax(x: &[f32]) -> f32 {
     use rayon::prelude::*;
-    let amax = x
-        .par_chunks(1 << 14)
+    x.par_chunks(1 << 14)
         .map(|c| amax_finite(c).0)
-        .reduce(|| 0.0, f32::max);
-    global_scale(amax)
+        .reduce(|| 0.0, f32::max)
+}
+
+/// The FP32 tensor scale of `x`.
+pub(crate) fn global_scale_of(x: &[f32]) -> f32 {
+    global_scale(tensor_amax(x))
 }
 
 /// One NVFP4 block, rebuilt from its E4M3 scale byte and the tensor scale.

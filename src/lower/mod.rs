@@ -15,6 +15,7 @@
 
 pub mod arch;
 pub mod dtype;
+pub mod fused;
 pub mod moe;
 pub mod schedule;
 pub mod spec;

@@ -389,13 +389,11 @@ pub fn write_gguf(path: &Path, spec: &ModelSpec, seed: u64, linear_type: GgmlDTy
         Architecture::Llama | Architecture::Mistral => "llama",
         Architecture::Qwen2 => "qwen2",
         Architecture::Qwen3 => "qwen3",
-        Architecture::Qwen3Moe | Architecture::Mixtral => {
-            return Err(Error::invalid(
-                "synthetic gguf",
-                "this synthetic writer does not stack experts; scripts/gguf_tiny.py writes MoE GGUFs \
+        Architecture::Qwen3Moe | Architecture::Mixtral => return Err(Error::invalid(
+            "synthetic gguf",
+            "this synthetic writer does not stack experts; scripts/gguf_tiny.py writes MoE GGUFs \
                  as llama.cpp's converter does",
-            ))
-        }
+        )),
     };
     let refuse = |reason: &str| Err(Error::invalid("synthetic gguf", reason.to_string()));
     if spec.sliding_window.is_some() {

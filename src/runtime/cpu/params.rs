@@ -61,13 +61,20 @@ impl LinearWeights {
         self
     }
 
-    /// These weights fake-quantized to `precision` (bias unchanged).
-    pub fn quantized(&self, l: &Linear, precision: LinearPrecision) -> LinearWeights {
+    /// These weights fake-quantized to `precision` (bias unchanged), NVFP4 against
+    /// `tensor_amax` where its fused group shares one ([`crate::lower::fused`]).
+    pub fn quantized(
+        &self,
+        l: &Linear,
+        precision: LinearPrecision,
+        tensor_amax: Option<f32>,
+    ) -> LinearWeights {
         LinearWeights::new(
-            Arc::new(precision.weights.fake_quantize_weights(
+            Arc::new(precision.weights.fake_quantize_weights_against(
                 &self.weight,
                 l.out_features,
                 l.in_features,
+                tensor_amax,
             )),
             self.bias.clone(),
             precision.activations,
@@ -151,6 +158,10 @@ impl Params {
             tables.insert(name.to_string(), t.clone());
             Ok(t)
         };
+        // NVFP4 members of an engine-fused group share its tensor scale (lower::fused).
+        let shared_amax = crate::lower::fused::nvfp4_tensor_amax(graph, weights, &|n| {
+            precision.get(n).map(|p| p.weights)
+        })?;
         let mut p = Params {
             embedding: None,
             norms: vec![None; schedule.norms.len()],
@@ -195,7 +206,9 @@ impl Params {
                         None,
                     );
                     p.linears[slot] = Some(match precision.get(&node.name) {
-                        Some(&prec) => full.quantized(l, prec),
+                        Some(&prec) => {
+                            full.quantized(l, prec, shared_amax.get(&node.name).copied())
+                        }
                         None => full,
                     });
                 }

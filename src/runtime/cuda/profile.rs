@@ -86,7 +86,7 @@ pub fn profile_linears(
         let (n, k) = (shape.n, shape.k);
         let w = timing_weights(n, k);
         let bias = shape.bias.then(|| vec![0.01f32; n]);
-        let packed = PackedLinear::pack(format, &w, n, k, bias);
+        let packed = PackedLinear::pack(format, &w, n, k, bias, None);
         let rotate = opts.rotate_bytes.max(4 * dev.l2_bytes()?);
         let copies = rotate.div_ceil(packed.weight_bytes().max(1)).clamp(2, 4096);
         let dev_copies = (0..copies)

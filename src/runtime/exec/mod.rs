@@ -67,13 +67,15 @@ pub struct PackedLinear {
 }
 
 impl PackedLinear {
-    /// Packs a row-major `[n, k]` FP32 matrix.
+    /// Packs a row-major `[n, k]` FP32 matrix (NVFP4 against `tensor_amax` where its fused
+    /// group shares one: [`crate::lower::fused`]).
     pub fn pack(
         format: WeightFormat,
         w: &[f32],
         n: usize,
         k: usize,
         bias: Option<Vec<f32>>,
+        tensor_amax: Option<f32>,
     ) -> Self {
         let Some(f) = format.format() else {
             return PackedLinear {
@@ -84,7 +86,7 @@ impl PackedLinear {
                 bias,
             };
         };
-        let q = f.quantize(w, n, k);
+        let q = f.quantize_against(w, n, k, tensor_amax);
         let (scales, global) = match q.scales {
             Scales::None => (PackedScales::None, 1.0),
             Scales::Row(s) => (PackedScales::Row(s), 1.0),
@@ -190,6 +192,14 @@ impl ExecutablePlan {
             .iter()
             .map(|n| load(&n.tensor, &[n.dim]))
             .collect::<Result<Vec<_>>>()?;
+        let formats: std::collections::HashMap<&str, Option<crate::formats::Format>> = schedule
+            .linears
+            .iter()
+            .map(|l| (l.name.as_str(), l.shape.format.format()))
+            .collect();
+        let shared_amax = crate::lower::fused::nvfp4_tensor_amax(graph, weights, &|n| {
+            formats.get(n).copied().flatten()
+        })?;
         let linears = schedule
             .linears
             .iter()
@@ -204,7 +214,8 @@ impl ExecutablePlan {
                     Some(b) => Some(load(b, &[n])?),
                     None => None,
                 };
-                Ok(PackedLinear::pack(l.shape.format, &w, n, k, bias))
+                let amax = shared_amax.get(&l.name).copied();
+                Ok(PackedLinear::pack(l.shape.format, &w, n, k, bias, amax))
             })
             .collect::<Result<Vec<_>>>()?;
         let (rope_cos, rope_sin) =
