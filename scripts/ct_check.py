@@ -59,7 +59,9 @@ def schemes(path):
     for scheme in qc.config_groups.values():
         for t in scheme.targets:
             out[t] = scheme
-    return out
+    # Targets that name no tensor: the aliases vLLM's MoE scheme lookup needs for Mixtral.
+    tensors = set(json.load(open(os.path.join(path, "model.safetensors.index.json")))["weight_map"])
+    return {t: s for t, s in out.items() if any(k.startswith(t + ".") for k in tensors)}
 
 
 FUSED = re.compile(r"(.*)\.(q_proj|k_proj|v_proj|gate_proj|up_proj|w1|w3)$")

@@ -239,6 +239,27 @@ fn check_model(
     assert_eq!(report["mx_scale_rule"], "round");
     let ignored = report["ignored"].as_array().unwrap();
     assert!(ignored.iter().any(|v| v == pins.ignored), "{report}");
+    // Mixtral: vLLM looks its experts' scheme up as experts.0.gate_proj etc. (aliases).
+    let config: Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
+    if config["model_type"] == "mixtral" {
+        let groups = config["quantization_config"]["config_groups"]
+            .as_object()
+            .unwrap();
+        let alias = "model.layers.0.block_sparse_moe.experts.0.gate_proj";
+        let owner = groups
+            .values()
+            .find(|g| g["targets"].as_array().unwrap().iter().any(|t| t == alias))
+            .expect("the alias is a target");
+        assert!(
+            owner["targets"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|t| t == "model.layers.0.block_sparse_moe.experts.3.w2"),
+            "the alias joins the experts' own group"
+        );
+    }
     // MoE routers stay in the export dtype, named in `ignore`.
     let graph = fpx::ir::Graph::build(&load_model(model).unwrap().spec);
     for id in graph.routers() {

@@ -202,6 +202,7 @@ pub fn export(
     // Routers stay in the export dtype (fpx computes them in FP32, as the engines do); named
     // in `ignore` as llm-compressor's MoE recipes name them, so no loader quantizes them.
     ignored.extend(graph.routers().map(|id| graph.node(id).name.clone()));
+    add_vllm_expert_aliases(&graph, &model.spec, &mut groups, &mut ignored);
 
     let spec = &model.spec;
     let shared_amax = nvfp4_tensor_amax(&graph, model.weights.as_ref(), &|n| {
@@ -297,7 +298,7 @@ pub fn export(
     for (s, names) in &groups {
         *layers_per_format
             .entry(s.ct_format().to_string())
-            .or_insert(0) += names.len();
+            .or_insert(0) += names.iter().filter(|n| quantized.contains_key(*n)).count();
     }
     Ok(ExportReport {
         dir: out.to_path_buf(),
@@ -380,6 +381,37 @@ fn check_fused(graph: &Graph, precision: &Precision) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// vLLM finds a fused MoE layer's scheme under `experts.0.gate_proj`, `up_proj` and `down_proj`
+/// whatever the checkpoint calls its experts (`CompressedTensorsMoEMethod.get_moe_method`).
+/// Mixtral's are `w1`/`w3`/`w2`, so exact-name targets would match nothing there: those three
+/// names join the targets (or `ignore`) of the scheme the block's experts share. They name no
+/// tensor; compressed-tensors' loaders skip targets that match no module.
+fn add_vllm_expert_aliases(
+    graph: &Graph,
+    spec: &crate::model::ModelSpec,
+    groups: &mut BTreeMap<Scheme, Vec<String>>,
+    ignored: &mut Vec<String>,
+) {
+    let Some(names) = crate::model::moe::MoeNames::of(spec.architecture) else {
+        return;
+    };
+    if names.gate == "gate_proj" {
+        return;
+    }
+    for id in graph.routers() {
+        let Some(layer) = graph.node(id).layer else {
+            continue;
+        };
+        let first = &names.expert(layer, 0)[0];
+        let aliases = ["gate_proj", "up_proj", "down_proj"]
+            .map(|p| format!("model.layers.{layer}.{}.experts.0.{p}", names.block));
+        match groups.values_mut().find(|t| t.contains(first)) {
+            Some(targets) => targets.extend(aliases),
+            None => ignored.extend(aliases),
+        }
+    }
 }
 
 /// The parts of a quantized linear `layer` ([N, K] = `rows` x `cols`).
