@@ -355,21 +355,18 @@ fn check_fused(graph: &Graph, precision: &Precision) -> Result<()> {
     for ((_, fused), members) in by_block {
         let first = members[0].1;
         if members.iter().any(|(_, p)| *p != first) {
+            let show = |&(n, (w, a)): &(&str, LayerPrecision)| match a {
+                Some(a) => format!("{n} = {w} (activations {a})"),
+                None => format!("{n} = {w}"),
+            };
             let names: Vec<String> = members
                 .iter()
                 .filter(|(_, p)| *p != first)
                 .take(4)
-                .map(|&(n, (w, a))| match a {
-                    Some(a) => format!("{n} = {w} (activations {a})"),
-                    None => format!("{n} = {w}"),
-                })
+                .map(show)
                 .collect();
             let (what, how) = describe(fused);
-            let (w, a) = first;
-            let first = match a {
-                Some(a) => format!("{} = {w} (activations {a})", members[0].0),
-                None => format!("{} = {w}", members[0].0),
-            };
+            let first = show(&members[0]);
             return Err(Error::Layer {
                 layer: members[0].0.to_string(),
                 reason: format!(

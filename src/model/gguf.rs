@@ -154,7 +154,7 @@ fn spec_from_metadata(
         architecture,
         layers,
         ffn,
-        &|k| opt_usize(k).map_err(|_| config_err(path, format!("{} is not an integer", key(k)))),
+        &opt_usize,
         &|k| match meta.get(&key(k)) {
             Some(Value::Bool(b)) => Some(*b),
             _ => None,
