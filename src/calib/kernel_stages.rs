@@ -1,7 +1,7 @@
 //! The calibration forwards on the generated kernels ([`KernelStages`]): a stage's steps of the
 //! full-precision schedule (FP32 weights and activations, the reference the passes measure
 //! against) launched on any [`Launcher`] (the cuda backend on a GPU, the emulator on the CPU)
-//! with the one argument binding every backend uses ([`step_args`], [`linear_args`]).
+//! with the one argument binding every backend uses ([`launch_args`](crate::runtime::launch::launch_args), [`linear_args`]).
 //!
 //! Per stage, its FP32 weights are loaded on the host (the passes quantize them and measure
 //! there) and uploaded once; one sequence's activation buffers and KV cache serve every
@@ -35,12 +35,23 @@ use crate::runtime::cuda::{CompilerOptions, Device, KernelCache};
 use crate::runtime::emu::{EmuKernels, EmuOptions};
 use crate::runtime::exec::{ExecutablePlan, PackedLinear, PackedScales};
 use crate::runtime::launch::{
-    linear_args, run_linear_on, step_args, Launcher, LinearBuffers, ParamBuffers, SequenceBuffers,
+    launch_on, linear_args, run_linear_on, Launcher, LinearBuffers, ParamBuffers, SequenceBuffers,
 };
 
 /// The FP32 schedule calibration runs ([`PrecisionMap::new`]: every linear layer in FP32).
+/// MoE models are refused: the kernel stages have no observer inside the grouped expert
+/// kernels (each expert's routed rows), which per-expert eps needs.
 pub fn reference_schedule(graph: &Graph) -> Result<Schedule> {
-    Schedule::build(graph, &PrecisionMap::new())
+    let schedule = Schedule::build(graph, &PrecisionMap::new())?;
+    match schedule.moes.first() {
+        Some(m) => Err(crate::error::Error::Layer {
+            layer: m.name.clone(),
+            reason: "calibration through the generated kernels does not observe the experts' \
+                     routed rows yet; calibrate mixture-of-experts models with --backend cpu"
+                .into(),
+        }),
+        None => Ok(schedule),
+    }
 }
 
 /// Every kernel [`KernelStages`] launches for `graph` with variants in `formats`: those of the
@@ -235,6 +246,7 @@ impl<'s, L: Launcher> KernelStage<'s, L> {
             linears,
             rope_cos,
             rope_sin,
+            routers: Vec::new(),
         };
         if head && logits.is_none() {
             *logits = Some(l.zeros(*max_seq * d.vocab * ActDtype::F32.bytes())?);
@@ -365,14 +377,19 @@ impl<'s, L: Launcher> KernelStage<'s, L> {
                 },
                 other => other,
             };
-            let (spec, entry) = self.schedule.launch_of(&step, m);
-            let args = step_args(self.schedule, &self.params, self.seq, &step, m, false);
-            // SAFETY: `Step::params` lists the kernel's signature in order; the buffers were
-            // allocated for this schedule and `max_seq` rows.
-            unsafe {
-                self.l
-                    .launch(&spec, &entry, step.rows(m), self.max_seq, &args)?
-            };
+            for launch in self.schedule.launches(&step, m, false) {
+                // SAFETY: the buffers were allocated for this schedule and `max_seq` rows.
+                unsafe {
+                    launch_on(
+                        self.l,
+                        self.schedule,
+                        &self.params,
+                        self.seq,
+                        &launch,
+                        self.max_seq,
+                    )?
+                };
+            }
         }
         Ok(())
     }

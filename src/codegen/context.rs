@@ -7,7 +7,7 @@
 use serde::Serialize;
 
 use crate::lower::{split_kv, ActDtype, Arch};
-use crate::lower::{KernelSpec, LinearShape, WeightFormat, GEMV_ROW_TILES};
+use crate::lower::{KernelSpec, LinearShape, WeightFormat, GEMV_MAX_ROWS, GEMV_ROW_TILES};
 
 /// Threads per block of the GEMV kernels (4 warps).
 pub const GEMV_WARPS: usize = 4;
@@ -116,6 +116,13 @@ pub struct GemvCtx {
     pub fp4_unit: &'static str,
     /// Row tiles the entry points are compiled for.
     pub row_tiles: Vec<usize>,
+    /// The grouped expert GEMV ([`KernelSpec::ExpertGemv`]): one block column per expert
+    /// (`experts` of them, weights stacked), over the pairs routed to it, [`GEMV_MAX_ROWS`]
+    /// at a time; `top_k` pairs per token; `gather`: pair `p` reads row `p / top_k`.
+    pub grouped: bool,
+    pub experts: usize,
+    pub top_k: usize,
+    pub gather: bool,
 }
 
 /// Prefill GEMM: `bm x bn` output tiles, `bk` deep, `tm x tn` outputs per thread.
@@ -161,6 +168,19 @@ pub struct SimpleCtx {
     pub threads: usize,
 }
 
+/// A MoE block's routing and combine kernels: one block per token.
+#[derive(Debug, Clone, Serialize)]
+pub struct MoeCtx {
+    #[serde(flatten)]
+    pub common: Common,
+    pub hidden: usize,
+    /// Routing: experts scored, chosen per token, renormalised.
+    pub experts: usize,
+    pub top_k: usize,
+    pub norm_top_k: bool,
+    pub threads: usize,
+}
+
 /// RoPE and attention.
 #[derive(Debug, Clone, Serialize)]
 pub struct HeadsCtx {
@@ -198,6 +218,7 @@ pub enum KernelContext {
     Gemm(GemmCtx),
     Simple(SimpleCtx),
     Heads(HeadsCtx),
+    Moe(MoeCtx),
 }
 
 impl KernelContext {
@@ -230,6 +251,41 @@ impl KernelContext {
             KernelSpec::RmsNorm { dim, .. } => simple(dim, 0, ROW_THREADS),
             KernelSpec::SiluMul { dim, .. } => simple(dim, 0, ELEMENTWISE_THREADS),
             KernelSpec::Argmax { vocab, .. } => simple(0, vocab, ARGMAX_THREADS),
+            KernelSpec::ExpertGemv {
+                shape,
+                experts,
+                top_k,
+                gather,
+            } => KernelContext::Gemv(GemvCtx {
+                grouped: true,
+                experts,
+                top_k,
+                gather,
+                row_tiles: vec![GEMV_MAX_ROWS],
+                ..gemv(common, shape, arch)
+            }),
+            KernelSpec::MoeRoute {
+                experts,
+                hidden,
+                top_k,
+                norm_top_k,
+                ..
+            } => KernelContext::Moe(MoeCtx {
+                common,
+                hidden,
+                experts,
+                top_k,
+                norm_top_k,
+                threads: ATTENTION_THREADS,
+            }),
+            KernelSpec::MoeCombine { hidden, top_k, .. } => KernelContext::Moe(MoeCtx {
+                common,
+                hidden,
+                experts: 0,
+                top_k,
+                norm_top_k: false,
+                threads: ROW_THREADS,
+            }),
             KernelSpec::RopeKv {
                 heads,
                 kv_heads,
@@ -267,6 +323,7 @@ impl KernelContext {
             KernelContext::Gemm(c) => &c.common,
             KernelContext::Simple(c) => &c.common,
             KernelContext::Heads(c) => &c.common,
+            KernelContext::Moe(c) => &c.common,
         }
     }
 
@@ -274,9 +331,12 @@ impl KernelContext {
     /// number of KV-cache positions attention must be able to hold (its shared memory).
     pub fn launch(&self, rows: usize, context: usize) -> Launch {
         match self {
-            KernelContext::Gemv(c) => {
-                Launch::new((c.n.div_ceil(c.rows_per_block), 1), c.threads, 0)
-            }
+            KernelContext::Gemv(c) => Launch::new(
+                (c.n.div_ceil(c.rows_per_block), c.experts.max(1)),
+                c.threads,
+                0,
+            ),
+            KernelContext::Moe(c) => Launch::new((rows, 1), c.threads, 0),
             KernelContext::Gemm(c) => Launch::new(
                 (c.n.div_ceil(c.bn), rows.div_ceil(c.bm)),
                 c.threads,
@@ -381,6 +441,10 @@ fn gemv(common: Common, s: LinearShape, arch: Arch) -> GemvCtx {
         },
         fp4_unit: if arch.has_fp4_cvt() { "1.f" } else { "16384.f" },
         row_tiles: GEMV_ROW_TILES.to_vec(),
+        grouped: false,
+        experts: 0,
+        top_k: 0,
+        gather: false,
     }
 }
 

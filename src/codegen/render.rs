@@ -15,7 +15,7 @@ use crate::lower::Arch;
 use crate::lower::KernelSpec;
 
 /// The kernel templates, by file name.
-pub const TEMPLATES: [(&str, &str); 9] = [
+pub const TEMPLATES: [(&str, &str); 11] = [
     (
         "macros.cu.tera",
         include_str!("../../templates/macros.cu.tera"),
@@ -45,6 +45,14 @@ pub const TEMPLATES: [(&str, &str); 9] = [
     (
         "argmax.cu.tera",
         include_str!("../../templates/argmax.cu.tera"),
+    ),
+    (
+        "moe_route.cu.tera",
+        include_str!("../../templates/moe_route.cu.tera"),
+    ),
+    (
+        "moe_combine.cu.tera",
+        include_str!("../../templates/moe_combine.cu.tera"),
     ),
 ];
 
@@ -176,7 +184,7 @@ impl Renderer {
             reason,
         };
         let ctx = tera::Context::from_serialize(&context).map_err(|e| err(chain(&e)))?;
-        let template = format!("{}.cu.tera", spec.family());
+        let template = format!("{}.cu.tera", spec.template());
         let source = self
             .tera
             .render(&template, &ctx)

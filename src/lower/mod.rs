@@ -25,7 +25,9 @@ pub mod work;
 
 pub use arch::{Arch, DeviceTarget};
 pub use dtype::ActDtype;
-pub use schedule::{Act, Dims, LinearSlot, MoeSlot, NormSlot, Param, QkNorm, Schedule, Step};
+pub use schedule::{
+    Act, Dims, LinearSlot, MoeSlot, NormSlot, Param, QkNorm, Schedule, Step, StepLaunch,
+};
 pub use spec::{KernelSpec, LinearShape, WeightFormat, GEMV_MAX_ROWS, GEMV_ROW_TILES};
 pub use work::{
     decode_instructions_per_weight, linear_weight_bytes, linear_work, InstructionPath, KernelWork,

@@ -4,14 +4,18 @@
 //! its format from the precision map), listed per expert in the block's [`MoeSlot`]; they have
 //! no `Step::Linear` of their own.
 //!
-//! The generated kernels have no grouped expert GEMV/GEMM yet, so a schedule with MoE blocks
-//! runs on the CPU interpreter only ([`Schedule::check_kernels`](super::Schedule::check_kernels)
-//! refuses it for the kernel backends, naming the block).
+//! On the kernel backends a block is six launches ([`Schedule::moe_launches`]): the router
+//! (softmax, top-k, renormalisation) writes each token's experts and weights; a grouped GEMV
+//! per projection runs every expert at once over the (token, slot) pairs routed to it, with
+//! the experts' weights stacked (so the experts of a projection share one format there:
+//! [`Schedule::check_expert_kernels`]); SiLU-gate over the pair rows; the weighted combine adds
+//! each token's pairs into the residual stream. The CPU reference runs the same arithmetic
+//! (`runtime::cpu::moe`).
 
 use serde::Serialize;
 
-use super::schedule::{linear_slot, Act, Schedule, Step};
-use super::PrecisionMap;
+use super::schedule::{linear_slot, Act, Schedule, Step, StepLaunch};
+use super::{KernelSpec, Param, PrecisionMap};
 use crate::error::{Error, Result};
 use crate::ir::{Graph, LinearKind, NodeId, Op};
 
@@ -201,7 +205,157 @@ pub fn expert_work(
     }
 }
 
+/// The projections of an expert's MLP, in [`MoeSlot::experts`] order.
+pub const EXPERT_PROJECTIONS: [&str; 3] = ["gate", "up", "down"];
+
 impl Schedule {
+    /// The largest `top_k` of the schedule's MoE blocks (0 without any): the pair rows per
+    /// token the expert buffers hold.
+    pub fn moe_top_k(&self) -> usize {
+        self.moes.iter().map(|m| m.top_k).max().unwrap_or(0)
+    }
+
+    /// The widest expert intermediate size (0 without MoE blocks).
+    pub fn expert_ffn(&self) -> usize {
+        (self.moes.iter().flat_map(|m| m.linears()))
+            .map(|l| self.linears[l].shape)
+            .filter(|s| s.n != self.dims.hidden)
+            .map(|s| s.n)
+            .max()
+            .unwrap_or(0)
+    }
+
+    /// The MoE block and projection (0 gate, 1 up, 2 down) expert slot `linear` belongs to.
+    pub fn expert_of(&self, linear: usize) -> Option<(usize, usize)> {
+        self.moes.iter().enumerate().find_map(|(b, m)| {
+            (m.experts.iter())
+                .find_map(|e| e.iter().position(|&l| l == linear))
+                .map(|p| (b, p))
+        })
+    }
+
+    /// The grouped GEMV of projection `proj` of MoE block `moe` (expert 0's shape: every
+    /// expert's is the same, [`Schedule::check_expert_kernels`]).
+    pub fn expert_kernel(&self, moe: usize, proj: usize) -> KernelSpec {
+        let m = &self.moes[moe];
+        KernelSpec::ExpertGemv {
+            shape: self.linears[m.experts[0][proj]].shape,
+            experts: m.experts.len(),
+            top_k: m.top_k,
+            gather: proj != 2,
+        }
+    }
+
+    /// The kernels of MoE block `moe`, in launch order.
+    pub fn moe_kernels(&self, moe: usize) -> [KernelSpec; 6] {
+        let m = &self.moes[moe];
+        let act = self.act;
+        let ffn = self.linears[m.experts[0][0]].shape.n;
+        [
+            KernelSpec::MoeRoute {
+                experts: m.experts.len(),
+                hidden: self.dims.hidden,
+                top_k: m.top_k,
+                norm_top_k: m.norm_top_k,
+                act,
+            },
+            self.expert_kernel(moe, 0),
+            self.expert_kernel(moe, 1),
+            KernelSpec::SiluMul { dim: ffn, act },
+            self.expert_kernel(moe, 2),
+            KernelSpec::MoeCombine {
+                hidden: self.dims.hidden,
+                top_k: m.top_k,
+                act,
+            },
+        ]
+    }
+
+    /// The six launches of MoE block `moe` over `m` tokens (see the module doc); every one
+    /// but the SiLU-gate (over the `m * top_k` pair rows) takes the token count.
+    pub fn moe_launches(&self, moe: usize, m: usize) -> Vec<StepLaunch> {
+        use Param as P;
+        let b = &self.moes[moe];
+        let expert = |p: usize, src: Act, dst: Act| {
+            vec![
+                P::ExpertCodes(moe, p),
+                P::ExpertScales(moe, p),
+                P::ExpertGlobals(moe, p),
+                P::ExpertBias(moe, p),
+                P::RouteIds,
+                P::Act(src),
+                P::Act(dst),
+                P::Rows,
+            ]
+        };
+        let params = [
+            vec![
+                P::Act(b.src),
+                P::Router(moe),
+                P::RouteIds,
+                P::RouteWeights,
+                P::Rows,
+            ],
+            expert(0, b.src, Act::ExpertGate),
+            expert(1, b.src, Act::ExpertUp),
+            vec![P::Act(Act::ExpertGate), P::Act(Act::ExpertUp), P::Rows],
+            expert(2, Act::ExpertGate, Act::ExpertOut),
+            vec![
+                P::Act(Act::ExpertOut),
+                P::RouteIds,
+                P::RouteWeights,
+                P::Act(b.dst),
+                P::Rows,
+            ],
+        ];
+        (self.moe_kernels(moe).into_iter().zip(params))
+            .map(|(spec, params)| StepLaunch {
+                rows: if matches!(spec, KernelSpec::SiluMul { .. }) {
+                    m * b.top_k
+                } else {
+                    m
+                },
+                entry: spec.name(),
+                spec,
+                params,
+                row0: 0,
+            })
+            .collect()
+    }
+
+    /// The grouped expert kernels stack a projection's experts, so every expert of it must
+    /// have the same format and shape (the planner's default: a block's experts share one
+    /// format); per-expert formats run on the CPU reference only.
+    pub fn check_expert_kernels(&self) -> Result<()> {
+        for m in &self.moes {
+            for (p, name) in EXPERT_PROJECTIONS.iter().enumerate() {
+                let first = &self.linears[m.experts[0][p]];
+                let odd = (m.experts.iter()).find(|e| self.linears[e[p]].shape != first.shape);
+                if let Some(e) = odd {
+                    let other = &self.linears[e[p]];
+                    return Err(Error::Layer {
+                        layer: m.name.clone(),
+                        reason: format!(
+                            "the generated kernels run a block's {name} projections as one \
+                             grouped GEMV over stacked weights, so its experts need one format \
+                             and shape: {} is {} {}x{}, {} is {} {}x{} (plans with \
+                             --per-expert-formats run on the CPU reference only)",
+                            first.name,
+                            first.shape.format,
+                            first.shape.n,
+                            first.shape.k,
+                            other.name,
+                            other.shape.format,
+                            other.shape.n,
+                            other.shape.k
+                        ),
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// The work of MoE block `moe` in a decode step of `rows` tokens: the router's product
     /// (FP32 weights, on the SIMT path) and every expert's expected share ([`expert_work`]).
     pub fn moe_work(&self, moe: usize, rows: usize, arch: super::Arch) -> super::KernelWork {

@@ -280,17 +280,11 @@ impl Schedule {
         Ok(s)
     }
 
-    /// Refuses what the generated kernels cannot run yet: mixture-of-experts blocks and
-    /// activation quantization.
+    /// Refuses what the generated kernels cannot run yet: activation quantization, and MoE
+    /// blocks whose experts do not share one format per projection
+    /// ([`Schedule::check_expert_kernels`]).
     pub fn check_kernels(&self) -> Result<()> {
-        if let Some(m) = self.moes.first() {
-            return Err(Error::Layer {
-                layer: m.name.clone(),
-                reason: "mixture-of-experts blocks run on the CPU reference only: the generated \
-                         kernels have no grouped expert GEMV/GEMM yet"
-                    .into(),
-            });
-        }
+        self.check_expert_kernels()?;
         match self.linears.iter().find_map(|l| Some((l, l.activations?))) {
             Some((l, a)) => Err(Error::Layer {
                 layer: l.name.clone(),
@@ -332,8 +326,7 @@ impl Schedule {
                 window,
             }],
             Step::SiluMul => vec![KernelSpec::SiluMul { dim: d.ffn, act }],
-            // No kernel yet ([`Schedule::check_kernels`] refuses the schedule).
-            Step::Moe { .. } => Vec::new(),
+            Step::Moe { moe } => self.moe_kernels(moe).to_vec(),
             Step::Argmax => vec![KernelSpec::Argmax {
                 vocab: d.vocab,
                 act,
@@ -341,21 +334,34 @@ impl Schedule {
         }
     }
 
-    /// The kernel and entry point `step` launches in a pass of `m` rows (a linear step: the
-    /// GEMV or GEMM entry [`LinearShape::kernel_for_rows`] picks).
-    pub fn launch_of(&self, step: &Step, m: usize) -> (KernelSpec, String) {
-        match *step {
+    /// The launches of `step` in a pass of `m` rows: one kernel for every step but a MoE
+    /// block's ([`Schedule::moe_launches`]); a linear step launches the GEMV or GEMM entry
+    /// [`LinearShape::kernel_for_rows`] picks. `decode`: the embedding reads the previous
+    /// argmax's token.
+    pub fn launches(&self, step: &Step, m: usize, decode: bool) -> Vec<StepLaunch> {
+        let (spec, entry) = match *step {
+            Step::Moe { moe } => return self.moe_launches(moe, m),
             Step::Linear { linear, .. } => self.linears[linear].shape.kernel_for_rows(step.rows(m)),
             _ => {
                 let spec = self.kernels_of(step)[0];
                 (spec, spec.name())
             }
-        }
+        };
+        vec![StepLaunch {
+            spec,
+            entry,
+            params: step.params(decode),
+            rows: step.rows(m),
+            row0: step.row0(m),
+        }]
     }
 
-    /// The entry point `step` launches in a pass of `m` rows ([`Schedule::launch_of`]).
+    /// The entry points `step` launches in a pass of `m` rows, joined by `+`.
     pub fn entry_of(&self, step: &Step, m: usize) -> String {
-        self.launch_of(step, m).1
+        let entries: Vec<String> = (self.launches(step, m, false).into_iter())
+            .map(|l| l.entry)
+            .collect();
+        entries.join("+")
     }
 
     /// Every kernel of the schedule, deduplicated and sorted.
@@ -374,8 +380,32 @@ impl Schedule {
             Act::K | Act::V => d.kv_dim,
             Act::Gate | Act::Up => d.ffn,
             Act::Logits => d.vocab,
+            Act::ExpertGate | Act::ExpertUp => self.expert_ffn(),
+            Act::ExpertOut => d.hidden,
         }
     }
+
+    /// Rows of activation buffer `a` in a sequence of `max_seq` positions: one for the logits,
+    /// `top_k` per position for a MoE block's pair rows.
+    pub fn act_rows(&self, max_seq: usize, a: Act) -> usize {
+        match a {
+            Act::Logits => 1,
+            Act::ExpertGate | Act::ExpertUp | Act::ExpertOut => max_seq * self.moe_top_k(),
+            _ => max_seq,
+        }
+    }
+}
+
+/// One kernel launch of a step: the kernel, its entry point, its parameters in the order of
+/// the template's signature (every backend binds this list), the rows it processes (the
+/// launch dimensions and its `Rows` value) and the first row a last-row RMSNorm reads.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StepLaunch {
+    pub spec: KernelSpec,
+    pub entry: String,
+    pub params: Vec<super::Param>,
+    pub rows: usize,
+    pub row0: i32,
 }
 
 /// The slot of linear node `name` in precision `p` (FP32 weights without one), on FP32

@@ -204,6 +204,37 @@ pub enum KernelSpec {
         #[serde(default)]
         act: ActDtype,
     },
+    /// The routing of a mixture-of-experts block ([`super::moe`]): per row, the softmax of
+    /// `x R^T` over `experts` (FP32 router weights `[experts, hidden]`), the `top_k` largest
+    /// probabilities (the lower expert first on ties), divided by their sum with `norm_top_k`;
+    /// writes each row's experts and weights, best first.
+    MoeRoute {
+        experts: usize,
+        hidden: usize,
+        top_k: usize,
+        norm_top_k: bool,
+        #[serde(default)]
+        act: ActDtype,
+    },
+    /// One projection of every expert of a MoE block in one launch (a grouped GEMV): the
+    /// experts' weights stacked expert after expert, one block column per expert, each
+    /// streaming its weights once for every pair (row, slot) routed to it. Pair `p` reads
+    /// source row `p / top_k` with `gather` (the block's input) and row `p` without (the
+    /// previous projection's pair rows), and writes pair row `p`.
+    ExpertGemv {
+        shape: LinearShape,
+        experts: usize,
+        top_k: usize,
+        gather: bool,
+    },
+    /// `x[t] += sum of w[t, j] * y[t * top_k + j]` over a row's `top_k` pairs, in ascending
+    /// expert order, rounded once (a MoE block's weighted combine and residual add).
+    MoeCombine {
+        hidden: usize,
+        top_k: usize,
+        #[serde(default)]
+        act: ActDtype,
+    },
     /// Index of the largest logit (the first one on ties).
     Argmax {
         vocab: usize,
@@ -241,6 +272,28 @@ impl KernelSpec {
                 format!("attention_h{heads}_kv{kv_heads}_d{head_dim}{w}")
             }
             KernelSpec::SiluMul { dim, .. } => format!("silu_mul_{dim}"),
+            KernelSpec::MoeRoute {
+                experts,
+                hidden,
+                top_k,
+                norm_top_k,
+                ..
+            } => {
+                let norm = if *norm_top_k { "_norm" } else { "" };
+                format!("moe_route_e{experts}_top{top_k}_{hidden}{norm}")
+            }
+            KernelSpec::ExpertGemv {
+                shape,
+                experts,
+                top_k,
+                gather,
+            } => {
+                let g = if *gather { "_gather" } else { "" };
+                return format!("expert_gemv_{}_e{experts}_top{top_k}{g}", shape.suffix());
+            }
+            KernelSpec::MoeCombine { hidden, top_k, .. } => {
+                format!("moe_combine_top{top_k}_{hidden}")
+            }
             KernelSpec::Argmax { vocab, .. } => format!("argmax_{vocab}"),
         };
         base + &act_suffix(self.act())
@@ -249,12 +302,16 @@ impl KernelSpec {
     /// The element type of the activation buffers (and KV cache) the kernel reads and writes.
     pub fn act(&self) -> ActDtype {
         match *self {
-            KernelSpec::Gemv(s) | KernelSpec::Gemm(s) => s.act,
+            KernelSpec::Gemv(s) | KernelSpec::Gemm(s) | KernelSpec::ExpertGemv { shape: s, .. } => {
+                s.act
+            }
             KernelSpec::Embedding { act, .. }
             | KernelSpec::RmsNorm { act, .. }
             | KernelSpec::RopeKv { act, .. }
             | KernelSpec::Attention { act, .. }
             | KernelSpec::SiluMul { act, .. }
+            | KernelSpec::MoeRoute { act, .. }
+            | KernelSpec::MoeCombine { act, .. }
             | KernelSpec::Argmax { act, .. } => act,
         }
     }
@@ -269,7 +326,30 @@ impl KernelSpec {
             KernelSpec::RopeKv { .. } => "rope_kv",
             KernelSpec::Attention { .. } => "attention",
             KernelSpec::SiluMul { .. } => "silu_mul",
+            KernelSpec::MoeRoute { .. } => "moe_route",
+            KernelSpec::ExpertGemv { .. } => "expert_gemv",
+            KernelSpec::MoeCombine { .. } => "moe_combine",
             KernelSpec::Argmax { .. } => "argmax",
+        }
+    }
+
+    /// The template the kernel is rendered from, `templates/<template>.cu.tera`: its family's,
+    /// except that the grouped expert GEMV is the GEMV template in its grouped mode (one
+    /// decode loop for both).
+    pub fn template(&self) -> &'static str {
+        match self {
+            KernelSpec::ExpertGemv { .. } => "gemv",
+            _ => self.family(),
+        }
+    }
+
+    /// The linear shape of a GEMV, GEMM or grouped expert GEMV.
+    pub fn linear_shape(&self) -> Option<LinearShape> {
+        match *self {
+            KernelSpec::Gemv(s) | KernelSpec::Gemm(s) | KernelSpec::ExpertGemv { shape: s, .. } => {
+                Some(s)
+            }
+            _ => None,
         }
     }
 

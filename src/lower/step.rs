@@ -22,11 +22,16 @@ pub enum Act {
     Up,
     /// `[1, vocab]`.
     Logits,
+    /// A MoE block's pair rows (one per token and chosen expert, `[m * top_k, cols]`): the
+    /// experts' gate (then SiLU-gate) and up outputs, and their down outputs.
+    ExpertGate,
+    ExpertUp,
+    ExpertOut,
 }
 
 impl Act {
     /// Every activation buffer, in the order backends allocate them.
-    pub const ALL: [Act; 9] = [
+    pub const ALL: [Act; 12] = [
         Act::X,
         Act::Xn,
         Act::Q,
@@ -36,6 +41,9 @@ impl Act {
         Act::Gate,
         Act::Up,
         Act::Logits,
+        Act::ExpertGate,
+        Act::ExpertUp,
+        Act::ExpertOut,
     ];
 }
 
@@ -87,8 +95,9 @@ pub enum Step {
     /// `Gate = silu(Gate) * Up`.
     SiluMul,
     /// Mixture-of-experts block `moes[moe]` ([`super::moe`]): routes each row of its source,
-    /// runs the chosen experts' MLPs and adds their weighted sum to its destination. The CPU
-    /// interpreter runs it; no kernel is generated for it yet.
+    /// runs the chosen experts' MLPs and adds their weighted sum to its destination. The
+    /// kernels run it as six launches ([`super::moe::launches`]): routing, the experts' gate,
+    /// up, SiLU-gate and down over the routed pairs, and the weighted combine.
     Moe { moe: usize },
     /// Next token = argmax of `Logits`.
     Argmax,
@@ -132,6 +141,19 @@ pub enum Param {
     LinearScales(usize),
     LinearGlobal(usize),
     LinearBias(usize),
+    /// MoE block `i`'s router weights (`const float*`, `[experts, hidden]`).
+    Router(usize),
+    /// The routing of the block being run: each pair's expert (`int*`) and weight (`float*`),
+    /// `top_k` per row.
+    RouteIds,
+    RouteWeights,
+    /// Projection `p` (0 gate, 1 up, 2 down) of MoE block `i`, every expert's stacked in
+    /// expert order: codes (`const u8*`), scales (`const void*`), NVFP4 tensor scales (`const
+    /// float*`, one per expert) and biases (`const float*`).
+    ExpertCodes(usize, usize),
+    ExpertScales(usize, usize),
+    ExpertGlobals(usize, usize),
+    ExpertBias(usize, usize),
 }
 
 impl Step {
@@ -174,7 +196,7 @@ impl Step {
                 P::Rows,
             ],
             Step::SiluMul => vec![P::Act(Act::Gate), P::Act(Act::Up), P::Rows],
-            Step::Moe { .. } => Vec::new(),
+            Step::Moe { .. } => unreachable!("a MoE step launches several kernels: moe::launches"),
             Step::Argmax => vec![P::Act(Act::Logits), P::Next],
             Step::Linear { linear, src, dst } => vec![
                 P::LinearCodes(linear),

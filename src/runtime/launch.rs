@@ -14,7 +14,9 @@
 
 use super::exec::{check_pass, Backend, ExecutablePlan, PackedLinear};
 use crate::error::Result;
-use crate::lower::{split_kv, Act, ActDtype, KernelSpec, LinearShape, Param, Schedule, Step};
+use crate::lower::{
+    split_kv, Act, ActDtype, KernelSpec, LinearShape, Param, Schedule, Step, StepLaunch,
+};
 
 /// One kernel argument: a buffer (passed as its device pointer) or a value.
 pub enum Arg<'a, B> {
@@ -78,10 +80,42 @@ impl<B> LinearBuffers<B> {
     }
 }
 
-/// The buffers of one sequence: activations `[max_seq, cols]` by [`Act`] (logits: one row)
-/// and a `[max_seq, kv_dim]` K and V cache per layer, all in the schedule's activation type;
-/// the prompt's token ids, the pass's first position and the greedy next token (`i32`); split
-/// attention's partials.
+/// One projection of a MoE block's experts as its grouped GEMV reads them: every expert's
+/// codes, scales and bias concatenated in expert order, and one NVFP4 tensor scale per expert.
+pub struct ExpertBuffers<B> {
+    pub codes: B,
+    pub scales: B,
+    pub globals: B,
+    pub bias: B,
+}
+
+impl<B> ExpertBuffers<B> {
+    /// Stacks `experts` (one format and shape: `Schedule::check_expert_kernels`).
+    pub fn upload<'p, L: Memory<Buf = B>>(
+        l: &L,
+        experts: impl Iterator<Item = &'p PackedLinear>,
+    ) -> Result<Self> {
+        let (mut codes, mut scales, mut globals, mut bias) = (vec![], vec![], vec![], vec![]);
+        for p in experts {
+            codes.extend_from_slice(&p.codes);
+            scales.extend(p.scales.kernel_bytes());
+            globals.push(p.global);
+            bias.extend(p.bias.as_deref().unwrap_or(&[]));
+        }
+        Ok(ExpertBuffers {
+            codes: l.upload(&codes)?,
+            scales: l.upload(&scales)?,
+            globals: l.upload(&ActDtype::F32.encode(&globals))?,
+            bias: l.upload(&ActDtype::F32.encode(&bias))?,
+        })
+    }
+}
+
+/// The buffers of one sequence: activations by [`Act`] (`Schedule::act_rows` rows of
+/// `Schedule::act_cols`) and a `[max_seq, kv_dim]` K and V cache per layer, all in the
+/// schedule's activation type; the prompt's token ids, the pass's first position and the
+/// greedy next token (`i32`); split attention's partials; a MoE block's routing (each pair's
+/// expert, `i32`, and weight, `f32`).
 #[derive(Clone)]
 pub struct SequenceBuffers<B> {
     pub acts: Vec<B>,
@@ -92,6 +126,9 @@ pub struct SequenceBuffers<B> {
     pub next: B,
     /// Split attention's partials and counters ([`crate::lower::split_kv`]), zeroed.
     pub attn_partials: B,
+    /// `[max_seq, top_k]` experts and weights of the MoE block being run.
+    pub route_ids: B,
+    pub route_weights: B,
 }
 
 impl<B> SequenceBuffers<B> {
@@ -105,7 +142,7 @@ impl<B> SequenceBuffers<B> {
         let e = s.act.bytes();
         let acts = Act::ALL
             .iter()
-            .map(|&a| l.zeros(act_rows(max_seq, a) * s.act_cols(a) * e))
+            .map(|&a| l.zeros(s.act_rows(max_seq, a) * s.act_cols(a) * e))
             .collect::<Result<_>>()?;
         let cache = || -> Result<Vec<B>> {
             (0..s.dims.layers)
@@ -120,17 +157,9 @@ impl<B> SequenceBuffers<B> {
             pos: l.zeros(4)?,
             next: l.zeros(4)?,
             attn_partials: l.zeros(split_kv::partials_bytes(s.dims.heads, s.dims.head_dim))?,
+            route_ids: l.zeros(4 * max_seq * s.moe_top_k())?,
+            route_weights: l.zeros(4 * max_seq * s.moe_top_k())?,
         })
-    }
-}
-
-/// Rows of activation buffer `a` in a sequence of `max_seq` positions (the logits keep one
-/// row).
-pub fn act_rows(max_seq: usize, a: Act) -> usize {
-    if a == Act::Logits {
-        1
-    } else {
-        max_seq
     }
 }
 
@@ -142,6 +171,9 @@ pub struct ParamBuffers<B> {
     pub linears: Vec<LinearBuffers<B>>,
     pub rope_cos: B,
     pub rope_sin: B,
+    /// Per MoE block: the router (FP32) and its gate, up and down experts.
+    pub routers: Vec<B>,
+    pub experts: Vec<[ExpertBuffers<B>; 3]>,
 }
 
 impl<B> ParamBuffers<B> {
@@ -157,6 +189,19 @@ impl<B> ParamBuffers<B> {
                 .collect::<Result<_>>()?,
             rope_cos: f32s(&plan.rope_cos)?,
             rope_sin: f32s(&plan.rope_sin)?,
+            routers: plan
+                .routers
+                .iter()
+                .map(|r| f32s(r))
+                .collect::<Result<_>>()?,
+            experts: (plan.schedule.moes.iter())
+                .map(|m| -> Result<[ExpertBuffers<B>; 3]> {
+                    let proj = |p: usize| {
+                        ExpertBuffers::upload(l, m.experts.iter().map(|e| &plan.linears[e[p]]))
+                    };
+                    Ok([proj(0)?, proj(1)?, proj(2)?])
+                })
+                .collect::<Result<_>>()?,
         })
     }
 }
@@ -239,19 +284,16 @@ pub fn run_linear_on<L: Launcher>(
     Ok(shape.act.decode(&bytes))
 }
 
-/// The kernel arguments of `step` in a pass of `m` rows: [`Step::params`] bound to a plan's
-/// parameter and sequence buffers (the one binding every launcher uses).
-pub fn step_args<'b, B>(
+/// The kernel arguments of launch `launch`: its [`Param`]s bound to a plan's parameter and
+/// sequence buffers (the one binding every launcher uses).
+pub fn launch_args<'b, B>(
     schedule: &Schedule,
     p: &'b ParamBuffers<B>,
     s: &'b SequenceBuffers<B>,
-    step: &Step,
-    m: usize,
-    decode: bool,
+    launch: &StepLaunch,
 ) -> Vec<Arg<'b, B>> {
-    step.params(decode)
-        .into_iter()
-        .map(|param| match param {
+    (launch.params.iter())
+        .map(|&param| match param {
             Param::Act(a) => Arg::Buf(&s.acts[a as usize]),
             Param::Tokens => Arg::Buf(&s.tokens),
             Param::Next => Arg::Buf(&s.next),
@@ -263,15 +305,40 @@ pub fn step_args<'b, B>(
             Param::RopeSin => Arg::Buf(&p.rope_sin),
             Param::Pos => Arg::Buf(&s.pos),
             Param::AttnPartials => Arg::Buf(&s.attn_partials),
-            Param::Rows => Arg::I32(step.rows(m) as i32),
+            Param::Rows => Arg::I32(launch.rows as i32),
             Param::Eps => Arg::F32(schedule.dims.eps),
-            Param::Row0 => Arg::I32(step.row0(m)),
+            Param::Row0 => Arg::I32(launch.row0),
             Param::LinearCodes(i) => Arg::Buf(&p.linears[i].codes),
             Param::LinearScales(i) => Arg::Buf(&p.linears[i].scales),
             Param::LinearGlobal(i) => Arg::F32(p.linears[i].global),
             Param::LinearBias(i) => Arg::Buf(&p.linears[i].bias),
+            Param::Router(i) => Arg::Buf(&p.routers[i]),
+            Param::RouteIds => Arg::Buf(&s.route_ids),
+            Param::RouteWeights => Arg::Buf(&s.route_weights),
+            Param::ExpertCodes(b, e) => Arg::Buf(&p.experts[b][e].codes),
+            Param::ExpertScales(b, e) => Arg::Buf(&p.experts[b][e].scales),
+            Param::ExpertGlobals(b, e) => Arg::Buf(&p.experts[b][e].globals),
+            Param::ExpertBias(b, e) => Arg::Buf(&p.experts[b][e].bias),
         })
         .collect()
+}
+
+/// Launches `launch` on `l` with context `max_seq`.
+///
+/// # Safety
+/// `params` and `seq` must hold the buffers of the plan `launch` belongs to.
+pub unsafe fn launch_on<L: Launcher>(
+    l: &L,
+    schedule: &Schedule,
+    params: &ParamBuffers<L::Buf>,
+    seq: &SequenceBuffers<L::Buf>,
+    launch: &StepLaunch,
+    max_seq: usize,
+) -> Result<()> {
+    let args = launch_args(schedule, params, seq, launch);
+    // SAFETY: `StepLaunch::params` lists the template's kernel signature in order, and the
+    // caller's buffers were allocated for this plan's shapes.
+    unsafe { l.launch(&launch.spec, &launch.entry, launch.rows, max_seq, &args) }
 }
 
 /// An executable plan on a [`Launcher`]: its parameters and one sequence's buffers.
@@ -312,31 +379,23 @@ impl<'a, L: Launcher> KernelBackend<'a, L> {
         }
     }
 
-    /// The kernel arguments of `step` in a pass of `m` rows, bound to this backend's buffers
-    /// ([`step_args`]).
-    pub fn args(&self, step: &Step, m: usize, decode: bool) -> Vec<Arg<'_, L::Buf>> {
-        step_args(
-            &self.plan.schedule,
-            &self.params,
-            &self.seq,
-            step,
-            m,
-            decode,
-        )
-    }
-
     /// Launches step `index` of the schedule for a pass of `m` rows.
     pub fn launch_step(&self, index: usize, m: usize, decode: bool) -> Result<()> {
         let s = &self.plan.schedule;
-        let step = s.steps[index];
-        let (spec, entry) = s.launch_of(&step, m);
-        let args = self.args(&step, m, decode);
-        // SAFETY: `Step::params` lists each template's kernel signature in order, and the
-        // buffers were allocated for this plan's shapes.
-        unsafe {
-            self.launcher
-                .launch(&spec, &entry, step.rows(m), self.plan.max_seq, &args)
+        for launch in s.launches(&s.steps[index], m, decode) {
+            // SAFETY: the buffers were allocated and uploaded for this plan.
+            unsafe {
+                launch_on(
+                    &self.launcher,
+                    s,
+                    &self.params,
+                    &self.seq,
+                    &launch,
+                    self.plan.max_seq,
+                )?
+            };
         }
+        Ok(())
     }
 
     /// Launches every step for a pass of `m` rows.

@@ -354,25 +354,12 @@ impl CpuModel {
                 let x = b.get(slot.src, index)?;
                 let experts = slot.experts.len();
                 let routing = moe::route(x, router, experts, slot.top_k, slot.norm_top_k);
-                let mut out = Mat::zeros(x.rows, d.hidden);
-                for (e, &[gate, up, down]) in slot.experts.iter().enumerate() {
-                    let (rows, weights) = routing.rows_of(e);
-                    if rows.is_empty() {
-                        continue;
-                    }
-                    let xe = moe::gather(x, &rows);
-                    // Rounded where the dense MLP's buffers would be (Gate, Up, then Gate).
-                    let mut g = self.apply_linear(gate, replace, &xe, observe)?;
-                    let mut u = self.apply_linear(up, replace, &xe, observe)?;
-                    b.act.round_slice(&mut g.data);
-                    b.act.round_slice(&mut u.data);
-                    let mut a = kernels::silu_mul(g, &u);
-                    b.act.round_slice(&mut a.data);
-                    let y = self.apply_linear(down, replace, &a, observe)?;
-                    moe::scatter_add(&mut out, &rows, &weights, &y);
-                }
-                let acc = b.take(slot.dst, index)?;
-                b.put(slot.dst, kernels::add(acc, &out));
+                let y = moe::run_experts(x, &routing, experts, b.act, |e, p, xe| {
+                    self.apply_linear(slot.experts[e][p], replace, xe, observe)
+                })?;
+                let mut acc = b.take(slot.dst, index)?;
+                moe::combine(&mut acc, &routing, &y, b.act);
+                b.put(slot.dst, acc);
             }
             // The reference keeps every position's logits; generation's argmax is not its job.
             Step::Argmax => {}

@@ -1,9 +1,15 @@
 //! The CPU arithmetic of a mixture-of-experts block ([`crate::lower::moe`]): routing (the
 //! router's product, softmax over the experts, top-k, optional renormalisation, in the order
-//! transformers' `Qwen3MoeTopKRouter` and `MixtralTopKRouter` compute them) and the dispatch
-//! of each expert's rows (gather, and the weighted scatter-add of its output).
+//! transformers' `Qwen3MoeTopKRouter` and `MixtralTopKRouter` compute them), each expert's MLP
+//! over the (token, slot) pairs routed to it, and the weighted combine into the residual
+//! stream. The CPU interpreter and the executable plan's cpu backend both run
+//! [`run_experts`] and [`combine`]; the generated kernels round where these do (the pair rows
+//! of gate, up, SiLU-gate and down in the activation type; the residual once) and sum a
+//! token's experts in the same, ascending, order.
 
-use super::{mat, vmath, Mat};
+use super::{kernels, mat, vmath, Mat};
+use crate::error::Result;
+use crate::lower::ActDtype;
 
 /// Each token's experts and their weights, `top_k` per row, best first.
 #[derive(Debug, Clone, PartialEq)]
@@ -26,6 +32,23 @@ impl Routing {
             }
         }
         (rows, weights)
+    }
+
+    /// The pairs (`token * top_k + slot`) routed to `expert`, ascending.
+    pub fn pairs_of(&self, expert: usize) -> Vec<usize> {
+        (self.experts.iter().enumerate())
+            .filter(|&(_, &e)| e == expert)
+            .map(|(p, _)| p)
+            .collect()
+    }
+
+    /// The routing the kernels leave in their buffers: `ids` and `weights`, `top_k` per row.
+    pub fn from_kernel(top_k: usize, ids: &[i32], weights: &[f32]) -> Routing {
+        Routing {
+            top_k,
+            experts: ids.iter().map(|&e| e.max(0) as usize).collect(),
+            weights: weights.to_vec(),
+        }
     }
 }
 
@@ -66,11 +89,61 @@ pub fn gather(x: &Mat, rows: &[usize]) -> Mat {
     Mat::from_vec(rows.len(), x.cols, data)
 }
 
-/// `out[rows[i]] += weights[i] * y[i]` for every row of `y`.
-pub fn scatter_add(out: &mut Mat, rows: &[usize], weights: &[f32], y: &Mat) {
-    for (i, (&r, &w)) in rows.iter().zip(weights).enumerate() {
-        let dst = &mut out.data[r * out.cols..(r + 1) * out.cols];
-        dst.iter_mut().zip(y.row(i)).for_each(|(d, &v)| *d += w * v);
+/// Every expert's MLP over the pairs routed to it: `x` (`[m, hidden]`) rows gathered by pair,
+/// `apply(expert, projection, input)` the product of projection 0 (gate), 1 (up) or 2 (down)
+/// of `expert`; gate, up, SiLU-gate and down rounded to `act` as the kernels store them.
+/// Returns the down outputs by pair, `[m * top_k, hidden]`.
+pub fn run_experts(
+    x: &Mat,
+    routing: &Routing,
+    experts: usize,
+    act: ActDtype,
+    mut apply: impl FnMut(usize, usize, &Mat) -> Result<Mat>,
+) -> Result<Mat> {
+    let k = routing.top_k.max(1);
+    let mut out = Mat::zeros(x.rows * k, x.cols);
+    for e in 0..experts {
+        let pairs = routing.pairs_of(e);
+        if pairs.is_empty() {
+            continue;
+        }
+        let rows: Vec<usize> = pairs.iter().map(|p| p / k).collect();
+        let xe = gather(x, &rows);
+        let mut g = apply(e, 0, &xe)?;
+        let mut u = apply(e, 1, &xe)?;
+        act.round_slice(&mut g.data);
+        act.round_slice(&mut u.data);
+        let mut a = kernels::silu_mul(g, &u);
+        act.round_slice(&mut a.data);
+        let mut y = apply(e, 2, &a)?;
+        act.round_slice(&mut y.data);
+        for (i, &p) in pairs.iter().enumerate() {
+            out.data[p * out.cols..(p + 1) * out.cols].copy_from_slice(y.row(i));
+        }
+    }
+    Ok(out)
+}
+
+/// `x[t] += sum_j w[t, j] * y[t * top_k + j]` over each row's pairs in ascending expert
+/// order (each product and sum rounded to FP32, as the combine kernel computes), `x` rounded
+/// to `act` once.
+pub fn combine(x: &mut Mat, routing: &Routing, y: &Mat, act: ActDtype) {
+    let k = routing.top_k.max(1);
+    let mut order: Vec<usize> = Vec::with_capacity(k);
+    let mut acc = vec![0f32; x.cols];
+    for t in 0..x.rows {
+        order.clear();
+        order.extend(t * k..(t + 1) * k);
+        order.sort_by_key(|&p| routing.experts[p]);
+        acc.fill(0.0);
+        for &p in &order {
+            let w = routing.weights[p];
+            acc.iter_mut().zip(y.row(p)).for_each(|(a, &v)| *a += w * v);
+        }
+        let row = &mut x.data[t * x.cols..(t + 1) * x.cols];
+        row.iter_mut()
+            .zip(&acc)
+            .for_each(|(d, &a)| *d = act.round(*d + a));
     }
 }
 
@@ -101,12 +174,20 @@ mod tests {
     }
 
     #[test]
-    fn gather_and_weighted_scatter_add() {
+    fn gather_and_weighted_combine_in_expert_order() {
         let x = Mat::from_vec(3, 2, vec![1.0, 2.0, 3.0, 4.0, 5.0, 6.0]);
         let g = gather(&x, &[2, 0]);
         assert_eq!(g.data, vec![5.0, 6.0, 1.0, 2.0]);
-        let mut out = Mat::zeros(3, 2);
-        scatter_add(&mut out, &[2, 0], &[0.5, 2.0], &g);
-        assert_eq!(out.data, vec![2.0, 4.0, 0.0, 0.0, 2.5, 3.0]);
+        // Two rows, top-2: row 0 chose experts 3 then 1, row 1 experts 0 then 2.
+        let routing = Routing {
+            top_k: 2,
+            experts: vec![3, 1, 0, 2],
+            weights: vec![0.5, 2.0, 1.0, 0.25],
+        };
+        assert_eq!(routing.pairs_of(1), vec![1]);
+        let y = Mat::from_vec(4, 2, vec![1.0, 1.0, 10.0, 20.0, 4.0, 4.0, 8.0, 0.0]);
+        let mut out = Mat::from_vec(2, 2, vec![100.0, 100.0, 0.0, 0.0]);
+        combine(&mut out, &routing, &y, ActDtype::F32);
+        assert_eq!(out.data, vec![120.5, 140.5, 6.0, 4.0]);
     }
 }

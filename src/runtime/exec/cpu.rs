@@ -3,14 +3,16 @@
 //! KV cache of `[max_seq, kv_dim]` per layer, in the schedule's activation type). Every op is
 //! the CPU interpreter's own ([`crate::runtime::cpu::kernels`] and [`LinearWeights::apply`] on
 //! the FP32 weights the packed bytes decode to): each step widens its inputs to FP32,
-//! computes in FP32 and rounds once when it stores, the rule every kernel follows.
+//! computes in FP32 and rounds once when it stores, the rule every kernel follows. A MoE block
+//! is the interpreter's routing, experts and combine (`runtime::cpu::moe`), which round where
+//! the kernels' six launches store.
 
 use super::generate::Backend;
 use super::host::{HostBackend, HostBuf, HostState};
 use super::{ExecutablePlan, PackedLinear};
 use crate::error::{Error, Result};
 use crate::lower::{Act, ActDtype, LinearShape, Step};
-use crate::runtime::cpu::kernels;
+use crate::runtime::cpu::{kernels, moe};
 use crate::runtime::cpu::{LinearWeights, Mat};
 
 /// Activations and KV cache of one sequence on the CPU.
@@ -152,8 +154,29 @@ impl<'a> CpuBackend<'a> {
                 kernels::silu_mul_in_place(&mut gate, &up);
                 write(&mut st.acts[buf(Act::Gate)], act, 0, &gate);
             }
-            Step::Moe { .. } => {
-                unreachable!("ExecutablePlan::new refuses MoE schedules (Schedule::check_kernels)")
+            Step::Moe { moe } => {
+                let slot = &s.moes[moe];
+                let experts = slot.experts.len();
+                let rows = |b: &HostBuf| {
+                    Mat::from_vec(m, d.hidden, HostState::values(b, act, m * d.hidden))
+                };
+                let x = rows(&st.acts[buf(slot.src)]);
+                let (k, norm) = (slot.top_k, slot.norm_top_k);
+                let routing = moe::route(&x, &plan.routers[moe], experts, k, norm);
+                // The routing as the kernels leave it in their buffers.
+                let ids: Vec<u8> = (routing.experts.iter())
+                    .flat_map(|&e| (e as i32).to_le_bytes())
+                    .collect();
+                st.route_ids.bytes_mut()[..ids.len()].copy_from_slice(&ids);
+                write(&mut st.route_weights, ActDtype::F32, 0, &routing.weights);
+                let linears = &self.linears;
+                let y = moe::run_experts(&x, &routing, experts, act, |e, p, xe| {
+                    let l = slot.experts[e][p];
+                    Ok(linears[l].apply(s.linears[l].shape.n, xe))
+                })?;
+                let mut acc = rows(&st.acts[buf(slot.dst)]);
+                moe::combine(&mut acc, &routing, &y, act);
+                write(&mut st.acts[buf(slot.dst)], act, 0, &acc.data);
             }
             Step::Argmax => {
                 let logits = HostState::values(&st.acts[buf(Act::Logits)], act, d.vocab);

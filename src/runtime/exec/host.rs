@@ -160,9 +160,8 @@ impl HostState {
             Step::Attention { .. } => rows_of(Act::Att, rows),
             Step::SiluMul => rows_of(Act::Gate, rows),
             Step::Argmax => vec![self.next() as f32],
-            Step::Moe { .. } => {
-                unreachable!("ExecutablePlan::new refuses MoE schedules (Schedule::check_kernels)")
-            }
+            // The block's output: the residual rows its combine added into.
+            Step::Moe { moe } => rows_of(s.moes[moe].dst, rows),
         }
     }
 }

@@ -152,6 +152,8 @@ pub struct ExecutablePlan {
     /// RoPE tables `[max_seq, head_dim / 2]`, the CPU reference's values.
     pub rope_cos: Vec<f32>,
     pub rope_sin: Vec<f32>,
+    /// Router weights `[experts, hidden]` (FP32), by [`Schedule::moes`] slot.
+    pub routers: Vec<Vec<f32>>,
 }
 
 impl ExecutablePlan {
@@ -218,6 +220,9 @@ impl ExecutablePlan {
                 Ok(PackedLinear::pack(l.shape.format, &w, n, k, bias, amax))
             })
             .collect::<Result<Vec<_>>>()?;
+        let routers = (schedule.moes.iter())
+            .map(|m| load(&m.router_tensor, &[m.experts.len(), d.hidden]))
+            .collect::<Result<Vec<_>>>()?;
         let (rope_cos, rope_sin) =
             crate::runtime::cpu::kernels::rope_tables(max_seq, d.head_dim, &d.rope);
         Ok(ExecutablePlan {
@@ -228,6 +233,7 @@ impl ExecutablePlan {
             linears,
             rope_cos,
             rope_sin,
+            routers,
         })
     }
 
