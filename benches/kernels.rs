@@ -284,7 +284,7 @@ fn gpu_steps(c: &mut Criterion) {
     configure(&mut g);
     let mut seen = std::collections::BTreeSet::new();
     for (i, step) in exec.schedule.steps.iter().enumerate() {
-        let (_, entry) = exec.schedule.launch_of(step, 1);
+        let entry = exec.schedule.entry_of(step, 1);
         if matches!(step, Step::Linear { .. }) || !seen.insert(entry.clone()) {
             continue;
         }

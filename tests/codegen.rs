@@ -478,17 +478,21 @@ fn missing_nvrtc_and_missing_driver_are_ordinary_errors() {
 /// The C type a backend passes for `p`: element type and whether it is a pointer.
 fn param_c_type(p: Param) -> (&'static str, bool) {
     match p {
-        Param::Tokens | Param::Next | Param::Pos => ("int", true),
+        Param::Tokens | Param::Next | Param::Pos | Param::RouteIds => ("int", true),
         Param::Rows | Param::Row0 => ("int", false),
         Param::Eps | Param::LinearGlobal(_) => ("float", false),
         Param::Act(_) | Param::KCache(_) | Param::VCache(_) | Param::Embedding => ("act_t", true),
-        Param::LinearCodes(_) => ("fpx::u8", true),
-        Param::LinearScales(_) => ("void", true),
+        Param::LinearCodes(_) | Param::ExpertCodes(..) => ("fpx::u8", true),
+        Param::LinearScales(_) | Param::ExpertScales(..) => ("void", true),
         Param::Norm(_)
         | Param::RopeCos
         | Param::RopeSin
         | Param::LinearBias(_)
-        | Param::AttnPartials => ("float", true),
+        | Param::AttnPartials
+        | Param::Router(_)
+        | Param::RouteWeights
+        | Param::ExpertGlobals(..)
+        | Param::ExpertBias(..) => ("float", true),
     }
 }
 
@@ -499,59 +503,59 @@ fn step_params_match_the_template_signatures() {
     // and decode, on FP32 and 16-bit activations (the cuda backend cannot run here, so this is
     // what keeps its argument lists honest).
     // Also Qwen3 with a sliding window on one layer: q/k norms in the RoPE step, a windowed
-    // attention kernel beside a full one.
+    // attention kernel beside a full one; and a Qwen3-MoE, whose MoE step is six launches.
     let (graph, map) = tiny_mixed_plan();
     let qwen3 = Graph::build(&common::tiny_qwen3_windowed());
+    let moe = Graph::build(&tiny_spec(Architecture::Qwen3Moe));
+    let moe_map = common::mixed_precision(&moe);
     let full = PrecisionMap::new();
     let renderer = Renderer::new().unwrap();
     let mut checked = std::collections::BTreeSet::new();
     let mut entries = std::collections::BTreeSet::new();
-    let runs = ActDtype::ALL
-        .iter()
-        .flat_map(|&act| [(&graph, &map, act), (&qwen3, &full, act)]);
+    let runs = ActDtype::ALL.iter().flat_map(|&act| {
+        [
+            (&graph, &map, act),
+            (&qwen3, &full, act),
+            (&moe, &moe_map, act),
+        ]
+    });
     for (graph, map, act) in runs {
         let schedule = Schedule::build(graph, map).unwrap().with_act(act);
         for step in &schedule.steps {
-            for m in [1, 3, 20] {
-                let entry = schedule.entry_of(step, m);
-                let spec = *schedule
-                    .kernels_of(step)
-                    .iter()
-                    .find(|s| entry.starts_with(&s.name()))
-                    .unwrap();
-                let src = renderer.render(&spec, Arch::Sm90).unwrap().source;
-                let head = format!("{entry}(");
-                let start = src.find(&head).unwrap() + head.len();
-                let end = start + src[start..].find(')').unwrap();
-                let declared: Vec<(String, bool)> = src[start..end]
-                    .split(',')
-                    .map(|p| {
-                        let p = p.replace("__restrict__", "").replace("const", "");
-                        let ty = p.split_whitespace().next().unwrap().to_string();
-                        (ty.trim_end_matches('*').to_string(), p.contains('*'))
-                    })
-                    .collect();
-                for decode in [false, true] {
-                    let passed: Vec<(String, bool)> = step
-                        .params(decode)
-                        .into_iter()
+            for (m, decode) in [(1, true), (1, false), (3, false), (20, false)] {
+                for launch in schedule.launches(step, m, decode) {
+                    let (spec, entry) = (launch.spec, launch.entry.clone());
+                    assert!(schedule.kernels_of(step).contains(&spec), "{entry}");
+                    let src = renderer.render(&spec, Arch::Sm90).unwrap().source;
+                    let head = format!("{entry}(");
+                    let start = src.find(&head).unwrap() + head.len();
+                    let end = start + src[start..].find(')').unwrap();
+                    let declared: Vec<(String, bool)> = src[start..end]
+                        .split(',')
                         .map(|p| {
+                            let p = p.replace("__restrict__", "").replace("const", "");
+                            let ty = p.split_whitespace().next().unwrap().to_string();
+                            (ty.trim_end_matches('*').to_string(), p.contains('*'))
+                        })
+                        .collect();
+                    let passed: Vec<(String, bool)> = (launch.params.iter())
+                        .map(|&p| {
                             let (ty, ptr) = param_c_type(p);
                             (ty.to_string(), ptr)
                         })
                         .collect();
                     assert_eq!(passed, declared, "{entry} (decode {decode})");
+                    assert!(
+                        src.contains(&format!("using act_t = {};", act_c_type(act))),
+                        "{entry}: act_t"
+                    );
+                    checked.insert(spec.family());
+                    entries.insert(entry);
                 }
-                assert!(
-                    src.contains(&format!("using act_t = {};", act_c_type(act))),
-                    "{entry}: act_t"
-                );
-                checked.insert(spec.family());
-                entries.insert(entry);
             }
         }
     }
-    assert_eq!(checked.len(), 8, "{checked:?}");
+    assert_eq!(checked.len(), 11, "{checked:?}");
     for want in [
         "rope_kv_h4_kv2_d16_qknorm",
         "attention_h4_kv2_d16_w6",

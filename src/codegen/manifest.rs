@@ -76,16 +76,27 @@ impl Manifest {
                 cached: None,
             })
             .collect();
-        let layers = schedule
-            .linears
-            .iter()
-            .map(|l| ManifestLayer {
-                name: l.name.clone(),
-                format: l.shape.format,
-                n: l.shape.n,
-                k: l.shape.k,
-                gemv: KernelSpec::Gemv(l.shape).name(),
-                gemm: KernelSpec::Gemm(l.shape).name(),
+        let layers = (schedule.linears.iter().enumerate())
+            .map(|(i, l)| {
+                // An expert runs in its projection's grouped GEMV, decode and prefill alike.
+                let (gemv, gemm) = match schedule.expert_of(i) {
+                    Some((moe, p)) => {
+                        let name = schedule.expert_kernel(moe, p).name();
+                        (name.clone(), name)
+                    }
+                    None => (
+                        KernelSpec::Gemv(l.shape).name(),
+                        KernelSpec::Gemm(l.shape).name(),
+                    ),
+                };
+                ManifestLayer {
+                    name: l.name.clone(),
+                    format: l.shape.format,
+                    n: l.shape.n,
+                    k: l.shape.k,
+                    gemv,
+                    gemm,
+                }
             })
             .collect();
         Manifest {

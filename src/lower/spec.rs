@@ -343,16 +343,6 @@ impl KernelSpec {
         }
     }
 
-    /// The linear shape of a GEMV, GEMM or grouped expert GEMV.
-    pub fn linear_shape(&self) -> Option<LinearShape> {
-        match *self {
-            KernelSpec::Gemv(s) | KernelSpec::Gemm(s) | KernelSpec::ExpertGemv { shape: s, .. } => {
-                Some(s)
-            }
-            _ => None,
-        }
-    }
-
     /// The `extern "C"` entry points of the kernel's module.
     pub fn entry_points(&self) -> Vec<String> {
         let name = self.name();
