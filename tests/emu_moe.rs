@@ -3,7 +3,8 @@
 //! renormalised), each in a mixed FP8/FP4 plan (FP8 attention, NVFP4 expert gate/up, MXFP4
 //! expert down), on FP32 and BF16 activations: the emu backend (routing, grouped expert GEMVs,
 //! SiLU-gate over the routed pairs and the combine, run by the CUDA emulator) against the cpu
-//! backend, step by step (each MoE block's output within a tolerance) and as whole passes
+//! backend, step by step (each MoE block's output within a tolerance; Mixtral's experts also
+//! in FP8 and FP16, so every weight format runs grouped) and as whole passes
 //! (prefill logits within a tolerance, identical greedy tokens); a plan that gives one
 //! block's experts different formats is refused by name.
 //!
@@ -38,7 +39,12 @@ fn emu_moe_plans_give_the_cpu_backends_tokens_and_block_outputs() {
         let model = fpx::model::load_model(&path).unwrap();
         let graph = fpx::ir::Graph::build(&model.spec);
         let act = ActDtype::of_checkpoint(&graph, model.weights.as_ref());
-        let precision = common::mixed_precision(&graph);
+        // Step by step, Mixtral's experts also in FP8 (gate/up) and FP16 (down), attention in
+        // MXFP4: every weight format through the grouped GEMV.
+        let precision = match arch {
+            Architecture::Mixtral => other_formats(&graph),
+            _ => common::mixed_precision(&graph),
+        };
         let plan =
             ExecutablePlan::build(&graph, model.weights.as_ref(), &precision, 24, act).unwrap();
         assert!(!plan.schedule.moes.is_empty());
@@ -51,8 +57,13 @@ fn emu_moe_plans_give_the_cpu_backends_tokens_and_block_outputs() {
         for c in &steps {
             if matches!(c.step, Step::Moe { .. }) {
                 moe_steps += 1;
+                let gate = if arch == Architecture::Mixtral {
+                    "expert_gemv_fp8"
+                } else {
+                    "expert_gemv_nvfp4"
+                };
                 assert!(
-                    c.kernel.contains("moe_route") && c.kernel.contains("expert_gemv_nvfp4"),
+                    c.kernel.contains("moe_route") && c.kernel.contains(gate),
                     "{}",
                     c.kernel
                 );
@@ -72,6 +83,21 @@ fn emu_moe_plans_give_the_cpu_backends_tokens_and_block_outputs() {
             Box::new(EmuBackend::new(plan, &opts).unwrap())
         });
     }
+}
+
+/// FP8 expert gate/up, FP16 expert down, MXFP4 everything else.
+fn other_formats(graph: &fpx::ir::Graph) -> fpx::lower::PrecisionMap {
+    use fpx::ir::LinearKind;
+    let mut map = fpx::lower::PrecisionMap::new();
+    for (id, l) in graph.linears() {
+        let f = match (l.expert.is_some(), l.kind) {
+            (true, LinearKind::Gate | LinearKind::Up) => Format::Fp8,
+            (true, _) => Format::Fp16,
+            _ => Format::Mxfp4,
+        };
+        map.insert(graph.node(id).name.clone(), LinearPrecision::weight_only(f));
+    }
+    map
 }
 
 #[test]

@@ -43,6 +43,32 @@ fn specs() -> Vec<KernelSpec> {
     let schedule = Schedule::build(&graph, &map).unwrap();
     let mut v = schedule.kernels();
     v.extend(schedule.with_act(ActDtype::Bf16).kernels());
+    // A tiny Qwen3-MoE's routing, grouped expert GEMVs and combine, and the grouped GEMVs of a
+    // Qwen3-30B-A3B-shaped block (128 experts, top-8, 768 x 2048).
+    let moe = Graph::build(&tiny_spec(Architecture::Qwen3Moe));
+    let moe = Schedule::build(&moe, &common::mixed_precision(&moe)).unwrap();
+    v.extend(moe.kernels());
+    v.extend(moe.with_act(ActDtype::Bf16).kernels());
+    for (format, gather, n, k) in [
+        (WeightFormat::Nvfp4, true, 768, 2048),
+        (WeightFormat::Fp8, true, 768, 2048),
+        (WeightFormat::Mxfp4, false, 2048, 768),
+    ] {
+        let shape = LinearShape {
+            format,
+            n,
+            k,
+            bias: false,
+            accumulate: false,
+            act: ActDtype::Bf16,
+        };
+        v.push(KernelSpec::ExpertGemv {
+            shape,
+            experts: 128,
+            top_k: 8,
+            gather,
+        });
+    }
     // Qwen3's RoPE with q/k norms (head_dim 128, two warps) and a windowed attention kernel.
     for act in [ActDtype::F32, ActDtype::Bf16] {
         v.push(KernelSpec::RopeKv {

@@ -114,14 +114,8 @@ fn fpx_run(model_path: &Path, tokens: &[u32]) -> (Vec<f32>, Vec<u32>, ModelSpec)
         &PrecisionMap::new(),
         tokens.len() + NEW_TOKENS,
         fpx::lower::ActDtype::F32,
-    );
-    if model.spec.moe.is_some() {
-        // No grouped expert kernels yet: the kernel backends refuse, naming a router.
-        let err = plan.err().expect("a MoE plan is refused").to_string();
-        assert!(err.contains(".gate") && err.contains("experts"), "{err}");
-        return (logits, greedy, model.spec);
-    }
-    let plan = plan.unwrap();
+    )
+    .unwrap();
     let backend = generate(&mut CpuBackend::new(&plan), tokens, NEW_TOKENS, &[]).unwrap();
     assert_eq!(backend.tokens, greedy, "cpu backend vs CPU reference");
     (logits, greedy, model.spec)

@@ -195,7 +195,7 @@ impl KernelCost {
     }
 
     /// Seconds of MoE block `moe` outside its experts' planned projections: the router, the
-    /// three grouped launches (gate, up, down) and every expert projection not in `planned`.
+    /// five other launches of the block (`Schedule::moe_launches`) and every expert projection not in `planned`.
     fn moe_fixed_seconds(&self, moe: &MoeSlot, planned: &dyn Fn(&str) -> bool) -> f64 {
         let router = LinearShape {
             n: moe.experts.len(),
@@ -212,7 +212,9 @@ impl KernelCost {
             .map(|l| self.expert_seconds(l.shape, l.kind, moe))
             .sum();
         self.seconds(&linear_work(&router, self.batch, self.arch))
-            + 3.0 * self.spec.launch_overhead
+            // The block's other launches (gate, up, SiLU-gate, down, combine: `moe_launches`);
+            // the SiLU-gate's and combine's few bytes are left out.
+            + 5.0 * self.spec.launch_overhead
             + unplanned
     }
 
@@ -267,7 +269,7 @@ impl KernelCost {
         let mut rows = Vec::with_capacity(self.schedule.steps.len());
         for (i, step) in self.schedule.steps.iter().enumerate() {
             if let Step::Moe { moe } = step {
-                rows.extend(self.explain_moe(i, &self.schedule.moes[*moe], precision)?);
+                rows.extend(self.explain_moe(i, *moe, precision)?);
                 continue;
             }
             let (layer, format, shape) = match step {
@@ -324,13 +326,16 @@ impl KernelCost {
     fn explain_moe(
         &self,
         step: usize,
-        moe: &MoeSlot,
+        block: usize,
         precision: &PrecisionMap,
     ) -> Result<Vec<KernelRow>> {
+        let moe = &self.schedule.moes[block];
         let fixed = self.moe_fixed_seconds(moe, &|_| true);
+        let [route, .., combine] = self.schedule.moe_kernels(block);
         let mut rows = vec![KernelRow {
             step,
-            kernel: "moe_router (cpu reference only)".into(),
+            // The router and the launches that are not an expert projection.
+            kernel: format!("{}+silu_mul+{}", route.name(), combine.name()),
             layer: Some(moe.name.clone()),
             seconds: fixed,
             bound_seconds: fixed,
@@ -343,12 +348,16 @@ impl KernelCost {
         }];
         for slot in moe.linears() {
             let l = &self.schedule.linears[slot];
+            let (_, p) = self
+                .schedule
+                .expert_of(slot)
+                .expect("a block's expert slot");
             let f = WeightFormat::of(precision.get(&l.name).map(|p| p.weights));
             let shape = self.shard(self.shape_of(&l.name, f)?, l.kind);
             let work = expert_work(&shape, self.batch, moe.experts.len(), moe.top_k, self.arch);
             rows.push(KernelRow {
                 step,
-                kernel: "moe_expert (cpu reference only)".into(),
+                kernel: self.schedule.expert_kernel(block, p).name(),
                 layer: Some(l.name.clone()),
                 seconds: self.busy_seconds(&work),
                 bound_seconds: self.bound(&work, f),
