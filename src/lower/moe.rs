@@ -215,12 +215,11 @@ impl Schedule {
         self.moes.iter().map(|m| m.top_k).max().unwrap_or(0)
     }
 
-    /// The widest expert intermediate size (0 without MoE blocks).
+    /// The widest expert intermediate size (the gate projections' outputs; 0 without MoE
+    /// blocks).
     pub fn expert_ffn(&self) -> usize {
-        (self.moes.iter().flat_map(|m| m.linears()))
-            .map(|l| self.linears[l].shape)
-            .filter(|s| s.n != self.dims.hidden)
-            .map(|s| s.n)
+        (self.moes.iter().flat_map(|m| m.experts.iter()))
+            .map(|e| self.linears[e[0]].shape.n)
             .max()
             .unwrap_or(0)
     }
