@@ -96,17 +96,18 @@ pub enum Step {
     SiluMul,
     /// Mixture-of-experts block `moes[moe]` ([`super::moe`]): routes each row of its source,
     /// runs the chosen experts' MLPs and adds their weighted sum to its destination. The
-    /// kernels run it as six launches ([`super::moe::launches`]): routing, the experts' gate,
-    /// up, SiLU-gate and down over the routed pairs, and the weighted combine.
+    /// kernels run it as six launches
+    /// ([`Schedule::moe_launches`](super::Schedule::moe_launches)): routing, the experts'
+    /// gate, up, SiLU-gate and down over the routed pairs, and the weighted combine.
     Moe { moe: usize },
     /// Next token = argmax of `Logits`.
     Argmax,
 }
 
 /// One kernel parameter of a step, in the order of its template's signature. Every backend
-/// binds the same list to its buffers and values (`runtime::launch::KernelBackend::args`), so
-/// the argument order lives here once (and the emulator's tests check it for the cuda backend
-/// too).
+/// binds the same list to its buffers and values (`runtime::launch::launch_args`), so the
+/// argument order lives here once, with a MoE block's in `Schedule::moe_launches` (and
+/// tests/codegen.rs checks every launch's list against the rendered signature).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Param {
     /// An activation buffer (`act_t*`).
@@ -196,7 +197,9 @@ impl Step {
                 P::Rows,
             ],
             Step::SiluMul => vec![P::Act(Act::Gate), P::Act(Act::Up), P::Rows],
-            Step::Moe { .. } => unreachable!("a MoE step launches several kernels: moe::launches"),
+            Step::Moe { .. } => {
+                unreachable!("a MoE step launches several kernels: Schedule::moe_launches")
+            }
             Step::Argmax => vec![P::Act(Act::Logits), P::Next],
             Step::Linear { linear, src, dst } => vec![
                 P::LinearCodes(linear),

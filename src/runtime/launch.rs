@@ -2,11 +2,12 @@
 //! CPU) implements [`Launcher`]: allocate and fill buffers, read them back, launch one entry
 //! point with a list of [`Arg`]s. Everything else is written once, here:
 //!
-//! - [`PlanBuffers`]: the plan's parameters in the kernels' byte layouts (packed linear layers,
-//!   the embedding table in the activation type, FP32 norms and RoPE tables) and one sequence's
-//!   activations, KV cache, tokens, position and next token;
-//! - [`KernelBackend::args`]: the binding of a step's [`Param`]s to those buffers (the kernel
-//!   argument order lives in [`Step::params`]);
+//! - [`ParamBuffers`], [`SequenceBuffers`]: the plan's parameters in the kernels' byte layouts
+//!   (packed linear layers, stacked experts, the embedding table in the activation type, FP32
+//!   norms, routers and RoPE tables) and one sequence's activations, KV cache, tokens,
+//!   position, next token and MoE routing;
+//! - [`launch_args`]: the binding of a launch's [`Param`]s to those buffers (the kernel
+//!   argument order lives in [`Step::params`] and `Schedule::moe_launches`);
 //! - [`KernelBackend`]: a [`Backend`] over any launcher: prefill, decode steps reading their
 //!   token from the previous argmax, logits read back and widened.
 //!
