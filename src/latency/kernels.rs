@@ -195,7 +195,8 @@ impl KernelCost {
     }
 
     /// Seconds of MoE block `moe` outside its experts' planned projections: the router, the
-    /// five other launches of the block (`Schedule::moe_launches`) and every expert projection not in `planned`.
+    /// five other launches of the block (`Schedule::moe_launches`) and every expert projection
+    /// not in `planned`.
     fn moe_fixed_seconds(&self, moe: &MoeSlot, planned: &dyn Fn(&str) -> bool) -> f64 {
         let router = LinearShape {
             n: moe.experts.len(),
