@@ -20,7 +20,9 @@ pub struct Routing {
 }
 
 impl Routing {
-    /// The rows routed to `expert`, ascending, with their routing weights.
+    /// The rows routed to `expert`, ascending, with their routing weights (the tests' view;
+    /// the forward works by pairs, [`Routing::pairs_of`]).
+    #[cfg(test)]
     pub fn rows_of(&self, expert: usize) -> (Vec<usize>, Vec<f32>) {
         let k = self.top_k.max(1);
         let mut rows = Vec::new();
@@ -40,15 +42,6 @@ impl Routing {
             .filter(|&(_, &e)| e == expert)
             .map(|(p, _)| p)
             .collect()
-    }
-
-    /// The routing the kernels leave in their buffers: `ids` and `weights`, `top_k` per row.
-    pub fn from_kernel(top_k: usize, ids: &[i32], weights: &[f32]) -> Routing {
-        Routing {
-            top_k,
-            experts: ids.iter().map(|&e| e.max(0) as usize).collect(),
-            weights: weights.to_vec(),
-        }
     }
 }
 
