@@ -34,7 +34,7 @@ use fpx::model::{load_model, Model};
 use fpx::plan::Plan;
 use fpx::runtime::cuda::{timing_weights, CompilerOptions, CudaBackend, Device, KernelCache};
 use fpx::runtime::exec::{Backend, CpuBackend, ExecutablePlan, PackedLinear};
-use fpx::runtime::launch::{linear_args, Launcher, LinearBuffers, Memory};
+use fpx::runtime::launch::{linear_args, Launcher, LinearBuffers, LinearInput, Memory};
 
 /// Prompt tokens of the whole-plan prefill; the decode step runs at this position.
 const PROMPT: usize = 64;
@@ -106,6 +106,7 @@ fn linear_shapes(model: Option<&Model>) -> Vec<LinearShape> {
                     bias: false,
                     accumulate: false,
                     act,
+                    w8a8: false,
                 });
             }
         }
@@ -167,7 +168,7 @@ fn gpu_kernels(c: &mut Criterion) {
                     &entry,
                     1,
                     0,
-                    &linear_args(&bufs[i % copies], &x, &y, 1),
+                    &linear_args(&bufs[i % copies], LinearInput::Act(&x), &y, 1),
                 )
             }
         };
@@ -211,7 +212,7 @@ fn gpu_kernels(c: &mut Criterion) {
                     &entry,
                     PREFILL_ROWS,
                     0,
-                    &linear_args(&w, &x, &y, PREFILL_ROWS),
+                    &linear_args(&w, LinearInput::Act(&x), &y, PREFILL_ROWS),
                 )
             }
         };

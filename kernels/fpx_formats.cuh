@@ -160,4 +160,52 @@ __device__ __forceinline__ void e2m1x8_decode_native(u32 w, float* f) {
 #endif
 }
 
+// ---- dynamic FP8 quantization of activations (W8A8) ------------------------------------------
+// The arithmetic of the CPU reference's per-row quantizer (src/formats/fp8.rs, `RowQ`): the
+// scale is the row's largest finite magnitude / 448 (an IEEE division: kernels are compiled
+// with --prec-div=true), each code e4m3(x / scale); a zero scale gives zeros with x's sign
+// (NaN keeps the NaN code). Integer arithmetic (no conversion instruction), so every target
+// and the emulator compute the same codes.
+
+// E4M3 code of x: round to nearest even, saturate to +-448, NaN to the NaN code (the branch-free
+// encoder of src/formats/fp8.rs, `e4m3_encode`, step for step).
+__device__ __forceinline__ u32 e4m3_encode(float x) {
+  const u32 bits = __float_as_uint(x);
+  const u32 sign = (bits >> 24) & 0x80u;
+  const u32 abs_bits = bits & 0x7fffffffu;
+  const float a = __uint_as_float(abs_bits);
+  // Normal range: round the mantissa to 3 bits in the integer domain, rebias, saturate.
+  const u32 rounded = abs_bits + 0x7ffffu + ((abs_bits >> 20) & 1u);
+  const int biased = static_cast<int>(rounded >> 20) - ((127 - 7) << 3);
+  const int normal = biased < 0x7e ? biased : 0x7e;
+  // Subnormal range (a < 2^-6): a / 2^-9 rounded to an integer by adding 2^23.
+  const u32 sub = __float_as_uint(__fadd_rn(__fmul_rn(a, 512.f), 8388608.f)) - 0x4b000000u;
+  u32 code = a < 0.015625f ? sub : static_cast<u32>(normal);
+  if (a != a) code = 0x7fu;
+  return (code | sign) & 0xffu;
+}
+
+// Quantizes row `y` of DIM values (already rounded to its storage type) into `codes` and its
+// scale into `*scale`, with THREADS threads: thread t reads elements t, t + THREADS, ... (the
+// ones it may have just stored itself). `scratch` holds THREADS / 32 floats. Contains
+// __syncthreads: every thread of the block must call it.
+template <int DIM, int THREADS, typename T>
+__device__ __forceinline__ void quantize_row_fp8(const T* y, u8* __restrict__ codes,
+                                                 float* __restrict__ scale, float* scratch) {
+  float amax = 0.f;
+  for (int i = threadIdx.x; i < DIM; i += THREADS) {
+    const float a = fabsf(to_f32(y[i]));
+    if (a > amax && a <= 3.40282347e38f) amax = a;  // NaN and inf compare false
+  }
+  const float s = block_max<THREADS>(amax, scratch) / 448.f;
+  for (int i = threadIdx.x; i < DIM; i += THREADS) {
+    const float v = to_f32(y[i]);
+    u32 c;
+    if (s > 0.f) c = e4m3_encode(v / s);
+    else c = v != v ? 0x7fu : (__float_as_uint(v) >> 24) & 0x80u;
+    codes[i] = static_cast<u8>(c);
+  }
+  if (threadIdx.x == 0) *scale = s;
+}
+
 }  // namespace fpx

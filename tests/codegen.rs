@@ -94,6 +94,7 @@ fn generated_sources_match_snapshots() {
         bias: false,
         accumulate: false,
         act: ActDtype::F32,
+        w8a8: false,
     });
     let k = Renderer::new()
         .unwrap()
@@ -115,6 +116,7 @@ fn linear_shapes() -> Vec<LinearShape> {
                 bias,
                 accumulate,
                 act: ActDtype::F32,
+                w8a8: false,
             });
         }
     }
@@ -136,6 +138,7 @@ fn all_specs() -> Vec<KernelSpec> {
         KernelSpec::RmsNorm {
             dim: 576,
             act: ActDtype::F32,
+            quant: false,
         },
         KernelSpec::RopeKv {
             heads: 9,
@@ -482,7 +485,7 @@ fn param_c_type(p: Param) -> (&'static str, bool) {
         Param::Rows | Param::Row0 => ("int", false),
         Param::Eps | Param::LinearGlobal(_) => ("float", false),
         Param::Act(_) | Param::KCache(_) | Param::VCache(_) | Param::Embedding => ("act_t", true),
-        Param::LinearCodes(_) | Param::ExpertCodes(..) => ("fpx::u8", true),
+        Param::LinearCodes(_) | Param::ExpertCodes(..) | Param::XCodes => ("fpx::u8", true),
         Param::LinearScales(_) | Param::ExpertScales(..) => ("void", true),
         Param::Norm(_)
         | Param::RopeCos
@@ -492,7 +495,8 @@ fn param_c_type(p: Param) -> (&'static str, bool) {
         | Param::Router(_)
         | Param::RouteWeights
         | Param::ExpertGlobals(..)
-        | Param::ExpertBias(..) => ("float", true),
+        | Param::ExpertBias(..)
+        | Param::XScales => ("float", true),
     }
 }
 

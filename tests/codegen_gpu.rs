@@ -51,6 +51,7 @@ fn gpu_linear_kernels_match_the_cpu_backend() {
                     bias,
                     accumulate,
                     act,
+                    w8a8: false,
                 };
                 let x: Vec<f32> = (0..rows * k)
                     .map(|i| (i * 104729 % 997) as f32 / 997.0 - 0.5)

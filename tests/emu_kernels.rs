@@ -64,6 +64,7 @@ fn linear_errors(kernels: &EmuKernels, format: WeightFormat, act: ActDtype) -> V
             bias,
             accumulate,
             act,
+            w8a8: false,
         };
         for rows in ROWS {
             let (w, x, y0) = inputs(n, k, rows);
@@ -91,6 +92,7 @@ fn specs(formats: &[WeightFormat], act: ActDtype) -> Vec<KernelSpec> {
                 bias,
                 accumulate,
                 act,
+                w8a8: false,
             };
             v.push(KernelSpec::Gemv(shape));
             v.push(KernelSpec::Gemm(shape));
@@ -185,8 +187,8 @@ fn emu_catches_broken_tensor_core_gemms() {
     let broken = [
         break_once(
             gemm,
-            "fpx::ldmatrix<4, false>(q, ws",
-            "fpx::ldmatrix<4, true>(q, ws",
+            "fpx::ldmatrix<4, false>(q, wt",
+            "fpx::ldmatrix<4, true>(q, wt",
         ),
         break_once(gemm, "    fpx::cp_async_wait<0>();\n", "\n"),
     ];

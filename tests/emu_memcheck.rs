@@ -184,6 +184,7 @@ fn emu_fails_generated_gemvs_that_overrun_or_misalign() {
         bias: false,
         accumulate: false,
         act: ActDtype::F32,
+        w8a8: false,
     };
     let w: Vec<f32> = (0..shape.n * shape.k)
         .map(|i| (i % 13) as f32 / 16.0 - 0.4)

@@ -61,6 +61,7 @@ fn specs() -> Vec<KernelSpec> {
             bias: false,
             accumulate: false,
             act: ActDtype::Bf16,
+            w8a8: false,
         };
         v.push(KernelSpec::ExpertGemv {
             shape,
@@ -95,6 +96,7 @@ fn specs() -> Vec<KernelSpec> {
                 bias: false,
                 accumulate: false,
                 act: ActDtype::F32,
+                w8a8: false,
             };
             v.push(KernelSpec::Gemv(shape));
             v.push(KernelSpec::Gemm(shape));
@@ -181,7 +183,7 @@ fn sass_no_spills_and_128_bit_weight_loads() {
                     // The tensor-core GEMMs issue HMMA fed by ldmatrix (and cp.async where
                     // x rows are 16-byte aligned); the SIMT ones none.
                     let (hmma, ldsm, cp) = (r.count("HMMA"), r.count("LDSM"), r.count("LDGSTS"));
-                    if s.gemm_mma().is_some() {
+                    if s.gemm_mma(arch).is_some() {
                         assert!(hmma >= 8 && ldsm >= 4, "{} {arch:?}: {:?}", r.entry, r.mix);
                         assert_eq!(cp > 0, s.k % 8 == 0, "{} {arch:?}: {:?}", r.entry, r.mix);
                         mma_gemms += 1;
@@ -279,6 +281,7 @@ fn decode_cost_per_weight_matches_the_sass() {
                 bias: false,
                 accumulate: false,
                 act,
+                w8a8: false,
             });
             let src = renderer.render(&spec, arch).unwrap();
             let c = &compiler.compile_all(std::slice::from_ref(&src)).unwrap()[0];

@@ -35,7 +35,8 @@ use crate::runtime::cuda::{CompilerOptions, Device, KernelCache};
 use crate::runtime::emu::{EmuKernels, EmuOptions};
 use crate::runtime::exec::{ExecutablePlan, PackedLinear, PackedScales};
 use crate::runtime::launch::{
-    launch_on, linear_args, run_linear_on, Launcher, LinearBuffers, ParamBuffers, SequenceBuffers,
+    launch_on, linear_args, run_linear_on, Launcher, LinearBuffers, LinearInput, ParamBuffers,
+    SequenceBuffers,
 };
 
 /// The FP32 schedule calibration runs ([`PrecisionMap::new`]: every linear layer in FP32).
@@ -333,8 +334,13 @@ impl<'s, L: Launcher> KernelStage<'s, L> {
             // SAFETY: `linear_args` is the linear kernels' signature; x and y hold `m` rows of
             // the layer's input and output width (buffers of `max_seq` rows).
             unsafe {
-                self.l
-                    .launch(&spec, &entry, m, self.max_seq, &linear_args(w, x, y, m))
+                self.l.launch(
+                    &spec,
+                    &entry,
+                    m,
+                    self.max_seq,
+                    &linear_args(w, LinearInput::Act(x), y, m),
+                )
             }
         };
         let Some(observe) = observe else {
@@ -364,16 +370,25 @@ impl<'s, L: Launcher> KernelStage<'s, L> {
     ) -> Result<()> {
         for index in self.steps.clone() {
             let step = match self.schedule.steps[index] {
-                Step::Linear { linear, src, dst } => {
+                Step::Linear {
+                    linear, src, dst, ..
+                } => {
                     self.linear_step(linear, (src, dst), m, variant, observe)?;
                     continue;
                 }
                 // Calibration needs every row's logits.
-                Step::RmsNorm { norm, src, dst, .. } => Step::RmsNorm {
+                Step::RmsNorm {
+                    norm,
+                    src,
+                    dst,
+                    quant,
+                    ..
+                } => Step::RmsNorm {
                     norm,
                     src,
                     dst,
                     last_row: false,
+                    quant,
                 },
                 other => other,
             };

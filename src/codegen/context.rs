@@ -123,6 +123,8 @@ pub struct GemvCtx {
     pub experts: usize,
     pub top_k: usize,
     pub gather: bool,
+    /// W8A8 ([`LinearShape::w8a8`]): x is read as E4M3 codes with a scale per row.
+    pub w8a8: bool,
 }
 
 /// Prefill GEMM: `bm x bn` output tiles, `bk` deep, `tm x tn` outputs per thread.
@@ -146,11 +148,13 @@ pub struct GemmCtx {
     pub threads: usize,
     /// [`gemm_min_blocks_per_sm`].
     pub min_blocks: usize,
-    /// The tensor-core MMA type (`bf16`, `f16`; [`LinearShape::gemm_mma`]), or empty for the
-    /// FP32 SIMT GEMM.
+    /// The tensor-core MMA type (`bf16`, `f16`, `e4m3`; [`LinearShape::gemm_mma`]), or empty
+    /// for the FP32 SIMT GEMM.
     pub mma: &'static str,
-    /// Dynamic shared memory per block (the MMA path's two 16-bit tiles; 0 for SIMT).
+    /// Dynamic shared memory per block (the MMA path's two tiles; 0 for SIMT).
     pub shared_bytes: usize,
+    /// W8A8 ([`LinearShape::w8a8`]): x is read as E4M3 codes with a scale per row.
+    pub w8a8: bool,
     /// Threads along the output columns of a tile (`bn / tn`).
     pub tx: usize,
     /// Elements of each of the x and W tiles a thread loads per K step.
@@ -166,6 +170,8 @@ pub struct SimpleCtx {
     pub dim: usize,
     pub vocab: usize,
     pub threads: usize,
+    /// RMSNorm: each output row also quantized to FP8 codes and a row scale.
+    pub quant: bool,
 }
 
 /// A MoE block's routing and combine kernels: one block per token.
@@ -236,19 +242,23 @@ impl KernelContext {
                 ActDtype::F16 => "fpx::f16",
             },
         };
-        let simple = |dim, vocab, threads| {
-            KernelContext::Simple(SimpleCtx {
-                common: common.clone(),
-                dim,
-                vocab,
-                threads,
-            })
+        let simple_ctx = |dim, vocab, threads| SimpleCtx {
+            common: common.clone(),
+            dim,
+            vocab,
+            threads,
+            quant: false,
         };
+        let simple = |dim, vocab, threads| KernelContext::Simple(simple_ctx(dim, vocab, threads));
         match *spec {
             KernelSpec::Gemv(s) => KernelContext::Gemv(gemv(common, s, arch)),
             KernelSpec::Gemm(s) => KernelContext::Gemm(gemm(common, s, arch)),
             KernelSpec::Embedding { vocab, hidden, .. } => simple(hidden, vocab, ROW_THREADS),
-            KernelSpec::RmsNorm { dim, .. } => simple(dim, 0, ROW_THREADS),
+            KernelSpec::RmsNorm { dim, quant, .. } => KernelContext::Simple(SimpleCtx {
+                quant,
+                ..simple_ctx(dim, 0, ROW_THREADS)
+            }),
+            KernelSpec::QuantFp8 { dim, .. } => simple(dim, 0, ROW_THREADS),
             KernelSpec::SiluMul { dim, .. } => simple(dim, 0, ELEMENTWISE_THREADS),
             KernelSpec::Argmax { vocab, .. } => simple(0, vocab, ARGMAX_THREADS),
             KernelSpec::ExpertGemv {
@@ -445,24 +455,27 @@ fn gemv(common: Common, s: LinearShape, arch: Arch) -> GemvCtx {
         experts: 0,
         top_k: 0,
         gather: false,
+        w8a8: s.w8a8,
     }
 }
 
 fn gemm(common: Common, s: LinearShape, arch: Arch) -> GemmCtx {
     let (bm, bn, bk) = GEMM_TILE;
     let (tm, tn) = (4, 4);
-    let mma = s.gemm_mma();
-    // The MMA path: 4 warps, each a 32 x 32 warp tile; x and W tiles of `bk + 8` 16-bit
-    // elements per row (80 bytes: rows stay 16-byte aligned for ldmatrix and fall in distinct
-    // bank groups).
-    let threads = if mma.is_some() {
-        GEMM_MMA_THREADS
-    } else {
-        GEMM_THREADS
+    let mma = s.gemm_mma(arch);
+    // The MMA path: 4 warps, each a 32 x 32 warp tile; x and W tile rows of 64 bytes (`bk`
+    // 16-bit elements, or twice as many E4M3 codes) plus 16 (80 bytes: rows stay 16-byte
+    // aligned for ldmatrix and fall in distinct bank groups).
+    let (threads, bk) = match mma {
+        Some("e4m3") => (GEMM_MMA_THREADS, 2 * bk),
+        Some(_) => (GEMM_MMA_THREADS, bk),
+        None => (GEMM_THREADS, bk),
     };
+    let tile_bytes = if s.w8a8 { 1 } else { s.act.bytes() };
     GemmCtx {
         mma: mma.unwrap_or(""),
-        shared_bytes: mma.map_or(0, |_| (bm + bn) * (bk + 8) * s.act.bytes()),
+        shared_bytes: mma.map_or(0, |_| (bm + bn) * (bk * tile_bytes + 16)),
+        w8a8: s.w8a8,
         common,
         format: s.format,
         n: s.n,
@@ -541,6 +554,7 @@ mod tests {
             bias: false,
             accumulate: false,
             act: ActDtype::F32,
+            w8a8: false,
         });
         match KernelContext::new(&spec, Arch::Sm90) {
             KernelContext::Gemv(c) => c,

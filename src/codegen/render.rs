@@ -15,7 +15,7 @@ use crate::lower::Arch;
 use crate::lower::KernelSpec;
 
 /// The kernel templates, by file name.
-pub const TEMPLATES: [(&str, &str); 11] = [
+pub const TEMPLATES: [(&str, &str); 12] = [
     (
         "macros.cu.tera",
         include_str!("../../templates/macros.cu.tera"),
@@ -53,6 +53,10 @@ pub const TEMPLATES: [(&str, &str); 11] = [
     (
         "moe_combine.cu.tera",
         include_str!("../../templates/moe_combine.cu.tera"),
+    ),
+    (
+        "quant_fp8.cu.tera",
+        include_str!("../../templates/quant_fp8.cu.tera"),
     ),
 ];
 

@@ -205,6 +205,7 @@ impl KernelCost {
             bias: false,
             accumulate: false,
             act: self.schedule.act,
+            w8a8: false,
         };
         let unplanned: f64 = moe
             .linears()

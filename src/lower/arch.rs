@@ -96,6 +96,11 @@ impl Arch {
         !matches!(self, Arch::Sm80 | Arch::Sm86)
     }
 
+    /// `mma.sync.m16n8k32` on E4M3 operands exists (sm_89 and newer, as the conversion).
+    pub fn has_fp8_mma(self) -> bool {
+        self.has_fp8_cvt()
+    }
+
     /// `cvt.rn.f16x2.e2m1x2` exists (the arch-specific Blackwell targets only).
     pub fn has_fp4_cvt(self) -> bool {
         matches!(self, Arch::Sm100a | Arch::Sm120a)

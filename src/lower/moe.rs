@@ -367,6 +367,7 @@ impl Schedule {
             bias: false,
             accumulate: false,
             act: self.act,
+            w8a8: false,
         };
         let mut total = super::linear_work(&router, rows, arch);
         for slot in m.linears() {

@@ -48,8 +48,9 @@ pub struct LinearSlot {
     pub bias_tensor: Option<String>,
     pub kind: LinearKind,
     pub shape: LinearShape,
-    /// Activations quantized to this format before the product (the CPU interpreter runs it;
-    /// the generated kernels do not yet: [`Schedule::check_kernels`]).
+    /// Activations quantized to this format before the product (the CPU interpreter runs
+    /// every format; the generated kernels FP8 with FP8 weights, `shape.w8a8`:
+    /// [`Schedule::check_kernels`]).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub activations: Option<Format>,
 }
@@ -86,7 +87,8 @@ impl Schedule {
 
     /// The steps of `graph` with each linear layer in the format `precision` assigns (FP32
     /// where it assigns none), on FP32 activations ([`Schedule::with_act`] changes that).
-    /// Activation quantization is not supported by the kernels yet.
+    /// A W8A8 linear's input is quantized by the RMSNorm that produces it, else by a
+    /// [`Step::QuantFp8`] before it (once for q/k/v or gate/up reading one buffer).
     pub fn build(graph: &Graph, precision: &PrecisionMap) -> Result<Schedule> {
         let spec = graph.spec();
         let dims = Dims {
@@ -133,6 +135,8 @@ impl Schedule {
         };
         // The q and k head norms of the block being walked, until its RoPE step takes them.
         let mut head_norms: [Option<usize>; 2] = [None, None];
+        // The buffer whose rows the FP8 buffers hold quantized, until a step rewrites it.
+        let mut quantized: Option<Act> = None;
         for &id in graph.topo_order() {
             let node = graph.node(id);
             let value = match &node.op {
@@ -152,6 +156,7 @@ impl Schedule {
                         src: held.operand(id, 0)?,
                         dst: Act::Xn,
                         last_row,
+                        quant: false,
                     });
                     Act::Xn
                 }
@@ -186,16 +191,19 @@ impl Schedule {
                             })
                         }
                     };
-                    s.linears.push(linear_slot(
-                        &node.name,
-                        l,
-                        precision.get(&node.name),
-                        residual.is_some(),
-                    ));
+                    let slot =
+                        linear_slot(&node.name, l, precision.get(&node.name), residual.is_some());
+                    let (src, w8a8) = (held.operand(id, 0)?, slot.shape.w8a8);
+                    if w8a8 && quantized != Some(src) {
+                        quantize_input(&mut s.steps, src);
+                        quantized = Some(src);
+                    }
+                    s.linears.push(slot);
                     s.steps.push(Step::Linear {
                         linear: s.linears.len() - 1,
-                        src: held.operand(id, 0)?,
+                        src,
                         dst,
+                        w8a8,
                     });
                     dst
                 }
@@ -271,6 +279,9 @@ impl Schedule {
                 }
             };
             held.held[id.index()] = Some(value);
+            if quantized == Some(value) {
+                quantized = None;
+            }
             if value == Act::X {
                 s.boundaries.insert(id, s.steps.len());
             }
@@ -280,16 +291,24 @@ impl Schedule {
         Ok(s)
     }
 
-    /// Refuses what the generated kernels cannot run yet: activation quantization, and MoE
-    /// blocks whose experts do not share one format per projection
-    /// ([`Schedule::check_expert_kernels`]).
+    /// Refuses what the generated kernels cannot run yet: activation quantization other than
+    /// W8A8 (FP8 weights with FP8 activations) of a dense linear, and MoE blocks whose experts
+    /// do not share one format per projection ([`Schedule::check_expert_kernels`]).
     pub fn check_kernels(&self) -> Result<()> {
         self.check_expert_kernels()?;
-        match self.linears.iter().find_map(|l| Some((l, l.activations?))) {
+        let experts: std::collections::BTreeSet<usize> =
+            self.moes.iter().flat_map(MoeSlot::linears).collect();
+        let unsupported = self.linears.iter().enumerate().find_map(|(i, l)| {
+            let a = l.activations?;
+            (!l.shape.w8a8 || experts.contains(&i)).then_some((l, a))
+        });
+        match unsupported {
             Some((l, a)) => Err(Error::Layer {
                 layer: l.name.clone(),
                 reason: format!(
-                    "activation quantization ({a}) is not supported by the generated kernels"
+                    "{} weights with {a} activations: the generated kernels quantize activations \
+                     only as W8A8 (fp8 weights, fp8 activations) in dense layers",
+                    l.shape.format
                 ),
             }),
             None => Ok(()),
@@ -306,7 +325,15 @@ impl Schedule {
                 hidden: d.hidden,
                 act,
             }],
-            Step::RmsNorm { .. } => vec![KernelSpec::RmsNorm { dim: d.hidden, act }],
+            Step::RmsNorm { quant, .. } => vec![KernelSpec::RmsNorm {
+                dim: d.hidden,
+                act,
+                quant,
+            }],
+            Step::QuantFp8 { src } => vec![KernelSpec::QuantFp8 {
+                dim: self.act_cols(src),
+                act,
+            }],
             Step::Linear { linear, .. } => {
                 let shape = self.linears[linear].shape;
                 vec![KernelSpec::Gemv(shape), KernelSpec::Gemm(shape)]
@@ -385,6 +412,16 @@ impl Schedule {
         }
     }
 
+    /// Columns of the FP8 buffers ([`Param::XCodes`]): the widest input of a W8A8 linear (0
+    /// without one).
+    pub fn x_codes_cols(&self) -> usize {
+        (self.linears.iter())
+            .filter(|l| l.shape.w8a8)
+            .map(|l| l.shape.k)
+            .max()
+            .unwrap_or(0)
+    }
+
     /// Rows of activation buffer `a` in a sequence of `max_seq` positions: one for the logits,
     /// `top_k` per position for a MoE block's pair rows.
     pub fn act_rows(&self, max_seq: usize, a: Act) -> usize {
@@ -428,8 +465,18 @@ pub(super) fn linear_slot(
             bias: l.bias.is_some(),
             accumulate,
             act: ActDtype::F32,
+            w8a8: p.is_some_and(|p| p.weights == Format::Fp8 && p.activations == Some(Format::Fp8)),
         },
         activations: p.and_then(|p| p.activations),
+    }
+}
+
+/// Makes the FP8 buffers hold `src` quantized before the next step: by the RMSNorm that has
+/// just written it (fused), else by a quantizing step of its own.
+fn quantize_input(steps: &mut Vec<Step>, src: Act) {
+    match steps.last_mut() {
+        Some(Step::RmsNorm { dst, quant, .. }) if *dst == src => *quant = true,
+        _ => steps.push(Step::QuantFp8 { src }),
     }
 }
 

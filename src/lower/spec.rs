@@ -110,6 +110,13 @@ pub struct LinearShape {
     /// Element type of `x` and `y`.
     #[serde(default)]
     pub act: ActDtype,
+    /// W8A8: FP8 weights times FP8 activations quantized per token (row) on the fly, the
+    /// CPU reference's dynamic quantizer (`Format::Fp8.fake_quantize_activations`). The
+    /// kernel reads `x` as E4M3 codes with one FP32 scale per row (the schedule's
+    /// [`Param::XCodes`](super::Param::XCodes) and `XScales`, written by the step before it)
+    /// instead of activations.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub w8a8: bool,
 }
 
 impl LinearShape {
@@ -120,8 +127,14 @@ impl LinearShape {
     /// E2M1 times an E4M3 or power-of-two block scale); FP16 with FP16, FP8 and NVFP4 weights
     /// (an E8M0 scale can leave FP16's range). Every target fpx compiles for (sm_80 and newer)
     /// has the m16n8k16 MMA.
-    pub fn gemm_mma(self) -> Option<&'static str> {
+    ///
+    /// A W8A8 GEMM multiplies E4M3 codes by E4M3 codes (`"e4m3"`, m16n8k32) on chips with the
+    /// FP8 MMA ([`Arch::has_fp8_mma`](super::Arch::has_fp8_mma)); `arch` decides only that.
+    pub fn gemm_mma(self, arch: super::Arch) -> Option<&'static str> {
         use WeightFormat::{Fp16, Fp8, Mxfp4, Nvfp4};
+        if self.w8a8 {
+            return arch.has_fp8_mma().then_some("e4m3");
+        }
         match (self.act, self.format) {
             (ActDtype::Bf16, Fp8 | Nvfp4 | Mxfp4) => Some("bf16"),
             (ActDtype::F16, Fp16 | Fp8 | Nvfp4) => Some("f16"),
@@ -150,6 +163,9 @@ impl LinearShape {
         if self.accumulate {
             s.push_str("_acc");
         }
+        if self.w8a8 {
+            s.push_str("_w8a8");
+        }
         s.push_str(&act_suffix(self.act));
         s
     }
@@ -170,8 +186,19 @@ pub enum KernelSpec {
         #[serde(default)]
         act: ActDtype,
     },
-    /// `x * rsqrt(mean(x^2) + eps) * w` per row.
+    /// `x * rsqrt(mean(x^2) + eps) * w` per row; `quant`: each output row (as stored) also
+    /// quantized to FP8 E4M3 codes with its per-row scale, the input of W8A8 linears.
     RmsNorm {
+        dim: usize,
+        #[serde(default)]
+        act: ActDtype,
+        #[serde(default, skip_serializing_if = "is_false")]
+        quant: bool,
+    },
+    /// Per-row dynamic FP8 quantization of `dim`-wide activation rows (scale = the row's finite
+    /// amax / 448, codes `e4m3(x / scale)`): the input of W8A8 linears whose source no fused
+    /// producer quantizes.
+    QuantFp8 {
         dim: usize,
         #[serde(default)]
         act: ActDtype,
@@ -250,7 +277,10 @@ impl KernelSpec {
             KernelSpec::Gemv(s) => return format!("gemv_{}", s.suffix()),
             KernelSpec::Gemm(s) => return format!("gemm_{}", s.suffix()),
             KernelSpec::Embedding { vocab, hidden, .. } => format!("embedding_{vocab}x{hidden}"),
-            KernelSpec::RmsNorm { dim, .. } => format!("rmsnorm_{dim}"),
+            KernelSpec::RmsNorm { dim, quant, .. } => {
+                format!("rmsnorm_{dim}{}", if *quant { "_qfp8" } else { "" })
+            }
+            KernelSpec::QuantFp8 { dim, .. } => format!("quant_fp8_{dim}"),
             KernelSpec::RopeKv {
                 heads,
                 kv_heads,
@@ -307,6 +337,7 @@ impl KernelSpec {
             }
             KernelSpec::Embedding { act, .. }
             | KernelSpec::RmsNorm { act, .. }
+            | KernelSpec::QuantFp8 { act, .. }
             | KernelSpec::RopeKv { act, .. }
             | KernelSpec::Attention { act, .. }
             | KernelSpec::SiluMul { act, .. }
@@ -323,6 +354,7 @@ impl KernelSpec {
             KernelSpec::Gemm(_) => "gemm",
             KernelSpec::Embedding { .. } => "embedding",
             KernelSpec::RmsNorm { .. } => "rmsnorm",
+            KernelSpec::QuantFp8 { .. } => "quant_fp8",
             KernelSpec::RopeKv { .. } => "rope_kv",
             KernelSpec::Attention { .. } => "attention",
             KernelSpec::SiluMul { .. } => "silu_mul",
@@ -392,6 +424,7 @@ mod tests {
                     bias,
                     accumulate,
                     act: ActDtype::F32,
+                    w8a8: false,
                 };
                 specs.push(KernelSpec::Gemv(s));
                 specs.push(KernelSpec::Gemm(s));
@@ -402,14 +435,34 @@ mod tests {
                 specs.push(KernelSpec::Gemv(s16));
             }
         }
+        let fp8 = |w8a8| LinearShape {
+            format: WeightFormat::Fp8,
+            n: 64,
+            k: 96,
+            bias: false,
+            accumulate: false,
+            act: ActDtype::Bf16,
+            w8a8,
+        };
+        specs.push(KernelSpec::Gemm(fp8(true)));
         for act in ActDtype::ALL {
             specs.push(KernelSpec::SiluMul { dim: 64, act });
-            specs.push(KernelSpec::RmsNorm { dim: 64, act });
+            specs.push(KernelSpec::QuantFp8 { dim: 64, act });
+            for quant in [false, true] {
+                specs.push(KernelSpec::RmsNorm {
+                    dim: 64,
+                    act,
+                    quant,
+                });
+            }
         }
         let names: std::collections::BTreeSet<String> = specs.iter().map(|s| s.name()).collect();
         assert_eq!(names.len(), specs.len());
         assert_eq!(specs[3].name(), "gemv_f32_64x96_bias");
         assert_eq!(specs[5].name(), "gemv_f32_64x96_bias_abf16");
+        assert!(specs
+            .iter()
+            .any(|s| s.name() == "gemm_fp8_64x96_w8a8_abf16"));
     }
 
     #[test]

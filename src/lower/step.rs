@@ -69,15 +69,29 @@ pub struct QkNorm {
 pub enum Step {
     /// Token ids -> `X`.
     Embed,
-    /// `dst = rmsnorm(src) * norms[norm]`; `last_row`: only the pass's last row, into row 0.
+    /// `dst = rmsnorm(src) * norms[norm]`; `last_row`: only the pass's last row, into row 0;
+    /// `quant`: `dst`'s rows (as stored) also quantized into the FP8 buffers
+    /// ([`Param::XCodes`], [`Param::XScales`]) for the W8A8 linears that read them.
     RmsNorm {
         norm: usize,
         src: Act,
         dst: Act,
         last_row: bool,
+        #[serde(skip_serializing_if = "std::ops::Not::not")]
+        quant: bool,
     },
-    /// `dst (+)= src W^T (+ b)` with `linears[linear]` (GEMV for <= 8 rows, else GEMM).
-    Linear { linear: usize, src: Act, dst: Act },
+    /// `src`'s rows quantized per row to FP8 into the FP8 buffers, for the W8A8 linears that
+    /// read them (where no RMSNorm producer does it).
+    QuantFp8 { src: Act },
+    /// `dst (+)= src W^T (+ b)` with `linears[linear]` (GEMV for <= 8 rows, else GEMM);
+    /// `w8a8`: the layer reads `src` from the FP8 buffers a quantizing step filled.
+    Linear {
+        linear: usize,
+        src: Act,
+        dst: Act,
+        #[serde(skip_serializing_if = "std::ops::Not::not")]
+        w8a8: bool,
+    },
     /// RoPE of `Q` in place; RoPE of `K` and a copy of `V` into layer `layer`'s KV cache;
     /// with `qk_norm`, each head of q and k RMS-normalised first.
     RopeKv {
@@ -155,6 +169,10 @@ pub enum Param {
     ExpertScales(usize, usize),
     ExpertGlobals(usize, usize),
     ExpertBias(usize, usize),
+    /// A pass's activations quantized to FP8 for W8A8 linears: E4M3 codes (`u8*`, `[m, k]`)
+    /// and one scale per row (`float*`), written by a quantizing step, read by the linears.
+    XCodes,
+    XScales,
 }
 
 impl Step {
@@ -167,9 +185,20 @@ impl Step {
                 let tokens = if decode { P::Next } else { P::Tokens };
                 vec![tokens, P::Embedding, P::Act(Act::X), P::Rows]
             }
-            Step::RmsNorm { norm, src, dst, .. } => {
-                vec![P::Act(src), P::Norm(norm), P::Act(dst), P::Eps, P::Row0]
+            Step::RmsNorm {
+                norm,
+                src,
+                dst,
+                quant,
+                ..
+            } => {
+                let mut p = vec![P::Act(src), P::Norm(norm), P::Act(dst), P::Eps, P::Row0];
+                if quant {
+                    p.extend([P::XCodes, P::XScales]);
+                }
+                p
             }
+            Step::QuantFp8 { src } => vec![P::Act(src), P::XCodes, P::XScales],
             Step::RopeKv { layer, qk_norm } => {
                 let mut p = vec![
                     P::Act(Act::Q),
@@ -201,15 +230,26 @@ impl Step {
                 unreachable!("a MoE step launches several kernels: Schedule::moe_launches")
             }
             Step::Argmax => vec![P::Act(Act::Logits), P::Next],
-            Step::Linear { linear, src, dst } => vec![
-                P::LinearCodes(linear),
-                P::LinearScales(linear),
-                P::LinearGlobal(linear),
-                P::LinearBias(linear),
-                P::Act(src),
-                P::Act(dst),
-                P::Rows,
-            ],
+            Step::Linear {
+                linear,
+                src,
+                dst,
+                w8a8,
+            } => {
+                let mut p = vec![
+                    P::LinearCodes(linear),
+                    P::LinearScales(linear),
+                    P::LinearGlobal(linear),
+                    P::LinearBias(linear),
+                ];
+                if w8a8 {
+                    p.extend([P::XCodes, P::XScales]);
+                } else {
+                    p.push(P::Act(src));
+                }
+                p.extend([P::Act(dst), P::Rows]);
+                p
+            }
         }
     }
 

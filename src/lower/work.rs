@@ -46,12 +46,16 @@ impl InstructionPath {
 }
 
 impl KernelSpec {
-    /// The instruction path of this kernel on `arch`: the 16-bit tensor-core MMA for the
-    /// prefill GEMMs [`LinearShape::gemm_mma`] admits (every target has it), FP32 FMA on the
-    /// CUDA cores for every other kernel.
-    pub fn path(&self, _arch: Arch) -> InstructionPath {
+    /// The instruction path of this kernel on `arch`: the tensor-core MMA
+    /// [`LinearShape::gemm_mma`] gives a prefill GEMM (16-bit on every target, FP8 for W8A8
+    /// from sm_89), FP32 FMA on the CUDA cores for every other kernel.
+    pub fn path(&self, arch: Arch) -> InstructionPath {
         match self {
-            KernelSpec::Gemm(s) if s.gemm_mma().is_some() => InstructionPath::TensorF16,
+            KernelSpec::Gemm(s) => match s.gemm_mma(arch) {
+                Some("e4m3") => InstructionPath::TensorFp8,
+                Some(_) => InstructionPath::TensorF16,
+                None => InstructionPath::SimtF32,
+            },
             _ => InstructionPath::SimtF32,
         }
     }
@@ -148,8 +152,14 @@ pub fn linear_work(shape: &LinearShape, rows: usize, arch: Arch) -> KernelWork {
     let (m, n, k) = (rows as f64, shape.n as f64, shape.k as f64);
     let act = shape.act.bytes() as f64;
     let outputs = if shape.accumulate { 2.0 } else { 1.0 };
+    // W8A8 reads its input as one E4M3 code per element and an FP32 scale per row.
+    let input = if shape.w8a8 {
+        m * (k + 4.0)
+    } else {
+        act * m * k
+    };
     KernelWork {
-        bytes: linear_weight_bytes(shape) as f64 + act * (m * k + outputs * m * n),
+        bytes: linear_weight_bytes(shape) as f64 + input + act * outputs * m * n,
         flops: 2.0 * m * n * k,
         decode_instructions: n * k * decode_instructions_per_weight(shape.format, arch, shape.act),
         path: spec.path(arch),
@@ -180,10 +190,21 @@ impl Schedule {
             // The table rows gathered (stored in the activation type) and the residual rows
             // written.
             Step::Embed => simt(r * hidden * 2.0 * act, 0.0),
-            Step::RmsNorm { src, dst, .. } => simt(
-                r * act * (cols(src) + cols(dst)) + 4.0 * hidden,
-                4.0 * r * hidden,
-            ),
+            // A fused quantization writes a code per element and a scale per row.
+            Step::RmsNorm {
+                src, dst, quant, ..
+            } => {
+                let q = if quant { r * (cols(dst) + 4.0) } else { 0.0 };
+                simt(
+                    r * act * (cols(src) + cols(dst)) + 4.0 * hidden + q,
+                    4.0 * r * hidden,
+                )
+            }
+            // Read twice (amax, then the codes: the second read from L1/L2 is not counted), a
+            // code and a row scale written.
+            Step::QuantFp8 { src } => {
+                simt(r * (cols(src) * (act + 1.0) + 4.0), 2.0 * r * cols(src))
+            }
             // Q rotated in place, K rotated and V copied into the cache, the cos/sin rows read;
             // with q/k norms, their two weights read and four more FLOPs per element (square,
             // sum, scale, weight).
@@ -228,6 +249,7 @@ mod tests {
             bias: true,
             accumulate: true,
             act: ActDtype::Bf16,
+            w8a8: false,
         };
         let w = linear_work(&shape, 1, Arch::Sm90);
         // codes + per-row FP32 scales + bias, then x read, y read and written in BF16.
@@ -246,6 +268,7 @@ mod tests {
             bias: false,
             accumulate: false,
             act,
+            w8a8: false,
         };
         let path = |format, act| linear_work(&shape(format, act), 64, Arch::Sm90).path;
         for f in [WeightFormat::Fp8, WeightFormat::Nvfp4, WeightFormat::Mxfp4] {

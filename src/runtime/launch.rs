@@ -15,6 +15,7 @@
 
 use super::exec::{check_pass, Backend, ExecutablePlan, PackedLinear};
 use crate::error::Result;
+use crate::formats::{Format, Scales};
 use crate::lower::{
     split_kv, Act, ActDtype, KernelSpec, LinearShape, Param, Schedule, Step, StepLaunch,
 };
@@ -130,6 +131,10 @@ pub struct SequenceBuffers<B> {
     /// `[max_seq, top_k]` experts and weights of the MoE block being run.
     pub route_ids: B,
     pub route_weights: B,
+    /// W8A8 inputs: `[max_seq, Schedule::x_codes_cols]` E4M3 codes and `[max_seq]` FP32 row
+    /// scales.
+    pub x_codes: B,
+    pub x_scales: B,
 }
 
 impl<B> SequenceBuffers<B> {
@@ -160,6 +165,8 @@ impl<B> SequenceBuffers<B> {
             attn_partials: l.zeros(split_kv::partials_bytes(s.dims.heads, s.dims.head_dim))?,
             route_ids: l.zeros(4 * max_seq * s.moe_top_k())?,
             route_weights: l.zeros(4 * max_seq * s.moe_top_k())?,
+            x_codes: l.zeros(max_seq * s.x_codes_cols())?,
+            x_scales: l.zeros(4 * max_seq)?,
         })
     }
 }
@@ -207,31 +214,51 @@ impl<B> ParamBuffers<B> {
     }
 }
 
+/// What a linear kernel reads as its input: activations, or (a W8A8 layer,
+/// [`LinearShape::w8a8`]) FP8 codes and their row scales.
+pub enum LinearInput<'b, B> {
+    Act(&'b B),
+    Fp8 { codes: &'b B, scales: &'b B },
+}
+
+// Not derived: a derive would ask `B: Copy`, and only references are copied.
+impl<B> Clone for LinearInput<'_, B> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+
+impl<B> Copy for LinearInput<'_, B> {}
+
 /// The arguments of a linear kernel on standalone buffers (`x` and `y` hold `rows` rows), in
 /// the order [`Step::params`] gives a linear step.
 pub fn linear_args<'b, B>(
     w: &'b LinearBuffers<B>,
-    x: &'b B,
+    x: LinearInput<'b, B>,
     y: &'b B,
     rows: usize,
 ) -> Vec<Arg<'b, B>> {
     let (src, dst) = (Act::Xn, Act::Q);
+    let w8a8 = matches!(x, LinearInput::Fp8 { .. });
     Step::Linear {
         linear: 0,
         src,
         dst,
+        w8a8,
     }
     .params(false)
     .into_iter()
-    .map(|p| match p {
-        Param::LinearCodes(_) => Arg::Buf(&w.codes),
-        Param::LinearScales(_) => Arg::Buf(&w.scales),
-        Param::LinearGlobal(_) => Arg::F32(w.global),
-        Param::LinearBias(_) => Arg::Buf(&w.bias),
-        Param::Act(a) if a == src => Arg::Buf(x),
-        Param::Act(_) => Arg::Buf(y),
-        Param::Rows => Arg::I32(rows as i32),
-        other => unreachable!("a linear step has no {other:?} parameter"),
+    .map(|p| match (p, x) {
+        (Param::LinearCodes(_), _) => Arg::Buf(&w.codes),
+        (Param::LinearScales(_), _) => Arg::Buf(&w.scales),
+        (Param::LinearGlobal(_), _) => Arg::F32(w.global),
+        (Param::LinearBias(_), _) => Arg::Buf(&w.bias),
+        (Param::Act(a), LinearInput::Act(x)) if a == src => Arg::Buf(x),
+        (Param::XCodes, LinearInput::Fp8 { codes, .. }) => Arg::Buf(codes),
+        (Param::XScales, LinearInput::Fp8 { scales, .. }) => Arg::Buf(scales),
+        (Param::Act(_), _) => Arg::Buf(y),
+        (Param::Rows, _) => Arg::I32(rows as i32),
+        (other, _) => unreachable!("a linear step has no {other:?} parameter"),
     })
     .collect()
 }
@@ -276,11 +303,29 @@ pub fn run_linear_on<L: Launcher>(
             ),
         ));
     }
-    let x = l.upload(&shape.act.encode(&x[..rows * shape.k]))?;
+    let x_act = shape.act.encode(&x[..rows * shape.k]);
     let y = l.upload(&shape.act.encode(&y_init[..rows * shape.n]))?;
     let (spec, entry) = shape.kernel_for_rows(rows);
-    // SAFETY: x and y hold rows x k and rows x n elements of the layer's activation type.
-    unsafe { l.launch(&spec, &entry, rows, 0, &linear_args(w, &x, &y, rows))? };
+    let (x, x_scales);
+    let input = if shape.w8a8 {
+        // The CPU reference's quantizer, as a quantizing step leaves the codes.
+        let q = Format::Fp8.quantize(&shape.act.decode(&x_act), rows, shape.k);
+        let Scales::Row(scales) = &q.scales else {
+            unreachable!("fp8 quantizes with row scales")
+        };
+        x = l.upload(&q.codes)?;
+        x_scales = l.upload(&ActDtype::F32.encode(scales))?;
+        LinearInput::Fp8 {
+            codes: &x,
+            scales: &x_scales,
+        }
+    } else {
+        x = l.upload(&x_act)?;
+        LinearInput::Act(&x)
+    };
+    // SAFETY: x and y hold rows x k and rows x n elements of the layer's activation type (x:
+    // codes and row scales for W8A8).
+    unsafe { l.launch(&spec, &entry, rows, 0, &linear_args(w, input, &y, rows))? };
     let bytes = l.read(&y, rows * shape.n * shape.act.bytes())?;
     Ok(shape.act.decode(&bytes))
 }
@@ -320,6 +365,8 @@ pub fn launch_args<'b, B>(
             Param::ExpertScales(b, e) => Arg::Buf(&p.experts[b][e].scales),
             Param::ExpertGlobals(b, e) => Arg::Buf(&p.experts[b][e].globals),
             Param::ExpertBias(b, e) => Arg::Buf(&p.experts[b][e].bias),
+            Param::XCodes => Arg::Buf(&s.x_codes),
+            Param::XScales => Arg::Buf(&s.x_scales),
         })
         .collect()
 }

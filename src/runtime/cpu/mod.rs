@@ -289,7 +289,10 @@ impl CpuModel {
                 let y = kernels::rms_norm(b.get(src, index)?, w, d.eps);
                 b.put(dst, y);
             }
-            Step::Linear { linear, src, dst } => {
+            // A W8A8 layer's weights quantize its input themselves (`LinearWeights::apply`).
+            Step::Linear {
+                linear, src, dst, ..
+            } => {
                 let slot = &s.linears[linear];
                 let y = self.apply_linear(linear, replace, b.get(src, index)?, observe)?;
                 if slot.shape.accumulate {
@@ -362,7 +365,7 @@ impl CpuModel {
                 b.put(slot.dst, acc);
             }
             // The reference keeps every position's logits; generation's argmax is not its job.
-            Step::Argmax => {}
+            Step::Argmax | Step::QuantFp8 { .. } => {}
         }
         Ok(())
     }

@@ -19,7 +19,7 @@ use super::compile::CompilerOptions;
 use crate::error::{Error, Result};
 use crate::lower::{KernelSpec, LinearShape, Schedule, WeightFormat};
 use crate::runtime::exec::{Backend, ExecutablePlan, PackedLinear};
-use crate::runtime::launch::{linear_args, Launcher, LinearBuffers, Memory};
+use crate::runtime::launch::{linear_args, Launcher, LinearBuffers, LinearInput, Memory};
 
 /// What to measure.
 #[derive(Debug, Clone)]
@@ -96,7 +96,12 @@ pub fn profile_linears(
         let y = dev.zeros(opts.batch * n * shape.act.bytes())?;
         let (spec, entry) = shape.kernel_for_rows(opts.batch);
         let launch = |i: usize| {
-            let args = linear_args(&dev_copies[i % copies], &x, &y, opts.batch);
+            let args = linear_args(
+                &dev_copies[i % copies],
+                LinearInput::Act(&x),
+                &y,
+                opts.batch,
+            );
             // SAFETY: x and y hold `batch` rows of the layer's k and n activations.
             unsafe { dev.launch(&spec, &entry, opts.batch, 0, &args) }
         };

@@ -11,6 +11,7 @@ use super::generate::Backend;
 use super::host::{HostBackend, HostBuf, HostState};
 use super::{ExecutablePlan, PackedLinear};
 use crate::error::{Error, Result};
+use crate::formats::{Format, Scales};
 use crate::lower::{Act, ActDtype, LinearShape, Step};
 use crate::runtime::cpu::{kernels, moe};
 use crate::runtime::cpu::{LinearWeights, Mat};
@@ -27,6 +28,17 @@ pub struct CpuBackend<'a> {
 fn write(buf: &mut HostBuf, act: ActDtype, at: usize, v: &[f32]) {
     let e = act.bytes();
     buf.bytes_mut()[at * e..(at + v.len()) * e].copy_from_slice(&act.encode(v));
+}
+
+/// Quantizes rows of `cols` values (as stored) into the FP8 buffers with the CPU reference's
+/// per-row quantizer, as a quantizing kernel leaves them.
+fn quantize_fp8(st: &mut HostState, x: &[f32], cols: usize) {
+    let q = Format::Fp8.quantize(x, x.len() / cols, cols);
+    let Scales::Row(scales) = &q.scales else {
+        unreachable!("fp8 quantizes with row scales")
+    };
+    st.x_codes.bytes_mut()[..q.codes.len()].copy_from_slice(&q.codes);
+    write(&mut st.x_scales, ActDtype::F32, 0, scales);
 }
 
 /// The weights a packed layer decodes to, as the CPU interpreter applies them.
@@ -49,8 +61,8 @@ fn linear_rows(w: &LinearWeights, shape: &LinearShape, x: Vec<f32>, rows: usize,
 
 /// One linear layer as the cpu backend runs it, on standalone buffers: `x` (`[rows, k]`) and
 /// `y_init` (`[rows, n]`, the output before the step) rounded to the layer's activation type
-/// on the way in, as a kernel's inputs would be; returns `y` after the step. The reference the
-/// generated linear kernels are checked against.
+/// on the way in, as a kernel's inputs would be (and `x` quantized per row for W8A8); returns
+/// `y` after the step. The reference the generated linear kernels are checked against.
 pub fn reference_linear(
     packed: &PackedLinear,
     shape: &LinearShape,
@@ -60,13 +72,11 @@ pub fn reference_linear(
 ) -> Vec<f32> {
     let round = |v: &[f32]| v.iter().map(|&v| shape.act.round(v)).collect::<Vec<f32>>();
     let mut y = round(&y_init[..rows * shape.n]);
-    linear_rows(
-        &decoded(packed, shape),
-        shape,
-        round(&x[..rows * shape.k]),
-        rows,
-        &mut y,
-    );
+    let mut x = round(&x[..rows * shape.k]);
+    if shape.w8a8 {
+        Format::Fp8.fake_quantize_activations(&mut x, rows, shape.k);
+    }
+    linear_rows(&decoded(packed, shape), shape, x, rows, &mut y);
     y
 }
 
@@ -102,6 +112,7 @@ impl<'a> CpuBackend<'a> {
                 src,
                 dst,
                 last_row,
+                quant,
             } => {
                 let h = d.hidden;
                 let (first, rows) = if last_row { (m - 1, 1) } else { (0, m) };
@@ -109,11 +120,31 @@ impl<'a> CpuBackend<'a> {
                 let mut y = vec![0f32; rows * h];
                 kernels::rms_norm_rows(&x[first * h..], h, &plan.norms[norm], d.eps, &mut y);
                 write(&mut st.acts[buf(dst)], act, 0, &y);
+                if quant {
+                    quantize_fp8(st, &HostState::values(&st.acts[buf(dst)], act, rows * h), h);
+                }
             }
-            Step::Linear { linear, src, dst } => {
+            Step::QuantFp8 { src } => {
+                let cols = s.act_cols(src);
+                quantize_fp8(
+                    st,
+                    &HostState::values(&st.acts[buf(src)], act, m * cols),
+                    cols,
+                );
+            }
+            Step::Linear {
+                linear,
+                src,
+                dst,
+                w8a8,
+            } => {
                 let shape = s.linears[linear].shape;
                 let rows = step.rows(m);
-                let x = HostState::values(&st.acts[buf(src)], act, rows * shape.k);
+                let x = if w8a8 {
+                    st.fp8_values(rows, shape.k)
+                } else {
+                    HostState::values(&st.acts[buf(src)], act, rows * shape.k)
+                };
                 let mut y = HostState::values(&st.acts[buf(dst)], act, rows * shape.n);
                 linear_rows(&self.linears[linear], &shape, x, rows, &mut y);
                 write(&mut st.acts[buf(dst)], act, 0, &y);

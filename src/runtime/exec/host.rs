@@ -8,6 +8,7 @@
 use super::generate::Backend;
 use super::ExecutablePlan;
 use crate::error::Result;
+use crate::formats::{Format, QuantizedMatrix, Scales};
 use crate::lower::{Act, ActDtype, Step};
 use crate::runtime::launch::{Memory, SequenceBuffers};
 
@@ -135,9 +136,23 @@ impl HostState {
         i32::from_le_bytes([b[0], b[1], b[2], b[3]])
     }
 
+    /// The values the FP8 buffers hold (what a W8A8 linear multiplies): `rows` rows of `cols`
+    /// E4M3 codes times their row scales.
+    pub fn fp8_values(&self, rows: usize, cols: usize) -> Vec<f32> {
+        let q = QuantizedMatrix {
+            format: Format::Fp8,
+            rows,
+            cols,
+            codes: self.x_codes.bytes()[..rows * cols].to_vec(),
+            scales: Scales::Row(HostState::values(&self.x_scales, ActDtype::F32, rows)),
+        };
+        q.dequantize()
+    }
+
     /// What `step` wrote in a pass of `m` rows at position `pos`, widened to FP32: its
     /// destination rows (RoPE: the rotated queries, then the pass's rows of the K and V cache;
-    /// argmax: the token).
+    /// argmax: the token; a quantizing step, and a quantizing RMSNorm after its rows: the FP8
+    /// rows' values).
     pub fn step_output(&self, plan: &ExecutablePlan, step: Step, m: usize, pos: usize) -> Vec<f32> {
         let s = &plan.schedule;
         let act = s.act;
@@ -147,6 +162,14 @@ impl HostState {
         let rows = step.rows(m);
         match step {
             Step::Embed => rows_of(Act::X, rows),
+            Step::RmsNorm {
+                dst, quant: true, ..
+            } => {
+                let mut v = rows_of(dst, rows);
+                v.extend(self.fp8_values(rows, s.act_cols(dst)));
+                v
+            }
+            Step::QuantFp8 { src } => self.fp8_values(rows, s.act_cols(src)),
             Step::RmsNorm { dst, .. } | Step::Linear { dst, .. } => rows_of(dst, rows),
             Step::RopeKv { layer, .. } => {
                 let kv = s.dims.kv_dim;
