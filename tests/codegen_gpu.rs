@@ -40,9 +40,12 @@ fn gpu_linear_kernels_match_the_cpu_backend() {
                 .collect();
             let b = bias.then(|| (0..n).map(|i| i as f32 * 0.01).collect::<Vec<f32>>());
             let packed = PackedLinear::pack(format, &w, n, k, b, None);
-            for (act, rows) in [ActDtype::F32, ActDtype::Bf16]
+            // FP8 also as W8A8 (FP8 activations quantized per row; the FP8 MMA from sm_89).
+            for (act, rows, w8a8) in [ActDtype::F32, ActDtype::Bf16]
                 .into_iter()
                 .flat_map(|a| [1, 5, 8, 20].map(|r| (a, r)))
+                .flat_map(|(a, r)| [(a, r, false), (a, r, true)])
+                .filter(|&(_, _, q)| !q || format == WeightFormat::Fp8)
             {
                 let shape = LinearShape {
                     format,
@@ -51,7 +54,7 @@ fn gpu_linear_kernels_match_the_cpu_backend() {
                     bias,
                     accumulate,
                     act,
-                    w8a8: false,
+                    w8a8,
                 };
                 let x: Vec<f32> = (0..rows * k)
                     .map(|i| (i * 104729 % 997) as f32 / 997.0 - 0.5)
@@ -62,7 +65,7 @@ fn gpu_linear_kernels_match_the_cpu_backend() {
                 // 16 bits: one ulp more (another summation order may round to the neighbour).
                 let tol = 1e-4 + if act == ActDtype::F32 { 0.0 } else { act.ulp() };
                 close(
-                    &format!("{format} {n}x{k} rows {rows} ({act})"),
+                    &format!("{format} {n}x{k} rows {rows} ({act}, w8a8 {w8a8})"),
                     &got,
                     &want,
                     tol,

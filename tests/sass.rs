@@ -17,7 +17,8 @@ use fpx::codegen::{KernelContext, Renderer};
 use fpx::formats::Format;
 use fpx::ir::{Graph, LinearKind};
 use fpx::lower::{
-    decode_instructions_per_weight, ActDtype, Arch, KernelSpec, LinearShape, Schedule, WeightFormat,
+    decode_instructions_per_weight, ActDtype, Arch, InstructionPath, KernelSpec, LinearShape,
+    Schedule, WeightFormat,
 };
 use fpx::lower::{LinearPrecision, PrecisionMap};
 use fpx::model::synthetic::{tiny_spec, write_gguf, GgmlDType};
@@ -42,6 +43,19 @@ fn specs() -> Vec<KernelSpec> {
     }
     let schedule = Schedule::build(&graph, &map).unwrap();
     let mut v = schedule.kernels();
+    v.extend(schedule.with_act(ActDtype::Bf16).kernels());
+    // The same model in W8A8 (quantizing RMSNorm and quant_fp8 steps, W8A8 GEMVs and GEMMs).
+    let w8a8: PrecisionMap = (map.keys())
+        .map(|n| {
+            let p = LinearPrecision {
+                weights: Format::Fp8,
+                activations: Some(Format::Fp8),
+            };
+            (n.clone(), p)
+        })
+        .collect();
+    let schedule = Schedule::build(&graph, &w8a8).unwrap();
+    v.extend(schedule.kernels());
     v.extend(schedule.with_act(ActDtype::Bf16).kernels());
     // A tiny Qwen3-MoE's routing, grouped expert GEMVs and combine, and the grouped GEMVs of a
     // Qwen3-30B-A3B-shaped block (128 experts, top-8, 768 x 2048).
@@ -106,6 +120,19 @@ fn specs() -> Vec<KernelSpec> {
             }));
         }
     }
+    for (n, k) in [(4096, 4096), (40, 100)] {
+        let shape = LinearShape {
+            format: WeightFormat::Fp8,
+            n,
+            k,
+            bias: false,
+            accumulate: false,
+            act: ActDtype::Bf16,
+            w8a8: true,
+        };
+        v.push(KernelSpec::Gemv(shape));
+        v.push(KernelSpec::Gemm(shape));
+    }
     v.sort();
     v.dedup();
     v
@@ -134,7 +161,7 @@ fn sass_no_spills_and_128_bit_weight_loads() {
         let compiled = compiler.compile_all(&sources).unwrap();
         let mut rows = Vec::new();
         let mut wide = 0;
-        let mut mma_gemms = 0;
+        let (mut mma_gemms, mut fp8_gemms) = (0, 0);
         let mut spilled = Vec::new();
         let analysed: Vec<_> = sources
             .par_iter()
@@ -183,7 +210,14 @@ fn sass_no_spills_and_128_bit_weight_loads() {
                     // The tensor-core GEMMs issue HMMA fed by ldmatrix (and cp.async where
                     // x rows are 16-byte aligned); the SIMT ones none.
                     let (hmma, ldsm, cp) = (r.count("HMMA"), r.count("LDSM"), r.count("LDGSTS"));
-                    if s.gemm_mma(arch).is_some() {
+                    if s.gemm_mma(arch) == Some("e4m3") {
+                        // W8A8's FP8 mma.sync (its SASS per arch: sass_w8a8_gemm_instruction),
+                        // x and W tiles both by cp.async where rows are 16-byte aligned.
+                        let mma = r.count("QMMA") + hmma;
+                        assert!(mma >= 8 && ldsm >= 4, "{} {arch:?}: {:?}", r.entry, r.mix);
+                        assert_eq!(cp > 0, s.k % 16 == 0, "{} {arch:?}: {:?}", r.entry, r.mix);
+                        fp8_gemms += 1;
+                    } else if s.gemm_mma(arch).is_some() {
                         assert!(hmma >= 8 && ldsm >= 4, "{} {arch:?}: {:?}", r.entry, r.mix);
                         assert_eq!(cp > 0, s.k % 8 == 0, "{} {arch:?}: {:?}", r.entry, r.mix);
                         mma_gemms += 1;
@@ -210,6 +244,11 @@ fn sass_no_spills_and_128_bit_weight_loads() {
         assert!(
             mma_gemms >= 6,
             "{arch:?}: only {mma_gemms} tensor-core GEMMs checked"
+        );
+        assert_eq!(
+            fp8_gemms >= 4,
+            arch.has_fp8_mma(),
+            "{arch:?}: {fp8_gemms} FP8 GEMMs"
         );
         eprintln!("{}", table(&rows));
     }
@@ -310,4 +349,53 @@ fn decode_cost_per_weight_matches_the_sass() {
         "decode_instructions_per_weight (src/lower/work.rs) disagrees with the SASS:\n{}",
         wrong.join("\n")
     );
+}
+
+/// W8A8's `mma.sync` m16n8k32 E4M3 in the SASS of every target, and the instruction path the
+/// latency model prices for it (`KernelSpec::path`) is the one the chip runs.
+#[test]
+fn sass_w8a8_gemm_instruction() {
+    let tools = SassTools::find();
+    let compiler = Compiler::new(CompilerOptions {
+        cache_dir: Some(std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("nvrtc-cache")),
+        ..CompilerOptions::default()
+    });
+    if !common::have(
+        "NVRTC + the nvcc and cuobjdump wheels (.venv)",
+        tools.is_ok() && compiler.is_ok(),
+    ) {
+        return;
+    }
+    let (tools, compiler) = (tools.unwrap(), compiler.unwrap());
+    let renderer = Renderer::new().unwrap();
+    let spec = KernelSpec::Gemm(LinearShape {
+        format: WeightFormat::Fp8,
+        n: 4096,
+        k: 4096,
+        bias: false,
+        accumulate: false,
+        act: ActDtype::Bf16,
+        w8a8: true,
+    });
+    for arch in Arch::ALL {
+        let src = renderer.render(&spec, arch).unwrap();
+        let c = &compiler.compile_all(std::slice::from_ref(&src)).unwrap()[0];
+        let r = &analyze(&tools, arch, &c.ptx, &c.cubin).unwrap()[0];
+        let (qmma, hmma, path) = (r.count("QMMA"), r.count("HMMA"), spec.path(arch));
+        eprintln!("{} {arch}: {:?} ({})", r.entry, r.mix, path.name());
+        let want = if arch.fp8_mma_is_native() {
+            qmma >= 8 && hmma == 0 && path == InstructionPath::TensorFp8
+        } else if arch.has_fp8_mma() {
+            qmma == 0 && hmma >= 8 && path == InstructionPath::TensorF16
+        } else {
+            qmma + hmma == 0 && path == InstructionPath::SimtF32
+        };
+        assert!(
+            want,
+            "{} {arch}: {:?}, priced {}",
+            r.entry,
+            r.mix,
+            path.name()
+        );
+    }
 }

@@ -101,6 +101,14 @@ impl Arch {
         self.has_fp8_cvt()
     }
 
+    /// That `mma.sync` runs on FP8 tensor cores (SASS `QMMA`: sm_89, sm_120a). On sm_90 and
+    /// sm_100a ptxas lowers it to unpacks to f16 and `HMMA` (their FP8 rate is reached by
+    /// `wgmma` / `tcgen05`, which fpx does not generate), so it runs at the 16-bit rate
+    /// (`tests/sass.rs`, `sass_w8a8_gemm_instruction`).
+    pub fn fp8_mma_is_native(self) -> bool {
+        matches!(self, Arch::Sm89 | Arch::Sm120a)
+    }
+
     /// `cvt.rn.f16x2.e2m1x2` exists (the arch-specific Blackwell targets only).
     pub fn has_fp4_cvt(self) -> bool {
         matches!(self, Arch::Sm100a | Arch::Sm120a)

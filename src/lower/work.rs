@@ -47,12 +47,13 @@ impl InstructionPath {
 
 impl KernelSpec {
     /// The instruction path of this kernel on `arch`: the tensor-core MMA
-    /// [`LinearShape::gemm_mma`] gives a prefill GEMM (16-bit on every target, FP8 for W8A8
-    /// from sm_89), FP32 FMA on the CUDA cores for every other kernel.
+    /// [`LinearShape::gemm_mma`] gives a prefill GEMM (16-bit on every target; FP8 for W8A8 where
+    /// [`Arch::fp8_mma_is_native`], else the 16-bit rate its SASS runs at), FP32 FMA on the
+    /// CUDA cores for every other kernel.
     pub fn path(&self, arch: Arch) -> InstructionPath {
         match self {
             KernelSpec::Gemm(s) => match s.gemm_mma(arch) {
-                Some("e4m3") => InstructionPath::TensorFp8,
+                Some("e4m3") if arch.fp8_mma_is_native() => InstructionPath::TensorFp8,
                 Some(_) => InstructionPath::TensorF16,
                 None => InstructionPath::SimtF32,
             },
