@@ -32,7 +32,7 @@ use fpx::runtime::exec::{
 use fpx::runtime::launch::run_linear;
 
 use common::emu_probe::emu_opts;
-use common::rel_err;
+use common::{break_once, embedded, rel_err};
 
 const SHAPES: [(usize, usize, bool, bool); 3] = [
     (192, 576, true, false),
@@ -213,17 +213,6 @@ fn emu_catches_broken_tensor_core_gemms() {
             }
         }
     }
-}
-
-/// `text` with `from` replaced by `to`, which must occur exactly once (so a template edit that
-/// moves the line fails here rather than silently testing an unbroken kernel).
-fn break_once(text: &str, from: &str, to: &str) -> String {
-    assert_eq!(text.matches(from).count(), 1, "`{from}` must occur once");
-    text.replace(from, to)
-}
-
-fn embedded(list: &[(&'static str, &'static str)], name: &str) -> &'static str {
-    list.iter().find(|(n, _)| *n == name).unwrap().1
 }
 
 #[test]

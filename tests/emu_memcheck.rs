@@ -22,6 +22,8 @@ use fpx::runtime::emu::{arg, EmuKernels};
 use fpx::runtime::exec::{reference_linear, PackedLinear};
 use fpx::runtime::launch::run_linear;
 
+use common::break_once;
+
 const SOURCE: &str = r#"
 #include "fpx_common.cuh"
 
@@ -162,12 +164,6 @@ fn emu_stops_a_write_past_the_end_of_an_output_before_it_happens() {
     assert_eq!(out[n], -1.0, "the faulting write did not happen");
     let want: Vec<f32> = (0..n).map(|t| t as f32).collect();
     assert_eq!(out[..n], want[..], "the correct launch wrote");
-}
-
-/// `text` with `from` replaced by `to`, which must occur exactly once.
-fn break_once(text: &str, from: &str, to: &str) -> String {
-    assert_eq!(text.matches(from).count(), 1, "`{from}` must occur once");
-    text.replace(from, to)
 }
 
 #[test]

@@ -33,7 +33,7 @@ use fpx::runtime::exec::{
 use fpx::runtime::launch::run_linear;
 
 use common::emu_probe::emu_opts;
-use common::rel_err;
+use common::{break_once, embedded, rel_err};
 
 const W8A8: LinearPrecision = LinearPrecision {
     weights: Format::Fp8,
@@ -244,15 +244,6 @@ fn emu_w8a8_linear_kernels_match_the_cpu_backend() {
             tol(act)
         );
     }
-}
-
-fn embedded(list: &[(&'static str, &'static str)], name: &str) -> &'static str {
-    list.iter().find(|(n, _)| *n == name).unwrap().1
-}
-
-fn break_once(text: &str, from: &str, to: &str) -> String {
-    assert_eq!(text.matches(from).count(), 1, "`{from}` must occur once");
-    text.replace(from, to)
 }
 
 #[test]

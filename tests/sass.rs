@@ -138,18 +138,23 @@ fn specs() -> Vec<KernelSpec> {
     v
 }
 
-#[test]
-fn sass_no_spills_and_128_bit_weight_loads() {
+/// The SASS tools and NVRTC (its cache under the test target dir), or `None` after saying why.
+fn sass_tools() -> Option<(SassTools, Compiler)> {
     let tools = SassTools::find();
     let compiler = Compiler::new(CompilerOptions {
         cache_dir: Some(std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("nvrtc-cache")),
         ..CompilerOptions::default()
     });
     let ok = tools.is_ok() && compiler.is_ok();
-    if !common::have("NVRTC + the nvcc and cuobjdump wheels (.venv)", ok) {
+    common::have("NVRTC + the nvcc and cuobjdump wheels (.venv)", ok)
+        .then(|| (tools.unwrap(), compiler.unwrap()))
+}
+
+#[test]
+fn sass_no_spills_and_128_bit_weight_loads() {
+    let Some((tools, compiler)) = sass_tools() else {
         return;
-    }
-    let (tools, compiler) = (tools.unwrap(), compiler.unwrap());
+    };
     let renderer = Renderer::new().unwrap();
     let specs = specs();
     // sm_80: no FP8 conversion instruction (the register decode); sm_90; sm_120a: native FP4.
@@ -293,18 +298,9 @@ fn codegen_report_json_carries_the_sass_table() {
 /// target the cost model prices), measured on the SASS of a SmolLM2 gate/up shape (1536 x 576).
 #[test]
 fn decode_cost_per_weight_matches_the_sass() {
-    let tools = SassTools::find();
-    let compiler = Compiler::new(CompilerOptions {
-        cache_dir: Some(std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("nvrtc-cache")),
-        ..CompilerOptions::default()
-    });
-    if !common::have(
-        "NVRTC + the nvcc and cuobjdump wheels (.venv)",
-        tools.is_ok() && compiler.is_ok(),
-    ) {
+    let Some((tools, compiler)) = sass_tools() else {
         return;
-    }
-    let (tools, compiler) = (tools.unwrap(), compiler.unwrap());
+    };
     let renderer = Renderer::new().unwrap();
     let (mut measured, mut wrong) = (Vec::new(), Vec::new());
     for (arch, format, act) in Arch::ALL.into_iter().flat_map(|a| {
@@ -355,18 +351,9 @@ fn decode_cost_per_weight_matches_the_sass() {
 /// latency model prices for it (`KernelSpec::path`) is the one the chip runs.
 #[test]
 fn sass_w8a8_gemm_instruction() {
-    let tools = SassTools::find();
-    let compiler = Compiler::new(CompilerOptions {
-        cache_dir: Some(std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("nvrtc-cache")),
-        ..CompilerOptions::default()
-    });
-    if !common::have(
-        "NVRTC + the nvcc and cuobjdump wheels (.venv)",
-        tools.is_ok() && compiler.is_ok(),
-    ) {
+    let Some((tools, compiler)) = sass_tools() else {
         return;
-    }
-    let (tools, compiler) = (tools.unwrap(), compiler.unwrap());
+    };
     let renderer = Renderer::new().unwrap();
     let spec = KernelSpec::Gemm(LinearShape {
         format: WeightFormat::Fp8,

@@ -358,3 +358,15 @@ pub fn tiny_qwen3_windowed() -> fpx::model::ModelSpec {
         ..fpx::model::synthetic::tiny_spec(fpx::model::Architecture::Qwen3)
     }
 }
+
+/// `text` with `from` replaced by `to`, which must occur exactly once (so a template edit that
+/// moves the line fails here rather than silently testing an unbroken kernel).
+pub fn break_once(text: &str, from: &str, to: &str) -> String {
+    assert_eq!(text.matches(from).count(), 1, "`{from}` must occur once");
+    text.replace(from, to)
+}
+
+/// The embedded template or header `name` of `list` (`codegen::TEMPLATES`, `HEADERS`).
+pub fn embedded(list: &[(&'static str, &'static str)], name: &str) -> &'static str {
+    list.iter().find(|(n, _)| *n == name).unwrap().1
+}
