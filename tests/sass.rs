@@ -303,21 +303,25 @@ fn decode_cost_per_weight_matches_the_sass() {
     };
     let renderer = Renderer::new().unwrap();
     let (mut measured, mut wrong) = (Vec::new(), Vec::new());
-    for (arch, format, act) in Arch::ALL.into_iter().flat_map(|a| {
-        WeightFormat::ALL
-            .into_iter()
+    // Every format, and FP8 also as W8A8.
+    let formats =
+        (WeightFormat::ALL.into_iter().map(|f| (f, false))).chain([(WeightFormat::Fp8, true)]);
+    for (arch, (format, w8a8), act) in Arch::ALL.into_iter().flat_map(|a| {
+        formats
+            .clone()
             .flat_map(move |f| ActDtype::ALL.into_iter().map(move |d| (a, f, d)))
     }) {
         {
-            let spec = KernelSpec::Gemv(LinearShape {
+            let shape = LinearShape {
                 format,
                 n: 1536,
                 k: 576,
                 bias: false,
                 accumulate: false,
                 act,
-                w8a8: false,
-            });
+                w8a8,
+            };
+            let spec = KernelSpec::Gemv(shape);
             let src = renderer.render(&spec, arch).unwrap();
             let c = &compiler.compile_all(std::slice::from_ref(&src)).unwrap()[0];
             let reports = analyze(&tools, arch, &c.ptx, &c.cubin).unwrap();
@@ -327,7 +331,7 @@ fn decode_cost_per_weight_matches_the_sass() {
             };
             let per_weight = gemv_instructions_per_weight(m1, g)
                 .unwrap_or_else(|| panic!("{}: no main loop found: {:?}", m1.entry, m1.main_loop));
-            let model = decode_instructions_per_weight(format, arch, act);
+            let model = decode_instructions_per_weight(&shape, arch);
             let line = format!(
                 "{} on {arch}: {:.4} per weight beyond the FMA (table: {model})",
                 m1.entry,

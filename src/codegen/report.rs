@@ -271,11 +271,18 @@ pub fn analyze(
 
 /// SASS instructions the `_m1` GEMV issues per weight element in its main loop (FMA, loads,
 /// decode, scales, loop overhead): one trip reads one weight vector of `epv` elements, its
-/// `epv / xv` activation vectors and, for FP4, one scale per segment, so the trips the
+/// `epv / xv` activation vectors (W8A8: one vector of x's codes) and, for FP4, one scale per
+/// segment, so the trips the
 /// compiler unrolled into the body are its global loads divided by those.
 pub fn gemv_instructions_per_weight(report: &KernelReport, gemv: &GemvCtx) -> Option<f64> {
     let main = report.main_loop?;
-    let per_trip = 1 + gemv.epv.div_ceil(gemv.xv) + if gemv.block > 0 { gemv.segs } else { 0 };
+    // One weight load, then x's: one vector of codes (W8A8) or EPV / XV activation loads.
+    let x_loads = if gemv.w8a8 {
+        1
+    } else {
+        gemv.epv.div_ceil(gemv.xv)
+    };
+    let per_trip = 1 + x_loads + if gemv.block > 0 { gemv.segs } else { 0 };
     let trips = main.global_loads as usize / per_trip;
     (trips > 0 && (main.global_loads as usize).is_multiple_of(per_trip))
         .then(|| main.instructions as f64 / (trips * gemv.epv) as f64)

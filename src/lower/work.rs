@@ -63,15 +63,19 @@ impl KernelSpec {
 }
 
 /// SASS instructions the decode GEMV spends per weight element beyond the FMA, by format,
-/// target and activation type: weight and activation loads, the decode to FP32, the scales, address arithmetic and
+/// target and activation type (W8A8 layers: [`w8a8_decode_instructions_per_weight`]): weight and activation loads, the decode to FP32, the scales, address arithmetic and
 /// the loop. Measured on the `_m1` GEMV of a 1536 x 576 layer: the static instruction count of
 /// its main loop (`codegen::report::MainLoop`, the body of the longest backward branch)
 /// divided by the weights one trip handles, minus the one FMA per weight
 /// (`codegen::report::gemv_instructions_per_weight`); `tests/sass.rs` recomputes every entry
 /// from the compiled kernels and fails when one drifts. The shape's own unrolling makes other
 /// shapes differ by a fraction of an instruction.
-pub fn decode_instructions_per_weight(format: WeightFormat, arch: Arch, act: ActDtype) -> f64 {
+pub fn decode_instructions_per_weight(shape: &LinearShape, arch: Arch) -> f64 {
     use WeightFormat as W;
+    let (format, act) = (shape.format, shape.act);
+    if shape.w8a8 {
+        return w8a8_decode_instructions_per_weight(arch);
+    }
     // Measured with NVRTC 12.9 (`cargo test --test sass decode_cost -- --nocapture` prints
     // them); fractions because the compiler unrolls the loop over several weight vectors.
     // 16-bit activations cost about one instruction per weight more than FP32 ones: the
@@ -124,6 +128,20 @@ pub fn decode_instructions_per_weight(format: WeightFormat, arch: Arch, act: Act
     }
 }
 
+/// [`decode_instructions_per_weight`] of a W8A8 GEMV, measured the same way (`tests/sass.rs`):
+/// x's codes are loaded and decoded like W's (once per weight at one row), whatever the
+/// activation type of the output; about twice the weight-only FP8 decode.
+fn w8a8_decode_instructions_per_weight(arch: Arch) -> f64 {
+    match arch {
+        Arch::Sm80 => 12.8125,
+        Arch::Sm86 => 12.5625,
+        Arch::Sm89 => 3.75,
+        Arch::Sm90 => 3.8125,
+        Arch::Sm100a => 3.6875,
+        Arch::Sm120a => 3.4375,
+    }
+}
+
 /// What one launch does.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize)]
 pub struct KernelWork {
@@ -162,7 +180,7 @@ pub fn linear_work(shape: &LinearShape, rows: usize, arch: Arch) -> KernelWork {
     KernelWork {
         bytes: linear_weight_bytes(shape) as f64 + input + act * outputs * m * n,
         flops: 2.0 * m * n * k,
-        decode_instructions: n * k * decode_instructions_per_weight(shape.format, arch, shape.act),
+        decode_instructions: n * k * decode_instructions_per_weight(shape, arch),
         path: spec.path(arch),
     }
 }
