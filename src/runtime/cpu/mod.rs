@@ -354,14 +354,11 @@ impl CpuModel {
                 let slot = &s.moes[moe];
                 let router = self.params.routers[moe].as_ref();
                 let router = router.ok_or_else(|| self.not_loaded(&slot.name))?;
+                let mut acc = b.take(slot.dst, index)?;
                 let x = b.get(slot.src, index)?;
-                let experts = slot.experts.len();
-                let routing = moe::route(x, router, experts, slot.top_k, slot.norm_top_k);
-                let y = moe::run_experts(x, &routing, experts, b.act, |e, p, xe| {
+                moe::block_forward(x, router, slot, b.act, &mut acc, |e, p, xe| {
                     self.apply_linear(slot.experts[e][p], replace, xe, observe)
                 })?;
-                let mut acc = b.take(slot.dst, index)?;
-                moe::combine(&mut acc, &routing, &y, b.act);
                 b.put(slot.dst, acc);
             }
             // The reference keeps every position's logits; generation's argmax is not its job.

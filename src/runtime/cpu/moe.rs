@@ -2,14 +2,14 @@
 //! router's product, softmax over the experts, top-k, optional renormalisation, in the order
 //! transformers' `Qwen3MoeTopKRouter` and `MixtralTopKRouter` compute them), each expert's MLP
 //! over the (token, slot) pairs routed to it, and the weighted combine into the residual
-//! stream. The CPU interpreter and the executable plan's cpu backend both run
-//! [`run_experts`] and [`combine`]; the generated kernels round where these do (the pair rows
+//! stream. The CPU interpreter and the executable plan's cpu backend both run a block as
+//! [`block_forward`] (route, [`run_experts`], [`combine`]); the generated kernels round where these do (the pair rows
 //! of gate, up, SiLU-gate and down in the activation type; the residual once) and sum a
 //! token's experts in the same, ascending, order.
 
 use super::{kernels, mat, vmath, Mat};
 use crate::error::Result;
-use crate::lower::ActDtype;
+use crate::lower::{ActDtype, MoeSlot};
 
 /// Each token's experts and their weights, `top_k` per row, best first.
 #[derive(Debug, Clone, PartialEq)]
@@ -43,6 +43,25 @@ impl Routing {
             .map(|(p, _)| p)
             .collect()
     }
+}
+
+/// MoE block `slot` on `x`'s rows (`[m, hidden]`): routes them with `router`, runs the chosen
+/// experts (`apply(expert, projection, input)` as in [`run_experts`]) and adds their weighted
+/// sum into `acc` (the block's destination rows), rounding where the kernels store. Returns
+/// the routing (the cpu backend leaves it in the kernels' buffers).
+pub fn block_forward(
+    x: &Mat,
+    router: &[f32],
+    slot: &MoeSlot,
+    act: ActDtype,
+    acc: &mut Mat,
+    apply: impl FnMut(usize, usize, &Mat) -> Result<Mat>,
+) -> Result<Routing> {
+    let experts = slot.experts.len();
+    let routing = route(x, router, experts, slot.top_k, slot.norm_top_k);
+    let y = run_experts(x, &routing, experts, act, apply)?;
+    combine(acc, &routing, &y, act);
+    Ok(routing)
 }
 
 /// Routes every row of `x` (`[m, hidden]`) with `router` (`[experts, hidden]`): the softmax of

@@ -187,27 +187,24 @@ impl<'a> CpuBackend<'a> {
             }
             Step::Moe { moe } => {
                 let slot = &s.moes[moe];
-                let experts = slot.experts.len();
                 let rows = |b: &HostBuf| {
                     Mat::from_vec(m, d.hidden, HostState::values(b, act, m * d.hidden))
                 };
                 let x = rows(&st.acts[buf(slot.src)]);
-                let (k, norm) = (slot.top_k, slot.norm_top_k);
-                let routing = moe::route(&x, &plan.routers[moe], experts, k, norm);
+                let mut acc = rows(&st.acts[buf(slot.dst)]);
+                let linears = &self.linears;
+                let routing =
+                    moe::block_forward(&x, &plan.routers[moe], slot, act, &mut acc, |e, p, xe| {
+                        let l = slot.experts[e][p];
+                        Ok(linears[l].apply(s.linears[l].shape.n, xe))
+                    })?;
+                write(&mut st.acts[buf(slot.dst)], act, 0, &acc.data);
                 // The routing as the kernels leave it in their buffers.
                 let ids: Vec<u8> = (routing.experts.iter())
                     .flat_map(|&e| (e as i32).to_le_bytes())
                     .collect();
                 st.route_ids.bytes_mut()[..ids.len()].copy_from_slice(&ids);
                 write(&mut st.route_weights, ActDtype::F32, 0, &routing.weights);
-                let linears = &self.linears;
-                let y = moe::run_experts(&x, &routing, experts, act, |e, p, xe| {
-                    let l = slot.experts[e][p];
-                    Ok(linears[l].apply(s.linears[l].shape.n, xe))
-                })?;
-                let mut acc = rows(&st.acts[buf(slot.dst)]);
-                moe::combine(&mut acc, &routing, &y, act);
-                write(&mut st.acts[buf(slot.dst)], act, 0, &acc.data);
             }
             Step::Argmax => {
                 let logits = HostState::values(&st.acts[buf(Act::Logits)], act, d.vocab);
