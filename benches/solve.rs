@@ -63,14 +63,14 @@ fn instance(choices: usize, menu: &[Format]) -> Problem {
                 Format::Nvfp4 => fp4,
                 Format::Mxfp4 => fp4 * (1.2 + 0.2 * next()),
             };
-            p.formats.push(f);
+            p.precisions.push(f);
             p.error.push(eps);
             p.eps.push(eps);
             p.latency
                 .push(roofline.latency(&shape, f).expect("roofline covers all"));
             p.bytes.push(f.weight_bytes(out, inp));
         }
-        p.offsets.push(p.formats.len());
+        p.offsets.push(p.precisions.len());
     }
     p
 }

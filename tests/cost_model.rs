@@ -1,7 +1,10 @@
 //! The latency model prices the kernels the schedule really launches: `KernelCost::explain`
 //! lists exactly the schedule's steps and entry points, its weight bytes are the bytes the
 //! executable plan packs for each layer, its per-layer latencies add up with the fixed part to
-//! the explained step, and a cheaper lm_head format lowers a plan's modelled latency.
+//! the explained step, and a cheaper lm_head format lowers a plan's modelled latency. Quantized
+//! activations (W8A8) are priced with the quantizing steps their schedule adds, at the
+//! tensor-core rate the SASS shows per architecture, and what the kernels cannot run is
+//! refused by the layer's name.
 
 mod common;
 
@@ -73,7 +76,7 @@ fn explained_kernels_are_the_schedules_and_their_bytes_the_packed_ones() {
         let layers = layer_shapes(&graph);
         let planned: f64 = layers
             .iter()
-            .map(|l| cost.latency(l, precision[&l.name].weights).unwrap())
+            .map(|l| cost.latency(l, precision[&l.name]).unwrap())
             .sum();
         let step: f64 = rows.iter().map(|r| r.seconds).sum();
         let total = planned + cost.fixed_latency(&layers);
@@ -94,7 +97,10 @@ fn a_cheaper_lm_head_lowers_the_modelled_step() {
         .into_iter()
         .find(|l| l.kind == LinearKind::LmHead)
         .unwrap();
-    let t = |f| cost.latency(&lm_head, f).unwrap();
+    let t = |f| {
+        cost.latency(&lm_head, LinearPrecision::weight_only(f))
+            .unwrap()
+    };
     assert!(t(Format::Nvfp4) < t(Format::Fp8) && t(Format::Fp8) < t(Format::Fp16));
     let step = |f: Format| {
         let mut map = PrecisionMap::new();
@@ -114,4 +120,129 @@ fn a_cheaper_lm_head_lowers_the_modelled_step() {
     );
     let e = cost.explain(&bad).unwrap_err().to_string();
     assert!(e.contains("model.layers.99.mlp.up_proj"), "{e}");
+}
+
+/// Every linear of `graph` in `p` (lm_head included).
+fn all_in(graph: &Graph, p: LinearPrecision) -> PrecisionMap {
+    graph
+        .linears()
+        .map(|(id, _)| (graph.node(id).name.clone(), p))
+        .collect()
+}
+
+#[test]
+fn w8a8_layers_add_up_to_their_schedule_quantizing_steps_included() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tiny.gguf");
+    write_gguf(&path, &tiny_spec(Architecture::Qwen2), 5, GgmlDType::F32).unwrap();
+    let graph = Graph::build(&load_model(&path).unwrap().spec);
+    let layers = layer_shapes(&graph);
+    let w8a8 = LinearPrecision::both(Format::Fp8);
+    // All W8A8, and W8A8 only in the MLP (the attention weight-only): the layers reading one
+    // input agree in both, which is when the per-layer sum is exact.
+    let mlp_only: PrecisionMap = all_in(&graph, w8a8)
+        .into_iter()
+        .map(|(n, p)| match n.contains(".mlp.") {
+            true => (n, p),
+            false => (n, LinearPrecision::weight_only(Format::Nvfp4)),
+        })
+        .collect();
+    for (gpu, batch) in [
+        (Gpu::H100, 1),
+        (Gpu::L40s, 1),
+        (Gpu::L40s, 64),
+        (Gpu::A100, 8),
+    ] {
+        let cost = KernelCost::new(gpu, &graph, batch, 32)
+            .unwrap()
+            .with_act(ActDtype::Bf16);
+        for precision in [all_in(&graph, w8a8), mlp_only.clone()] {
+            let rows = cost.explain(&precision).unwrap();
+            let schedule = Schedule::build(&graph, &precision)
+                .unwrap()
+                .with_act(ActDtype::Bf16);
+            assert_eq!(
+                rows.len(),
+                schedule.steps.len(),
+                "{gpu:?}: one row per step"
+            );
+            let quantizing = schedule
+                .steps
+                .iter()
+                .filter(|s| matches!(s, Step::QuantFp8 { .. }))
+                .count();
+            assert!(quantizing > 0, "o_proj and down_proj quantize their inputs");
+            let planned: f64 = layers
+                .iter()
+                .map(|l| cost.latency(l, precision[&l.name]).unwrap())
+                .sum();
+            let step: f64 = rows.iter().map(|r| r.seconds).sum();
+            let total = planned + cost.fixed_latency(&layers);
+            assert!(
+                (total - step).abs() <= 1e-12 * step,
+                "{gpu:?} batch {batch}: {total} vs {step}"
+            );
+        }
+    }
+}
+
+#[test]
+fn w8a8_is_priced_at_the_rate_the_sass_shows() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tiny.gguf");
+    let mut spec = tiny_spec(Architecture::Llama);
+    (spec.hidden_size, spec.intermediate_size) = (1024, 4096);
+    write_gguf(&path, &spec, 3, GgmlDType::F32).unwrap();
+    let graph = Graph::build(&load_model(&path).unwrap().spec);
+    let up = layer_shapes(&graph)
+        .into_iter()
+        .find(|l| l.kind == LinearKind::Up)
+        .unwrap();
+    let fp8 = LinearPrecision::weight_only(Format::Fp8);
+    let w8a8 = LinearPrecision::both(Format::Fp8);
+    let at = |gpu, batch| {
+        let cost = KernelCost::new(gpu, &graph, batch, 32)
+            .unwrap()
+            .with_act(ActDtype::Bf16);
+        let t = |p| cost.latency(&up, p).unwrap();
+        (t(fp8), t(w8a8))
+    };
+    // Prefill-sized steps on sm_89 run the FP8 MMA (QMMA): faster than the 16-bit product a
+    // weight-only layer runs.
+    let (weight_only, quantized) = at(Gpu::L40s, 2048);
+    assert!(
+        quantized < 0.8 * weight_only,
+        "{quantized} vs {weight_only}"
+    );
+    // sm_90 lowers the FP8 mma.sync to HMMA: no faster than weight-only (and it pays the
+    // input's quantization).
+    let (weight_only, quantized) = at(Gpu::H100, 2048);
+    assert!(quantized >= weight_only, "{quantized} vs {weight_only}");
+    // Batch 1 is bound by the weights' bytes, equal in both (W8A8 reads x in 8 bits and its
+    // norm writes the codes: within 1%).
+    let (weight_only, quantized) = at(Gpu::H100, 1);
+    assert!(
+        (quantized / weight_only - 1.0).abs() < 0.01,
+        "{quantized} vs {weight_only}"
+    );
+}
+
+#[test]
+fn quantized_activations_the_kernels_cannot_run_are_refused_by_layer() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tiny.gguf");
+    write_gguf(&path, &tiny_spec(Architecture::Llama), 3, GgmlDType::F32).unwrap();
+    let graph = Graph::build(&load_model(&path).unwrap().spec);
+    let cost = KernelCost::new(Gpu::Rtx5090, &graph, 1, 32).unwrap();
+    let down = layer_shapes(&graph)
+        .into_iter()
+        .find(|l| l.kind == LinearKind::Down)
+        .unwrap();
+    for p in ["w4a4", "fp8+nvfp4", "mxfp4+mxfp4"] {
+        let e = cost
+            .latency(&down, p.parse().unwrap())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains(&down.name) && e.contains("W8A8"), "{p}: {e}");
+    }
 }

@@ -23,13 +23,14 @@ fn problem(menus: &[Vec<(Format, f64, f64, u64)>], groups: &[u32]) -> Problem {
         p.names.push(format!("model.layers.{i}.mlp.down_proj"));
         p.groups.push(groups[i]);
         for &(f, e, l, b) in menu {
-            p.formats.push(f);
+            p.precisions
+                .push(fpx::lower::LinearPrecision::weight_only(f));
             p.error.push(e);
             p.eps.push(e);
             p.latency.push(l);
             p.bytes.push(b);
         }
-        p.offsets.push(p.formats.len());
+        p.offsets.push(p.precisions.len());
     }
     p
 }
@@ -151,7 +152,7 @@ proptest! {
                 for i in 0..p.len() {
                     for j in 0..p.len() {
                         if p.groups[i] == p.groups[j] {
-                            prop_assert_eq!(p.formats[s.solution.choice[i]], p.formats[s.solution.choice[j]]);
+                            prop_assert_eq!(p.precisions[s.solution.choice[i]], p.precisions[s.solution.choice[j]]);
                         }
                     }
                 }
@@ -233,7 +234,7 @@ fn uniform_latency_theorem() {
             let mut want_lo: Vec<usize> = by_d[..m].to_vec();
             want_lo.sort();
             let got_lo: Vec<usize> = (0..n)
-                .filter(|&i| p.formats[s.choice[i]] == Format::Nvfp4)
+                .filter(|&i| p.precisions[s.choice[i]].weights == Format::Nvfp4)
                 .collect();
             assert_eq!(got_lo, want_lo, "trial {trial}, n {n}, m {m}");
             let want: f64 = menus.iter().map(|l| l[0].1).sum::<f64>()
@@ -325,7 +326,7 @@ fn empty_menus_and_bad_budgets_are_clear_errors() {
         &[0, 1],
     );
     p.offsets[2] = 1;
-    p.formats.truncate(1);
+    p.precisions.truncate(1);
     p.error.truncate(1);
     p.eps.truncate(1);
     p.latency.truncate(1);

@@ -38,7 +38,7 @@ fn greedy_and_ilp_at_the_same_latency_then_compare() {
     let (gp, ip) = (Plan::read(&g).unwrap(), Plan::read(&i).unwrap());
     let (gt, it) = (gp.totals.clone().unwrap(), ip.totals.clone().unwrap());
     assert_eq!(
-        gt.layers_per_format[&Format::Nvfp4],
+        gt.layers_per_format[&fpx::lower::LinearPrecision::weight_only(Format::Nvfp4)],
         14,
         "half of 28 layers"
     );

@@ -91,7 +91,10 @@ fn recorded_profile(dir: &Path, scale: f64) -> PathBuf {
     for (l, shape) in schedule.linears.iter().zip(&shapes) {
         for f in [Format::Fp16, Format::Fp8, Format::Nvfp4] {
             let w = WeightFormat::of(Some(f));
-            let m = cost.latency(shape, f).unwrap() * scale;
+            let m = cost
+                .latency(shape, fpx::lower::LinearPrecision::weight_only(f))
+                .unwrap()
+                * scale;
             let slow = if f == Format::Nvfp4 { 3.0 * m } else { m };
             linears.insert(
                 (

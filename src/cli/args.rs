@@ -3,9 +3,10 @@
 //! parser for comma-separated format lists that refuses repeats, and window lengths checked
 //! against the model's context.
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 
 use fpx::formats::Format;
+use fpx::lower::LinearPrecision;
 use fpx::model::Model;
 
 /// A finite `f64` (no NaN, no infinity).
@@ -45,9 +46,21 @@ pub(crate) fn finite_f32(s: &str) -> Result<f32, String> {
 
 /// Parses a `--formats`-style list, refusing an empty list and repeated formats.
 pub(crate) fn formats(flag: &str, names: &[String]) -> Result<Vec<Format>> {
-    let mut out: Vec<Format> = Vec::with_capacity(names.len());
+    distinct(flag, names)
+}
+
+/// Planner menu entries (`fp8`, `fp8+fp8`, `w8a8`, ...) given by `flag`, each at most once.
+pub(crate) fn precisions(flag: &str, names: &[String]) -> Result<Vec<LinearPrecision>> {
+    distinct(flag, names)
+}
+
+fn distinct<T>(flag: &str, names: &[String]) -> Result<Vec<T>>
+where
+    T: std::str::FromStr<Err = fpx::error::Error> + PartialEq + std::fmt::Display,
+{
+    let mut out: Vec<T> = Vec::with_capacity(names.len());
     for name in names {
-        let f: Format = name.parse()?;
+        let f: T = name.parse().with_context(|| flag.to_string())?;
         if out.contains(&f) {
             bail!("{flag}: {f} is listed twice");
         }

@@ -10,7 +10,7 @@ use clap::{Args, ValueEnum};
 use fpx::calib::Calibration;
 use fpx::formats::Format;
 use fpx::latency::{Gpu, KernelCost, LatencyModel, Percentile, Profile, Roofline};
-use fpx::lower::ActDtype;
+use fpx::lower::{ActDtype, LinearPrecision};
 use fpx::plan::{BudgetRecord, CalibrationRef, Plan, Provenance, SolverRecord};
 use fpx::solve::pins::{Pins, PinsRef};
 use fpx::solve::{
@@ -246,7 +246,7 @@ impl PlanSetup {
                     (Box::new(cost.clone()), Some(cost))
                 }
             };
-        let menu = crate::cli::args::formats("--menu", &self.menu)?;
+        let menu = crate::cli::args::precisions("--menu", &self.menu)?;
         let mut groups = self
             .group
             .iter()
@@ -281,12 +281,7 @@ impl PlanSetup {
         fpx::formats::set_mx_scale_rule(calib.mx_scale_rule);
         let pins = self.pins.as_deref().map(Pins::read).transpose()?;
         let pins_ref = pins.as_ref().map(PinsRef::from);
-        let lm_head = self
-            .lm_head
-            .iter()
-            .map(|f| f.parse::<Format>())
-            .collect::<Result<Vec<_>, _>>()
-            .context("--lm-head")?;
+        let lm_head = crate::cli::args::precisions("--lm-head", &self.lm_head)?;
         let options = BuildOptions {
             menu,
             lm_head,
@@ -386,14 +381,15 @@ impl Prepared {
         Plan::from_solution(&self.problem, s, &self.calib.model.identity, prov)
     }
 
-    /// The most precise format of the menu (fp16 > fp8 > fp4): the speedup baseline.
-    pub fn baseline(&self) -> Format {
+    /// The most precise precision of the menu (fp16 > fp8 > fp4, weight-only before quantized
+    /// activations): the speedup baseline.
+    pub fn baseline(&self) -> LinearPrecision {
         self.options
             .menu
             .iter()
             .copied()
             .min()
-            .unwrap_or(Format::Fp8)
+            .unwrap_or(LinearPrecision::weight_only(Format::Fp8))
     }
 }
 

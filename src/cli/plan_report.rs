@@ -7,8 +7,8 @@ use std::path::Path;
 
 use anyhow::Result;
 
-use fpx::formats::Format;
 use fpx::latency::KernelRow;
+use fpx::lower::LinearPrecision;
 use fpx::plan::{BudgetRecord, Plan, SolverRecord};
 
 use crate::cli::plan::Prepared;
@@ -121,7 +121,7 @@ pub fn table(plan: &Plan, prep: &Prepared, out: &Path) -> Result<String> {
             t,
             "{:<42} {:>6} {:>10.5} {:>10.3e} {:>12.3} {:>10}",
             l.name,
-            l.format.name(),
+            l.precision().to_string(),
             l.eps.unwrap_or(f64::NAN),
             l.error.unwrap_or(f64::NAN),
             l.latency.unwrap_or(f64::NAN) * 1e6,
@@ -168,7 +168,7 @@ pub fn table(plan: &Plan, prep: &Prepared, out: &Path) -> Result<String> {
         }
     }
     if !prep.report.not_offered.is_empty() {
-        let mut by_format: std::collections::BTreeMap<Format, usize> = Default::default();
+        let mut by_format: std::collections::BTreeMap<LinearPrecision, usize> = Default::default();
         for (_, f) in &prep.report.not_offered {
             *by_format.entry(*f).or_default() += 1;
         }

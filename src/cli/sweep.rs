@@ -20,7 +20,7 @@ use fpx::eval::{self, kl::NextTokenReference};
 use fpx::formats::Format;
 use fpx::ir::Graph;
 use fpx::latency::LatencySource;
-use fpx::lower::PrecisionMap;
+use fpx::lower::{LinearPrecision, PrecisionMap};
 use fpx::plan::{BudgetRecord, CalibrationRef, Plan, SolverRecord};
 use fpx::runtime::cpu::{CpuModel, Mat};
 use fpx::solve::plot::svg;
@@ -78,7 +78,7 @@ struct Report<'a> {
     calibration: &'a CalibrationRef,
     latency: LatencySource,
     objective: Objective,
-    menu: &'a [Format],
+    menu: &'a [LinearPrecision],
     groups: &'a [GroupKind],
     fixed_latency: f64,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -213,13 +213,13 @@ pub fn run(args: SweepArgs) -> Result<()> {
                     .collect();
             let start = Instant::now();
             let ev = Evaluator::new(&model, windows)?;
-            let mut cache: BTreeMap<Vec<Format>, (f64, f64)> = BTreeMap::new();
+            let mut cache: BTreeMap<Vec<LinearPrecision>, (f64, f64)> = BTreeMap::new();
             let bar = progress_bar(points.len(), "eval plans");
             for (point, solution) in points.iter_mut() {
-                let key: Vec<Format> = solution
+                let key: Vec<LinearPrecision> = solution
                     .choice
                     .iter()
-                    .map(|&c| prep.problem.formats[c])
+                    .map(|&c| prep.problem.precisions[c])
                     .collect();
                 let (ppl, kl) = match cache.get(&key) {
                     Some(&v) => v,
@@ -229,7 +229,7 @@ pub fn run(args: SweepArgs) -> Result<()> {
                             .names
                             .iter()
                             .zip(&key)
-                            .map(|(n, &f)| (n.clone(), fpx::lower::LinearPrecision::weight_only(f)))
+                            .map(|(n, &p)| (n.clone(), p))
                             .collect();
                         let v = ev.evaluate(&map)?;
                         cache.insert(key, v);
@@ -312,7 +312,7 @@ fn table(r: &Report, dir: &std::path::Path) -> Result<String> {
         let low: usize = p
             .formats
             .iter()
-            .filter(|(f, _)| matches!(f, Format::Nvfp4 | Format::Mxfp4))
+            .filter(|(p, _)| matches!(p.weights, Format::Nvfp4 | Format::Mxfp4))
             .map(|(_, n)| n)
             .sum();
         let n: usize = p.formats.values().sum();

@@ -27,8 +27,8 @@ use crate::formats::Format;
 use crate::ir::{Graph, LinearKind};
 use crate::lower::moe::expert_work;
 use crate::lower::{
-    linear_work, ActDtype, Arch, InstructionPath, KernelWork, LinearShape, MoeSlot, PrecisionMap,
-    Schedule, Step, WeightFormat,
+    linear_work, ActDtype, Arch, InstructionPath, KernelWork, LinearPrecision, LinearShape,
+    MoeSlot, PrecisionMap, Schedule, Step, WeightFormat,
 };
 
 use super::roofline::{Gpu, GpuSpec};
@@ -49,6 +49,9 @@ pub struct KernelCost {
     /// The model's schedule with every layer in FP32 (a layer's format is substituted per
     /// question; shapes, biases and epilogues come from here).
     schedule: Schedule,
+    /// The model, to schedule a plan's quantizing steps ([`KernelCost::explain`] and the
+    /// input quantization a layer's precision adds).
+    graph: Graph,
 }
 
 /// One launch of a step, explained.
@@ -87,6 +90,7 @@ impl KernelCost {
             context,
             tensor_parallel: 1,
             schedule: Schedule::build(graph, &PrecisionMap::new())?,
+            graph: graph.clone(),
         })
     }
 
@@ -240,6 +244,60 @@ impl KernelCost {
         }
     }
 
+    /// The schedule of `precision` in this model's activation type, refused where the
+    /// generated kernels cannot run it ([`Schedule::check_kernels`]).
+    fn schedule_of(&self, precision: &PrecisionMap) -> Result<Schedule> {
+        let s = Schedule::build(&self.graph, precision)?.with_act(self.schedule.act);
+        s.check_kernels()?;
+        Ok(s)
+    }
+
+    /// Seconds of `schedule`'s steps that are neither linears nor MoE blocks (norms, the
+    /// quantizing steps, attention, ...).
+    fn other_steps_seconds(&self, schedule: &Schedule) -> f64 {
+        schedule
+            .steps
+            .iter()
+            .filter(|s| !matches!(s, Step::Linear { .. } | Step::Moe { .. }))
+            .map(|s| self.seconds(&schedule.work(s, self.batch, self.context, self.arch)))
+            .sum()
+    }
+
+    /// What quantizing layer `name`'s input for `precision` adds to the step: the schedule's
+    /// other steps with it, less without it. The layers reading the same input (q/k/v,
+    /// gate/up) are given the same precision and share the cost, so the planner's per-layer
+    /// sum is exact when they agree (what `--group` enforces) and the step cost
+    /// ([`KernelCost::explain`]) is the truth when they do not.
+    fn input_quant_seconds(&self, name: &str, precision: LinearPrecision) -> Result<f64> {
+        if precision.activations.is_none() {
+            return Ok(0.0);
+        }
+        let steps = &self.schedule.steps;
+        let linear_at = |i: usize| match steps[i] {
+            Step::Linear { linear, src, .. } => Some((linear, src)),
+            _ => None,
+        };
+        let at = (0..steps.len())
+            .find(|&i| linear_at(i).is_some_and(|(l, _)| self.schedule.linears[l].name == name))
+            .ok_or_else(|| Error::Layer {
+                layer: name.to_string(),
+                reason: format!("{precision}: quantized activations need a dense linear"),
+            })?;
+        let src = linear_at(at).expect("found").1;
+        let reads_src = |i: &usize| linear_at(*i).is_some_and(|(_, s)| s == src);
+        let first = (0..at).rev().take_while(reads_src).last().unwrap_or(at);
+        let last = (at..steps.len()).take_while(reads_src).last().unwrap_or(at);
+        let siblings: PrecisionMap = (first..=last)
+            .map(|i| {
+                let l = &self.schedule.linears[linear_at(i).expect("a linear").0];
+                (l.name.clone(), precision)
+            })
+            .collect();
+        let quantized = self.other_steps_seconds(&self.schedule_of(&siblings)?);
+        let added = quantized - self.other_steps_seconds(&self.schedule);
+        Ok(added / siblings.len() as f64)
+    }
+
     /// The linear shape of layer `name` in `format`.
     fn shape_of(&self, name: &str, format: WeightFormat) -> Result<LinearShape> {
         let slot = self
@@ -257,7 +315,8 @@ impl KernelCost {
         })
     }
 
-    /// Every launch of one decode step under `precision`, in schedule order.
+    /// Every launch of one decode step under `precision`, in schedule order: the plan's own
+    /// schedule, quantizing steps included.
     pub fn explain(&self, precision: &PrecisionMap) -> Result<Vec<KernelRow>> {
         if let Some(name) = precision
             .keys()
@@ -268,43 +327,44 @@ impl KernelCost {
                 reason: "the plan names a layer that is not a linear layer of this model".into(),
             });
         }
-        let mut rows = Vec::with_capacity(self.schedule.steps.len());
-        for (i, step) in self.schedule.steps.iter().enumerate() {
+        let schedule = self.schedule_of(precision)?;
+        let mut rows = Vec::with_capacity(schedule.steps.len());
+        for (i, step) in schedule.steps.iter().enumerate() {
             if let Step::Moe { moe } = step {
                 rows.extend(self.explain_moe(i, *moe, precision)?);
                 continue;
             }
-            let (layer, format, shape) = match step {
-                Step::Linear { linear, .. } => {
-                    let slot = &self.schedule.linears[*linear];
-                    let f = WeightFormat::of(precision.get(&slot.name).map(|p| p.weights));
+            let linear = match step {
+                Step::Linear { linear, .. } => Some(&schedule.linears[*linear]),
+                _ => None,
+            };
+            let (work, kernel, format) = match linear {
+                Some(l) => {
+                    let shard = self.shard(l.shape, l.kind);
+                    let kernel = shard.kernel_for_rows(self.batch).1;
                     (
-                        Some(slot.name.clone()),
-                        f,
-                        Some(self.shape_of(&slot.name, f)?),
+                        linear_work(&shard, self.batch, self.arch),
+                        kernel,
+                        l.shape.format,
                     )
                 }
-                _ => (None, WeightFormat::Fp16, None),
-            };
-            let work = self.step_work(step, shape.as_ref());
-            let kernel = match (&shape, step) {
-                (Some(s), Step::Linear { linear, .. }) => {
-                    let kind = self.schedule.linears[*linear].kind;
-                    self.shard(*s, kind).kernel_for_rows(self.batch).1
-                }
-                _ => self.schedule.entry_of(step, self.batch),
+                None => (
+                    schedule.work(step, self.batch, self.context, self.arch),
+                    schedule.entry_of(step, self.batch),
+                    WeightFormat::Fp16,
+                ),
             };
             rows.push(KernelRow {
                 step: i,
                 kernel,
-                layer,
+                layer: linear.map(|l| l.name.clone()),
                 seconds: self.seconds(&work),
                 bound_seconds: self.bound(&work, format),
                 work,
             });
             // A row-parallel projection's partial sums are all-reduced before the residual add.
-            let ends_branch = matches!(step, Step::Linear { linear, .. }
-                if matches!(self.schedule.linears[*linear].kind, LinearKind::O | LinearKind::Down));
+            let ends_branch =
+                linear.is_some_and(|l| matches!(l.kind, LinearKind::O | LinearKind::Down));
             if ends_branch && self.tensor_parallel > 1 {
                 let work = self.all_reduce_work();
                 let seconds = self.seconds(&work);
@@ -383,18 +443,23 @@ impl LatencyModel for KernelCost {
         }
     }
 
-    fn latency(&self, layer: &LayerShape, format: Format) -> Result<f64> {
-        let shape = self.shape_of(&layer.name, WeightFormat::of(Some(format)))?;
+    fn latency(&self, layer: &LayerShape, precision: LinearPrecision) -> Result<f64> {
+        let mut shape = self.shape_of(&layer.name, WeightFormat::of(Some(precision.weights)))?;
         let slot = self
             .schedule
             .linears
             .iter()
             .position(|l| l.name == layer.name);
-        if let Some(moe) = slot.and_then(|s| self.moe_of_slot(s)) {
+        let moe = slot.and_then(|s| self.moe_of_slot(s));
+        if let (Some(moe), None) = (moe, precision.activations) {
             return Ok(self.expert_seconds(shape, layer.kind, moe));
         }
+        // The step the plan would schedule refuses what the kernels cannot run (MoE experts
+        // with quantized activations, W4A4) by the layer's name.
+        let quantize = self.input_quant_seconds(&layer.name, precision)?;
+        shape.w8a8 = precision == LinearPrecision::both(Format::Fp8);
         let shard = self.shard(shape, layer.kind);
-        Ok(self.seconds(&linear_work(&shard, self.batch, self.arch)))
+        Ok(self.seconds(&linear_work(&shard, self.batch, self.arch)) + quantize)
     }
 
     fn fixed_latency(&self, layers: &[LayerShape]) -> f64 {

@@ -12,7 +12,7 @@ use std::collections::BTreeMap;
 use serde::Serialize;
 
 use crate::error::{Error, Result};
-use crate::lower::{LinearShape, Schedule, WeightFormat};
+use crate::lower::{LinearPrecision, LinearShape, Schedule, WeightFormat};
 
 use super::profile::{KernelTiming, Profile, RawProfile, SCHEMA_VERSION};
 use super::{KernelCost, LatencyModel, LayerShape, Percentiles};
@@ -83,7 +83,7 @@ pub fn record(
                             reason: "in the schedule but not among the model's linear layers"
                                 .into(),
                         })?;
-                Some(cost.latency(layer, f)?)
+                Some(cost.latency(layer, LinearPrecision::weight_only(f))?)
             }
             None => None,
         };
@@ -250,7 +250,10 @@ mod tests {
                     ..l.shape
                 };
                 let layer = shapes.iter().find(|s| s.name == l.name).unwrap();
-                let m = cost.latency(layer, f).unwrap() * scale;
+                let m = cost
+                    .latency(layer, LinearPrecision::weight_only(f))
+                    .unwrap()
+                    * scale;
                 linears.insert((shape, w), vec![m * 1.5, m, m, m * 0.9, m]);
             }
         }
@@ -299,8 +302,17 @@ mod tests {
             .with_percentile(crate::latency::Percentile::P95)
             .unwrap();
         let q = &shapes[0];
-        let median = cost.latency(q, Format::Fp8).unwrap() * 2.0;
-        assert!((p95.latency(q, Format::Fp8).unwrap() - 1.5 * median).abs() < 1e-15);
+        let median = cost
+            .latency(q, LinearPrecision::weight_only(Format::Fp8))
+            .unwrap()
+            * 2.0;
+        assert!(
+            (p95.latency(q, LinearPrecision::weight_only(Format::Fp8))
+                .unwrap()
+                - 1.5 * median)
+                .abs()
+                < 1e-15
+        );
     }
 
     #[test]

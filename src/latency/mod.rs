@@ -25,8 +25,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::calib::Calibration;
 use crate::error::Result;
-use crate::formats::Format;
 use crate::ir::LinearKind;
+use crate::lower::LinearPrecision;
 
 pub use kernels::{KernelCost, KernelRow};
 pub use percentiles::{Percentile, Percentiles};
@@ -200,26 +200,27 @@ impl LatencySource {
     }
 }
 
-/// Per-layer latency of each format. Open behaviour: a trait, so other sources (a
-/// simulator, a remote profiler) can plug in.
+/// Per-layer latency of each precision (weight format, and activation format when
+/// activations are quantized too). Open behaviour: a trait, so other sources (a simulator, a
+/// remote profiler) can plug in.
 pub trait LatencyModel {
     /// Which source this is, for plans and reports.
     fn source(&self) -> LatencySource;
 
-    /// Seconds one step of `layer` takes with its weights in `format`. Errors name the layer
-    /// and format when the source does not cover them.
-    fn latency(&self, layer: &LayerShape, format: Format) -> Result<f64>;
+    /// Seconds one step of `layer` takes in `precision`. Errors name the layer and precision
+    /// when the source does not cover them.
+    fn latency(&self, layer: &LayerShape, precision: LinearPrecision) -> Result<f64>;
 
     /// Seconds of the step spent outside the planned layers (attention over the context,
     /// norms, ...), which no plan changes. `layers` are all planned layers of the model.
     fn fixed_latency(&self, layers: &[LayerShape]) -> f64;
 
-    /// Checks that every (layer, format) pair can be answered, naming the first few that
+    /// Checks that every (layer, precision) pair can be answered, naming the first few that
     /// cannot.
-    fn check_covers(&self, layers: &[LayerShape], formats: &[Format]) -> Result<()> {
+    fn check_covers(&self, layers: &[LayerShape], precisions: &[LinearPrecision]) -> Result<()> {
         for l in layers {
-            for &f in formats {
-                self.latency(l, f)?;
+            for &p in precisions {
+                self.latency(l, p)?;
             }
         }
         Ok(())

@@ -46,7 +46,7 @@ use sha2::{Digest, Sha256};
 
 use crate::error::{Error, Result};
 use crate::formats::Format;
-use crate::lower::ActDtype;
+use crate::lower::{ActDtype, LinearPrecision};
 
 use super::{LatencyModel, LatencySource, LayerShape, Percentile, Percentiles};
 
@@ -244,10 +244,14 @@ impl Profile {
         }
     }
 
-    fn missing(&self, layer: &str, format: Format) -> String {
+    fn missing(&self, layer: &str, precision: LinearPrecision) -> String {
         match self.layers.get(layer) {
             None => format!("layer `{layer}` is not in the profile"),
-            Some(_) => format!("layer `{layer}` has no measurement for format {format}"),
+            Some(_) if precision.activations.is_some() => format!(
+                "layer `{layer}` has no measurement for {precision}: profiles time the \
+                 weight-only kernels (plan quantized activations with --cost kernels)"
+            ),
+            Some(_) => format!("layer `{layer}` has no measurement for format {precision}"),
         }
     }
 }
@@ -307,20 +311,27 @@ impl LatencyModel for Profile {
         }
     }
 
-    fn latency(&self, layer: &LayerShape, format: Format) -> Result<f64> {
-        let median = self.layers.get(&layer.name).and_then(|m| m.get(&format));
+    fn latency(&self, layer: &LayerShape, precision: LinearPrecision) -> Result<f64> {
+        let format = precision.weights;
+        let measured = |m: &BTreeMap<Format, f64>| {
+            m.get(&format)
+                .copied()
+                .filter(|_| precision.activations.is_none())
+        };
+        let median = self.layers.get(&layer.name).and_then(measured);
         let value = match self.percentile {
-            Percentile::P50 => median.copied(),
+            Percentile::P50 => median,
             p => self
                 .distributions
                 .get(&layer.name)
                 .and_then(|m| m.get(&format))
+                .filter(|_| precision.activations.is_none())
                 .map(|d| d.get(p)),
         };
         value.ok_or_else(|| Error::File {
             path: self.path.clone(),
             what: "latency profile",
-            reason: self.missing(&layer.name, format),
+            reason: self.missing(&layer.name, precision),
         })
     }
 
@@ -331,10 +342,10 @@ impl LatencyModel for Profile {
         }
     }
 
-    fn check_covers(&self, layers: &[LayerShape], formats: &[Format]) -> Result<()> {
+    fn check_covers(&self, layers: &[LayerShape], precisions: &[LinearPrecision]) -> Result<()> {
         let missing: Vec<String> = layers
             .iter()
-            .flat_map(|l| formats.iter().map(move |&f| (l, f)))
+            .flat_map(|l| precisions.iter().map(move |&f| (l, f)))
             .filter(|(l, f)| self.latency(l, *f).is_err())
             .map(|(l, f)| self.missing(&l.name, f))
             .collect();
@@ -348,7 +359,7 @@ impl LatencyModel for Profile {
             reason: format!(
                 "does not cover {} of the {} (layer, format) pairs asked: {}{}",
                 missing.len(),
-                layers.len() * formats.len(),
+                layers.len() * precisions.len(),
                 shown.join("; "),
                 if missing.len() > shown.len() {
                     "; ..."
@@ -382,7 +393,11 @@ mod tests {
     #[test]
     fn reads_a_profile_and_reports_its_source() {
         let p = Profile::parse(GOOD.as_bytes(), Path::new("h100.json")).unwrap();
-        assert_eq!(p.latency(&layer("a"), Format::Nvfp4).unwrap(), 1.5e-6);
+        assert_eq!(
+            p.latency(&layer("a"), LinearPrecision::weight_only(Format::Nvfp4))
+                .unwrap(),
+            1.5e-6
+        );
         assert_eq!(p.fixed_latency(&[]), 1e-4);
         let LatencySource::Profile {
             device, context, ..
@@ -399,7 +414,10 @@ mod tests {
         let e = p
             .check_covers(
                 &[layer("a"), layer("b"), layer("c")],
-                &[Format::Fp8, Format::Nvfp4],
+                &[
+                    LinearPrecision::weight_only(Format::Fp8),
+                    LinearPrecision::weight_only(Format::Nvfp4),
+                ],
             )
             .unwrap_err()
             .to_string();
@@ -412,7 +430,16 @@ mod tests {
             "{e}"
         );
         assert!(e.contains("layer `c` is not in the profile"), "{e}");
-        assert!(p.check_covers(&[layer("a")], &[Format::Fp8]).is_ok());
+        assert!(p
+            .check_covers(&[layer("a")], &[LinearPrecision::weight_only(Format::Fp8)])
+            .is_ok());
+        // Profiles time weight-only kernels: a W8A8 question is refused, not answered with
+        // the FP8 weight-only time.
+        let e = p
+            .latency(&layer("a"), LinearPrecision::both(Format::Fp8))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("no measurement for fp8+fp8"), "{e}");
     }
 
     #[test]
@@ -460,10 +487,22 @@ mod tests {
     #[test]
     fn a_tail_percentile_prices_each_kernel_at_its_tail() {
         let p = Profile::parse(V2.as_bytes(), Path::new("v2.json")).unwrap();
-        assert_eq!(p.latency(&layer("b"), Format::Fp8).unwrap(), 2e-6);
+        assert_eq!(
+            p.latency(&layer("b"), LinearPrecision::weight_only(Format::Fp8))
+                .unwrap(),
+            2e-6
+        );
         let p99 = p.clone().with_percentile(Percentile::P99).unwrap();
-        assert_eq!(p99.latency(&layer("b"), Format::Fp8).unwrap(), 4e-6);
-        assert_eq!(p99.latency(&layer("a"), Format::Nvfp4).unwrap(), 2.5e-6);
+        assert_eq!(
+            p99.latency(&layer("b"), LinearPrecision::weight_only(Format::Fp8))
+                .unwrap(),
+            4e-6
+        );
+        assert_eq!(
+            p99.latency(&layer("a"), LinearPrecision::weight_only(Format::Nvfp4))
+                .unwrap(),
+            2.5e-6
+        );
         assert_eq!(p99.fixed_latency(&[]), 1.2e-4);
         let LatencySource::Profile { percentile, .. } = p99.source() else {
             panic!("a profile is a profile source")

@@ -1,16 +1,20 @@
 //! Analytic roofline latency of named GPUs.
 //!
 //! A linear layer `y = x W^T` with `W` of `N x K` run for `M` tokens (the batch) moves
-//! `Format::weight_bytes(N, K)` bytes of weights (codes + scales, exactly as stored) plus
-//! `2 (M K + M N)` bytes of FP16 activations, and performs `2 M N K` flops. Its roofline time
-//! is `max(bytes / HBM bandwidth, flops / peak(format)) + launch overhead`.
+//! `Format::weight_bytes(N, K)` bytes of weights (codes + scales, exactly as stored), its
+//! input (`2 M K` bytes of FP16, or `a.weight_bytes(M, K)` when the activations are quantized
+//! to `a`: the same codes and scales per row or block) and `2 M N` bytes of FP16 output, and
+//! performs `2 M N K` flops. Its roofline time is
+//! `max(bytes / HBM bandwidth, flops / peak(precision)) + launch overhead`.
 //!
-//! `peak(format)`: FP16 weights run at the FP16 tensor rate; FP8 at the FP8 rate; NVFP4 and
-//! MXFP4 at the FP4 rate on architectures with FP4 tensor cores (Blackwell: sm_100, sm_120),
-//! and at the FP16 rate elsewhere, where the kernels decode FP4 in registers (DESIGN.md).
-//! All peaks are dense (no 2:4 sparsity). The model is optimistic (peak bandwidth, no cache
-//! effects, no dequantisation cost) and ranks formats by the bytes they move, which is what
-//! decode at small batch is bound by; a measured profile replaces it when one exists.
+//! `peak(precision)`: the tensor-core product takes both operands in one type, so
+//! weight-only layers run at the FP16 rate (the weights are converted on the way in);
+//! quantized activations run at the rate of the wider of the two formats: FP8 at the FP8
+//! rate, NVFP4/MXFP4 x FP4 at the FP4 rate on architectures with FP4 tensor cores (Blackwell:
+//! sm_100, sm_120) and at the FP16 rate elsewhere (DESIGN.md). All peaks are dense (no 2:4
+//! sparsity). The model is optimistic (peak bandwidth, no cache effects, no dequantisation
+//! cost) and ranks formats by the bytes they move, which is what decode at small batch is
+//! bound by; a measured profile replaces it when one exists.
 //!
 //! The fixed part of a step, which no plan changes: per decoder block, attention reading an
 //! FP16 KV cache of `context` tokens for each of the `batch` sequences
@@ -23,6 +27,7 @@ use serde::{Deserialize, Serialize};
 use crate::error::{Error, Result};
 use crate::formats::Format;
 use crate::ir::LinearKind;
+use crate::lower::LinearPrecision;
 
 use super::{LatencyModel, LatencySource, LayerShape};
 
@@ -359,14 +364,14 @@ impl Roofline {
         Ok(self)
     }
 
-    /// Bytes one step of `layer` moves with weights in `format`.
-    pub fn bytes(&self, layer: &LayerShape, format: Format) -> f64 {
-        let (m, n, k) = (
-            self.batch as f64,
-            layer.out_features as f64,
-            layer.in_features as f64,
-        );
-        format.weight_bytes(layer.out_features, layer.in_features) as f64 + 2.0 * m * (k + n)
+    /// Bytes one step of `layer` moves in `precision`.
+    pub fn bytes(&self, layer: &LayerShape, precision: LinearPrecision) -> f64 {
+        let (m, n, k) = (self.batch, layer.out_features, layer.in_features);
+        let input = match precision.activations {
+            Some(a) => a.weight_bytes(m, k) as f64,
+            None => 2.0 * (m * k) as f64,
+        };
+        precision.weights.weight_bytes(n, k) as f64 + input + 2.0 * (m * n) as f64
     }
 
     /// Flops of one step of `layer`.
@@ -385,9 +390,13 @@ impl LatencyModel for Roofline {
         }
     }
 
-    fn latency(&self, layer: &LayerShape, format: Format) -> Result<f64> {
-        let memory = self.bytes(layer, format) / self.spec.bandwidth;
-        let compute = self.flops(layer) / self.spec.peak_flops(format);
+    fn latency(&self, layer: &LayerShape, precision: LinearPrecision) -> Result<f64> {
+        let memory = self.bytes(layer, precision) / self.spec.bandwidth;
+        // Both operands in one type: the wider of the two (Format orders widest first).
+        let product = precision
+            .activations
+            .map_or(Format::Fp16, |a| a.min(precision.weights));
+        let compute = self.flops(layer) / self.spec.peak_flops(product);
         Ok(memory.max(compute) + self.spec.launch_overhead)
     }
 
@@ -453,29 +462,45 @@ mod tests {
         for f in Format::ALL {
             let want =
                 (f.weight_bytes(576, 1536) as f64 + 2.0 * (576.0 + 1536.0)) / 3.35e12 + LAUNCH;
-            let got = r.latency(&l, f).unwrap();
+            let got = r.latency(&l, LinearPrecision::weight_only(f)).unwrap();
             assert!((got - want).abs() < 1e-15, "{f}: {got} vs {want}");
         }
-        let t = |f| r.latency(&l, f).unwrap();
+        // W8A8 reads the input as FP8 codes and one FP32 scale per row.
+        let want = (Format::Fp8.weight_bytes(576, 1536) as f64 + 1536.0 + 4.0 + 2.0 * 576.0)
+            / 3.35e12
+            + LAUNCH;
+        let got = r.latency(&l, LinearPrecision::both(Format::Fp8)).unwrap();
+        assert!((got - want).abs() < 1e-15, "w8a8: {got} vs {want}");
+        let t = |f| r.latency(&l, LinearPrecision::weight_only(f)).unwrap();
         assert!(t(Format::Nvfp4) < t(Format::Fp8) && t(Format::Fp8) < t(Format::Fp16));
         // MXFP4 stores fewer scale bytes than NVFP4.
         assert!(t(Format::Mxfp4) < t(Format::Nvfp4));
     }
 
     #[test]
-    fn large_batches_are_compute_bound_at_the_format_rate() {
+    fn large_batches_are_compute_bound_at_the_rate_of_both_operands() {
         let l = shape(4096, 4096);
         let h100 = Roofline::new(Gpu::H100, 8192, 0).unwrap();
         let b200 = Roofline::new(Gpu::B200, 8192, 0).unwrap();
         let flops = 2.0 * 8192.0 * 4096.0 * 4096.0;
-        // Hopper has no FP4 tensor cores: FP4 runs at the FP16 rate, slower than FP8.
-        let h = |f| h100.latency(&l, f).unwrap() - LAUNCH;
-        assert!((h(Format::Nvfp4) - flops / 989.5e12).abs() < 1e-12);
-        assert!(h(Format::Nvfp4) > h(Format::Fp8));
+        let both = LinearPrecision::both;
+        // Hopper has no FP4 tensor cores: W4A4 runs at the FP16 rate, slower than W8A8.
+        let h = |p| h100.latency(&l, p).unwrap() - LAUNCH;
+        assert!((h(both(Format::Nvfp4)) - flops / 989.5e12).abs() < 1e-12);
+        assert!(h(both(Format::Nvfp4)) > h(both(Format::Fp8)));
+        // Weight-only layers compute in 16 bits whatever their weights.
+        let fp8_weights = h(LinearPrecision::weight_only(Format::Fp8));
+        assert!((fp8_weights - flops / 989.5e12).abs() < 1e-12);
         // Blackwell computes FP4 natively at twice its FP8 rate.
-        let b = |f| b200.latency(&l, f).unwrap() - LAUNCH;
-        assert!((b(Format::Nvfp4) - flops / 9000e12).abs() < 1e-12);
-        assert!((b(Format::Fp8) / b(Format::Nvfp4) - 2.0).abs() < 1e-9);
+        let b = |p| b200.latency(&l, p).unwrap() - LAUNCH;
+        assert!((b(both(Format::Nvfp4)) - flops / 9000e12).abs() < 1e-12);
+        assert!((b(both(Format::Fp8)) / b(both(Format::Nvfp4)) - 2.0).abs() < 1e-9);
+        // FP8 weights with NVFP4 activations: at the FP8 rate, the wider operand's.
+        let mixed = LinearPrecision {
+            weights: Format::Fp8,
+            activations: Some(Format::Nvfp4),
+        };
+        assert!((b(mixed) - b(both(Format::Fp8))).abs() < 1e-12);
     }
 
     #[test]

@@ -42,11 +42,15 @@ use crate::formats::Format;
 use crate::ir::{Graph, Op};
 
 /// Precision of one linear layer: weight format, and the format activations are quantized to
-/// on the fly (`None`: activations stay FP32).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+/// on the fly (`None`: activations stay in the schedule's activation type).
+///
+/// Written `WEIGHTS` or `WEIGHTS+ACTIVATIONS` (`fp8`, `fp8+fp8`), with the engines' names
+/// `w8a8` (= `fp8+fp8`) and `w4a4` (= `nvfp4+nvfp4`) accepted on input: the one spelling of a
+/// planner menu entry, a plan's menu and a report's column. Serialized as that string.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
 pub struct LinearPrecision {
     pub weights: Format,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub activations: Option<Format>,
 }
 
@@ -56,6 +60,54 @@ impl LinearPrecision {
             weights,
             activations: None,
         }
+    }
+
+    /// Weights and activations both in `format` (W8A8 for FP8).
+    pub fn both(format: Format) -> Self {
+        LinearPrecision {
+            weights: format,
+            activations: Some(format),
+        }
+    }
+}
+
+impl std::fmt::Display for LinearPrecision {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.activations {
+            Some(a) => write!(f, "{}+{a}", self.weights),
+            None => write!(f, "{}", self.weights),
+        }
+    }
+}
+
+impl std::str::FromStr for LinearPrecision {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "w8a8" => return Ok(LinearPrecision::both(Format::Fp8)),
+            "w4a4" => return Ok(LinearPrecision::both(Format::Nvfp4)),
+            _ => {}
+        }
+        Ok(match s.split_once('+') {
+            Some((w, a)) => LinearPrecision {
+                weights: w.parse()?,
+                activations: Some(a.parse()?),
+            },
+            None => LinearPrecision::weight_only(s.parse()?),
+        })
+    }
+}
+
+impl TryFrom<String> for LinearPrecision {
+    type Error = Error;
+    fn try_from(s: String) -> Result<Self> {
+        s.parse()
+    }
+}
+
+impl From<LinearPrecision> for String {
+    fn from(p: LinearPrecision) -> String {
+        p.to_string()
     }
 }
 

@@ -39,8 +39,8 @@ impl Plan {
             .enumerate()
             .map(|(i, &c)| PlanLayer {
                 name: problem.names[i].clone(),
-                format: problem.formats[c],
-                activations: None,
+                format: problem.precisions[c].weights,
+                activations: problem.precisions[c].activations,
                 eps: Some(problem.eps[c]),
                 error: Some(problem.error[c]),
                 latency: Some(problem.latency[c]),
@@ -49,7 +49,7 @@ impl Plan {
             .collect();
         let mut layers_per_format = BTreeMap::new();
         for l in &layers {
-            *layers_per_format.entry(l.format).or_insert(0) += 1;
+            *layers_per_format.entry(l.precision()).or_insert(0) += 1;
         }
         let t = solution.totals;
         Plan {

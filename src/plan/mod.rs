@@ -51,6 +51,16 @@ pub struct PlanLayer {
     pub weight_bytes: Option<u64>,
 }
 
+impl PlanLayer {
+    /// The layer's weight format and activation format as one precision.
+    pub fn precision(&self) -> LinearPrecision {
+        LinearPrecision {
+            weights: self.format,
+            activations: self.activations,
+        }
+    }
+}
+
 /// Sums over the plan's layers.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct PlanTotals {
@@ -65,8 +75,8 @@ pub struct PlanTotals {
     /// Sum of eps (equal to `total_error` for the eps objective).
     pub total_eps: f64,
     pub weight_bytes: u64,
-    /// Number of layers per format.
-    pub layers_per_format: BTreeMap<Format, usize>,
+    /// Number of layers per precision (weight format, `+activations` when quantized).
+    pub layers_per_format: BTreeMap<LinearPrecision, usize>,
 }
 
 /// Which solver made the plan, with its settings and outcome.
@@ -104,7 +114,7 @@ pub enum BudgetRecord {
     /// Whole-step speedup over every layer in `baseline`, and the latency budget it implies.
     Speedup {
         speedup: f64,
-        baseline: Format,
+        baseline: LinearPrecision,
         seconds: f64,
     },
     /// Total objective error.
@@ -133,7 +143,7 @@ pub struct Provenance {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub memory_budget: Option<u64>,
     pub latency: LatencySource,
-    pub menu: Vec<Format>,
+    pub menu: Vec<LinearPrecision>,
     /// The MXFP4 scale rule of the calibration, which evaluation and export of the plan
     /// quantize with (absent in plans made before it was recorded: the OCP floor rule).
     #[serde(default = "crate::calib::legacy_mx_scale_rule")]
@@ -269,13 +279,7 @@ impl Plan {
     pub fn precision_map(&self) -> PrecisionMap {
         self.layers
             .iter()
-            .map(|l| {
-                let p = LinearPrecision {
-                    weights: l.format,
-                    activations: l.activations,
-                };
-                (l.name.clone(), p)
-            })
+            .map(|l| (l.name.clone(), l.precision()))
             .collect()
     }
 

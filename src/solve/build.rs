@@ -2,20 +2,25 @@
 //! groups and pins. The only place in `solve` that knows layer kinds and blocks; the problem
 //! it returns is flat arrays.
 //!
-//! Per layer, the allowed formats are the menu (lm_head: its own menu, 16-bit by default as
-//! serving engines keep it), or the pinned format alone. Error per choice:
-//! the calibrated eps (objective `eps`) or KL (objective `kl`, refused when the calibration
-//! has no KL). FP16 is the reference precision: when the calibration did not measure it, its
-//! error is taken as 0. Latency comes from the latency model (which must cover every pair),
-//! bytes from [`Format::weight_bytes`].
+//! Per layer, the allowed precisions are the menu (lm_head: its own menu, 16-bit by default as
+//! serving engines keep it), or the pinned precision alone. A menu entry is a weight format
+//! (`fp8`: weight-only) or weights with activations quantized to the same format (`fp8+fp8`,
+//! W8A8), which is what the calibration measures (`eps_wa`). Error per choice: the calibrated
+//! eps, or eps_wa for quantized activations (objective `eps`), or KL (objective `kl`, refused
+//! when the calibration has no KL for that precision: the KL pass measures weight-only
+//! variants). FP16 is the reference precision: when the calibration did not measure it, its
+//! error is taken as 0. Latency comes from the latency model (which must cover every pair:
+//! the kernel cost model refuses what the generated kernels cannot run), bytes from
+//! [`Format::weight_bytes`].
 
 use std::collections::BTreeMap;
 
-use crate::calib::Calibration;
+use crate::calib::{Calibration, LayerCalibration};
 use crate::error::{Error, Result};
 use crate::formats::Format;
 use crate::ir::LinearKind;
 use crate::latency::{LatencyModel, LayerShape};
+use crate::lower::LinearPrecision;
 
 use super::pins::{PinTarget, Pins};
 use super::{GroupKind, Objective, Problem};
@@ -23,10 +28,10 @@ use super::{GroupKind, Objective, Problem};
 /// What to plan with.
 #[derive(Debug, Clone)]
 pub struct BuildOptions {
-    /// Formats every unpinned layer but lm_head may take.
-    pub menu: Vec<Format>,
-    /// Formats an unpinned lm_head may take.
-    pub lm_head: Vec<Format>,
+    /// Precisions every unpinned layer but lm_head may take.
+    pub menu: Vec<LinearPrecision>,
+    /// Precisions an unpinned lm_head may take.
+    pub lm_head: Vec<LinearPrecision>,
     /// GPUs the model is sharded over: a row-parallel layer (o, down) is not offered a
     /// block-scaled format whose blocks would straddle its shards.
     pub tensor_parallel: usize,
@@ -43,8 +48,11 @@ pub struct BuildOptions {
 impl Default for BuildOptions {
     fn default() -> Self {
         BuildOptions {
-            menu: vec![Format::Fp8, Format::Nvfp4],
-            lm_head: vec![Format::Fp16],
+            menu: vec![
+                LinearPrecision::weight_only(Format::Fp8),
+                LinearPrecision::weight_only(Format::Nvfp4),
+            ],
+            lm_head: vec![LinearPrecision::weight_only(Format::Fp16)],
             tensor_parallel: 1,
             objective: Objective::Eps,
             groups: Vec::new(),
@@ -63,9 +71,9 @@ pub struct BuildReport {
     pub pinned: usize,
     /// Pin rules that matched no layer.
     pub unmatched_pins: Vec<String>,
-    /// (layer, format) pairs of the menu not offered because the format's scale blocks would
-    /// straddle the layer's tensor-parallel shards.
-    pub not_offered: Vec<(String, Format)>,
+    /// (layer, precision) pairs of the menu not offered because the format's scale blocks
+    /// would straddle the layer's tensor-parallel shards.
+    pub not_offered: Vec<(String, LinearPrecision)>,
 }
 
 /// Whether `format` keeps whole scale blocks inside each of `tp` shards of a layer of `kind`
@@ -79,6 +87,43 @@ pub fn shards_cleanly(kind: LinearKind, k: usize, format: Format, tp: usize) -> 
         && format
             .block_size()
             .is_none_or(|b| (k / tp).is_multiple_of(b))
+}
+
+/// [`shards_cleanly`] for the weights and, when quantized, the activations (whose blocks
+/// also run along K).
+fn precision_shards_cleanly(kind: LinearKind, k: usize, p: LinearPrecision, tp: usize) -> bool {
+    std::iter::once(p.weights)
+        .chain(p.activations)
+        .all(|f| shards_cleanly(kind, k, f, tp))
+}
+
+/// The calibrated (eps, KL) of `record` in precision `p`.
+fn metrics_of(record: &LayerCalibration, p: LinearPrecision) -> Result<(f64, Option<f64>)> {
+    let f = p.weights;
+    let Some(m) = record.metrics.get(&f) else {
+        if p == LinearPrecision::weight_only(Format::Fp16) {
+            return Ok((0.0, Some(0.0)));
+        }
+        let measured: Vec<&str> = record.metrics.keys().map(|f| f.name()).collect();
+        return Err(Error::Layer {
+            layer: record.name.clone(),
+            reason: format!(
+                "the calibration has no metrics for format {f} (it measured {})",
+                measured.join(", ")
+            ),
+        });
+    };
+    match p.activations {
+        None => Ok((m.eps, m.kl)),
+        Some(a) if a == f => Ok((m.eps_wa, None)),
+        Some(a) => Err(Error::Layer {
+            layer: record.name.clone(),
+            reason: format!(
+                "{p}: the calibration measures quantized activations only in the weights' \
+                 format ({f}+{f}), not {a}"
+            ),
+        }),
+    }
 }
 
 fn group_key(kind: LinearKind, expert: bool, o: &BuildOptions) -> Option<u8> {
@@ -112,7 +157,7 @@ pub fn build_problem(
             .enumerate()
             .find_map(|(i, f)| menu[..i].contains(f).then_some(f))
         {
-            return Err(Error::invalid(flag, format!("format {f} is listed twice")));
+            return Err(Error::invalid(flag, format!("{f} is listed twice")));
         }
     }
     let shapes = LayerShape::from_calibration(calib);
@@ -131,34 +176,34 @@ pub fn build_problem(
         None => None,
     };
     let mut not_offered = Vec::new();
-    let mut allowed: Vec<Vec<Format>> = Vec::with_capacity(shapes.len());
+    let mut allowed: Vec<Vec<LinearPrecision>> = Vec::with_capacity(shapes.len());
     for (i, shape) in shapes.iter().enumerate() {
-        let clean =
-            |f: &Format| shards_cleanly(shape.kind, shape.in_features, *f, o.tensor_parallel);
-        let formats = match resolution.as_ref().and_then(|r| r.pinned[i]) {
-            Some((f, rule)) if !clean(&f) => {
+        let clean = |p: &LinearPrecision| {
+            precision_shards_cleanly(shape.kind, shape.in_features, *p, o.tensor_parallel)
+        };
+        let precisions = match resolution.as_ref().and_then(|r| r.pinned[i]) {
+            Some((p, rule)) if !clean(&p) => {
                 return Err(Error::Layer {
                     layer: shape.name.clone(),
                     reason: format!(
-                        "pinned to {f} by pin rule {}, but its {}-element scale blocks straddle \
-                         the layer's {} tensor-parallel shards of K = {}",
+                        "pinned to {p} by pin rule {}, but its scale blocks straddle the \
+                         layer's {} tensor-parallel shards of K = {}",
                         rule + 1,
-                        f.block_size().unwrap_or(1),
                         o.tensor_parallel,
                         shape.in_features
                     ),
                 })
             }
-            Some((f, _)) => vec![f],
+            Some((p, _)) => vec![p],
             None => {
                 let menu = if shape.kind == LinearKind::LmHead {
                     &o.lm_head
                 } else {
                     &o.menu
                 };
-                let (ok, dropped): (Vec<Format>, Vec<Format>) =
-                    menu.iter().copied().partition(|f| clean(f));
-                not_offered.extend(dropped.into_iter().map(|f| (shape.name.clone(), f)));
+                let (ok, dropped): (Vec<LinearPrecision>, Vec<LinearPrecision>) =
+                    menu.iter().copied().partition(|p| clean(p));
+                not_offered.extend(dropped.into_iter().map(|p| (shape.name.clone(), p)));
                 if ok.is_empty() {
                     return Err(Error::Layer {
                         layer: shape.name.clone(),
@@ -171,16 +216,16 @@ pub fn build_problem(
                 ok
             }
         };
-        allowed.push(formats);
+        allowed.push(precisions);
     }
     // Ask the latency source about every pair first, so a profile reports all it misses
-    // (layers grouped by their allowed formats: lm_head is asked only its own menu).
-    let mut by_menu: BTreeMap<&[Format], Vec<LayerShape>> = BTreeMap::new();
-    for (shape, formats) in shapes.iter().zip(&allowed) {
-        by_menu.entry(formats).or_default().push(shape.clone());
+    // (layers grouped by their allowed precisions: lm_head is asked only its own menu).
+    let mut by_menu: BTreeMap<&[LinearPrecision], Vec<LayerShape>> = BTreeMap::new();
+    for (shape, precisions) in shapes.iter().zip(&allowed) {
+        by_menu.entry(precisions).or_default().push(shape.clone());
     }
-    for (formats, layers) in &by_menu {
-        latency.check_covers(layers, formats)?;
+    for (precisions, layers) in &by_menu {
+        latency.check_covers(layers, precisions)?;
     }
 
     let mut p = Problem {
@@ -205,39 +250,36 @@ pub fn build_problem(
             None => i as u32,
         };
         p.groups.push(id);
-        for &f in &allowed[i] {
-            let (eps, kl) = match record.metrics.get(&f) {
-                Some(m) => (m.eps, m.kl),
-                None if f == Format::Fp16 => (0.0, Some(0.0)),
-                None => {
-                    let measured: Vec<&str> = record.metrics.keys().map(|f| f.name()).collect();
-                    return Err(Error::Layer {
-                        layer: shape.name.clone(),
-                        reason: format!(
-                            "the calibration has no metrics for format {f} (it measured {})",
-                            measured.join(", ")
-                        ),
-                    });
-                }
-            };
+        for &precision in &allowed[i] {
+            let (eps, kl) = metrics_of(record, precision)?;
             let error = match o.objective {
                 Objective::Eps => eps,
                 Objective::Kl => kl.ok_or_else(|| Error::Layer {
                     layer: shape.name.clone(),
-                    reason: format!(
-                        "objective kl, but the calibration has no KL for format {f} \
-                         (calibrate with --kl-windows > 0, or plan with --objective eps)"
-                    ),
+                    reason: if precision.activations.is_some() {
+                        format!(
+                            "objective kl, but the KL pass measures weight-only variants, not \
+                             {precision} (plan quantized activations with --objective eps)"
+                        )
+                    } else {
+                        format!(
+                            "objective kl, but the calibration has no KL for format {precision} \
+                             (calibrate with --kl-windows > 0, or plan with --objective eps)"
+                        )
+                    },
                 })?,
             };
-            p.formats.push(f);
+            p.precisions.push(precision);
             p.error.push(error);
             p.eps.push(eps);
-            p.latency.push(latency.latency(shape, f)?);
-            p.bytes
-                .push(f.weight_bytes(shape.out_features, shape.in_features));
+            p.latency.push(latency.latency(shape, precision)?);
+            p.bytes.push(
+                precision
+                    .weights
+                    .weight_bytes(shape.out_features, shape.in_features),
+            );
         }
-        p.offsets.push(p.formats.len());
+        p.offsets.push(p.precisions.len());
     }
     p.validate()?;
     let report = BuildReport {

@@ -32,7 +32,7 @@ use good_lp::{
 };
 
 use crate::error::{Error, Result};
-use crate::formats::Format;
+use crate::lower::LinearPrecision;
 
 use super::ilp::{IlpOptions, IlpStatus};
 use super::units::{Unit, UnitOption};
@@ -93,7 +93,7 @@ fn scale(values: impl Iterator<Item = f64>) -> f64 {
 /// Units with at least two options, grouped by identical (format, latency, bytes) options;
 /// only classes of two or more units.
 pub(crate) fn classes(units: &[Unit]) -> Vec<Vec<usize>> {
-    let mut by_key: BTreeMap<Vec<(Format, u64, u64)>, Vec<usize>> = BTreeMap::new();
+    let mut by_key: BTreeMap<Vec<(LinearPrecision, u64, u64)>, Vec<usize>> = BTreeMap::new();
     for (u, unit) in units.iter().enumerate() {
         if unit.options.len() < 2 {
             continue;
@@ -101,7 +101,7 @@ pub(crate) fn classes(units: &[Unit]) -> Vec<Vec<usize>> {
         let key = unit
             .options
             .iter()
-            .map(|o| (o.format, o.latency.to_bits(), o.bytes))
+            .map(|o| (o.precision, o.latency.to_bits(), o.bytes))
             .collect();
         by_key.entry(key).or_default().push(u);
     }

@@ -22,18 +22,19 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 use crate::formats::Format;
+use crate::lower::LinearPrecision;
 
 use super::exhaustive::check_bounds;
 use super::units::{self, Unit};
 use super::{fits, Constraints, Problem, Solution, Target};
 
-/// The two formats greedy chooses between, and how gamma counts.
+/// The two precisions greedy chooses between, and how gamma counts.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct GreedyOptions {
-    /// Format of the fraction gamma with the lowest eps (default nvfp4).
-    pub low: Format,
-    /// Format of the rest (default fp8).
-    pub high: Format,
+    /// Precision of the fraction gamma with the lowest eps (default nvfp4, weight-only).
+    pub low: LinearPrecision,
+    /// Precision of the rest (default fp8, weight-only).
+    pub high: LinearPrecision,
     /// Count gamma by weight bytes instead of layers.
     pub by_bytes: bool,
     /// Rank by the objective's error in the low format (e.g. KL) instead of by eps (the
@@ -45,8 +46,8 @@ pub struct GreedyOptions {
 impl Default for GreedyOptions {
     fn default() -> Self {
         GreedyOptions {
-            low: Format::Nvfp4,
-            high: Format::Fp8,
+            low: LinearPrecision::weight_only(Format::Nvfp4),
+            high: LinearPrecision::weight_only(Format::Fp8),
             by_bytes: false,
             rank_by_error: false,
         }
@@ -107,7 +108,11 @@ fn order(p: &Problem, o: &GreedyOptions) -> Result<Order> {
             (None, None) if unit.options.len() == 1 => base.push(0),
             (None, None) => {
                 let first = unit.members[0];
-                let menu: Vec<&str> = unit.options.iter().map(|x| x.format.name()).collect();
+                let menu: Vec<String> = unit
+                    .options
+                    .iter()
+                    .map(|x| x.precision.to_string())
+                    .collect();
                 return Err(Error::Layer {
                     layer: p.names[first].clone(),
                     reason: format!(
@@ -344,7 +349,7 @@ mod tests {
         let g = greedy(&p, &o, GreedyRule::Error(0.06), None).unwrap();
         assert_eq!(g.low_layers, 1);
         // Pin layer 0 to fp4: it stays there at gamma 0.
-        p.formats.remove(0);
+        p.precisions.remove(0);
         p.error.remove(0);
         p.eps.remove(0);
         p.latency.remove(0);

@@ -257,7 +257,7 @@ mod tests {
         };
         let s = ilp(&p, &c, &IlpOptions::default()).unwrap();
         let low: Vec<usize> = (0..10)
-            .filter(|&i| p.formats[s.solution.choice[i]] == Format::Nvfp4)
+            .filter(|&i| p.precisions[s.solution.choice[i]].weights == Format::Nvfp4)
             .collect();
         assert_eq!(low, vec![1, 3, 5, 7]);
         assert_eq!(s.status, IlpStatus::Optimal);

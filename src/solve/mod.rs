@@ -1,10 +1,11 @@
-//! Solvers: pick one format per linear layer from calibrated errors and per-layer latency.
+//! Solvers: pick one precision per linear layer from calibrated errors and per-layer latency.
 //!
 //! Everything here works on a [`Problem`] of flat arrays (no graph, no petgraph, no CUDA):
-//! `n` layers; layer `i`'s allowed formats are the choices `offsets[i]..offsets[i+1]`, each
-//! with its error (the objective: eps or KL), the paper's eps, latency (seconds) and weight
-//! bytes; layers with equal group ids must take the same format (q/k/v or gate/up running as
-//! one fused kernel). [`build`] makes a problem from a calibration, a latency model, a menu
+//! `n` layers; layer `i`'s allowed precisions (a weight format, and an activation format when
+//! activations are quantized too: [`LinearPrecision`]) are the choices
+//! `offsets[i]..offsets[i+1]`, each with its error (the objective: eps or KL), the paper's
+//! eps, latency (seconds) and weight bytes; layers with equal group ids must take the same
+//! precision (q/k/v or gate/up running as one fused kernel). [`build`] makes a problem from a calibration, a latency model, a menu
 //! and pins ([`pins`]). Solvers:
 //! - [`mod@greedy`]: the FPX paper's rule: the fraction gamma of layers with the lowest eps go to
 //!   FP4, the rest to FP8 (or gamma counted by weight bytes);
@@ -29,7 +30,7 @@ use std::ops::Range;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
-use crate::formats::Format;
+use crate::lower::LinearPrecision;
 
 pub use build::{build_problem, shards_cleanly, BuildOptions, BuildReport};
 pub use greedy::{greedy, GreedyOptions, GreedyRule, GreedySolution};
@@ -93,8 +94,8 @@ pub struct Problem {
     pub groups: Vec<u32>,
     /// `n + 1` offsets: layer `i`'s choices are `offsets[i]..offsets[i + 1]`.
     pub offsets: Vec<usize>,
-    /// Per choice: the format.
-    pub formats: Vec<Format>,
+    /// Per choice: the precision.
+    pub precisions: Vec<LinearPrecision>,
     /// Per choice: the objective's error (eps or KL).
     pub error: Vec<f64>,
     /// Per choice: the paper's eps (greedy ranks by it; plans report it).
@@ -165,15 +166,15 @@ impl Problem {
         self.offsets[i]..self.offsets[i + 1]
     }
 
-    /// The choice of layer `i` with format `f`.
-    pub fn choice_of(&self, i: usize, f: Format) -> Option<usize> {
-        self.choices(i).find(|&c| self.formats[c] == f)
+    /// The choice of layer `i` in precision `f`.
+    pub fn choice_of(&self, i: usize, f: LinearPrecision) -> Option<usize> {
+        self.choices(i).find(|&c| self.precisions[c] == f)
     }
 
     /// Checks array lengths, values and menus. Errors name the layer.
     pub fn validate(&self) -> Result<()> {
         let n = self.names.len();
-        let m = self.formats.len();
+        let m = self.precisions.len();
         let bad = |reason: String| Err(Error::invalid("planning problem", reason));
         if self.groups.len() != n || self.offsets.len() != n + 1 {
             return bad(format!(
@@ -213,7 +214,7 @@ impl Problem {
             }
             let mut seen = Vec::new();
             for c in self.choices(i) {
-                let f = self.formats[c];
+                let f = self.precisions[c];
                 if seen.contains(&f) {
                     return bad(format!("layer `{name}` lists format {f} twice"));
                 }
@@ -256,9 +257,9 @@ impl Problem {
         Solution { choice, totals }
     }
 
-    /// Every layer in format `f`; a layer with a single allowed format (a pin, lm_head's
-    /// default 16-bit) keeps that one. `None` if some layer allows neither.
-    pub fn uniform(&self, f: Format) -> Option<Solution> {
+    /// Every layer in precision `f`; a layer with a single allowed precision (a pin,
+    /// lm_head's default 16-bit) keeps that one. `None` if some layer allows neither.
+    pub fn uniform(&self, f: LinearPrecision) -> Option<Solution> {
         let choice = (0..self.len())
             .map(|i| {
                 let only = (self.choices(i).len() == 1).then_some(self.offsets[i]);
@@ -270,7 +271,7 @@ impl Problem {
 
     /// The planned-layer latency budget that makes the whole step `speedup` times faster
     /// than every layer in `baseline` (fixed latency included on both sides).
-    pub fn speedup_budget(&self, speedup: f64, baseline: Format) -> Result<f64> {
+    pub fn speedup_budget(&self, speedup: f64, baseline: LinearPrecision) -> Result<f64> {
         if !(speedup.is_finite() && speedup > 0.0) {
             return Err(Error::invalid(
                 "--speedup",
@@ -314,6 +315,7 @@ impl Problem {
 pub(crate) mod testing {
     //! Small problems for the solver tests.
     use super::*;
+    use crate::formats::Format;
 
     /// A two-format (fp8, nvfp4) problem: per layer (eps fp8, eps fp4, lat fp8, lat fp4).
     pub fn two_format(layers: &[(f64, f64, f64, f64)]) -> Problem {
@@ -325,13 +327,13 @@ pub(crate) mod testing {
             p.names.push(format!("model.layers.{i}.mlp.down_proj"));
             p.groups.push(i as u32);
             for (f, e, l, b) in [(Format::Fp8, e8, l8, 100), (Format::Nvfp4, e4, l4, 60)] {
-                p.formats.push(f);
+                p.precisions.push(LinearPrecision::weight_only(f));
                 p.error.push(e);
                 p.eps.push(e);
                 p.latency.push(l);
                 p.bytes.push(b);
             }
-            p.offsets.push(p.formats.len());
+            p.offsets.push(p.precisions.len());
         }
         p
     }
@@ -340,6 +342,7 @@ pub(crate) mod testing {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::formats::Format;
 
     #[test]
     fn validation_names_the_layer() {
@@ -352,7 +355,7 @@ mod tests {
             "{e}"
         );
         let mut q = testing::two_format(&[(0.01, 0.05, 2.0, 1.0)]);
-        q.formats.truncate(0);
+        q.precisions.truncate(0);
         assert!(q.validate().is_err());
     }
 
@@ -361,10 +364,14 @@ mod tests {
         let mut p = testing::two_format(&[(0.01, 0.05, 2.0, 1.0), (0.01, 0.04, 2.0, 1.0)]);
         p.fixed_latency = 2.0;
         // all fp8: 4 + 2 = 6 per step; 1.2x -> 5 per step -> 3 for the layers.
-        assert!((p.speedup_budget(1.2, Format::Fp8).unwrap() - 3.0).abs() < 1e-12);
+        let only = LinearPrecision::weight_only;
+        assert!((p.speedup_budget(1.2, only(Format::Fp8)).unwrap() - 3.0).abs() < 1e-12);
         // the fastest step is 2 + 2 = 4: at most 1.5x.
-        let e = p.speedup_budget(2.0, Format::Fp8).unwrap_err().to_string();
+        let e = p
+            .speedup_budget(2.0, only(Format::Fp8))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("at most 1.5000x"), "{e}");
-        assert!(p.speedup_budget(1.0, Format::Mxfp4).is_err());
+        assert!(p.speedup_budget(1.0, only(Format::Mxfp4)).is_err());
     }
 }

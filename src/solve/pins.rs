@@ -10,12 +10,16 @@
 //! [[pin]]
 //! name = 'self_attn\.v_proj$'   # regex, searched in the layer name
 //! format = "fp16"
+//!
+//! [[pin]]
+//! name = 'mlp\.down_proj$'
+//! format = "w8a8"         # a precision: weights, or weights+activations ("fp8+fp8")
 //! ```
 //!
 //! A rule needs `name` or `layers` (or both: a layer must match all given fields). Parsing
 //! goes in two steps, like mistral.rs topology files: the file into [`RawPinFile`] (plain
 //! strings, unknown keys rejected), then into typed [`PinRule`]s (compiled regex, parsed
-//! range, [`Format`], [`LinearKind`]), every error naming the file and the rule. Applying
+//! range, [`LinearPrecision`], [`LinearKind`]), every error naming the file and the rule. Applying
 //! the rules ([`Pins::resolve`]) refuses a layer that two rules pin to different formats,
 //! naming the layer and both rules; a rule that matches no layer is reported back, not an
 //! error (a pin on `lm_head`, which plans do not cover, is harmless).
@@ -27,8 +31,8 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::error::{Error, Result};
-use crate::formats::Format;
 use crate::ir::LinearKind;
+use crate::lower::LinearPrecision;
 
 /// The file exactly as written.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -57,7 +61,7 @@ pub struct PinRule {
     /// Inclusive range of decoder blocks.
     pub layers: Option<(usize, usize)>,
     pub kinds: Option<Vec<LinearKind>>,
-    pub format: Format,
+    pub format: LinearPrecision,
 }
 
 /// The rules of one pins file.
@@ -81,7 +85,7 @@ pub struct PinTarget<'a> {
 #[derive(Debug, Clone, PartialEq)]
 pub struct PinResolution {
     /// Per layer: the pinned format and the index of the first rule that pinned it.
-    pub pinned: Vec<Option<(Format, usize)>>,
+    pub pinned: Vec<Option<(LinearPrecision, usize)>>,
     /// Labels of rules that matched no layer.
     pub unmatched: Vec<String>,
 }
@@ -161,7 +165,7 @@ impl PinRule {
             }
             None => None,
         };
-        let format: Format = match raw.format.parse() {
+        let format: LinearPrecision = match raw.format.parse() {
             Ok(f) => f,
             Err(e) => return fail(e.to_string()),
         };
@@ -214,7 +218,7 @@ impl Pins {
     /// Applies the rules to `targets`. Two rules pinning one layer to different formats are
     /// an error naming the layer and both rules.
     pub fn resolve(&self, targets: &[PinTarget]) -> Result<PinResolution> {
-        let mut pinned: Vec<Option<(Format, usize)>> = vec![None; targets.len()];
+        let mut pinned: Vec<Option<(LinearPrecision, usize)>> = vec![None; targets.len()];
         let mut used = vec![false; self.rules.len()];
         for (i, t) in targets.iter().enumerate() {
             for (r, rule) in self.rules.iter().enumerate() {
@@ -318,7 +322,8 @@ mod tests {
             "#,
         )
         .unwrap();
-        let f: Vec<Option<Format>> = r.pinned.iter().map(|p| p.map(|x| x.0)).collect();
+        use crate::formats::Format;
+        let f: Vec<Option<Format>> = r.pinned.iter().map(|p| p.map(|x| x.0.weights)).collect();
         use Format::*;
         assert_eq!(
             f,

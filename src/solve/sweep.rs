@@ -10,7 +10,7 @@ use std::time::Instant;
 use serde::{Deserialize, Serialize};
 
 use crate::error::Result;
-use crate::formats::Format;
+use crate::lower::LinearPrecision;
 
 use super::{
     greedy, ilp, Constraints, GreedyOptions, GreedyRule, IlpOptions, IlpStatus, Problem, Solution,
@@ -68,7 +68,7 @@ pub struct SweepPoint {
     pub eps: f64,
     pub weight_bytes: u64,
     /// Layers per format.
-    pub formats: BTreeMap<Format, usize>,
+    pub formats: BTreeMap<LinearPrecision, usize>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub status: Option<IlpStatus>,
     /// ILP: the LP bound on the error (no plan at this latency has less).
@@ -88,7 +88,7 @@ impl SweepPoint {
     fn new(p: &Problem, solver: SolverKind, gamma: f64, s: &Solution, seconds: f64) -> Self {
         let mut formats = BTreeMap::new();
         for &c in &s.choice {
-            *formats.entry(p.formats[c]).or_insert(0) += 1;
+            *formats.entry(p.precisions[c]).or_insert(0) += 1;
         }
         SweepPoint {
             solver,
@@ -150,7 +150,7 @@ pub fn sweep(p: &Problem, o: &SweepOptions) -> Result<Vec<(SweepPoint, Solution)
 
 /// The points as CSV (one row per point; formats as `<format>_layers` columns).
 pub fn csv(points: &[SweepPoint]) -> String {
-    let mut formats: Vec<Format> = points
+    let mut formats: Vec<LinearPrecision> = points
         .iter()
         .flat_map(|p| p.formats.keys().copied())
         .collect();

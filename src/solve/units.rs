@@ -1,18 +1,18 @@
-//! Decision units: a group of layers that must share a format, with the formats all its
+//! Decision units: a group of layers that must share a precision, with the precisions all its
 //! members allow and the summed error, latency and bytes of each. Every solver decides per
 //! unit; ungrouped layers are units of one.
 
 use std::collections::BTreeMap;
 
 use crate::error::{Error, Result};
-use crate::formats::Format;
+use crate::lower::LinearPrecision;
 
 use super::{Problem, Solution};
 
-/// One format for a whole unit.
+/// One precision for a whole unit.
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) struct UnitOption {
-    pub format: Format,
+    pub precision: LinearPrecision,
     /// The member layers' choice indices, in member order.
     pub choices: Vec<usize>,
     pub error: f64,
@@ -30,8 +30,8 @@ pub(crate) struct Unit {
 }
 
 impl Unit {
-    pub fn option(&self, f: Format) -> Option<usize> {
-        self.options.iter().position(|o| o.format == f)
+    pub fn option(&self, f: LinearPrecision) -> Option<usize> {
+        self.options.iter().position(|o| o.precision == f)
     }
 }
 
@@ -54,14 +54,14 @@ pub(crate) fn units(p: &Problem) -> Result<Vec<Unit>> {
             let options: Vec<UnitOption> = p
                 .choices(first)
                 .filter_map(|c| {
-                    let format = p.formats[c];
+                    let precision = p.precisions[c];
                     let choices = members
                         .iter()
-                        .map(|&i| p.choice_of(i, format))
+                        .map(|&i| p.choice_of(i, precision))
                         .collect::<Option<Vec<usize>>>()?;
                     let t = p.totals(&choices);
                     Some(UnitOption {
-                        format,
+                        precision,
                         choices,
                         error: t.error,
                         eps: t.eps,
@@ -74,7 +74,8 @@ pub(crate) fn units(p: &Problem) -> Result<Vec<Unit>> {
                 let names: Vec<String> = members
                     .iter()
                     .map(|&i| {
-                        let menu: Vec<&str> = p.choices(i).map(|c| p.formats[c].name()).collect();
+                        let menu: Vec<String> =
+                            p.choices(i).map(|c| p.precisions[c].to_string()).collect();
                         format!("`{}` ({})", p.names[i], menu.join(","))
                     })
                     .collect();
@@ -112,6 +113,7 @@ pub(crate) fn min_total(units: &[Unit], f: impl Fn(&UnitOption) -> f64) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::formats::Format;
     use crate::solve::testing::two_format;
 
     #[test]
@@ -130,8 +132,8 @@ mod tests {
         let s = expand(&p, &u, &[1, 0]);
         assert_eq!(s.choice, vec![1, 2, 5]);
         // Layer 2 loses fp8 and layer 0 loses nvfp4: nothing in common.
-        p.formats[4] = Format::Mxfp4;
-        p.formats[1] = Format::Fp16;
+        p.precisions[4] = LinearPrecision::weight_only(Format::Mxfp4);
+        p.precisions[1] = LinearPrecision::weight_only(Format::Fp16);
         let e = units(&p).unwrap_err().to_string();
         assert!(
             e.contains("`model.layers.0.mlp.down_proj` (fp8,fp16)"),
