@@ -56,7 +56,16 @@ fn calibrate(
         &mut |_, _| {},
     )
     .unwrap();
-    measure_kl(graph, w, kl_windows, &mut records, forwards, &mut |_, _| {}).unwrap();
+    measure_kl(
+        graph,
+        w,
+        kl_windows,
+        &mut records,
+        false,
+        forwards,
+        &mut |_, _| {},
+    )
+    .unwrap();
     records
 }
 

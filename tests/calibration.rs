@@ -184,7 +184,7 @@ fn eps_matches_a_plain_loop_computation() {
 }
 
 #[test]
-fn kl_pass_equals_eval_of_a_single_layer_plan() {
+fn kl_pass_equals_eval_of_a_single_layer_plan_weight_only_and_w_plus_a() {
     let dir = tempfile::tempdir().unwrap();
     let model = tiny(Architecture::Llama, dir.path());
     let graph = Graph::build(&model.spec);
@@ -205,26 +205,35 @@ fn kl_pass_equals_eval_of_a_single_layer_plan() {
         model.weights.as_ref(),
         &windows,
         &mut records,
+        true,
         &mut CpuForwards,
         &mut |_, _| {},
     )
     .unwrap();
     for record in [&records[0], &records[5], &records[13]] {
         for f in formats {
-            let only_this: PrecisionMap =
-                [(record.name.clone(), LinearPrecision::weight_only(f))].into();
-            let planned = CpuModel::load(&graph, model.weights.as_ref(), &only_this).unwrap();
-            let expect = eval::evaluate(&planned, Some(&full), &windows, &mut || {})
-                .unwrap()
-                .kl
-                .unwrap();
-            let ours = record.metrics[&f].kl.unwrap();
-            assert!(expect > 0.0);
-            assert!(
-                (ours - expect).abs() <= 1e-3 * expect,
-                "{} {f}: KL {ours} vs {expect}",
-                record.name
-            );
+            // Weight-only, and W+A (`--kl-activations`): the layer's input quantized too.
+            let m = record.metrics[&f];
+            for (p, ours) in [
+                (LinearPrecision::weight_only(f), m.kl),
+                (LinearPrecision::both(f), m.kl_wa),
+            ] {
+                let only_this: PrecisionMap = [(record.name.clone(), p)].into();
+                let planned = CpuModel::load(&graph, model.weights.as_ref(), &only_this).unwrap();
+                let expect = eval::evaluate(&planned, Some(&full), &windows, &mut || {})
+                    .unwrap()
+                    .kl
+                    .unwrap();
+                let ours = ours.unwrap();
+                assert!(expect > 0.0);
+                assert!(
+                    (ours - expect).abs() <= 1e-3 * expect,
+                    "{} {p}: KL {ours} vs {expect}",
+                    record.name
+                );
+            }
+            // Quantizing the activations too changes the output: a distinct measurement.
+            assert_ne!(m.kl, m.kl_wa, "{} {f}", record.name);
         }
     }
 }

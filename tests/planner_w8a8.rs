@@ -1,18 +1,25 @@
 //! W8A8 on the planner's menu, end to end through the `fpx` binary: a tiny checkpoint is
 //! calibrated, planned with `--menu fp8,w8a8,nvfp4` where the kernel cost model makes W8A8 the
 //! fastest choice for the layers whose input a norm quantizes, and the plan (with
-//! `"activations": "fp8"` layers) runs. Pins take a precision; what cannot be planned (W8A8
-//! with the KL objective, W4A4 on the kernels) fails naming the layer.
+//! `"activations": "fp8"` layers) runs. Pins take a precision; the KL objective plans W8A8
+//! from `calibrate --kl-activations`; what cannot be planned (W8A8 KL not measured, W4A4 on
+//! the kernels) fails naming the layer.
 
 mod common;
 
 use common::planner::{fails, ok, s};
+use fpx::formats::Format;
 use fpx::model::synthetic::{tiny_spec, write_hf_checkpoint, HfDtype};
 use fpx::model::Architecture;
 use fpx::plan::Plan;
 
-/// A tiny Llama checkpoint and its calibration (eps only, or with KL).
-fn calibrated(dir: &std::path::Path, kl: bool) -> (std::path::PathBuf, std::path::PathBuf) {
+/// A tiny Llama checkpoint and its calibration (eps only, or with KL: weight-only variants,
+/// or with `--kl-activations` the W+A ones too), written as `name`.
+fn calibrated(
+    dir: &std::path::Path,
+    name: &str,
+    kl: Option<&[&str]>,
+) -> (std::path::PathBuf, std::path::PathBuf) {
     let model = dir.join("tiny");
     write_hf_checkpoint(&model, &tiny_spec(Architecture::Llama), 7, HfDtype::F32, 1).unwrap();
     let words = ["the", "whale", "and", "sea", "ship", "is", "on", "at"];
@@ -22,9 +29,9 @@ fn calibrated(dir: &std::path::Path, kl: bool) -> (std::path::PathBuf, std::path
         .join(" ");
     let text_path = dir.join("text.txt");
     std::fs::write(&text_path, text).unwrap();
-    let calib = dir.join("calib.json");
-    let kl_windows = if kl { "1" } else { "0" };
-    ok(&[
+    let calib = dir.join(name);
+    let kl_windows = if kl.is_some() { "1" } else { "0" };
+    let args = [
         "calibrate",
         "--model",
         s(&model),
@@ -41,7 +48,8 @@ fn calibrated(dir: &std::path::Path, kl: bool) -> (std::path::PathBuf, std::path
         "-o",
         s(&calib),
         "--json",
-    ]);
+    ];
+    ok(&[&args[..], kl.unwrap_or_default()].concat());
     (model, calib)
 }
 
@@ -75,7 +83,7 @@ fn fastest(calib: &std::path::Path, out: &std::path::Path, extra: &[&str]) -> St
 #[test]
 fn the_planner_offers_w8a8_and_its_plan_runs() {
     let dir = tempfile::tempdir().unwrap();
-    let (model, calib) = calibrated(dir.path(), false);
+    let (model, calib) = calibrated(dir.path(), "calib.json", None);
     let plan_path = dir.path().join("w8a8.plan.json");
     let table = fastest(&calib, &plan_path, &[]);
     let plan = Plan::read(&plan_path).unwrap();
@@ -96,7 +104,7 @@ fn the_planner_offers_w8a8_and_its_plan_runs() {
                 .iter()
                 .find(|r| r.name == l.name)
                 .unwrap();
-            let m = record.metrics[&fpx::formats::Format::Fp8];
+            let m = record.metrics[&Format::Fp8];
             assert_eq!(l.eps, Some(m.eps_wa), "{}", l.name);
         }
     }
@@ -144,27 +152,67 @@ fn the_planner_offers_w8a8_and_its_plan_runs() {
 }
 
 #[test]
+fn the_kl_objective_plans_w8a8_from_its_measured_kl() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_, calib) = calibrated(dir.path(), "wa.calib.json", Some(&["--kl-activations"]));
+    let c = fpx::calib::Calibration::read(&calib).unwrap();
+    assert!(c.kl.unwrap().activations);
+    let out = dir.path().join("kl.plan.json");
+    let kl_plan = |calib: &std::path::Path| {
+        let args = [
+            "plan",
+            "--calib",
+            s(calib),
+            "--menu",
+            "fp8,w8a8",
+            "--objective",
+            "kl",
+            "--solver",
+            "ilp",
+            "--error-budget",
+            "1e9",
+            "-o",
+            s(&out),
+        ];
+        fpx_result(&args)
+    };
+    assert!(kl_plan(&calib).is_ok());
+    let plan = Plan::read(&out).unwrap();
+    // The fastest plan quantizes q/k/v's and gate/up's inputs (their norm does it).
+    assert!(plan.layers.iter().any(|l| l.activations.is_some()));
+    // lm_head stays 16-bit (its own menu): the reference, error 0.
+    for l in plan.layers.iter().filter(|l| l.format != Format::Fp16) {
+        let m = c.layers.iter().find(|r| r.name == l.name).unwrap().metrics[&l.format];
+        let want = match l.activations {
+            Some(_) => m.kl_wa,
+            None => m.kl,
+        };
+        assert_eq!(l.error, want, "{}: the objective's error is its KL", l.name);
+    }
+    // Without `--kl-activations` the W+A KL is not measured: refused, saying how to get it.
+    std::fs::remove_file(&out).unwrap();
+    let (_, weight_only) = calibrated(dir.path(), "wo.calib.json", Some(&[]));
+    let e = kl_plan(&weight_only).unwrap_err();
+    assert!(
+        e.contains("model.layers.0") && e.contains("fp8+fp8") && e.contains("--kl-activations"),
+        "{e}"
+    );
+    assert!(!out.exists(), "no plan is left behind");
+}
+
+/// `fpx args`: Ok(stdout), or Err(stderr) on failure.
+fn fpx_result(args: &[&str]) -> Result<String, String> {
+    match common::fpx(args) {
+        (0, out, _) => Ok(out),
+        (_, _, err) => Err(err),
+    }
+}
+
+#[test]
 fn what_cannot_be_planned_fails_naming_the_layer() {
     let dir = tempfile::tempdir().unwrap();
-    let (_, calib) = calibrated(dir.path(), true);
+    let (_, calib) = calibrated(dir.path(), "calib.json", None);
     let out = dir.path().join("p.plan.json");
-    // The KL pass measures weight-only variants.
-    let e = fails(&[
-        "plan",
-        "--calib",
-        s(&calib),
-        "--menu",
-        "fp8,w8a8",
-        "--objective",
-        "kl",
-        "--solver",
-        "ilp",
-        "--error-budget",
-        "1e9",
-        "-o",
-        s(&out),
-    ]);
-    assert!(e.contains("model.layers.0") && e.contains("fp8+fp8"), "{e}");
     // The generated kernels quantize activations only as W8A8.
     let e = fails(&[
         "plan",

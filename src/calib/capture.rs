@@ -370,6 +370,7 @@ pub fn measure_eps_with(
                             eps_wa: relative(f.weight_act_sq),
                             weight_error: f.weight_error,
                             kl: None,
+                            kl_wa: None,
                         },
                     );
                 }

@@ -44,6 +44,9 @@ pub struct KlSetup {
     pub windows: usize,
     /// Predicted tokens the KL is averaged over.
     pub tokens: usize,
+    /// The W+A variants were measured too (`kl_wa`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub activations: bool,
 }
 
 /// A calibration file.

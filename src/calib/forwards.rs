@@ -43,13 +43,13 @@ pub trait Stage {
     /// Runs the stage from its input `x` (one stream of `tokens.len()` rows, or several
     /// stacked: each is its own sequence at positions `0..tokens.len()`) to the block's output
     /// residual stream, or for the head to the logits of every row. `variant`: that linear
-    /// layer runs with its weights quantized to that format (activations stay full
-    /// precision). `observe` sees every linear layer's input and output.
+    /// layer runs in that precision (weights quantized, and its input too where the precision
+    /// quantizes activations). `observe` sees every linear layer's input and output.
     fn run(
         &mut self,
         tokens: &[u32],
         x: Mat,
-        variant: Option<(NodeId, Format)>,
+        variant: Option<(NodeId, LinearPrecision)>,
         observe: Option<Observer<'_>>,
     ) -> Result<Mat>;
 
@@ -107,7 +107,7 @@ struct CpuStage<'g> {
     model: CpuModel,
     /// The quantized weights of the last variant run (the KL pass runs a variant on every
     /// window in a row).
-    variant: Option<((NodeId, Format), LinearWeights)>,
+    variant: Option<((NodeId, LinearPrecision), LinearWeights)>,
 }
 
 impl Stage for CpuStage<'_> {
@@ -121,17 +121,15 @@ impl Stage for CpuStage<'_> {
         &mut self,
         tokens: &[u32],
         x: Mat,
-        variant: Option<(NodeId, Format)>,
+        variant: Option<(NodeId, LinearPrecision)>,
         observe: Option<Observer<'_>>,
     ) -> Result<Mat> {
-        if let Some(key @ (id, format)) = variant {
+        if let Some(key @ (id, precision)) = variant {
             if self.variant.as_ref().map(|v| v.0) != Some(key) {
                 let Op::Linear(l) = &self.graph.node(id).op else {
                     unreachable!("variants are linear layers")
                 };
-                let q = self
-                    .linear(id)
-                    .quantized(l, LinearPrecision::weight_only(format), None);
+                let q = self.linear(id).quantized(l, precision, None);
                 self.variant = Some((key, q));
             }
         }

@@ -27,7 +27,8 @@ use crate::error::{Error, Result};
 use crate::formats::Format;
 use crate::ir::{Graph, NodeId};
 use crate::lower::{
-    Act, ActDtype, KernelSpec, LinearShape, PrecisionMap, Schedule, Step, WeightFormat,
+    Act, ActDtype, KernelSpec, LinearPrecision, LinearShape, PrecisionMap, Schedule, Step,
+    WeightFormat,
 };
 use crate::model::WeightSource;
 use crate::runtime::cpu::{CpuModel, LinearWeights, Mat};
@@ -448,9 +449,23 @@ impl<L: Launcher> Stage for KernelStage<'_, L> {
         &mut self,
         tokens: &[u32],
         x: Mat,
-        variant: Option<(NodeId, Format)>,
+        variant: Option<(NodeId, LinearPrecision)>,
         mut observe: Option<Observer<'_>>,
     ) -> Result<Mat> {
+        if let Some(p) = variant.filter(|(_, p)| p.activations.is_some()) {
+            return Err(Error::Layer {
+                layer: self.nodes.iter().position(|n| *n == Some(p.0)).map_or_else(
+                    || format!("{:?}", p.0),
+                    |s| self.schedule.linears[s].name.clone(),
+                ),
+                reason: format!(
+                    "a {} KL variant: the kernel stages run weight-only variants \
+                     (calibrate --kl-activations with --backend cpu)",
+                    p.1
+                ),
+            });
+        }
+        let variant = variant.map(|(id, p)| (id, p.weights));
         let m = tokens.len();
         let hidden = self.schedule.dims.hidden;
         if m == 0 || m > self.max_seq || !x.rows.is_multiple_of(m) || x.cols != hidden {

@@ -6,7 +6,9 @@
 //! - `eps_wa`: the same with the activations quantized to `f` as well (W+A);
 //! - `weight_error`: `||W - Q_f(W)||_F / ||W||_F`, data-free;
 //! - `kl` (optional): mean KL divergence of the next-token distribution, on held-out windows,
-//!   when only layer `l` is in format `f`.
+//!   when only layer `l` is in format `f`;
+//! - `kl_wa` (optional, `calibrate --kl-activations`): the same with `l`'s activations
+//!   quantized to `f` as well (the KL objective's error of a W+A plan entry such as W8A8).
 //!
 //! Both passes stream the model one stage (a decoder block, or the head) at a time, so only
 //! one stage's weights are in memory: the eps pass ([`capture`]; weight-only eps from Gram
@@ -47,6 +49,8 @@ pub struct LayerMetrics {
     pub weight_error: f64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub kl: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kl_wa: Option<f64>,
 }
 
 /// Calibration record of one linear layer.

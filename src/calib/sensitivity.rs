@@ -1,8 +1,9 @@
 //! The KL pass: end-to-end sensitivity of each linear layer in each format. For every layer
 //! `l` and format `f` (a *variant*), the model runs with only `l` fake-quantized to `f`
-//! (weights only) on held-out windows, and the mean KL divergence of its next-token
-//! distribution from the full-precision one is recorded. Exact: every variant is a complete
-//! forward pass; nothing is approximated.
+//! (weights only; with `activations`, also weights and activations both in `f`, the W+A
+//! variant) on held-out windows, and the mean KL divergence of its next-token distribution
+//! from the full-precision one is recorded. Exact: every variant is a complete forward pass;
+//! nothing is approximated.
 //!
 //! What makes it fast, stage by stage (a stage is a decoder block, or the head: final norm and
 //! lm_head), streaming weights like the eps pass:
@@ -26,6 +27,7 @@ use crate::error::Result;
 use crate::eval::kl::NextTokenReference;
 use crate::formats::Format;
 use crate::ir::{Graph, NodeId};
+use crate::lower::LinearPrecision;
 use crate::model::WeightSource;
 use crate::runtime::cpu::Mat;
 
@@ -48,7 +50,7 @@ struct Stream {
 struct Variant {
     record: usize,
     node: NodeId,
-    format: Format,
+    precision: LinearPrecision,
     stage: usize,
 }
 
@@ -103,14 +105,15 @@ fn unstack(x: Mat, seq: usize) -> Vec<Mat> {
         .collect()
 }
 
-/// Fills `kl` of every record for every format it has, streaming the model's weights stage by
-/// stage, its forwards on `forwards`. `progress(done, total)` counts stage crossings of
-/// (variant, window) streams.
+/// Fills `kl` of every record for every format it has (and `kl_wa` for every quantized one
+/// with `activations`), streaming the model's weights stage by stage, its forwards on
+/// `forwards`. `progress(done, total)` counts stage crossings of (variant, window) streams.
 pub fn measure_kl(
     graph: &Graph,
     weights: &dyn WeightSource,
     windows: &[&[u32]],
     records: &mut [LayerCalibration],
+    activations: bool,
     forwards: &mut dyn StageForwards,
     progress: &mut dyn FnMut(usize, usize),
 ) -> Result<()> {
@@ -121,12 +124,15 @@ pub fn measure_kl(
             .find(&record.name)
             .expect("calibration records name graph nodes");
         for &format in record.metrics.keys() {
-            variants.push(Variant {
-                record: r,
-                node,
-                format,
-                stage: record.layer,
-            });
+            let wa = (activations && format != Format::Fp16).then(|| LinearPrecision::both(format));
+            for precision in std::iter::once(LinearPrecision::weight_only(format)).chain(wa) {
+                variants.push(Variant {
+                    record: r,
+                    node,
+                    precision,
+                    stage: record.layer,
+                });
+            }
         }
     }
     variants.sort_by_key(|v| v.stage);
@@ -188,7 +194,7 @@ pub fn measure_kl(
                 let out = model.run(
                     windows[s.window],
                     reference.stage_inputs[s.window][stage].clone(),
-                    Some((v.node, v.format)),
+                    Some((v.node, v.precision)),
                     None,
                 )?;
                 if head {
@@ -202,14 +208,17 @@ pub fn measure_kl(
         }
     }
     let predictions: usize = reference.next.iter().map(|r| r.predictions()).sum();
-    let by_variant: BTreeMap<(usize, Format), f64> = variants
+    let by_variant: BTreeMap<(usize, LinearPrecision), f64> = variants
         .iter()
         .zip(&kl)
-        .map(|(v, &k)| ((v.record, v.format), k / predictions as f64))
+        .map(|(v, &k)| ((v.record, v.precision), k / predictions as f64))
         .collect();
-    for ((record, format), value) in by_variant {
-        if let Some(m) = records[record].metrics.get_mut(&format) {
-            m.kl = Some(value);
+    for ((record, precision), value) in by_variant {
+        if let Some(m) = records[record].metrics.get_mut(&precision.weights) {
+            match precision.activations {
+                None => m.kl = Some(value),
+                Some(_) => m.kl_wa = Some(value),
+            }
         }
     }
     Ok(())

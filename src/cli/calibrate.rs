@@ -40,6 +40,11 @@ pub struct CalibrateArgs {
     /// fits --kl-budget-minutes; with --backend cuda the longest).
     #[arg(long)]
     pub(crate) kl_seq_len: Option<usize>,
+    /// The KL pass also measures each quantized format with the layer's activations quantized
+    /// to it (`kl_wa`: what `fpx plan --objective kl` needs for W+A menu entries such as
+    /// w8a8). Doubles the pass's variants of quantized formats. CPU backend only.
+    #[arg(long)]
+    pub(crate) kl_activations: bool,
     /// Run-time budget that sizes the default KL window, from the pass's counted flops and
     /// this machine's measured product throughput.
     #[arg(long, default_value_t = 5.0)]
@@ -111,9 +116,25 @@ fn undersampled_experts(layers: &[LayerCalibration]) -> std::collections::BTreeM
         .collect()
 }
 
+/// Variants per layer the KL pass runs: every format, and with `--kl-activations` every
+/// quantized one again with its activations quantized.
+fn kl_variants(args: &CalibrateArgs, formats: &[Format]) -> usize {
+    let wa = match args.kl_activations {
+        true => formats.iter().filter(|&&f| f != Format::Fp16).count(),
+        false => 0,
+    };
+    formats.len() + wa
+}
+
 pub fn run(args: CalibrateArgs) -> Result<()> {
     fpx::formats::set_mx_scale_rule(args.mx_scale_rule);
     let formats = crate::cli::args::formats("--formats", &args.formats)?;
+    if args.kl_activations && args.backend != BackendKind::Cpu {
+        anyhow::bail!(
+            "--kl-activations runs on --backend cpu (the kernel stages' KL variants are \
+             weight-only)"
+        );
+    }
     // Checked before the (long) calibration, so a bad -o loses no work.
     fpx::fsutil::prepare_output_file(&args.output)?;
     let (model, text, tokens) = args.input.load()?;
@@ -181,12 +202,12 @@ pub fn run(args: CalibrateArgs) -> Result<()> {
 
     let (kl, kl_seconds, kl_estimate_seconds) = if args.kl_windows > 0 {
         let kl_windows = eval::windows(held_out, kl_seq_len, Some(args.kl_windows))?;
-        let flops = cost::kl_flops(&graph, kl_windows.len(), kl_seq_len, formats.len());
+        let variants = kl_variants(&args, &formats);
+        let flops = cost::kl_flops(&graph, kl_windows.len(), kl_seq_len, variants);
         let estimate = flops / (gflops * 1e9);
         eprintln!(
-            "KL pass: {} layers x {} formats on {} x {kl_seq_len} held-out tokens, {:.1} TFLOP, about {}{}",
+            "KL pass: {} layers x {variants} variants on {} x {kl_seq_len} held-out tokens, {:.1} TFLOP, about {}{}",
             layers.len(),
-            formats.len(),
             kl_windows.len(),
             flops / 1e12,
             duration(estimate),
@@ -199,6 +220,7 @@ pub fn run(args: CalibrateArgs) -> Result<()> {
             model.weights.as_ref(),
             &kl_windows,
             &mut layers,
+            args.kl_activations,
             forwards.as_mut(),
             &mut |d, total| {
                 bar.set_length(total as u64);
@@ -210,6 +232,7 @@ pub fn run(args: CalibrateArgs) -> Result<()> {
             seq_len: kl_seq_len,
             windows: kl_windows.len(),
             tokens: kl_windows.len() * (kl_seq_len - 1),
+            activations: args.kl_activations,
         };
         (
             Some(setup),
@@ -354,7 +377,9 @@ fn default_kl_seq_len(
         .into_iter()
         .filter(|&n| n <= spec.max_position_embeddings)
         .collect();
-    let seconds = |n: usize| cost::kl_flops(graph, windows, n, args.formats.len()) / (gflops * 1e9);
+    let formats = crate::cli::args::formats("--formats", &args.formats)?;
+    let variants = kl_variants(args, &formats);
+    let seconds = |n: usize| cost::kl_flops(graph, windows, n, variants) / (gflops * 1e9);
     let budget = args.kl_budget_minutes * 60.0;
     let Some(&shortest) = fits.last() else {
         anyhow::bail!(
@@ -406,6 +431,9 @@ fn table(s: &Summary, sorted: &[&LayerCalibration]) -> Result<String> {
         if s.kl.is_some() {
             write!(t, " {:>10}", format!("KL {f}"))?;
         }
+        if s.kl.is_some_and(|k| k.activations) && *f != Format::Fp16 {
+            write!(t, " {:>10}", format!("KL W+A {f}"))?;
+        }
     }
     writeln!(t)?;
     for (rank, l) in sorted.iter().enumerate() {
@@ -422,7 +450,7 @@ fn table(s: &Summary, sorted: &[&LayerCalibration]) -> Result<String> {
         for f in s.formats {
             let m = &l.metrics[f];
             write!(t, " {:>10.5} {:>10.5}", m.eps, m.eps_wa)?;
-            if let Some(kl) = m.kl {
+            for kl in [m.kl, m.kl_wa].into_iter().flatten() {
                 write!(t, " {kl:>10.6}")?;
             }
         }

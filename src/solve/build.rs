@@ -6,9 +6,9 @@
 //! serving engines keep it), or the pinned precision alone. A menu entry is a weight format
 //! (`fp8`: weight-only) or weights with activations quantized to the same format (`fp8+fp8`,
 //! W8A8), which is what the calibration measures (`eps_wa`). Error per choice: the calibrated
-//! eps, or eps_wa for quantized activations (objective `eps`), or KL (objective `kl`, refused
-//! when the calibration has no KL for that precision: the KL pass measures weight-only
-//! variants). FP16 is the reference precision: when the calibration did not measure it, its
+//! eps, or eps_wa for quantized activations (objective `eps`), or KL, kl_wa for quantized
+//! activations (objective `kl`, refused when the calibration has no KL for that precision:
+//! kl_wa needs `calibrate --kl-activations`). FP16 is the reference precision: when the calibration did not measure it, its
 //! error is taken as 0. Latency comes from the latency model (which must cover every pair:
 //! the kernel cost model refuses what the generated kernels cannot run), bytes from
 //! [`Format::weight_bytes`].
@@ -115,7 +115,7 @@ fn metrics_of(record: &LayerCalibration, p: LinearPrecision) -> Result<(f64, Opt
     };
     match p.activations {
         None => Ok((m.eps, m.kl)),
-        Some(a) if a == f => Ok((m.eps_wa, None)),
+        Some(a) if a == f => Ok((m.eps_wa, m.kl_wa)),
         Some(a) => Err(Error::Layer {
             layer: record.name.clone(),
             reason: format!(
@@ -258,8 +258,8 @@ pub fn build_problem(
                     layer: shape.name.clone(),
                     reason: if precision.activations.is_some() {
                         format!(
-                            "objective kl, but the KL pass measures weight-only variants, not \
-                             {precision} (plan quantized activations with --objective eps)"
+                            "objective kl, but the calibration has no KL for {precision} \
+                             (calibrate with --kl-activations, or plan with --objective eps)"
                         )
                     } else {
                         format!(

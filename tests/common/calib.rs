@@ -60,6 +60,7 @@ pub fn synthetic(spec: ModelSpec, with_kl: bool, seed: u64) -> Calibration {
                     eps_wa: eps * 1.5,
                     weight_error: eps * 0.8,
                     kl,
+                    kl_wa: None,
                 };
                 metrics.insert(f, m);
             }
@@ -92,6 +93,7 @@ pub fn synthetic(spec: ModelSpec, with_kl: bool, seed: u64) -> Calibration {
         formats: vec![Format::Fp8, Format::Nvfp4, Format::Mxfp4],
         mx_scale_rule: fpx::formats::MxScaleRule::Round,
         kl: with_kl.then_some(KlSetup {
+            activations: false,
             seq_len: 256,
             windows: 1,
             tokens: 255,
