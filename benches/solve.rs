@@ -63,11 +63,15 @@ fn instance(choices: usize, menu: &[Format]) -> Problem {
                 Format::Nvfp4 => fp4,
                 Format::Mxfp4 => fp4 * (1.2 + 0.2 * next()),
             };
-            p.precisions.push(f);
+            let precision = fpx::lower::LinearPrecision::weight_only(f);
+            p.precisions.push(precision);
             p.error.push(eps);
             p.eps.push(eps);
-            p.latency
-                .push(roofline.latency(&shape, f).expect("roofline covers all"));
+            p.latency.push(
+                roofline
+                    .latency(&shape, precision)
+                    .expect("roofline covers all"),
+            );
             p.bytes.push(f.weight_bytes(out, inp));
         }
         p.offsets.push(p.precisions.len());
