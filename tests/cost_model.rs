@@ -29,6 +29,27 @@ fn layer_shapes(graph: &Graph) -> Vec<LayerShape> {
         .collect()
 }
 
+/// Per-layer latencies under `precision` + the fixed part = the explained step (`rows`).
+fn assert_layers_add_up(
+    cost: &KernelCost,
+    graph: &Graph,
+    precision: &PrecisionMap,
+    rows: &[fpx::latency::KernelRow],
+    what: &str,
+) {
+    let layers = layer_shapes(graph);
+    let planned: f64 = layers
+        .iter()
+        .map(|l| cost.latency(l, precision[&l.name]).unwrap())
+        .sum();
+    let step: f64 = rows.iter().map(|r| r.seconds).sum();
+    let total = planned + cost.fixed_latency(&layers);
+    assert!(
+        (total - step).abs() <= 1e-12 * step,
+        "{what}: {total} vs {step}"
+    );
+}
+
 #[test]
 fn explained_kernels_are_the_schedules_and_their_bytes_the_packed_ones() {
     let dir = tempfile::tempdir().unwrap();
@@ -72,15 +93,7 @@ fn explained_kernels_are_the_schedules_and_their_bytes_the_packed_ones() {
             assert_eq!(row.work.bytes, (weights + acts) as f64, "{}", slot.name);
             assert_eq!(row.layer.as_deref(), Some(slot.name.as_str()));
         }
-        // Per-layer latencies + the fixed part = the explained step.
-        let layers = layer_shapes(&graph);
-        let planned: f64 = layers
-            .iter()
-            .map(|l| cost.latency(l, precision[&l.name]).unwrap())
-            .sum();
-        let step: f64 = rows.iter().map(|r| r.seconds).sum();
-        let total = planned + cost.fixed_latency(&layers);
-        assert!((total - step).abs() <= 1e-12 * step, "{total} vs {step}");
+        assert_layers_add_up(&cost, &graph, &precision, &rows, &format!("{gpu:?}"));
     }
 }
 
@@ -132,11 +145,8 @@ fn all_in(graph: &Graph, p: LinearPrecision) -> PrecisionMap {
 
 #[test]
 fn w8a8_layers_add_up_to_their_schedule_quantizing_steps_included() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("tiny.gguf");
-    write_gguf(&path, &tiny_spec(Architecture::Qwen2), 5, GgmlDType::F32).unwrap();
-    let graph = Graph::build(&load_model(&path).unwrap().spec);
-    let layers = layer_shapes(&graph);
+    // The cost model needs the model's shapes only.
+    let graph = Graph::build(&tiny_spec(Architecture::Qwen2));
     let w8a8 = LinearPrecision::both(Format::Fp8);
     // All W8A8, and W8A8 only in the MLP (the attention weight-only): the layers reading one
     // input agree in both, which is when the per-layer sum is exact.
@@ -172,28 +182,17 @@ fn w8a8_layers_add_up_to_their_schedule_quantizing_steps_included() {
                 .filter(|s| matches!(s, Step::QuantFp8 { .. }))
                 .count();
             assert!(quantizing > 0, "o_proj and down_proj quantize their inputs");
-            let planned: f64 = layers
-                .iter()
-                .map(|l| cost.latency(l, precision[&l.name]).unwrap())
-                .sum();
-            let step: f64 = rows.iter().map(|r| r.seconds).sum();
-            let total = planned + cost.fixed_latency(&layers);
-            assert!(
-                (total - step).abs() <= 1e-12 * step,
-                "{gpu:?} batch {batch}: {total} vs {step}"
-            );
+            let what = format!("{gpu:?} batch {batch}");
+            assert_layers_add_up(&cost, &graph, &precision, &rows, &what);
         }
     }
 }
 
 #[test]
 fn w8a8_is_priced_at_the_rate_the_sass_shows() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("tiny.gguf");
     let mut spec = tiny_spec(Architecture::Llama);
     (spec.hidden_size, spec.intermediate_size) = (1024, 4096);
-    write_gguf(&path, &spec, 3, GgmlDType::F32).unwrap();
-    let graph = Graph::build(&load_model(&path).unwrap().spec);
+    let graph = Graph::build(&spec);
     let up = layer_shapes(&graph)
         .into_iter()
         .find(|l| l.kind == LinearKind::Up)
@@ -229,10 +228,7 @@ fn w8a8_is_priced_at_the_rate_the_sass_shows() {
 
 #[test]
 fn quantized_activations_the_kernels_cannot_run_are_refused_by_layer() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("tiny.gguf");
-    write_gguf(&path, &tiny_spec(Architecture::Llama), 3, GgmlDType::F32).unwrap();
-    let graph = Graph::build(&load_model(&path).unwrap().spec);
+    let graph = Graph::build(&tiny_spec(Architecture::Llama));
     let cost = KernelCost::new(Gpu::Rtx5090, &graph, 1, 32).unwrap();
     let down = layer_shapes(&graph)
         .into_iter()

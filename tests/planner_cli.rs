@@ -6,7 +6,7 @@
 mod common;
 
 use common::fpx;
-use common::planner::{fails, ok, s, write_calib};
+use common::planner::{calibrate_tiny, fails, ok, s, write_calib};
 use fpx::formats::Format;
 use fpx::plan::{BudgetRecord, Plan, SolverRecord};
 
@@ -292,39 +292,8 @@ fn sweep_writes_csv_json_svg_and_plans() {
 /// -> sweep with evaluation.
 #[test]
 fn tiny_model_calibrate_plan_eval_sweep() {
-    use fpx::model::synthetic::{tiny_spec, write_hf_checkpoint, HfDtype};
-    use fpx::model::Architecture;
     let dir = tempfile::tempdir().unwrap();
-    let model = dir.path().join("tiny");
-    write_hf_checkpoint(&model, &tiny_spec(Architecture::Llama), 7, HfDtype::F32, 1).unwrap();
-    let words = [
-        "the", "whale", "and", "sea", "ship", "is", "on", "at", "its", "captain",
-    ];
-    let text: String = (0..1500)
-        .map(|i| words[(i * 7 + i / 3) % words.len()])
-        .collect::<Vec<_>>()
-        .join(" ");
-    let text_path = dir.path().join("text.txt");
-    std::fs::write(&text_path, &text).unwrap();
-    let calib = dir.path().join("calib.json");
-    ok(&[
-        "calibrate",
-        "--model",
-        s(&model),
-        "--text",
-        s(&text_path),
-        "--seq-len",
-        "32",
-        "--windows",
-        "2",
-        "--kl-windows",
-        "1",
-        "--kl-seq-len",
-        "32",
-        "-o",
-        s(&calib),
-        "--json",
-    ]);
+    let (model, text_path, calib) = calibrate_tiny(dir.path(), "calib.json", Some(&[]));
     let plan = dir.path().join("kl.plan.json");
     ok(&[
         "plan",

@@ -7,77 +7,35 @@
 
 mod common;
 
-use common::planner::{fails, ok, s};
+use common::planner::{calibrate_tiny, ok, s};
 use fpx::formats::Format;
-use fpx::model::synthetic::{tiny_spec, write_hf_checkpoint, HfDtype};
-use fpx::model::Architecture;
 use fpx::plan::Plan;
 
-/// A tiny Llama checkpoint and its calibration (eps only, or with KL: weight-only variants,
-/// or with `--kl-activations` the W+A ones too), written as `name`.
+/// A tiny Llama checkpoint and its calibration `name` (model, calibration).
 fn calibrated(
     dir: &std::path::Path,
     name: &str,
     kl: Option<&[&str]>,
 ) -> (std::path::PathBuf, std::path::PathBuf) {
-    let model = dir.join("tiny");
-    write_hf_checkpoint(&model, &tiny_spec(Architecture::Llama), 7, HfDtype::F32, 1).unwrap();
-    let words = ["the", "whale", "and", "sea", "ship", "is", "on", "at"];
-    let text: String = (0..600)
-        .map(|i| words[(i * 5 + i / 3) % words.len()])
-        .collect::<Vec<_>>()
-        .join(" ");
-    let text_path = dir.join("text.txt");
-    std::fs::write(&text_path, text).unwrap();
-    let calib = dir.join(name);
-    let kl_windows = if kl.is_some() { "1" } else { "0" };
-    let args = [
-        "calibrate",
-        "--model",
-        s(&model),
-        "--text",
-        s(&text_path),
-        "--seq-len",
-        "32",
-        "--windows",
-        "2",
-        "--kl-windows",
-        kl_windows,
-        "--kl-seq-len",
-        "32",
-        "-o",
-        s(&calib),
-        "--json",
-    ];
-    ok(&[&args[..], kl.unwrap_or_default()].concat());
+    let (model, _, calib) = calibrate_tiny(dir, name, kl);
     (model, calib)
 }
 
 /// `fpx plan` on a prefill-sized step of an L40S (sm_89: FP8 MMA in the SASS), where the
 /// activations' bytes dominate the tiny weights': the fastest plan the menu allows.
 fn fastest(calib: &std::path::Path, out: &std::path::Path, extra: &[&str]) -> String {
-    let args = [
-        "plan",
-        "--calib",
-        s(calib),
+    let step = [
         "--device",
         "l40s",
         "--batch",
         "2048",
         "--launch-overhead-us",
         "0",
-        "--menu",
-        "fp8,w8a8,nvfp4",
         "--group",
         "qkv,gate_up",
-        "--solver",
-        "ilp",
-        "--error-budget",
-        "1e9",
-        "-o",
-        s(out),
     ];
-    ok(&[&args[..], extra].concat())
+    least_latency(calib, "fp8,w8a8,nvfp4", &[&step[..], extra].concat(), out)
+        .unwrap_or_else(|e| panic!("fpx plan failed:\n{e}"))
 }
 
 #[test]
@@ -158,24 +116,7 @@ fn the_kl_objective_plans_w8a8_from_its_measured_kl() {
     let c = fpx::calib::Calibration::read(&calib).unwrap();
     assert!(c.kl.unwrap().activations);
     let out = dir.path().join("kl.plan.json");
-    let kl_plan = |calib: &std::path::Path| {
-        let args = [
-            "plan",
-            "--calib",
-            s(calib),
-            "--menu",
-            "fp8,w8a8",
-            "--objective",
-            "kl",
-            "--solver",
-            "ilp",
-            "--error-budget",
-            "1e9",
-            "-o",
-            s(&out),
-        ];
-        fpx_result(&args)
-    };
+    let kl_plan = |calib| least_latency(calib, "fp8,w8a8", &["--objective", "kl"], &out);
     assert!(kl_plan(&calib).is_ok());
     let plan = Plan::read(&out).unwrap();
     // The fastest plan quantizes q/k/v's and gate/up's inputs (their norm does it).
@@ -200,11 +141,30 @@ fn the_kl_objective_plans_w8a8_from_its_measured_kl() {
     assert!(!out.exists(), "no plan is left behind");
 }
 
-/// `fpx args`: Ok(stdout), or Err(stderr) on failure.
-fn fpx_result(args: &[&str]) -> Result<String, String> {
-    match common::fpx(args) {
-        (0, out, _) => Ok(out),
-        (_, _, err) => Err(err),
+/// `fpx plan` of least latency (ILP, unbounded error) over `menu`, on the default H100 step
+/// unless the `extra` flags say otherwise: Ok(stdout), or Err(stderr) on failure.
+fn least_latency(
+    calib: &std::path::Path,
+    menu: &str,
+    extra: &[&str],
+    out: &std::path::Path,
+) -> Result<String, String> {
+    let args = [
+        "plan",
+        "--calib",
+        s(calib),
+        "--menu",
+        menu,
+        "--solver",
+        "ilp",
+        "--error-budget",
+        "1e9",
+        "-o",
+        s(out),
+    ];
+    match common::fpx(&[&args[..], extra].concat()) {
+        (0, stdout, _) => Ok(stdout),
+        (_, _, stderr) => Err(stderr),
     }
 }
 
@@ -214,34 +174,10 @@ fn what_cannot_be_planned_fails_naming_the_layer() {
     let (_, calib) = calibrated(dir.path(), "calib.json", None);
     let out = dir.path().join("p.plan.json");
     // The generated kernels quantize activations only as W8A8.
-    let e = fails(&[
-        "plan",
-        "--calib",
-        s(&calib),
-        "--menu",
-        "fp8,w4a4",
-        "--solver",
-        "ilp",
-        "--error-budget",
-        "1e9",
-        "-o",
-        s(&out),
-    ]);
+    let e = least_latency(&calib, "fp8,w4a4", &[], &out).unwrap_err();
     assert!(e.contains("model.layers.0") && e.contains("W8A8"), "{e}");
     // A menu entry that is not a precision.
-    let e = fails(&[
-        "plan",
-        "--calib",
-        s(&calib),
-        "--menu",
-        "fp8+int4",
-        "--solver",
-        "ilp",
-        "--error-budget",
-        "1e9",
-        "-o",
-        s(&out),
-    ]);
+    let e = least_latency(&calib, "fp8+int4", &[], &out).unwrap_err();
     assert!(e.contains("--menu") && e.contains("int4"), "{e}");
     assert!(!out.exists(), "no plan is left behind");
 }

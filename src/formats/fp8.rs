@@ -31,6 +31,7 @@
 //! and the row dequantizes to zeros (and NaN).
 
 use float8::F8E4M3;
+use rayon::prelude::*;
 
 /// Largest finite E4M3 magnitude.
 pub const E4M3_MAX: f32 = 448.0;
@@ -160,6 +161,26 @@ pub(crate) fn quantize_row(row: &[f32], codes: &mut [u8]) -> f32 {
         *c = q.encode(x);
     }
     q.scale()
+}
+
+/// Quantize `rows x cols` values row by row (weights per output row, activations per token):
+/// the codes and one scale per row. What [`crate::formats::Format::quantize`] stores for FP8,
+/// and what the W8A8 kernels' quantizing steps leave in their buffers.
+///
+/// # Panics
+/// If `x.len() != rows * cols`.
+pub fn quantize_rows(x: &[f32], rows: usize, cols: usize) -> (Vec<u8>, Vec<f32>) {
+    assert_eq!(x.len(), rows * cols, "{rows} x {cols} values expected");
+    let mut codes = vec![0u8; rows * cols];
+    let mut scales = vec![0f32; rows];
+    if cols > 0 {
+        codes
+            .par_chunks_mut(cols)
+            .zip(x.par_chunks(cols))
+            .zip(scales.par_iter_mut())
+            .for_each(|((c, row), s)| *s = quantize_row(row, c));
+    }
+    (codes, scales)
 }
 
 /// Dequantize one row of codes with its stored scale.

@@ -217,15 +217,7 @@ impl Format {
         let (codes, scales) = match self {
             Format::Fp16 => (fp16::encode(w), Scales::None),
             Format::Fp8 => {
-                let mut codes = vec![0u8; rows * cols];
-                let mut scales = vec![0f32; rows];
-                if cols > 0 {
-                    codes
-                        .par_chunks_mut(cols)
-                        .zip(w.par_chunks(cols))
-                        .zip(scales.par_iter_mut())
-                        .for_each(|((c, row), s)| *s = fp8::quantize_row(row, c));
-                }
+                let (codes, scales) = fp8::quantize_rows(w, rows, cols);
                 (codes, Scales::Row(scales))
             }
             Format::Nvfp4 => {

@@ -15,7 +15,7 @@
 
 use super::exec::{check_pass, Backend, ExecutablePlan, PackedLinear};
 use crate::error::Result;
-use crate::formats::{Format, Scales};
+use crate::formats::fp8;
 use crate::lower::{
     split_kv, Act, ActDtype, KernelSpec, LinearShape, Param, Schedule, Step, StepLaunch,
 };
@@ -309,12 +309,9 @@ pub fn run_linear_on<L: Launcher>(
     let (x, x_scales);
     let input = if shape.w8a8 {
         // The CPU reference's quantizer, as a quantizing step leaves the codes.
-        let q = Format::Fp8.quantize(&shape.act.decode(&x_act), rows, shape.k);
-        let Scales::Row(scales) = &q.scales else {
-            unreachable!("fp8 quantizes with row scales")
-        };
-        x = l.upload(&q.codes)?;
-        x_scales = l.upload(&ActDtype::F32.encode(scales))?;
+        let (codes, scales) = fp8::quantize_rows(&shape.act.decode(&x_act), rows, shape.k);
+        x = l.upload(&codes)?;
+        x_scales = l.upload(&ActDtype::F32.encode(&scales))?;
         LinearInput::Fp8 {
             codes: &x,
             scales: &x_scales,

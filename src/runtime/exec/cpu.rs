@@ -11,7 +11,7 @@ use super::generate::Backend;
 use super::host::{HostBackend, HostBuf, HostState};
 use super::{ExecutablePlan, PackedLinear};
 use crate::error::{Error, Result};
-use crate::formats::{Format, Scales};
+use crate::formats::{fp8, Format};
 use crate::lower::{Act, ActDtype, LinearShape, Step};
 use crate::runtime::cpu::{kernels, moe};
 use crate::runtime::cpu::{LinearWeights, Mat};
@@ -33,12 +33,9 @@ fn write(buf: &mut HostBuf, act: ActDtype, at: usize, v: &[f32]) {
 /// Quantizes rows of `cols` values (as stored) into the FP8 buffers with the CPU reference's
 /// per-row quantizer, as a quantizing kernel leaves them.
 fn quantize_fp8(st: &mut HostState, x: &[f32], cols: usize) {
-    let q = Format::Fp8.quantize(x, x.len() / cols, cols);
-    let Scales::Row(scales) = &q.scales else {
-        unreachable!("fp8 quantizes with row scales")
-    };
-    st.x_codes.bytes_mut()[..q.codes.len()].copy_from_slice(&q.codes);
-    write(&mut st.x_scales, ActDtype::F32, 0, scales);
+    let (codes, scales) = fp8::quantize_rows(x, x.len() / cols, cols);
+    st.x_codes.bytes_mut()[..codes.len()].copy_from_slice(&codes);
+    write(&mut st.x_scales, ActDtype::F32, 0, &scales);
 }
 
 /// The weights a packed layer decodes to, as the CPU interpreter applies them.
