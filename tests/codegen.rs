@@ -179,6 +179,7 @@ fn all_specs() -> Vec<KernelSpec> {
         KernelSpec::SiluMul {
             dim: 1536,
             act: ActDtype::F32,
+            quant: false,
         },
         KernelSpec::Argmax {
             vocab: 49152,
@@ -298,6 +299,7 @@ fn nvrtc_error_carries_log_options_and_dumped_source() {
             &KernelSpec::SiluMul {
                 dim: 64,
                 act: ActDtype::F32,
+                quant: false,
             },
             Arch::Sm90,
         )
@@ -355,6 +357,7 @@ fn ptxas_rejects_the_conversions_a_chip_lacks() {
             let spec = KernelSpec::SiluMul {
                 dim: 1,
                 act: ActDtype::F32,
+                quant: false,
             };
             let src = KernelSource {
                 spec,

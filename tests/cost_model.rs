@@ -166,7 +166,10 @@ fn w8a8_layers_add_up_to_their_schedule_quantizing_steps_included() {
         let cost = KernelCost::new(gpu, &graph, batch, 32)
             .unwrap()
             .with_act(ActDtype::Bf16);
-        for precision in [all_in(&graph, w8a8), mlp_only.clone()] {
+        let blocks = graph.spec().num_layers;
+        // All W8A8: o_proj's input takes a quant_fp8 launch per block; down_proj's is quantized
+        // by the SiLU-gate, q/k/v's, gate/up's and lm_head's by their norm.
+        for (precision, quant_steps) in [(all_in(&graph, w8a8), blocks), (mlp_only.clone(), 0)] {
             let rows = cost.explain(&precision).unwrap();
             let schedule = Schedule::build(&graph, &precision)
                 .unwrap()
@@ -176,12 +179,12 @@ fn w8a8_layers_add_up_to_their_schedule_quantizing_steps_included() {
                 schedule.steps.len(),
                 "{gpu:?}: one row per step"
             );
-            let quantizing = schedule
-                .steps
-                .iter()
-                .filter(|s| matches!(s, Step::QuantFp8 { .. }))
-                .count();
-            assert!(quantizing > 0, "o_proj and down_proj quantize their inputs");
+            let count = |f: fn(&Step) -> bool| schedule.steps.iter().filter(|s| f(s)).count();
+            assert_eq!(count(|s| matches!(s, Step::QuantFp8 { .. })), quant_steps);
+            assert_eq!(
+                count(|s| matches!(s, Step::SiluMul { quant: true })),
+                blocks
+            );
             let what = format!("{gpu:?} batch {batch}");
             assert_layers_add_up(&cost, &graph, &precision, &rows, &what);
         }

@@ -65,7 +65,7 @@ fn tiny_llama(dir: &std::path::Path) -> std::path::PathBuf {
 }
 
 #[test]
-fn the_schedule_quantizes_each_w8a8_input_once_fused_where_a_norm_produces_it() {
+fn the_schedule_quantizes_each_w8a8_input_once_fused_where_a_norm_or_silu_produces_it() {
     let graph = Graph::build(&tiny_spec(Architecture::Llama));
     let quantizing = |s: &Schedule| -> Vec<String> {
         (s.steps.iter())
@@ -76,6 +76,7 @@ fn the_schedule_quantizes_each_w8a8_input_once_fused_where_a_norm_produces_it() 
                     ..
                 } => Some(if last_row { "norm(last)" } else { "norm" }.to_string()),
                 Step::QuantFp8 { src } => Some(format!("{src:?}")),
+                Step::SiluMul { quant: true } => Some("silu".to_string()),
                 _ => None,
             })
             .collect()
@@ -84,7 +85,8 @@ fn the_schedule_quantizes_each_w8a8_input_once_fused_where_a_norm_produces_it() 
     let blocks = graph.spec().num_layers;
     let mut want = Vec::new();
     for _ in 0..blocks {
-        want.extend(["norm", "Att", "norm", "Gate"].map(String::from));
+        // o_proj's input by a quant_fp8 launch, down_proj's by the SiLU-gate.
+        want.extend(["norm", "Att", "norm", "silu"].map(String::from));
     }
     want.push("norm(last)".into());
     assert_eq!(quantizing(&all), want);
@@ -347,7 +349,8 @@ fn emu_w8a8_models_match_the_cpu_backend_step_by_step() {
     for want in [
         "rmsnorm_64_qfp8",
         "quant_fp8_64",
-        "quant_fp8_128",
+        "silu_mul_128_qfp8",
+        "silu_mul_128_qfp8_abf16",
         "gemm_fp8_64x64_w8a8",
         "gemv_fp8_64x64_w8a8_m1",
         "gemv_fp8_64x64_w8a8_m8",

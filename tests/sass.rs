@@ -44,7 +44,7 @@ fn specs() -> Vec<KernelSpec> {
     let schedule = Schedule::build(&graph, &map).unwrap();
     let mut v = schedule.kernels();
     v.extend(schedule.with_act(ActDtype::Bf16).kernels());
-    // The same model in W8A8 (quantizing RMSNorm and quant_fp8 steps, W8A8 GEMVs and GEMMs).
+    // The same model in W8A8 (quantizing RMSNorm and SiLU-gate, quant_fp8 steps, W8A8 GEMVs and GEMMs).
     let w8a8: PrecisionMap = (map.keys())
         .map(|n| {
             let p = LinearPrecision {

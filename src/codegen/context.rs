@@ -259,7 +259,19 @@ impl KernelContext {
                 ..simple_ctx(dim, 0, ROW_THREADS)
             }),
             KernelSpec::QuantFp8 { dim, .. } => simple(dim, 0, ROW_THREADS),
-            KernelSpec::SiluMul { dim, .. } => simple(dim, 0, ELEMENTWISE_THREADS),
+            // Quantizing: one block of ROW_THREADS per row (the row's amax is a block reduction).
+            KernelSpec::SiluMul { dim, quant, .. } => KernelContext::Simple(SimpleCtx {
+                quant,
+                ..simple_ctx(
+                    dim,
+                    0,
+                    if quant {
+                        ROW_THREADS
+                    } else {
+                        ELEMENTWISE_THREADS
+                    },
+                )
+            }),
             KernelSpec::Argmax { vocab, .. } => simple(0, vocab, ARGMAX_THREADS),
             KernelSpec::ExpertGemv {
                 shape,
@@ -353,7 +365,9 @@ impl KernelContext {
                 c.shared_bytes,
             ),
             KernelContext::Simple(c) => match c.common.family {
-                "silu_mul" => Launch::new(((rows * c.dim).div_ceil(c.threads), 1), c.threads, 0),
+                "silu_mul" if !c.quant => {
+                    Launch::new(((rows * c.dim).div_ceil(c.threads), 1), c.threads, 0)
+                }
                 "argmax" => Launch::new((1, 1), c.threads, 0),
                 _ => Launch::new((rows, 1), c.threads, 0),
             },

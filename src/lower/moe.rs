@@ -260,7 +260,11 @@ impl Schedule {
             },
             self.expert_kernel(moe, 0),
             self.expert_kernel(moe, 1),
-            KernelSpec::SiluMul { dim: ffn, act },
+            KernelSpec::SiluMul {
+                dim: ffn,
+                act,
+                quant: false,
+            },
             self.expert_kernel(moe, 2),
             KernelSpec::MoeCombine {
                 hidden: self.dims.hidden,

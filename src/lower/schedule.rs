@@ -267,7 +267,7 @@ impl Schedule {
                 Op::SiluMul { .. } => {
                     held.expect(id, 0, Act::Gate)?;
                     held.expect(id, 1, Act::Up)?;
-                    s.steps.push(Step::SiluMul);
+                    s.steps.push(Step::SiluMul { quant: false });
                     Act::Gate
                 }
                 Op::Add { .. } => {
@@ -352,7 +352,11 @@ impl Schedule {
                 act,
                 window,
             }],
-            Step::SiluMul => vec![KernelSpec::SiluMul { dim: d.ffn, act }],
+            Step::SiluMul { quant } => vec![KernelSpec::SiluMul {
+                dim: d.ffn,
+                act,
+                quant,
+            }],
             Step::Moe { moe } => self.moe_kernels(moe).to_vec(),
             Step::Argmax => vec![KernelSpec::Argmax {
                 vocab: d.vocab,
@@ -471,11 +475,12 @@ pub(super) fn linear_slot(
     }
 }
 
-/// Makes the FP8 buffers hold `src` quantized before the next step: by the RMSNorm that has
-/// just written it (fused), else by a quantizing step of its own.
+/// Makes the FP8 buffers hold `src` quantized before the next step: by the RMSNorm or the
+/// SiLU-gate that has just written it (fused), else by a quantizing step of its own.
 fn quantize_input(steps: &mut Vec<Step>, src: Act) {
     match steps.last_mut() {
         Some(Step::RmsNorm { dst, quant, .. }) if *dst == src => *quant = true,
+        Some(Step::SiluMul { quant }) if src == Act::Gate => *quant = true,
         _ => steps.push(Step::QuantFp8 { src }),
     }
 }

@@ -225,11 +225,15 @@ pub enum KernelSpec {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         window: Option<usize>,
     },
-    /// `gate = silu(gate) * up`, elementwise over rows of `dim`.
+    /// `gate = silu(gate) * up`, elementwise over rows of `dim`; `quant`: one block per row,
+    /// which also quantizes the stored row to FP8 codes and its scale (the W8A8 down
+    /// projection's input, as [`KernelSpec::RmsNorm`]'s `quant`).
     SiluMul {
         dim: usize,
         #[serde(default)]
         act: ActDtype,
+        #[serde(default, skip_serializing_if = "is_false")]
+        quant: bool,
     },
     /// The routing of a mixture-of-experts block ([`super::moe`]): per row, the softmax of
     /// `x R^T` over `experts` (FP32 router weights `[experts, hidden]`), the `top_k` largest
@@ -301,7 +305,9 @@ impl KernelSpec {
                 let w = window.map_or(String::new(), |w| format!("_w{w}"));
                 format!("attention_h{heads}_kv{kv_heads}_d{head_dim}{w}")
             }
-            KernelSpec::SiluMul { dim, .. } => format!("silu_mul_{dim}"),
+            KernelSpec::SiluMul { dim, quant, .. } => {
+                format!("silu_mul_{dim}{}", if *quant { "_qfp8" } else { "" })
+            }
             KernelSpec::MoeRoute {
                 experts,
                 hidden,
@@ -446,7 +452,11 @@ mod tests {
         };
         specs.push(KernelSpec::Gemm(fp8(true)));
         for act in ActDtype::ALL {
-            specs.push(KernelSpec::SiluMul { dim: 64, act });
+            specs.push(KernelSpec::SiluMul {
+                dim: 64,
+                act,
+                quant: false,
+            });
             specs.push(KernelSpec::QuantFp8 { dim: 64, act });
             for quant in [false, true] {
                 specs.push(KernelSpec::RmsNorm {

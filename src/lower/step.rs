@@ -106,8 +106,12 @@ pub enum Step {
         #[serde(skip_serializing_if = "Option::is_none")]
         window: Option<usize>,
     },
-    /// `Gate = silu(Gate) * Up`.
-    SiluMul,
+    /// `Gate = silu(Gate) * Up`; `quant`: each stored row is also quantized into the FP8
+    /// buffers (`XCodes`, `XScales`) for the W8A8 down projection that reads it.
+    SiluMul {
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        quant: bool,
+    },
     /// Mixture-of-experts block `moes[moe]` ([`super::moe`]): routes each row of its source,
     /// runs the chosen experts' MLPs and adds their weighted sum to its destination. The
     /// kernels run it as six launches
@@ -225,7 +229,13 @@ impl Step {
                 P::Pos,
                 P::Rows,
             ],
-            Step::SiluMul => vec![P::Act(Act::Gate), P::Act(Act::Up), P::Rows],
+            Step::SiluMul { quant } => {
+                let mut p = vec![P::Act(Act::Gate), P::Act(Act::Up), P::Rows];
+                if quant {
+                    p.extend([P::XCodes, P::XScales]);
+                }
+                p
+            }
             Step::Moe { .. } => {
                 unreachable!("a MoE step launches several kernels: Schedule::moe_launches")
             }

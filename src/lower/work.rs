@@ -248,7 +248,11 @@ impl Schedule {
                     4.0 * r * ctx * q_dim,
                 )
             }
-            Step::SiluMul => simt(3.0 * r * d.ffn as f64 * act, 5.0 * r * d.ffn as f64),
+            // Fused quantization: a code per element and a scale per row written.
+            Step::SiluMul { quant } => {
+                let q = if quant { r * (d.ffn as f64 + 4.0) } else { 0.0 };
+                simt(3.0 * r * d.ffn as f64 * act + q, 5.0 * r * d.ffn as f64)
+            }
             Step::Argmax => simt(r * d.vocab as f64 * act, 0.0),
             Step::Moe { .. } => unreachable!("returned above"),
         }

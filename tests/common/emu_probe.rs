@@ -11,6 +11,7 @@ pub fn source(name: &str, source: &str, entries: &[&str], arch: Arch) -> KernelS
     let spec = KernelSpec::SiluMul {
         dim: 1,
         act: ActDtype::F32,
+        quant: false,
     };
     KernelSource {
         spec,

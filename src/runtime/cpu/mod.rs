@@ -345,7 +345,7 @@ impl CpuModel {
                     kernels::causal_attention(b.get(Act::Q, index)?, &k, &v, tokens.len(), shape);
                 b.put(Act::Att, att);
             }
-            Step::SiluMul => {
+            Step::SiluMul { .. } => {
                 let gate = b.take(Act::Gate, index)?;
                 let y = kernels::silu_mul(gate, b.get(Act::Up, index)?);
                 b.put(Act::Gate, y);

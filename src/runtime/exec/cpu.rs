@@ -176,11 +176,16 @@ impl<'a> CpuBackend<'a> {
                 kernels::attention_rows(&q, m, &k, &v, pos, shape, &mut out);
                 write(&mut st.acts[buf(Act::Att)], act, 0, &out);
             }
-            Step::SiluMul => {
+            Step::SiluMul { quant } => {
                 let mut gate = HostState::values(&st.acts[buf(Act::Gate)], act, m * d.ffn);
                 let up = HostState::values(&st.acts[buf(Act::Up)], act, m * d.ffn);
                 kernels::silu_mul_in_place(&mut gate, &up);
                 write(&mut st.acts[buf(Act::Gate)], act, 0, &gate);
+                if quant {
+                    // The stored (rounded) rows, as the kernel quantizes them.
+                    let gate = HostState::values(&st.acts[buf(Act::Gate)], act, m * d.ffn);
+                    quantize_fp8(st, &gate, d.ffn);
+                }
             }
             Step::Moe { moe } => {
                 let slot = &s.moes[moe];

@@ -181,7 +181,12 @@ impl HostState {
                 v
             }
             Step::Attention { .. } => rows_of(Act::Att, rows),
-            Step::SiluMul => rows_of(Act::Gate, rows),
+            Step::SiluMul { quant: false } => rows_of(Act::Gate, rows),
+            Step::SiluMul { quant: true } => {
+                let mut v = rows_of(Act::Gate, rows);
+                v.extend(self.fp8_values(rows, s.dims.ffn));
+                v
+            }
             Step::Argmax => vec![self.next() as f32],
             // The block's output: the residual rows its combine added into.
             Step::Moe { moe } => rows_of(s.moes[moe].dst, rows),
