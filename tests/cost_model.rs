@@ -244,4 +244,16 @@ fn quantized_activations_the_kernels_cannot_run_are_refused_by_layer() {
             .to_string();
         assert!(e.contains(&down.name) && e.contains("W8A8"), "{p}: {e}");
     }
+    // A MoE expert's projection: the grouped expert kernels are weight-only.
+    let moe = Graph::build(&tiny_spec(Architecture::Qwen3Moe));
+    let cost = KernelCost::new(Gpu::Rtx5090, &moe, 1, 32).unwrap();
+    let expert = layer_shapes(&moe)
+        .into_iter()
+        .find(|l| l.name.contains(".experts."))
+        .unwrap();
+    let w8a8 = LinearPrecision::both(Format::Fp8);
+    let e = cost.latency(&expert, w8a8).unwrap_err().to_string();
+    assert!(e.contains(&expert.name) && e.contains("W8A8"), "{e}");
+    let weight_only = LinearPrecision::weight_only(Format::Fp8);
+    assert!(cost.latency(&expert, weight_only).is_ok());
 }

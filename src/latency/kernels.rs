@@ -281,7 +281,10 @@ impl KernelCost {
             .find(|&i| linear_at(i).is_some_and(|(l, _)| self.schedule.linears[l].name == name))
             .ok_or_else(|| Error::Layer {
                 layer: name.to_string(),
-                reason: format!("{precision}: quantized activations need a dense linear"),
+                reason: format!(
+                    "{precision} on a MoE expert: the generated kernels quantize activations \
+                     only as W8A8 in dense layers"
+                ),
             })?;
         let src = linear_at(at).expect("found").1;
         let reads_src = |i: &usize| linear_at(*i).is_some_and(|(_, s)| s == src);
