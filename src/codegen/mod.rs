@@ -11,6 +11,7 @@
 //! so the output is deterministic.
 
 pub mod context;
+pub mod linear_ctx;
 pub mod manifest;
 mod render;
 pub mod report;

@@ -12,7 +12,7 @@ use std::process::Command;
 
 use serde::{Deserialize, Serialize};
 
-use super::context::GemvCtx;
+use super::linear_ctx::GemvCtx;
 use crate::error::{Error, Result};
 use crate::lower::Arch;
 
