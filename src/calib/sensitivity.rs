@@ -105,6 +105,17 @@ fn unstack(x: Mat, seq: usize) -> Vec<Mat> {
         .collect()
 }
 
+/// The precisions the pass measures a layer in: every format weight-only, and with
+/// `activations` every quantized one again with its activations quantized (the W+A variant).
+pub fn variant_precisions(formats: &[Format], activations: bool) -> Vec<LinearPrecision> {
+    let weight_only = formats.iter().map(|&f| LinearPrecision::weight_only(f));
+    let wa = formats
+        .iter()
+        .filter(|&&f| activations && f != Format::Fp16)
+        .map(|&f| LinearPrecision::both(f));
+    weight_only.chain(wa).collect()
+}
+
 /// Fills `kl` of every record for every format it has (and `kl_wa` for every quantized one
 /// with `activations`), streaming the model's weights stage by stage, its forwards on
 /// `forwards`. `progress(done, total)` counts stage crossings of (variant, window) streams.
@@ -123,16 +134,14 @@ pub fn measure_kl(
         let node = graph
             .find(&record.name)
             .expect("calibration records name graph nodes");
-        for &format in record.metrics.keys() {
-            let wa = (activations && format != Format::Fp16).then(|| LinearPrecision::both(format));
-            for precision in std::iter::once(LinearPrecision::weight_only(format)).chain(wa) {
-                variants.push(Variant {
-                    record: r,
-                    node,
-                    precision,
-                    stage: record.layer,
-                });
-            }
+        let formats: Vec<Format> = record.metrics.keys().copied().collect();
+        for precision in variant_precisions(&formats, activations) {
+            variants.push(Variant {
+                record: r,
+                node,
+                precision,
+                stage: record.layer,
+            });
         }
     }
     variants.sort_by_key(|v| v.stage);

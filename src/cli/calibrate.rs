@@ -116,14 +116,9 @@ fn undersampled_experts(layers: &[LayerCalibration]) -> std::collections::BTreeM
         .collect()
 }
 
-/// Variants per layer the KL pass runs: every format, and with `--kl-activations` every
-/// quantized one again with its activations quantized.
+/// Variants per layer the KL pass runs ([`calib::sensitivity::variant_precisions`]).
 fn kl_variants(args: &CalibrateArgs, formats: &[Format]) -> usize {
-    let wa = match args.kl_activations {
-        true => formats.iter().filter(|&&f| f != Format::Fp16).count(),
-        false => 0,
-    };
-    formats.len() + wa
+    calib::sensitivity::variant_precisions(formats, args.kl_activations).len()
 }
 
 pub fn run(args: CalibrateArgs) -> Result<()> {
@@ -148,7 +143,7 @@ pub fn run(args: CalibrateArgs) -> Result<()> {
             }
             n
         }
-        None => default_kl_seq_len(&args, &graph, &model.spec, gflops)?,
+        None => default_kl_seq_len(&args, &formats, &graph, &model.spec, gflops)?,
     };
     // Saturating: a product beyond usize is more tokens than any text holds.
     let need = args
@@ -362,6 +357,7 @@ const KL_SEQ_LENS: [usize; 4] = [256, 128, 64, 32];
 /// whose estimated KL pass fits the budget, else the shortest with a warning.
 fn default_kl_seq_len(
     args: &CalibrateArgs,
+    formats: &[Format],
     graph: &Graph,
     spec: &fpx::model::ModelSpec,
     gflops: f64,
@@ -377,8 +373,7 @@ fn default_kl_seq_len(
         .into_iter()
         .filter(|&n| n <= spec.max_position_embeddings)
         .collect();
-    let formats = crate::cli::args::formats("--formats", &args.formats)?;
-    let variants = kl_variants(args, &formats);
+    let variants = kl_variants(args, formats);
     let seconds = |n: usize| cost::kl_flops(graph, windows, n, variants) / (gflops * 1e9);
     let budget = args.kl_budget_minutes * 60.0;
     let Some(&shortest) = fits.last() else {

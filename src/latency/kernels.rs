@@ -460,7 +460,7 @@ impl LatencyModel for KernelCost {
         // The step the plan would schedule refuses what the kernels cannot run (MoE experts
         // with quantized activations, W4A4) by the layer's name.
         let quantize = self.input_quant_seconds(&layer.name, precision)?;
-        shape.w8a8 = precision == LinearPrecision::both(Format::Fp8);
+        shape.w8a8 = precision.is_w8a8();
         let shard = self.shard(shape, layer.kind);
         Ok(self.seconds(&linear_work(&shard, self.batch, self.arch)) + quantize)
     }

@@ -312,20 +312,19 @@ impl LatencyModel for Profile {
     }
 
     fn latency(&self, layer: &LayerShape, precision: LinearPrecision) -> Result<f64> {
+        // Profiles time weight-only kernels: a W+A question has no measurement.
         let format = precision.weights;
-        let measured = |m: &BTreeMap<Format, f64>| {
-            m.get(&format)
-                .copied()
-                .filter(|_| precision.activations.is_none())
-        };
-        let median = self.layers.get(&layer.name).and_then(measured);
         let value = match self.percentile {
-            Percentile::P50 => median,
+            _ if precision.activations.is_some() => None,
+            Percentile::P50 => self
+                .layers
+                .get(&layer.name)
+                .and_then(|m| m.get(&format))
+                .copied(),
             p => self
                 .distributions
                 .get(&layer.name)
                 .and_then(|m| m.get(&format))
-                .filter(|_| precision.activations.is_none())
                 .map(|d| d.get(p)),
         };
         value.ok_or_else(|| Error::File {

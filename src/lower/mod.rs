@@ -69,6 +69,12 @@ impl LinearPrecision {
             activations: Some(format),
         }
     }
+
+    /// FP8 weights with FP8 activations: the one activation quantization the generated
+    /// kernels run (`LinearShape::w8a8`).
+    pub fn is_w8a8(self) -> bool {
+        self == LinearPrecision::both(Format::Fp8)
+    }
 }
 
 impl std::fmt::Display for LinearPrecision {

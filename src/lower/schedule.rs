@@ -469,7 +469,7 @@ pub(super) fn linear_slot(
             bias: l.bias.is_some(),
             accumulate,
             act: ActDtype::F32,
-            w8a8: p.is_some_and(|p| p.weights == Format::Fp8 && p.activations == Some(Format::Fp8)),
+            w8a8: p.is_some_and(|p| p.is_w8a8()),
         },
         activations: p.and_then(|p| p.activations),
     }

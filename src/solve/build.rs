@@ -8,8 +8,8 @@
 //! W8A8), which is what the calibration measures (`eps_wa`). Error per choice: the calibrated
 //! eps, or eps_wa for quantized activations (objective `eps`), or KL, kl_wa for quantized
 //! activations (objective `kl`, refused when the calibration has no KL for that precision:
-//! kl_wa needs `calibrate --kl-activations`). FP16 is the reference precision: when the calibration did not measure it, its
-//! error is taken as 0. Latency comes from the latency model (which must cover every pair:
+//! kl_wa needs `calibrate --kl-activations`). FP16 is the reference precision: when the
+//! calibration did not measure it, its error is taken as 0. Latency comes from the latency model (which must cover every pair:
 //! the kernel cost model refuses what the generated kernels cannot run), bytes from
 //! [`Format::weight_bytes`].
 
